@@ -1,0 +1,183 @@
+"""Adapter math on one linear layer: OFT (input- and weight-centric), LoRA, merge, unmerge.
+
+A layer is described by its :class:`~oftjax.geometry.LayerGeometry`; adapter leaves
+are plain arrays (``{'weight': [r, b(b-1)/2]}`` for OFT, ``{'a': [d_in, rank],
+'b': [rank, d_out]}`` for LoRA), always float32.
+
+References:
+  Qiu et al. "Orthogonal Finetuning Made Scalable" (OFTv2), arXiv:2506.19847;
+  Qiu et al. "Controlling Text-to-Image Diffusion by Orthogonal Finetuning" (OFT),
+  arXiv:2306.07280; Hu et al. "LoRA", arXiv:2106.09685.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from oftjax import geometry as geo
+from oftjax import orthogonal
+
+METHODS = ("oft", "oftv1", "lora")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+  """What to attach and where.
+
+  Attributes:
+    method: ``"oft"`` (OFTv2, input-centric), ``"oftv1"`` (original weight-centric
+      OFT, a baseline only) or ``"lora"``.
+    targets: regex, ``re.fullmatch``-ed against '/'-joined paths of linear layers.
+    block_size: OFT block size ``b``; must divide every targeted input width.
+    num_terms: Cayley–Neumann terms ``n`` (even ``n`` is more orthogonal than odd,
+      DESIGN.md §1); building blocks costs ``r·b³·(n-2)``, negligible next to the
+      rotation's ``tokens·d·b``.
+    parameterization: ``"cayley_neumann"`` or ``"cayley"`` (exact).
+    block_share: one block shared by all chunks of a layer (``[1, …]`` leaves).
+    coft_eps: COFT radius (PEFT's ``eps``); ``None`` disables the constraint.
+    lora_rank, lora_alpha: LoRA rank and scale numerator (scale = alpha / rank).
+  """
+
+  method: str = "oft"
+  targets: str = r".*"
+  block_size: int = 32
+  num_terms: int = 6
+  parameterization: str = "cayley_neumann"
+  block_share: bool = False
+  coft_eps: float | None = None
+  lora_rank: int = 16
+  lora_alpha: float = 16.0
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"unknown adapter method {self.method!r}; use one of {METHODS}")
+    if self.parameterization not in orthogonal.PARAMETERIZATIONS:
+      raise ValueError(
+          f"unknown parameterization {self.parameterization!r}; "
+          f"use one of {orthogonal.PARAMETERIZATIONS}")
+    if self.block_size < 2:
+      raise ValueError(f"block_size must be >= 2 (got {self.block_size})")
+    if self.num_terms < 2:
+      raise ValueError(f"num_terms must be >= 2 (got {self.num_terms})")
+    if self.lora_rank < 1:
+      raise ValueError(f"lora_rank must be >= 1 (got {self.lora_rank})")
+
+  @property
+  def leaf_name(self) -> str:
+    """Name of the adapter sub-tree beside the kernel."""
+    return "lora" if self.method == "lora" else "oft"
+
+
+# ----------------------------------------------------------------------------- OFT
+
+
+def check_block_size(d_in: int, config: AdapterConfig, path: str) -> int:
+  """Number of blocks ``r``; raises if ``block_size`` does not divide ``d_in`` (no resizing)."""
+  b = config.block_size
+  if d_in % b:
+    divisors = [k for k in range(2, min(d_in, 256) + 1) if d_in % k == 0]
+    raise ValueError(
+        f"layer '{path}': block size {b} does not divide its input width {d_in}; "
+        f"choose a divisor such as {divisors[-6:]} or exclude the layer from targets")
+  return d_in // b
+
+
+def init_oft(d_in: int, config: AdapterConfig, path: str) -> dict:
+  """Zero packed parameters (``R = I``): the adapted layer equals the base layer."""
+  r = check_block_size(d_in, config, path)
+  rows = 1 if config.block_share else r
+  return {"weight": jnp.zeros((rows, orthogonal.num_packed(config.block_size)), jnp.float32)}
+
+
+def oft_blocks(leaves: dict, config: AdapterConfig, path: str = "?") -> jax.Array:
+  """Float32 orthogonal blocks ``[r or 1, b, b]`` from a layer's OFT leaves."""
+  packed = leaves["weight"]
+  expected = orthogonal.num_packed(config.block_size)
+  if packed.shape[-1] != expected:
+    raise ValueError(
+        f"layer '{path}': OFT weight has {packed.shape[-1]} entries per block but "
+        f"block size {config.block_size} needs {expected}; use the block size it was trained with")
+  return orthogonal.orthogonal_blocks(
+      packed, config.block_size, config.parameterization, config.num_terms, config.coft_eps)
+
+
+def rotate_input(x: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array) -> jax.Array:
+  """OFTv2: rotates the contracted input axes of ``x``; the kernel is untouched."""
+  flat, plan = geo.flatten_input(x, geom)
+  return geo.unflatten_input(orthogonal.rotate(flat, blocks), plan)
+
+
+def merge_oft(kernel: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array) -> jax.Array:
+  """Folds the rotation into the kernel: ``K' = blockdiag(R) @ K`` (block by block)."""
+  mat, plan = geo.kernel_as_matrix(kernel.astype(jnp.float32), geom)
+  b = blocks.shape[-1]
+  r = mat.shape[0] // b
+  chunks = mat.reshape(r, b, -1)
+  merged = jnp.einsum("rij,rjo->rio", jnp.broadcast_to(blocks, (r, b, b)), chunks)
+  return geo.matrix_as_kernel(merged.reshape(mat.shape), plan).astype(kernel.dtype)
+
+
+def unmerge_oft(kernel: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array) -> jax.Array:
+  """Inverse of :func:`merge_oft` by block-wise solves (exact even for Neumann blocks)."""
+  mat, plan = geo.kernel_as_matrix(kernel.astype(jnp.float32), geom)
+  b = blocks.shape[-1]
+  r = mat.shape[0] // b
+  chunks = mat.reshape(r, b, -1)
+  restored = jnp.linalg.solve(jnp.broadcast_to(blocks, (r, b, b)), chunks)
+  return geo.matrix_as_kernel(restored.reshape(mat.shape), plan).astype(kernel.dtype)
+
+
+def weight_centric_kernel(kernel: jax.Array, geom: geo.LayerGeometry,
+                          blocks: jax.Array) -> jax.Array:
+  """Original OFT: forms the dense ``d_in x d_in`` block-diagonal R and multiplies ``R·K``.
+
+  Cubic in the width; kept only as the baseline OFTv2 is measured against.
+  """
+  mat, plan = geo.kernel_as_matrix(kernel, geom)
+  dense = orthogonal.block_diagonal(blocks, mat.shape[0] // blocks.shape[-1])
+  merged = dense.astype(kernel.dtype) @ mat
+  return geo.matrix_as_kernel(merged, plan)
+
+
+# ---------------------------------------------------------------------------- LoRA
+
+
+def init_lora(rng: jax.Array, geom: geo.LayerGeometry, config: AdapterConfig, path: str) -> dict:
+  """PEFT's LoRA init: ``a`` Kaiming-uniform (a=sqrt(5)), ``b`` zeros (adapted = base)."""
+  if not geom.lora_ok:
+    raise ValueError(
+        f"layer '{path}': LoRA needs the kernel's free axes to be the trailing output "
+        "axes; exclude this einsum from the targets regex")
+  bound = 1.0 / math.sqrt(geom.d_in)
+  a = jax.random.uniform(rng, (geom.d_in, config.lora_rank), jnp.float32, -bound, bound)
+  return {"a": a, "b": jnp.zeros((config.lora_rank, geom.d_out), jnp.float32)}
+
+
+def lora_delta(x: jax.Array, geom: geo.LayerGeometry, leaves: dict,
+               config: AdapterConfig) -> jax.Array:
+  """LoRA's additive output ``scale · (x A) B`` in the layer's output layout."""
+  flat, _ = geo.flatten_input(x, geom)
+  free = tuple(n for a, n in enumerate(geom.kernel_shape) if a not in geom.kernel_axes)
+  a = leaves["a"].astype(x.dtype)
+  b = leaves["b"].astype(x.dtype)
+  delta = (flat @ a) @ b * (config.lora_alpha / config.lora_rank)
+  return delta.reshape(*flat.shape[:-1], *free)
+
+
+def merge_lora(kernel: jax.Array, geom: geo.LayerGeometry, leaves: dict,
+               config: AdapterConfig) -> jax.Array:
+  """``K' = K + scale · A B`` in the kernel's own layout."""
+  mat, plan = geo.kernel_as_matrix(kernel.astype(jnp.float32), geom)
+  mat = mat + (config.lora_alpha / config.lora_rank) * (leaves["a"] @ leaves["b"])
+  return geo.matrix_as_kernel(mat, plan).astype(kernel.dtype)
+
+
+def unmerge_lora(kernel: jax.Array, geom: geo.LayerGeometry, leaves: dict,
+                 config: AdapterConfig) -> jax.Array:
+  """Inverse of :func:`merge_lora`."""
+  negated = {"a": -leaves["a"], "b": leaves["b"]}
+  return merge_lora(kernel, geom, negated, config)

@@ -1,0 +1,125 @@
+"""Injects adapters into any Flax Linen model through a method interceptor.
+
+``Adapted(model, config)`` is a Linen module that shares ``model``'s scope, so its
+parameter tree is the base tree plus adapter leaves beside each targeted kernel::
+
+    {'layers': {'self_attn': {'q_proj': {'kernel': ..., 'oft': {'weight': ...}}}}}
+
+Its ``__call__`` opens ``nn.intercept_methods`` *inside* the traced function (an
+interceptor around a jitted call would be invisible to the jit cache). Each
+targeted ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Einsum`` call then sees its input
+rotated (OFTv2), its kernel rotated (original OFT), or a low-rank term added (LoRA).
+Works under ``jax.jit``, ``nn.scan`` and ``nn.remat``.
+
+References:
+  google-deepmind/gemma ``peft/`` (adapters that share the wrapped module's scope);
+  Qiu et al., OFTv2, arXiv:2506.19847.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any
+
+import flax.linen as nn
+
+from oftjax import adapters
+from oftjax import geometry as geo
+
+_UNSUPPORTED_LINEAR = (nn.Conv, nn.ConvTranspose, nn.ConvLocal, nn.Embed)
+_RECORDERS: list[dict] = []
+
+
+@contextlib.contextmanager
+def record_geometries():
+  """Collects ``{path: LayerGeometry}`` of every adapted layer traced inside the block."""
+  found: dict[str, geo.LayerGeometry] = {}
+  _RECORDERS.append(found)
+  try:
+    yield found
+  finally:
+    _RECORDERS.remove(found)
+
+
+class AdapterInterceptor:
+  """Linen method interceptor that applies :class:`~oftjax.adapters.AdapterConfig`."""
+
+  def __init__(self, config: adapters.AdapterConfig):
+    self.config = config
+    self.pattern = re.compile(config.targets)
+    self.matched: list[str] = []
+    self.seen: list[str] = []
+
+  def __call__(self, next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or module.scope is None:
+      return next_fun(*args, **kwargs)
+    path = "/".join(str(p) for p in module.scope.path)
+    linear = isinstance(module, geo.SUPPORTED_LAYERS)
+    if not path:  # a layer applied as a root module (our own weight-centric call)
+      return next_fun(*args, **kwargs)
+    if linear:
+      self.seen.append(path)
+    if not self.pattern.fullmatch(path):
+      return next_fun(*args, **kwargs)
+    if isinstance(module, _UNSUPPORTED_LINEAR):
+      raise ValueError(
+          f"layer '{path}' is an {type(module).__name__}, which adapters do not support; "
+          "narrow the targets regex")
+    if not linear:
+      return next_fun(*args, **kwargs)
+    x, rest = args[0], args[1:]
+    geom = geo.geometry_of(module, path, x, kwargs)
+    self.matched.append(path)
+    for recorder in _RECORDERS:
+      recorder[path] = geom
+    config = self.config
+    if config.method == "lora":
+      leaves = module.param("lora", lambda rng: adapters.init_lora(rng, geom, config, path))
+      y = next_fun(*args, **kwargs)
+      return y + adapters.lora_delta(x, geom, leaves, config).astype(y.dtype)
+    leaves = module.param("oft", lambda rng: adapters.init_oft(geom.d_in, config, path))
+    blocks = adapters.oft_blocks(leaves, config, path)
+    if config.method == "oft":
+      return next_fun(adapters.rotate_input(x, geom, blocks), *rest, **kwargs)
+    return _weight_centric_call(module, next_fun, geom, blocks, x, rest, kwargs)
+
+
+def _weight_centric_call(module, next_fun, geom, blocks, x, rest, kwargs):
+  """Original OFT: runs the same layer with ``blockdiag(R) @ kernel`` as its kernel."""
+  if not module.has_variable("params", "kernel"):
+    return next_fun(x, *rest, **kwargs)  # initialisation: creates kernel (R = I anyway)
+  base = {k: v for k, v in module.variables["params"].items() if k != "oft"}
+  base["kernel"] = adapters.weight_centric_kernel(base["kernel"], geom, blocks)
+  return module.clone(parent=None).apply({"params": base}, x, *rest, **kwargs)
+
+
+class Adapted(nn.Module):
+  """Wraps any Linen ``model`` so that its targeted linear layers carry adapters.
+
+  Attributes:
+    model: the base Linen module (never modified).
+    config: which adapter, where, and its hyper-parameters.
+  """
+
+  model: nn.Module
+  config: adapters.AdapterConfig
+
+  def setup(self):
+    nn.share_scope(self, self.model)
+
+  def __call__(self, *args, **kwargs) -> Any:
+    return self.call_method("__call__", *args, **kwargs)
+
+  def call_method(self, method_name: str, *args, **kwargs) -> Any:
+    """Calls ``model.<method_name>`` with adapters active (e.g. a decode method)."""
+    interceptor = AdapterInterceptor(self.config)
+    with nn.intercept_methods(interceptor):
+      out = getattr(self.model, method_name)(*args, **kwargs)
+    if not interceptor.matched:
+      seen = sorted(set(interceptor.seen))
+      raise ValueError(
+          f"targets regex {self.config.targets!r} matched no Dense/DenseGeneral/Einsum layer "
+          f"(layer paths: {', '.join(seen[:8]) or 'none'}{' …' if len(seen) > 8 else ''})")
+    return out

@@ -1,0 +1,204 @@
+"""Orthogonal blocks from packed skew-symmetric parameters (pure math, no oftjax imports).
+
+Conventions (DESIGN.md §1, identical to Hugging Face PEFT's OFT layout):
+
+* A block of size ``b`` is stored as the strict upper triangle of a skew-symmetric
+  ``b x b`` matrix ``Q`` in row-major ``triu(b, b, k=1)`` order, a vector of length
+  ``b(b-1)/2``; ``Q[i, j] = v`` and ``Q[j, i] = -v``.
+* ``cayley(Q) = (I + Q)(I - Q)^-1``.
+* ``cayley_neumann(Q, n) = (I + Q) · sum_{i=0}^{n-2} Q^i = I + 2Q + … + 2Q^{n-2} + Q^{n-1}``.
+* Input-centric rotation of row vectors: ``x_rot[..., k, :] = x[..., k, :] @ R_k``.
+
+All functions are jit/vmap/grad safe. Adapter math runs in float32 whatever the
+activation dtype; :func:`rotate` returns the activation dtype.
+
+References:
+  Qiu, Liu, Weller, Schölkopf. "Orthogonal Finetuning Made Scalable" (OFTv2),
+  EMNLP 2025, arXiv:2506.19847.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PARAMETERIZATIONS = ("cayley_neumann", "cayley")
+
+
+def num_packed(block_size: int) -> int:
+  """Length of the packed vector of one skew-symmetric ``b x b`` block."""
+  return block_size * (block_size - 1) // 2
+
+
+def block_size_from_packed(length: int) -> int:
+  """Inverse of :func:`num_packed`; raises ValueError if ``length`` is not b(b-1)/2."""
+  b = int(round((1 + math.sqrt(1 + 8 * length)) / 2))
+  if num_packed(b) != length or b < 2:
+    raise ValueError(
+        f"packed length {length} is not b(b-1)/2 for any block size b >= 2; "
+        "check the adapter's block size")
+  return b
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_plan(block_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Index into ``[0, packed...]`` and sign for every entry of the ``b x b`` skew matrix."""
+  rows, cols = np.triu_indices(block_size, k=1)
+  index = np.zeros((block_size, block_size), np.int32)
+  sign = np.zeros((block_size, block_size), np.float32)
+  index[rows, cols] = np.arange(1, len(rows) + 1)
+  index[cols, rows] = np.arange(1, len(rows) + 1)
+  sign[rows, cols] = 1.0
+  sign[cols, rows] = -1.0
+  return index, sign
+
+
+def skew_symmetric(packed: jax.Array, block_size: int) -> jax.Array:
+  """Unpacks ``[..., b(b-1)/2]`` into skew-symmetric matrices ``[..., b, b]``.
+
+  Args:
+    packed: strict upper triangles in row-major ``triu(b, b, k=1)`` order.
+    block_size: ``b``.
+
+  Returns:
+    ``Q`` with ``Q[i, j] = packed[k]`` above the diagonal and ``Q[j, i] = -packed[k]``.
+  """
+  n = num_packed(block_size)
+  if packed.shape[-1] != n:
+    raise ValueError(
+        f"packed vector has length {packed.shape[-1]} but block size {block_size} "
+        f"needs {n} = b(b-1)/2; pass the block size the adapter was made with")
+  index, sign = _gather_plan(block_size)
+  padded = jnp.concatenate([jnp.zeros_like(packed[..., :1]), packed], axis=-1)
+  return padded[..., index] * sign.astype(packed.dtype)
+
+
+def pack_skew_symmetric(q: jax.Array) -> jax.Array:
+  """Inverse of :func:`skew_symmetric`: the strict upper triangle of ``[..., b, b]``."""
+  rows, cols = np.triu_indices(q.shape[-1], k=1)
+  return q[..., rows, cols]
+
+
+def cayley(q: jax.Array) -> jax.Array:
+  """Exact Cayley transform ``(I + Q)(I - Q)^-1`` of skew-symmetric ``[..., b, b]``.
+
+  ``I + Q`` and ``(I - Q)^-1`` commute, so this is ``solve(I - Q, I + Q)``; ``I - Q``
+  is always invertible for skew-symmetric ``Q`` (eigenvalues ``1 - iλ``).
+  """
+  eye = jnp.eye(q.shape[-1], dtype=q.dtype)
+  return jnp.linalg.solve(eye - q, jnp.broadcast_to(eye + q, q.shape))
+
+
+def cayley_neumann(q: jax.Array, num_terms: int) -> jax.Array:
+  """Cayley–Neumann approximation with ``num_terms`` terms (PEFT's meaning for n >= 4).
+
+  ``(I + Q) · sum_{i=0}^{n-2} Q^i = I + 2Q + … + 2Q^{n-2} + Q^{n-1}``. Equals
+  ``cayley(Q) (I - Q^{n-1})``, so the orthogonality error ``RᵀR - I`` is exactly
+  ``-Q^{2n-2}`` for even ``n`` and ``-2Q^{n-1} + Q^{2n-2}`` for odd ``n``. Only
+  useful for ``‖Q‖ < 1``.
+
+  Args:
+    q: skew-symmetric ``[..., b, b]``.
+    num_terms: ``n >= 2``.
+
+  Returns:
+    ``[..., b, b]`` approximately orthogonal blocks.
+  """
+  if num_terms < 2:
+    raise ValueError(f"num_terms must be >= 2 (got {num_terms}); n=2 is I + Q")
+  eye = jnp.broadcast_to(jnp.eye(q.shape[-1], dtype=q.dtype), q.shape)
+  result = eye + (2.0 if num_terms > 2 else 1.0) * q
+  power = q
+  for i in range(2, num_terms):
+    power = power @ q
+    result = result + (2.0 if i < num_terms - 1 else 1.0) * power
+  return result
+
+
+def project_coft(packed: jax.Array, block_size: int, eps: float) -> jax.Array:
+  """COFT: projects each block's ``Q`` into the Frobenius ball of radius ``eps / sqrt(r)``.
+
+  Same as PEFT's ``_project_batch`` (``r`` = number of stored blocks): blocks with
+  ``‖Q‖_F <= eps/sqrt(r)`` are kept, larger ones are rescaled onto the sphere.
+  """
+  radius = eps / math.sqrt(packed.shape[-2] if packed.ndim >= 2 else 1)
+  norm = jnp.sqrt(2.0) * jnp.linalg.norm(packed, axis=-1, keepdims=True)
+  safe = jnp.where(norm > 0, norm, 1.0)
+  return jnp.where(norm <= radius, packed, packed * (radius / safe))
+
+
+def orthogonal_blocks(
+    packed: jax.Array,
+    block_size: int,
+    parameterization: str = "cayley_neumann",
+    num_terms: int = 4,
+    coft_eps: float | None = None,
+) -> jax.Array:
+  """Packed ``[r, b(b-1)/2]`` parameters -> float32 orthogonal blocks ``[r, b, b]``.
+
+  Args:
+    packed: adapter parameters (any float dtype; computed in float32).
+    block_size: ``b``.
+    parameterization: ``"cayley_neumann"`` (OFTv2) or ``"cayley"`` (exact inverse).
+    num_terms: Neumann terms, used by ``"cayley_neumann"`` only.
+    coft_eps: if set, apply the COFT projection first (straight-through gradient,
+      as PEFT projects the stored weight outside the autograd graph).
+  """
+  packed = packed.astype(jnp.float32)
+  if coft_eps is not None:
+    packed = packed + jax.lax.stop_gradient(
+        project_coft(packed, block_size, coft_eps) - packed)
+  q = skew_symmetric(packed, block_size)
+  if parameterization == "cayley_neumann":
+    return cayley_neumann(q, num_terms)
+  if parameterization == "cayley":
+    return cayley(q)
+  raise ValueError(
+      f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
+
+
+def rotate(x: jax.Array, blocks: jax.Array, precision=None) -> jax.Array:
+  """Input-centric block rotation of the last axis of ``x`` (OFTv2).
+
+  ``x[..., d]`` is viewed as ``[..., r, b]`` and each chunk is multiplied as a row
+  vector: ``x_rot[..., k, :] = x[..., k, :] @ R_k``. ``blocks`` is ``[r, b, b]`` or
+  ``[1, b, b]`` (one block shared by all chunks). Cost ``O(tokens · d · b)``.
+
+  Returns:
+    The rotated activations in ``x``'s dtype (the rotation itself runs in float32).
+  """
+  b = blocks.shape[-1]
+  d = x.shape[-1]
+  if d % b:
+    raise ValueError(f"input width {d} is not divisible by the block size {b}")
+  r = d // b
+  if blocks.shape[0] not in (1, r):
+    raise ValueError(f"{blocks.shape[0]} blocks of size {b} cannot rotate width {d}")
+  chunks = x.astype(jnp.float32).reshape(*x.shape[:-1], r, b)
+  if blocks.shape[0] == 1:
+    out = jnp.einsum("...rk,kc->...rc", chunks, blocks[0].astype(jnp.float32),
+                     precision=precision)
+  else:
+    out = jnp.einsum("...rk,rkc->...rc", chunks, blocks.astype(jnp.float32),
+                     precision=precision)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+def block_diagonal(blocks: jax.Array, num_blocks: int | None = None) -> jax.Array:
+  """Dense ``[r·b, r·b]`` block-diagonal matrix (original OFT; cubic cost, baseline only)."""
+  r = num_blocks or blocks.shape[0]
+  blocks = jnp.broadcast_to(blocks, (r,) + blocks.shape[-2:])
+  b = blocks.shape[-1]
+  eye = jnp.eye(r, dtype=blocks.dtype)
+  return jnp.einsum("rs,rij->risj", eye, blocks).reshape(r * b, r * b)
+
+
+def orthogonality_error(r: jax.Array) -> jax.Array:
+  """``max |RᵀR - I|`` over all entries (and all leading batch axes)."""
+  r = r.astype(jnp.float32)
+  gram = jnp.swapaxes(r, -1, -2) @ r
+  return jnp.max(jnp.abs(gram - jnp.eye(r.shape[-1], dtype=r.dtype)))
