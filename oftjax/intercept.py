@@ -23,6 +23,7 @@ import re
 from typing import Any
 
 import flax.linen as nn
+import jax
 
 from oftjax import adapters
 from oftjax import geometry as geo
@@ -50,15 +51,14 @@ class AdapterInterceptor:
     self.pattern = re.compile(config.targets)
     self.matched: list[str] = []
     self.seen: list[str] = []
+    self.bypass = False  # set while our own weight-centric call runs the layer again
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != "__call__" or module.scope is None:
+    if context.method_name != "__call__" or module.scope is None or self.bypass:
       return next_fun(*args, **kwargs)
     path = "/".join(str(p) for p in module.scope.path)
     linear = isinstance(module, geo.SUPPORTED_LAYERS)
-    if not path:  # a layer applied as a root module (our own weight-centric call)
-      return next_fun(*args, **kwargs)
     if linear:
       self.seen.append(path)
     if not self.pattern.fullmatch(path):
@@ -76,23 +76,43 @@ class AdapterInterceptor:
       recorder[path] = geom
     config = self.config
     if config.method == "lora":
-      leaves = module.param("lora", lambda rng: adapters.init_lora(rng, geom, config, path))
+      leaves = _adapter_leaves(module, path, "lora",
+                               lambda rng: adapters.init_lora(rng, geom, config, path))
       y = next_fun(*args, **kwargs)
       return y + adapters.lora_delta(x, geom, leaves, config).astype(y.dtype)
-    leaves = module.param("oft", lambda rng: adapters.init_oft(geom.d_in, config, path))
+    leaves = _adapter_leaves(module, path, "oft",
+                             lambda rng: adapters.init_oft(geom.d_in, config, path))
     blocks = adapters.oft_blocks(leaves, config, path)
     if config.method == "oft":
       return next_fun(adapters.rotate_input(x, geom, blocks), *rest, **kwargs)
-    return _weight_centric_call(module, next_fun, geom, blocks, x, rest, kwargs)
+    return self._weight_centric_call(module, next_fun, geom, blocks, x, rest, kwargs)
+
+  def _weight_centric_call(self, module, next_fun, geom, blocks, x, rest, kwargs):
+    """Original OFT: runs the same layer with ``blockdiag(R) @ kernel`` as its kernel."""
+    if not module.has_variable("params", "kernel"):
+      return next_fun(x, *rest, **kwargs)  # initialisation: creates kernel (R = I anyway)
+    base = {k: v for k, v in module.variables["params"].items() if k != "oft"}
+    base["kernel"] = adapters.weight_centric_kernel(base["kernel"], geom, blocks)
+    self.bypass = True
+    try:
+      return module.clone(parent=None).apply({"params": base}, x, *rest, **kwargs)
+    finally:
+      self.bypass = False
 
 
-def _weight_centric_call(module, next_fun, geom, blocks, x, rest, kwargs):
-  """Original OFT: runs the same layer with ``blockdiag(R) @ kernel`` as its kernel."""
-  if not module.has_variable("params", "kernel"):
-    return next_fun(x, *rest, **kwargs)  # initialisation: creates kernel (R = I anyway)
-  base = {k: v for k, v in module.variables["params"].items() if k != "oft"}
-  base["kernel"] = adapters.weight_centric_kernel(base["kernel"], geom, blocks)
-  return module.clone(parent=None).apply({"params": base}, x, *rest, **kwargs)
+def _adapter_leaves(module: nn.Module, path: str, name: str, init_fn) -> dict:
+  """The layer's adapter leaves: created by ``init_fn`` or read back and shape-checked."""
+  if not module.has_variable("params", name):
+    return module.param(name, init_fn)
+  leaves = module.get_variable("params", name)
+  expected = jax.eval_shape(init_fn, jax.random.key(0))
+  for key, spec in expected.items():
+    got = getattr(leaves.get(key), "shape", None)
+    if got != spec.shape:
+      raise ValueError(
+          f"layer '{path}': adapter leaf '{name}/{key}' has shape {got}, expected "
+          f"{spec.shape} from the adapter config; load an adapter made with the same config")
+  return leaves
 
 
 class Adapted(nn.Module):

@@ -79,7 +79,7 @@ def tree_bytes(params: Params) -> int:
 
 def _node(tree: Params, path: str) -> Mapping:
   node = tree
-  for name in path.split("/"):
+  for name in filter(None, path.split("/")):
     if name not in node:
       raise KeyError(f"parameter path '{path}' not found (missing '{name}')")
     node = node[name]

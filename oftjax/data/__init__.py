@@ -1,0 +1,27 @@
+"""Data pipeline: JSONL in, packed fixed-shape batches and exact-match eval sets out.
+
+Typical use::
+
+    from oftjax import data
+    tok = data.load_tokenizer(model_dir)
+    train = data.load_dataset("train.jsonl", tok, seq_len=64)
+    stream = data.PackedBatches(train.examples, batch_size=16, seq_len=64, seed=0)
+    batch = next(stream)      # inputs, targets, loss_mask, segment_ids, positions: [16, 64]
+    state = stream.state      # {"epoch": 0, "row": 16}: resume with PackedBatches(..., state=state)
+    items = data.load_eval_set("eval.jsonl", tok)
+    for prompts, mask, expected in data.eval_batches(items, 64): ...
+"""
+
+from oftjax.data.batching import BATCH_KEYS, PackedBatches, make_batch, pack_rows, padding_fraction, sequential_batches
+from oftjax.data.evaluation import (EvalExample, decode_completion, eval_batches, exact_match_accuracy,
+                                    load_eval_set, make_eval_example, pad_prompts)
+from oftjax.data.jsonl import FORMATS, MESSAGES, PROMPT_COMPLETION, TEXT, Record, read_jsonl
+from oftjax.data.tokenize import (Dataset, Example, load_dataset, load_tokenizer, render_chat, tokenize_record,
+                                  tokenize_records)
+
+__all__ = [
+    "BATCH_KEYS", "Dataset", "EvalExample", "Example", "FORMATS", "MESSAGES", "PROMPT_COMPLETION", "PackedBatches",
+    "Record", "TEXT", "decode_completion", "eval_batches", "exact_match_accuracy", "load_dataset", "load_eval_set",
+    "load_tokenizer", "make_batch", "make_eval_example", "pack_rows", "pad_prompts", "padding_fraction",
+    "read_jsonl", "render_chat", "sequential_batches", "tokenize_record", "tokenize_records",
+]

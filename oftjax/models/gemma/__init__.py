@@ -1,0 +1,32 @@
+"""Gemma 1/2/3 text decoders in Flax Linen, with Hugging Face checkpoints in and out.
+
+Example:
+  >>> from oftjax.models import gemma
+  >>> model, params = gemma.load("path/to/gemma-3-270m")
+  >>> logits = model.apply({"params": params}, tokens)   # [batch, time, vocab], fp32
+  >>> gemma.save("out/", model, params)
+"""
+
+from oftjax.models.gemma.config import GemmaConfig, RopeConfig, text_config_of
+from oftjax.models.gemma.config import from_hf_config as config_from_hf
+from oftjax.models.gemma.generate import generate
+from oftjax.models.gemma.load import load, read_hf_config
+from oftjax.models.gemma.model import Gemma, default_positions, init_cache, init_params
+from oftjax.models.gemma.model import from_hf_config_model as from_hf_config
+from oftjax.models.gemma.save import save
+
+__all__ = [
+    "Gemma",
+    "GemmaConfig",
+    "RopeConfig",
+    "config_from_hf",
+    "default_positions",
+    "from_hf_config",
+    "generate",
+    "init_cache",
+    "init_params",
+    "load",
+    "read_hf_config",
+    "save",
+    "text_config_of",
+]

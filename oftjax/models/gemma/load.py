@@ -1,0 +1,216 @@
+"""Load a Hugging Face Gemma checkpoint folder (or hub id) into our Linen model.
+
+Weights are read tensor by tensor with `safetensors.safe_open` and written into parameter
+buffers preallocated on the device in the target dtype, through a donated in-place update,
+so host memory never holds the model twice (large 2-D tensors such as the embedding are read
+in row blocks).
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from oftjax.models.gemma.config import SUPPORTED_MODEL_TYPES, from_hf_config
+from oftjax.models.gemma.hf_names import TensorSpec, canonical_name, tensor_specs, to_flax
+from oftjax.models.gemma.model import Gemma
+
+_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def resolve_folder(path_or_id: str) -> str:
+    """Returns a local folder: `path_or_id` itself, or a hub snapshot of it.
+
+    Raises:
+      FileNotFoundError: a local-looking path that does not exist, or a download that failed.
+    """
+    path = os.path.expanduser(str(path_or_id))
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not a folder (expected a Hugging Face model folder)")
+    looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") != 1
+    if looks_local:
+        raise FileNotFoundError(f"{path}: no such folder")
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.snapshot_download(
+            path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
+        )
+    except Exception as err:  # offline, unknown repo, gated, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise FileNotFoundError(f"could not download {path!r} from the Hugging Face Hub: {first}") from None
+
+
+def read_hf_config(folder: str):
+    """Reads `config.json` through transformers, refusing non-Gemma model types.
+
+    Raises:
+      FileNotFoundError: no `config.json`.
+      ValueError: unreadable JSON or a `model_type` that is not a Gemma text decoder.
+    """
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path}: missing (not a Hugging Face model folder)")
+    try:
+        with open(config_path) as fh:
+            raw = json.load(fh)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: invalid JSON ({err})") from None
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{config_path}: unsupported model_type {model_type!r} "
+            f"(expected one of {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder)
+
+
+def _weight_files(folder: str, allow_pickle: bool) -> list[str]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as fh:
+            names = sorted(set(json.load(fh)["weight_map"].values()))
+        files = [os.path.join(folder, n) for n in names]
+        for f in files:
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"{f}: listed in {index} but missing")
+        return files
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if files:
+        return files
+    pickles = sorted(glob.glob(os.path.join(folder, "*.bin")))
+    if pickles and not allow_pickle:
+        raise ValueError(
+            f"{folder}: only pickle checkpoints ({os.path.basename(pickles[0])}); "
+            "refusing to unpickle, pass allow_pickle=True if you trust the file"
+        )
+    if pickles:
+        return pickles
+    raise FileNotFoundError(f"{folder}: no *.safetensors weight files")
+
+
+def _iter_tensors(path: str):
+    """Yields `(name, shape, read(rows=None))` for each tensor of one weight file."""
+    if path.endswith(".bin"):
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for name, t in state.items():
+            def read(rows=None, t=t):
+                t2 = t if rows is None else t[rows[0]:rows[1]]
+                return t2.float().numpy() if t2.dtype == torch.bfloat16 else t2.numpy()
+
+            yield name, tuple(t.shape), read
+        return
+    from safetensors import safe_open
+
+    with safe_open(path, framework="np") as fh:
+        for name in fh.keys():
+            sl = fh.get_slice(name)
+
+            def read(rows=None, name=name, sl=sl):
+                return fh.get_tensor(name) if rows is None else sl[rows[0]:rows[1]]
+
+            yield name, tuple(sl.get_shape()), read
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write(buf, x, index):
+    return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), index)
+
+
+def _fill(buffers: dict, spec: TensorSpec, read, cfg, dtype) -> None:
+    buf = buffers[spec.path]
+    ndim = len(spec.hf_shape)
+    rows = spec.hf_shape[0]
+    itemsize = np.dtype(dtype).itemsize
+    chunk = rows
+    if spec.layer is None and ndim == 2 and spec.kind in ("id", "T"):
+        chunk = max(1, _CHUNK_BYTES // (itemsize * 4 * spec.hf_shape[1]))
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        part = read(None if chunk == rows else (start, stop))
+        part = np.ascontiguousarray(to_flax(np.asarray(part), spec.kind, cfg)).astype(dtype)
+        if spec.layer is not None:
+            index = (spec.layer,) + (0,) * part.ndim
+            part = part[None]
+        elif spec.kind == "T":
+            index = (0, start)
+        else:
+            index = (start,) + (0,) * (part.ndim - 1)
+        buffers[spec.path] = buf = _write(buf, part, tuple(np.int32(i) for i in index))
+        del part
+
+
+def _nest(flat: dict) -> dict:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def load(path_or_id, dtype=jnp.float32, allow_pickle: bool = False, param_dtype=None, remat: bool = False):
+    """Loads a Hugging Face Gemma 1/2/3 checkpoint.
+
+    Args:
+      path_or_id: a local folder with `config.json` and `*.safetensors` (single or sharded with
+        `model.safetensors.index.json`), or a hub id (downloaded with `snapshot_download`).
+        Multimodal Gemma 3 folders are accepted: the text decoder is loaded, vision ignored.
+      dtype: compute dtype, and parameter dtype unless `param_dtype` is given.
+      allow_pickle: allow `*.bin` (pickle) checkpoints when no safetensors are present.
+      param_dtype: parameter dtype; defaults to `dtype`.
+      remat: rematerialise decoder layers in the backward pass.
+
+    Returns:
+      `(model, params)`: a `Gemma` module (with `model.config.hf_config` and
+      `model.config.source_dir` set) and its parameter tree.
+
+    Raises:
+      FileNotFoundError: missing folder, `config.json` or weight files.
+      ValueError: unsupported model_type, pickle-only folder, unexpected/missing tensors or
+        mismatched shapes (the message names the file and tensor).
+    """
+    folder = resolve_folder(path_or_id)
+    hf_config = read_hf_config(folder)
+    cfg = from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    cfg = cfg.replace(source_dir=os.path.abspath(folder))
+    model = Gemma(cfg)
+    files = _weight_files(folder, allow_pickle)
+
+    specs = {s.hf_name: s for s in tensor_specs(cfg)}
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    flat_shapes = {tuple(k.key for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    buffers = {p: jnp.zeros(s.shape, s.dtype) for p, s in flat_shapes.items()}
+    done: set[str] = set()
+    for file in files:
+        fname = os.path.basename(file)
+        for raw_name, shape, read in _iter_tensors(file):
+            name = canonical_name(raw_name)
+            if name is None or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+                continue
+            spec = specs.get(name)
+            if spec is None:
+                raise ValueError(f"{fname}: unexpected tensor {raw_name!r} for a {hf_config.model_type} model")
+            if shape != spec.hf_shape:
+                raise ValueError(f"{fname}: tensor {raw_name!r} has shape {list(shape)}, expected {list(spec.hf_shape)}")
+            _fill(buffers, spec, read, cfg, cfg.param_dtype)
+            done.add(name)
+    missing = [n for n in specs if n not in done]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{folder}: missing tensor {missing[0]!r}{more}")
+    return model, _nest(buffers)

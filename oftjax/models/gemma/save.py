@@ -1,0 +1,140 @@
+"""Write our Gemma parameters as a Hugging Face folder that `transformers` loads.
+
+The folder is written to a temporary sibling and renamed into place at the end, so a crash
+never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+
+from oftjax.models.gemma.hf_names import tensor_specs, to_hf
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+_ARCHITECTURES = {1: "GemmaForCausalLM", 2: "Gemma2ForCausalLM", 3: "Gemma3ForCausalLM"}
+
+
+def _flat(params) -> dict:
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {tuple(str(getattr(k, "key", k)) for k in path): v for path, v in leaves}
+
+
+def _write_config(folder: str, cfg, dtype_name: str) -> None:
+    if cfg.hf_config is None:
+        raise ValueError("model.config.hf_config is None: build the model with from_hf_config or load")
+    hf = copy.deepcopy(cfg.hf_config)
+    hf.architectures = [_ARCHITECTURES[cfg.generation]]
+    hf.dtype = dtype_name
+    hf.save_pretrained(folder)
+
+
+def _shards(specs, flat, max_shard_bytes: int):
+    shards, current, size = [], [], 0
+    for spec in specs:
+        leaf = flat[spec.path]
+        nbytes = int(np.prod(spec.hf_shape)) * np.dtype(leaf.dtype).itemsize
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(spec)
+        size += nbytes
+    shards.append(current)
+    return shards
+
+
+def _hf_tensor(spec, flat) -> np.ndarray:
+    leaf = flat[spec.path]
+    arr = np.asarray(leaf[spec.layer]) if spec.layer is not None else np.asarray(leaf)
+    return np.ascontiguousarray(to_hf(arr, spec.kind))
+
+
+def save(path, model, params, tokenizer_dir=None, max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False):
+    """Writes a Hugging Face Gemma folder: `config.json`, safetensors weights, tokenizer files.
+
+    Args:
+      path: the folder to create.
+      model: a `Gemma` module whose `config.hf_config` is set (from `load` or `from_hf_config`).
+      params: its parameter tree (base weights only; merge adapters first).
+      tokenizer_dir: folder to copy tokenizer files (and `generation_config.json`) from;
+        defaults to `model.config.source_dir` when the model was loaded from a folder.
+      max_shard_bytes: above this size the weights are split into
+        `model-0000i-of-0000n.safetensors` with a `model.safetensors.index.json`.
+      overwrite: replace an existing folder at `path` (otherwise it is an error).
+
+    Returns:
+      The path written.
+
+    Raises:
+      FileExistsError: `path` exists and `overwrite` is False.
+      ValueError: params hold leaves the checkpoint format does not (e.g. unmerged adapters),
+        or leaves are missing.
+    """
+    from safetensors.numpy import save_file
+
+    cfg = model.config
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
+    specs = tensor_specs(cfg)
+    flat = _flat(params)
+    expected = {s.path for s in specs}
+    extra = sorted("/".join(p) for p in flat if p not in expected)
+    if extra:
+        raise ValueError(f"params leaf {extra[0]!r} has no Hugging Face equivalent (merge adapters before saving)")
+    missing = sorted("/".join(p) for p in expected if p not in flat)
+    if missing:
+        raise ValueError(f"params miss leaf {missing[0]!r}")
+    dtype_name = str(np.dtype(flat[specs[0].path].dtype))
+
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        _write_config(tmp, cfg, dtype_name)
+        shards = _shards(specs, flat, max_shard_bytes)
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {s.hf_name: _hf_tensor(s, flat) for s in shard}
+            total += sum(t.nbytes for t in tensors.values())
+            save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
+            weight_map.update({s.hf_name: name for s in shard})
+            del tensors
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as fh:
+                json.dump(index, fh, indent=2, sort_keys=True)
+        source = tokenizer_dir or cfg.source_dir
+        if source:
+            for fname in TOKENIZER_FILES:
+                src = os.path.join(source, fname)
+                if os.path.isfile(src):
+                    shutil.copy2(src, os.path.join(tmp, fname))
+        if os.path.exists(path):
+            old = tmp + ".old"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

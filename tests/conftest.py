@@ -1,0 +1,10 @@
+"""Shared pytest set-up: deterministic CPU JAX with fp32 matmuls."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")

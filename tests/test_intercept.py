@@ -1,0 +1,166 @@
+"""The Linen interceptor: tree layout, equivalences, zero-init identity, errors."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import oftjax
+from tiny_models import TinyLM
+
+TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+TOKENS = jax.random.randint(jax.random.key(0), (2, 9), 0, 97)
+
+
+def adapted_params(model, config, scale=0.2, seed=5):
+  """Base params of ``model`` plus random (non-identity) adapter leaves, and geometries."""
+  base = model.init(jax.random.key(1), TOKENS)["params"]
+  wrapped = oftjax.Adapted(model, config)
+  with oftjax.record_geometries() as geoms:
+    shapes = jax.eval_shape(wrapped.init, jax.random.key(1), TOKENS)["params"]
+  _, adapter = oftjax.split_params(shapes)
+  leaves, treedef = jax.tree_util.tree_flatten(adapter)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  adapter = treedef.unflatten(
+      [scale * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves)])
+  return wrapped, base, oftjax.merge_params(base, adapter), dict(geoms)
+
+
+def test_tree_layout_puts_adapters_beside_kernels():
+  config = oftjax.AdapterConfig(block_size=8, targets=TARGETS)
+  wrapped, base, params, geoms = adapted_params(TinyLM(), config)
+  q = params["layers"]["q_proj"]
+  assert set(q) == {"kernel", "oft"}
+  chex.assert_shape(q["oft"]["weight"], (2, 64 // 8, 28))  # stacked by nn.scan
+  chex.assert_shape(params["layers"]["o_proj"]["oft"]["weight"], (2, 8, 28))
+  chex.assert_shape(params["layers"]["down_proj"]["oft"]["weight"], (2, 128 // 8, 28))
+  assert "oft" not in params["lm_head"] and "oft" not in params["embed"]
+  split_base, _ = oftjax.split_params(params)
+  chex.assert_trees_all_equal_structs(split_base, base)
+  assert len(geoms) == 7
+
+
+@pytest.mark.parametrize("use_einsum", [False, True])
+def test_input_centric_equals_weight_centric_equals_merged(use_einsum):
+  model = TinyLM(use_einsum=use_einsum)
+  oft = oftjax.AdapterConfig(block_size=8, targets=TARGETS)
+  wrapped, base, params, geoms = adapted_params(model, oft)
+  v1 = oftjax.Adapted(model, oftjax.AdapterConfig(method="oftv1", block_size=8, targets=TARGETS))
+  y2 = jax.jit(wrapped.apply)({"params": params}, TOKENS)
+  y1 = jax.jit(v1.apply)({"params": params}, TOKENS)
+  merged = oftjax.fold_adapters(params, geoms, oft)
+  ym = model.apply({"params": merged}, TOKENS)
+  y0 = model.apply({"params": base}, TOKENS)
+  assert float(jnp.abs(y2 - y0).max()) > 1e-2  # the adapters do something
+  chex.assert_trees_all_close(y1, y2, atol=2e-5)
+  chex.assert_trees_all_close(ym, y2, atol=2e-5)
+  _, adapter = oftjax.split_params(params)
+  restored = oftjax.fold_adapters(oftjax.merge_params(merged, adapter), geoms, oft, unfold=True)
+  chex.assert_trees_all_close(restored, base, atol=1e-5)
+
+
+def test_lora_merge_and_unmerge():
+  model = TinyLM(use_einsum=True)
+  lora = oftjax.AdapterConfig(method="lora", lora_rank=4, targets=TARGETS)
+  wrapped, base, params, geoms = adapted_params(model, lora)
+  y = wrapped.apply({"params": params}, TOKENS)
+  merged = oftjax.fold_adapters(params, geoms, lora)
+  chex.assert_trees_all_close(model.apply({"params": merged}, TOKENS), y, atol=2e-5)
+  _, adapter = oftjax.split_params(params)
+  restored = oftjax.fold_adapters(oftjax.merge_params(merged, adapter), geoms, lora, unfold=True)
+  chex.assert_trees_all_close(restored, base, atol=1e-5)
+
+
+def test_multi_axis_output_dense_general():
+  layer = nn.DenseGeneral((3, 8), axis=(-2, -1))
+  x = jax.random.normal(jax.random.key(2), (4, 2, 16))
+  config = oftjax.AdapterConfig(block_size=4)
+  wrapped = oftjax.Adapted(layer, config)
+  with oftjax.record_geometries() as geoms:
+    params = wrapped.init(jax.random.key(3), x)["params"]
+  params["oft"]["weight"] = 0.3 * jax.random.normal(jax.random.key(4), (8, 6))
+  y = wrapped.apply({"params": params}, x)
+  chex.assert_shape(y, (4, 3, 8))
+  merged = oftjax.fold_adapters(params, geoms, config)
+  chex.assert_trees_all_close(layer.apply({"params": merged}, x), y, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["jit", "scan", "remat", "loop"])
+@pytest.mark.parametrize("method", ["oft", "oftv1", "lora"])
+def test_zero_init_is_bit_identical_to_base(kind, method):
+  model = TinyLM(scan=kind != "loop", remat=kind == "remat")
+  wrapped = oftjax.Adapted(model, oftjax.AdapterConfig(method=method, block_size=8,
+                                                       targets=TARGETS))
+  params = wrapped.init(jax.random.key(1), TOKENS)["params"]
+  base, _ = oftjax.split_params(params)
+  y_base = jax.jit(model.apply)({"params": base}, TOKENS)
+  y = jax.jit(wrapped.apply)({"params": params}, TOKENS)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_base))
+
+
+def test_bfloat16_activations_keep_their_dtype():
+  layer = nn.Dense(16, dtype=jnp.bfloat16)
+  wrapped = oftjax.Adapted(layer, oftjax.AdapterConfig(block_size=8))
+  x = jnp.ones((2, 32), jnp.bfloat16)
+  params = wrapped.init(jax.random.key(0), x)["params"]
+  chex.assert_type(params["oft"]["weight"], jnp.float32)
+  chex.assert_type(wrapped.apply({"params": params}, x), jnp.bfloat16)
+
+
+def test_adapter_gradients_match_finite_differences():
+  model = TinyLM(width=16, mlp=32, depth=1)
+  config = oftjax.AdapterConfig(block_size=8, targets=TARGETS, parameterization="cayley")
+  wrapped, base, params, _ = adapted_params(model, config, scale=0.1)
+  frozen, adapter = oftjax.split_params(params)
+
+  def loss(a):
+    return jnp.mean(wrapped.apply({"params": oftjax.merge_params(frozen, a)}, TOKENS) ** 2)
+
+  jax.config.update("jax_enable_x64", True)
+  try:
+    adapter64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), adapter)
+    frozen = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), frozen)
+    jax.test_util.check_grads(jax.jit(loss), (adapter64,), order=1, modes=["rev"], atol=1e-3, rtol=1e-3)
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
+def test_target_matching_nothing_is_an_error():
+  wrapped = oftjax.Adapted(TinyLM(), oftjax.AdapterConfig(block_size=8, targets=r".*qproj"))
+  with pytest.raises(ValueError, match=r"matched no .*layers/q_proj"):
+    wrapped.init(jax.random.key(0), TOKENS)
+
+
+def test_block_size_not_dividing_width_names_layer_and_fix():
+  wrapped = oftjax.Adapted(TinyLM(), oftjax.AdapterConfig(block_size=24, targets=TARGETS))
+  with pytest.raises(ValueError, match=r"layers/q_proj': block size 24 does not divide .* 64"):
+    wrapped.init(jax.random.key(0), TOKENS)
+
+
+def test_unsupported_layer_forms_are_errors():
+  embed = oftjax.Adapted(TinyLM(), oftjax.AdapterConfig(block_size=8, targets="embed"))
+  with pytest.raises(ValueError, match="'embed' is an Embed"):
+    embed.init(jax.random.key(0), TOKENS)
+  batched = oftjax.Adapted(nn.DenseGeneral(4, batch_dims=(0,)), oftjax.AdapterConfig(block_size=2))
+  with pytest.raises(ValueError, match="batch_dims"):
+    batched.init(jax.random.key(0), jnp.ones((2, 3, 4)))
+  ellipsis = oftjax.Adapted(nn.Einsum((4, 2), "...d,de->...e"), oftjax.AdapterConfig(block_size=2))
+  with pytest.raises(ValueError, match="not supported"):
+    ellipsis.init(jax.random.key(0), jnp.ones((3, 4)))
+
+
+def test_packed_vector_of_wrong_length_is_an_error():
+  config = oftjax.AdapterConfig(block_size=8, targets=TARGETS)
+  wrapped, base, params, _ = adapted_params(TinyLM(), config)
+  params["layers"]["q_proj"]["oft"]["weight"] = jnp.zeros((2, 8, 27))
+  with pytest.raises(ValueError, match=r"q_proj': adapter leaf 'oft/weight' has shape \(8, 27\), expected \(8, 28\)"):
+    wrapped.apply({"params": params}, TOKENS)
+
+
+def test_bad_config_values():
+  with pytest.raises(ValueError, match="unknown adapter method"):
+    oftjax.AdapterConfig(method="boft")
+  with pytest.raises(ValueError, match="num_terms must be >= 2"):
+    oftjax.AdapterConfig(num_terms=1)
