@@ -1,0 +1,66 @@
+"""Device meshes from ``--mesh`` strings and the shardings of batches and parameters.
+
+Axes: ``data`` (batch split, parameters replicated), ``fsdp`` (batch split, frozen
+weights sharded on their largest divisible axis), optional ``tensor``. One device is the
+trivial mesh ``data=1``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(spec: str = "", devices=None) -> Mesh:
+  """Builds a mesh from ``"data=2,fsdp=4"``; empty puts every device on ``data``.
+
+  Raises:
+    ValueError: unknown axis, malformed size, or a product that is not the device count.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = {"data": len(devices), "fsdp": 1, "tensor": 1}
+  if spec:
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in spec.split(","):
+      name, _, value = part.partition("=")
+      name = name.strip()
+      if name not in AXES or not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"--mesh entry {part!r} is not AXIS=N with AXIS in {AXES} and N >= 1")
+      sizes[name] = int(value)
+  if math.prod(sizes.values()) != len(devices):
+    raise ValueError(f"--mesh {spec or 'default'} needs {math.prod(sizes.values())} devices "
+                     f"but {len(devices)} are available; make the axis sizes multiply to {len(devices)}")
+  grid = np.asarray(devices).reshape([sizes[a] for a in AXES])
+  return Mesh(grid, AXES)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:
+  """Splits the batch axis (after ``leading`` micro-batch axes) over ``data`` and ``fsdp``."""
+  spec = [None] * ndim
+  spec[leading] = BATCH_AXES
+  return NamedSharding(mesh, PS(*spec))
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> PS:
+  """Shards the largest axis divisible by ``fsdp``; replicates small or indivisible arrays."""
+  if fsdp == 1 or math.prod(shape) < 1024:
+    return PS()
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % fsdp == 0:
+      spec = [None] * len(shape)
+      spec[axis] = "fsdp"
+      return PS(*spec)
+  return PS()
+
+
+def param_shardings(tree, mesh: Mesh, shard: bool = True):
+  """NamedShardings for a parameter tree: FSDP-sharded when ``shard``, else replicated."""
+  fsdp = mesh.shape["fsdp"]
+  return jax.tree_util.tree_map(
+      lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp) if shard else PS()), tree)

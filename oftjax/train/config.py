@@ -1,0 +1,142 @@
+"""Command-line configuration of a finetuning run, with one-line validation errors."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+
+ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "assets")
+_ASSETS = os.path.normpath(ASSETS)
+METHODS = ("oft", "oftv1", "lora", "full")
+DEFAULT_TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+class UsageError(ValueError):
+  """A user mistake: reported as one line, exit code 2, no traceback."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+  """Every knob of a run; field docs double as ``--help`` text (see ``_HELP``)."""
+
+  model: str = os.path.join(_ASSETS, "tiny-gemma3")
+  data: str = os.path.join(_ASSETS, "task", "train.jsonl")
+  eval_data: str = os.path.join(_ASSETS, "task", "eval.jsonl")
+  retention_data: str = os.path.join(_ASSETS, "task", "retention.jsonl")
+  method: str = "oft"
+  block_size: int = 16
+  neumann_terms: int = 6
+  parameterization: str = "cayley_neumann"
+  lora_rank: int = 16
+  lora_alpha: float = 16.0
+  targets: str = DEFAULT_TARGETS
+  steps: int = 150
+  batch_size: int = 16
+  grad_accum: int = 1
+  seq_len: int = 64
+  lr: float = 5e-3
+  warmup_steps: int = 10
+  weight_decay: float = 0.0
+  clip_norm: float = 1.0
+  dtype: str = "auto"
+  seed: int = 0
+  mesh: str = ""
+  log_every: int = 10
+  save_every: int = 50
+  keep_checkpoints: int = 2
+  eval_limit: int = 64
+  output_dir: str = "runs/finetune"
+  resume: bool = False
+  overwrite: bool = False
+  export_merged: str = ""
+  init_adapter: str = ""
+  truncate: bool = False
+
+  def fingerprint(self) -> dict:
+    """Fields that must match for ``--resume`` to continue the same run."""
+    keep = ("model", "data", "method", "block_size", "neumann_terms", "parameterization",
+            "lora_rank", "lora_alpha", "targets", "steps", "batch_size", "grad_accum",
+            "seq_len", "lr", "warmup_steps", "weight_decay", "clip_norm", "dtype", "seed",
+            "init_adapter", "truncate")
+    return {k: getattr(self, k) for k in keep}
+
+
+_HELP = {
+    "model": "base model: a local Hugging Face folder or a hub id",
+    "data": "training JSONL: {prompt,completion}, {messages} or {text} records",
+    "eval_data": "held-out JSONL of the task (loss and exact-match accuracy)",
+    "retention_data": "held-out JSONL of what the base already does (forgetting); '' to skip",
+    "method": "oft (OFTv2, input-centric), oftv1 (original weight-centric OFT), lora, full",
+    "block_size": "OFT block size b; must divide every targeted input width",
+    "neumann_terms": "Cayley-Neumann terms n (even n is more orthogonal, DESIGN.md §1)",
+    "parameterization": "cayley_neumann (OFTv2) or cayley (exact inverse)",
+    "lora_rank": "LoRA rank", "lora_alpha": "LoRA alpha (scale = alpha / rank)",
+    "targets": "regex full-matched against linear-layer paths, e.g. layers/self_attn/q_proj",
+    "steps": "optimizer steps", "batch_size": "packed rows per micro-batch",
+    "grad_accum": "micro-batches per optimizer step", "seq_len": "tokens per packed row",
+    "lr": "peak learning rate (AdamW, linear warmup then cosine decay)",
+    "warmup_steps": "linear warmup steps", "weight_decay": "AdamW weight decay",
+    "clip_norm": "global gradient-norm clip (0 disables)",
+    "dtype": "compute dtype: auto (float32 on CPU, bfloat16 on GPU/TPU), float32, bfloat16",
+    "seed": "seed of adapter init and data order",
+    "mesh": "device mesh, e.g. data=2,fsdp=4 (default: every device on data)",
+    "log_every": "steps between metrics.jsonl lines", "save_every": "steps between checkpoints",
+    "keep_checkpoints": "checkpoints kept", "eval_limit": "max examples per eval set",
+    "output_dir": "where summary.json, metrics.jsonl, checkpoints and peft_adapter/ go",
+    "resume": "continue from the latest checkpoint in --output-dir",
+    "overwrite": "replace an existing run in --output-dir",
+    "export_merged": "also write a Hugging Face folder with the adapter folded in",
+    "init_adapter": "start from a PEFT OFT/LoRA adapter folder",
+    "truncate": "truncate over-long examples (counted and reported) instead of failing",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The ``finetune_gemma.py`` argument parser; every flag shows its default."""
+  parser = argparse.ArgumentParser(
+      description="Finetune a Gemma model with OFTv2 (or a baseline) in JAX.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  for field in dataclasses.fields(RunConfig):
+    flag = "--" + field.name.replace("_", "-")
+    if field.type in ("bool", bool):
+      parser.add_argument(flag, action="store_true", help=_HELP[field.name])
+    else:
+      kind = {"int": int, "float": float}.get(str(field.type), str)
+      choices = {"method": METHODS, "parameterization": ("cayley_neumann", "cayley"),
+                 "dtype": ("auto", "float32", "bfloat16")}.get(field.name)
+      parser.add_argument(flag, type=kind, default=field.default, choices=choices,
+                          help=_HELP[field.name])
+  return parser
+
+
+def parse_args(argv=None) -> RunConfig:
+  """Parses and validates ``argv`` into a :class:`RunConfig`."""
+  config = RunConfig(**vars(build_parser().parse_args(argv)))
+  validate(config)
+  return config
+
+
+def validate(c: RunConfig) -> None:
+  """Checks values that need no files; raises :class:`UsageError` with one line."""
+  for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "save_every",
+               "keep_checkpoints", "eval_limit", "lora_rank"):
+    if getattr(c, name) < 1:
+      raise UsageError(f"--{name.replace('_', '-')} must be a positive integer "
+                       f"(got {getattr(c, name)})")
+  for name in ("lr", "weight_decay", "clip_norm", "lora_alpha"):
+    value = getattr(c, name)
+    if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+      raise UsageError(f"--{name.replace('_', '-')} must be a finite "
+                       f"{'positive' if name == 'lr' else 'non-negative'} number (got {value})")
+  if c.warmup_steps < 0 or c.warmup_steps >= c.steps:
+    raise UsageError(f"--warmup-steps must be in [0, --steps) (got {c.warmup_steps})")
+  if c.block_size < 2:
+    raise UsageError(f"--block-size must be >= 2 (got {c.block_size})")
+  if c.neumann_terms < 2:
+    raise UsageError(f"--neumann-terms must be >= 2 (got {c.neumann_terms})")
+  if c.resume and c.overwrite:
+    raise UsageError("--resume and --overwrite contradict each other; pick one")
+  if c.init_adapter and c.method not in ("oft", "oftv1", "lora"):
+    raise UsageError("--init-adapter needs --method oft, oftv1 or lora")

@@ -1,0 +1,47 @@
+"""The end of a run: PEFT adapter, optional merged HF export, loss plot, summary.json."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from oftjax import params as P, peft_io
+from oftjax.models import gemma
+from oftjax.train import outputs
+
+
+def write_outputs(c, model, merged, trainable, frozen, acfg, rows, eval_before, eval_after,
+                  train, times, tokens_seen, compile_s, t_start, final_loss) -> dict:
+  """Writes every output of a finished run; ``summary.json`` last (atomically)."""
+  out = c.output_dir
+  adapter_dir = None
+  if acfg is not None:
+    adapter_dir = os.path.join(out, "peft_adapter")
+    peft_io.export_peft(adapter_dir, trainable, acfg, base_model=c.model)
+  if c.export_merged:
+    gemma.save(c.export_merged, model, merged, tokenizer_dir=c.model)
+  outputs.plot_loss(rows, os.path.join(out, "loss.png"), f"{c.method} on {os.path.basename(c.data)}")
+  steady = times[1:] if len(times) > 1 else times
+  tokens_per_step = tokens_seen / max(len(times), 1)
+  retention = {}
+  if "retention_accuracy" in eval_before:
+    retention = {"retention_before": eval_before["retention_accuracy"],
+                 "retention_after": eval_after["retention_accuracy"]}
+  strip = lambda e: {k: v for k, v in e.items() if k != "samples"}  # noqa: E731
+  summary = {
+      "model": c.model, "method": c.method, "steps": c.steps, "config": vars(c),
+      "trainable_params": P.count_params(trainable),
+      "total_params": P.count_params(frozen) + P.count_params(trainable),
+      "eval_before": strip(eval_before), "eval_after": strip(eval_after), **retention,
+      "samples_after": eval_after.get("samples", []),
+      "train_tokens_per_s": tokens_per_step / float(np.median(steady)) if steady else None,
+      "step_time_s": float(np.median(steady)) if steady else None,
+      "compile_s": compile_s, "wall_s": time.time() - t_start, "final_loss": final_loss,
+      "frozen_weight_bytes": P.tree_bytes(frozen), "adapter_bytes": P.tree_bytes(trainable),
+      "train_examples": len(train.examples), "truncated_examples": train.num_truncated,
+      "peft_adapter": adapter_dir, "export_merged": c.export_merged or None,
+  }
+  outputs.write_json_atomic(os.path.join(out, "summary.json"), summary)
+  return summary

@@ -1,0 +1,33 @@
+"""Optimizer schedule and the masked next-token loss used by the finetuning job."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def make_optimizer(lr: float, steps: int, warmup_steps: int, weight_decay: float,
+                   clip_norm: float) -> optax.GradientTransformation:
+  """AdamW with linear warmup then cosine decay to 10% of ``lr``, after global-norm clipping."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=lr, warmup_steps=warmup_steps, decay_steps=steps,
+      end_value=lr * 0.1)
+  parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
+  return optax.chain(*parts, optax.adamw(schedule, weight_decay=weight_decay))
+
+
+def masked_xent(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
+  """Mean cross-entropy over ``loss_mask`` positions, plus token accuracy and count.
+
+  Args:
+    logits: ``[batch, time, vocab]`` predictions for ``batch['inputs']``.
+    batch: ``targets`` (int) and ``loss_mask`` (float) aligned with the inputs.
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+  mask = batch["loss_mask"].astype(jnp.float32)
+  count = jnp.maximum(mask.sum(), 1.0)
+  correct = (jnp.argmax(logits, axis=-1) == batch["targets"]) * mask
+  return (nll * mask).sum() / count, {"token_accuracy": correct.sum() / count,
+                                      "tokens": mask.sum()}

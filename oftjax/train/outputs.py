@@ -1,0 +1,63 @@
+"""Run outputs: metrics.jsonl, summary.json (written last, atomically) and the loss plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """Writes JSON to a temporary sibling, fsyncs, then renames over ``path``."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+  with os.fdopen(fd, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+class MetricsLog:
+  """Appends one JSON object per logged step; on resume drops lines past the checkpoint."""
+
+  def __init__(self, path: str, resume_step: int | None = None):
+    self.path = path
+    rows = []
+    if resume_step is not None and os.path.exists(path):
+      with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+      rows = [r for r in rows if r["step"] <= resume_step]
+    with open(path, "w") as f:
+      f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    self.rows = rows
+
+  def append(self, row: dict) -> None:
+    clean = {k: (float(v) if isinstance(v, float) or hasattr(v, "dtype") else v)
+             for k, v in row.items()}
+    self.rows.append(clean)
+    with open(self.path, "a") as f:
+      f.write(json.dumps(clean, sort_keys=True) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+
+
+def plot_loss(rows: list[dict], path: str, title: str) -> None:
+  """Saves the training-loss curve (and eval loss points when present) as a PNG."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+  steps = [r["step"] for r in rows if math.isfinite(r.get("loss", math.nan))]
+  ax.plot(steps, [r["loss"] for r in rows if r["step"] in steps], label="train loss")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)

@@ -1,0 +1,207 @@
+"""One finetuning run end to end: load, evaluate, train, checkpoint, export, summarise.
+
+Everything a user can get wrong is checked before the output directory is touched, and
+``summary.json`` is written last, so a directory without it never looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from oftjax import adapters, checkpoint, data, params as P, peft_io, sharding
+from oftjax.intercept import Adapted, record_geometries
+from oftjax.models import gemma
+from oftjax.train import outputs
+from oftjax.train.config import RunConfig, UsageError
+from oftjax.train.evaluate import Evaluator
+from oftjax.train.finish import write_outputs
+from oftjax.train.objective import make_optimizer, masked_xent
+from oftjax.train_step import make_train_step
+
+
+def _user_errors(fn, *args, **kwargs):
+  """Calls ``fn``; turns input problems (bad files, values) into :class:`UsageError`."""
+  try:
+    return fn(*args, **kwargs)
+  except (ValueError, FileNotFoundError, KeyError, OSError) as e:
+    raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def _prepare_output_dir(c: RunConfig) -> None:
+  has_run = os.path.isdir(c.output_dir) and bool(os.listdir(c.output_dir))
+  if c.resume:
+    if not os.path.isdir(os.path.join(c.output_dir, "checkpoints")):
+      raise UsageError(f"--resume: no checkpoints in {c.output_dir}; run without --resume first")
+  elif has_run and not c.overwrite:
+    raise UsageError(f"{c.output_dir} already holds a run; pass --resume to continue it or "
+                     "--overwrite to replace it")
+  elif has_run:
+    shutil.rmtree(c.output_dir)
+  os.makedirs(c.output_dir, exist_ok=True)
+  for stale in ("summary.json",):  # a resumed run is not complete until it finishes
+    if os.path.exists(os.path.join(c.output_dir, stale)):
+      os.remove(os.path.join(c.output_dir, stale))
+
+
+def _compute_dtype(c: RunConfig):
+  if c.dtype == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[c.dtype]
+
+
+class _StopFlag:
+  """SIGINT/SIGTERM: finish the current step, checkpoint, exit cleanly."""
+
+  def __init__(self):
+    self.stop = False
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.stop = True
+    print(f"\nreceived {signal.Signals(signum).name}: saving after this step", flush=True)
+
+
+def _adapter_config(c: RunConfig) -> adapters.AdapterConfig:
+  return adapters.AdapterConfig(
+      method=c.method, targets=c.targets, block_size=c.block_size, num_terms=c.neumann_terms,
+      parameterization=c.parameterization, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)
+
+
+def _init_adapters(c, model, acfg, example):
+  """Adapter tree (base init is dead code under jit), layer geometries, wrapped model."""
+  wrapped = Adapted(model, acfg)
+  with record_geometries() as geoms:
+    init = jax.jit(lambda rng: P.split_params(wrapped.init(rng, example)["params"])[1])
+    adapter = _user_errors(init, jax.random.key(c.seed))
+  if c.init_adapter:
+    imported, icfg = _user_errors(peft_io.import_peft, c.init_adapter, acfg.targets)
+    want = jax.tree_util.tree_map(lambda x: x.shape, adapter)
+    got = jax.tree_util.tree_map(lambda x: x.shape, imported)
+    if want != got or icfg.method != acfg.method or icfg.block_size != acfg.block_size:
+      raise UsageError(f"--init-adapter {c.init_adapter} does not fit this model and flags "
+                       f"(its block size {icfg.block_size}, method {icfg.method}); match them")
+    adapter = jax.tree_util.tree_map(jnp.asarray, imported)
+    acfg, wrapped = icfg, Adapted(model, icfg)
+  return wrapped, acfg, adapter, dict(geoms)
+
+
+def run(c: RunConfig) -> dict:
+  """Executes the run described by ``c`` and returns the summary it wrote."""
+  t_start = time.time()
+  dtype = _compute_dtype(c)
+  mesh = _user_errors(sharding.make_mesh, c.mesh)
+  tokenizer = _user_errors(data.load_tokenizer, c.model)
+  model, base = _user_errors(gemma.load, c.model, dtype=dtype, param_dtype=jnp.float32
+                             if dtype == jnp.float32 else dtype)
+  train = _user_errors(data.load_dataset, c.data, tokenizer, c.seq_len, truncate=c.truncate)
+  held_out = _user_errors(data.load_dataset, c.eval_data, tokenizer, c.seq_len)
+  sets = {"eval": _user_errors(data.load_eval_set, c.eval_data, tokenizer, c.eval_limit)}
+  if c.retention_data:
+    sets["retention"] = _user_errors(data.load_eval_set, c.retention_data, tokenizer, c.eval_limit)
+  max_new = max(len(tokenizer.encode(x.expected, add_special_tokens=False))
+                for s in sets.values() for x in s) + 2
+  example = jnp.zeros((1, 8), jnp.int32)
+  if c.method == "full":
+    wrapped, acfg, trainable, frozen, geoms = model, None, base, {}, {}
+  else:
+    acfg = _user_errors(_adapter_config, c)
+    wrapped, acfg, trainable, geoms = _init_adapters(c, model, acfg, example)
+    frozen = base
+  _prepare_output_dir(c)
+
+  frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
+  trainable = jax.device_put(trainable, sharding.param_shardings(trainable, mesh, shard=False))
+  optimizer = make_optimizer(c.lr, c.steps, c.warmup_steps, c.weight_decay, c.clip_norm)
+  opt_state = optimizer.init(trainable)
+
+  def loss_fn(params, batch):
+    logits = wrapped.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                           segment_ids=batch["segment_ids"])
+    return masked_xent(logits, batch)
+
+  step_fn = make_train_step(loss_fn, optimizer, has_aux=True, accum_steps=c.grad_accum)
+
+  def deployable(tr):
+    full = P.merge_params(frozen, tr)
+    return full if c.method == "full" else P.fold_adapters(full, geoms, acfg)
+
+  evaluator = Evaluator(model, tokenizer, held_out.examples, sets, c.seq_len, c.batch_size, max_new)
+  ckpt = checkpoint.RunCheckpoints(os.path.join(c.output_dir, "checkpoints"),
+                                   c.keep_checkpoints, c.save_every)
+  start, data_state, eval_before = 0, None, None
+  if c.resume:
+    start = ckpt.latest_step()
+    state, meta = ckpt.restore(start, {"trainable": trainable, "opt_state": opt_state})
+    if meta["fingerprint"] != c.fingerprint():
+      diff = [k for k in c.fingerprint() if meta["fingerprint"].get(k) != c.fingerprint()[k]]
+      raise UsageError(f"--resume: the checkpoint was made with different {', '.join(diff)}; "
+                       "rerun with the original flags")
+    trainable, opt_state = state["trainable"], state["opt_state"]
+    data_state, eval_before = meta["data_state"], meta["eval_before"]
+    print(f"resumed from step {start}", flush=True)
+  if eval_before is None:
+    eval_before = evaluator.run(deployable(trainable))
+  print(f"before: eval loss {eval_before['loss']:.4f} accuracy {eval_before['accuracy']:.3f}"
+        + (f" retention {eval_before['retention_accuracy']:.3f}" if c.retention_data else ""),
+        flush=True)
+
+  stream = data.PackedBatches(train.examples, batch_size=c.batch_size, seq_len=c.seq_len,
+                              seed=c.seed, state=data_state, pad_id=evaluator.pad_id)
+  metrics = outputs.MetricsLog(os.path.join(c.output_dir, "metrics.jsonl"),
+                               resume_step=start if c.resume else None)
+  lead = 1 if c.grad_accum > 1 else 0
+
+  def next_batch():
+    rows = [next(stream) for _ in range(c.grad_accum)]
+    batch = {k: np.stack([r[k] for r in rows]) if lead else rows[0][k] for k in rows[0]}
+    return jax.device_put(batch, sharding.batch_sharding(mesh, 2 + lead, lead)), \
+        int(sum((r["segment_ids"] > 0).sum() for r in rows))
+
+  batch, ntok = next_batch()
+  t0 = time.time()
+  compiled = step_fn.lower(trainable, opt_state, frozen, batch).compile()
+  compile_s = time.time() - t0
+  stopper, times, tokens_seen, loss = _StopFlag(), [], 0, float("nan")
+  bar = tqdm(total=c.steps, initial=start, desc=c.method, unit="step", dynamic_ncols=True)
+  step = start
+  while step < c.steps:
+    t0 = time.time()
+    trainable, opt_state, loss_arr, aux = compiled(trainable, opt_state, frozen, batch)
+    loss = float(loss_arr)
+    times.append(time.time() - t0)
+    tokens_seen += ntok
+    step += 1
+    if step % c.log_every == 0 or step == c.steps:
+      metrics.append({"step": step, "loss": loss, "token_accuracy": float(aux["token_accuracy"]),
+                      "grad_norm": float(aux["grad_norm"]), "skipped": int(aux["skipped"])})
+    if step % c.save_every == 0 or step == c.steps or stopper.stop:
+      meta = {"step": step, "data_state": stream.state, "fingerprint": c.fingerprint(),
+              "eval_before": eval_before}
+      ckpt.save(step, {"trainable": trainable, "opt_state": opt_state}, meta, force=True)
+    steady = times[1:] or times
+    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{ntok / np.median(steady):.0f}")
+    bar.update(1)
+    if stopper.stop:
+      bar.close()
+      ckpt.close()
+      print(f"stopped at step {step}; rerun with --resume to continue", flush=True)
+      return {"stopped_at": step}
+    if step < c.steps:
+      batch, ntok = next_batch()
+  bar.close()
+  ckpt.close()
+
+  merged = deployable(trainable)
+  eval_after = evaluator.run(merged)
+  return write_outputs(c, model, merged, trainable, frozen, acfg, metrics.rows, eval_before,
+                       eval_after, train, times, tokens_seen, compile_s, t_start, loss)
