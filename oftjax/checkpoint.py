@@ -38,5 +38,9 @@ class RunCheckpoints:
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return out["state"], out["meta"]
 
+  def read_meta(self, step: int) -> dict:
+    """The JSON item of ``step`` alone (cheap; used to vet ``--resume`` before any work)."""
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
   def close(self) -> None:
     self.manager.close()

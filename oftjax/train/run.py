@@ -35,11 +35,28 @@ def _user_errors(fn, *args, **kwargs):
     raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
+def _check_resumable(c: RunConfig) -> None:
+  """``--resume`` needs a checkpoint made with the same fingerprint (checked before any write)."""
+  directory = os.path.join(c.output_dir, "checkpoints")
+  step = None
+  if os.path.isdir(directory):
+    ckpt = checkpoint.RunCheckpoints(directory, c.keep_checkpoints, c.save_every)
+    step = ckpt.latest_step()
+    meta = ckpt.read_meta(step) if step is not None else None
+    ckpt.close()
+  if step is None:
+    raise UsageError(f"--resume: no checkpoint in {c.output_dir}; run without --resume first")
+  saved, now = meta["fingerprint"], c.fingerprint()
+  diff = [k for k in now if saved.get(k) != now[k]]
+  if diff:
+    raise UsageError(f"--resume: the checkpoint was made with different {', '.join(diff)}; "
+                     "rerun with the original flags")
+
+
 def _prepare_output_dir(c: RunConfig) -> None:
   has_run = os.path.isdir(c.output_dir) and bool(os.listdir(c.output_dir))
   if c.resume:
-    if not os.path.isdir(os.path.join(c.output_dir, "checkpoints")):
-      raise UsageError(f"--resume: no checkpoints in {c.output_dir}; run without --resume first")
+    _check_resumable(c)
   elif has_run and not c.overwrite:
     raise UsageError(f"{c.output_dir} already holds a run; pass --resume to continue it or "
                      "--overwrite to replace it")
@@ -58,12 +75,16 @@ def _compute_dtype(c: RunConfig):
 
 
 class _StopFlag:
-  """SIGINT/SIGTERM: finish the current step, checkpoint, exit cleanly."""
+  """SIGINT/SIGTERM: finish the current step, checkpoint, exit cleanly (handlers restored)."""
 
-  def __init__(self):
+  def __enter__(self):
     self.stop = False
-    for sig in (signal.SIGINT, signal.SIGTERM):
-      signal.signal(sig, self._handle)
+    self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
 
   def _handle(self, signum, frame):
     del frame
@@ -97,6 +118,11 @@ def _init_adapters(c, model, acfg, example):
 
 def run(c: RunConfig) -> dict:
   """Executes the run described by ``c`` and returns the summary it wrote."""
+  with _StopFlag() as stopper:
+    return _run(c, stopper)
+
+
+def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   t_start = time.time()
   dtype = _compute_dtype(c)
   mesh = _user_errors(sharding.make_mesh, c.mesh)
@@ -142,10 +168,6 @@ def run(c: RunConfig) -> dict:
   if c.resume:
     start = ckpt.latest_step()
     state, meta = ckpt.restore(start, {"trainable": trainable, "opt_state": opt_state})
-    if meta["fingerprint"] != c.fingerprint():
-      diff = [k for k in c.fingerprint() if meta["fingerprint"].get(k) != c.fingerprint()[k]]
-      raise UsageError(f"--resume: the checkpoint was made with different {', '.join(diff)}; "
-                       "rerun with the original flags")
     trainable, opt_state = state["trainable"], state["opt_state"]
     data_state, eval_before = meta["data_state"], meta["eval_before"]
     print(f"resumed from step {start}", flush=True)
@@ -171,7 +193,7 @@ def run(c: RunConfig) -> dict:
   t0 = time.time()
   compiled = step_fn.lower(trainable, opt_state, frozen, batch).compile()
   compile_s = time.time() - t0
-  stopper, times, tokens_seen, loss = _StopFlag(), [], 0, float("nan")
+  times, tokens_seen, loss = [], 0, float("nan")
   bar = tqdm(total=c.steps, initial=start, desc=c.method, unit="step", dynamic_ncols=True)
   step = start
   while step < c.steps:
