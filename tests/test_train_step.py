@@ -73,3 +73,30 @@ def test_oft_step_costs_at_most_three_quarters_of_full_finetuning():
   full = _compiled_flops(jax.jit(full_grad), frozen)
   assert oft <= 0.75 * full, (oft, full, oft / full)
   assert oft >= 0.5 * full  # still back-propagates through every frozen matmul
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  _, wrapped, params, tokens = setup(width=64, mlp=128, block_size=8, seq=16)
+  frozen, adapter = oftjax.split_params(params)
+  loss_fn = lambda p, batch: next_token_loss(wrapped.apply({"params": p}, batch), batch)  # noqa: E731
+  optimizer = optax.sgd(0.5)
+  big = oftjax.make_train_step(loss_fn, optimizer, donate=False)
+  accum = oftjax.make_train_step(loss_fn, optimizer, donate=False, accum_steps=2)
+  state = optimizer.init(adapter)
+  a1, _, l1, _ = big(adapter, state, frozen, tokens)
+  a2, _, l2, _ = accum(adapter, state, frozen, tokens.reshape(2, 2, -1))
+  chex.assert_trees_all_close(a1, a2, atol=1e-6)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+
+
+def test_non_finite_loss_skips_the_update():
+  _, wrapped, params, tokens = setup(width=64, mlp=128, block_size=8, seq=16)
+  frozen, adapter = oftjax.split_params(params)
+  loss_fn = lambda p, batch: (jnp.nan * next_token_loss(  # noqa: E731
+      wrapped.apply({"params": p}, batch), batch), {})
+  optimizer = optax.adam(1e-2)
+  step = oftjax.make_train_step(loss_fn, optimizer, has_aux=True, donate=False)
+  state = optimizer.init(adapter)
+  new, new_state, loss, aux = step(adapter, state, frozen, tokens)
+  assert not np.isfinite(float(loss)) and int(aux["skipped"]) == 1
+  chex.assert_trees_all_equal(new, adapter)
