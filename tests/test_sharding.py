@@ -1,0 +1,41 @@
+"""Sharded training on 8 simulated CPU devices equals the 1-device run; FSDP splits weights."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from oftjax import sharding
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_mesh_spec_errors():
+  import jax
+
+  with pytest.raises(ValueError, match="needs 3 devices"):
+    sharding.make_mesh("data=3", jax.devices()[:1])
+  with pytest.raises(ValueError, match="AXIS=N"):
+    sharding.make_mesh("pipeline=1", jax.devices()[:1])
+  assert sharding.make_mesh("", jax.devices()[:1]).shape["data"] == 1
+
+
+def test_meshes_match_single_device_and_fsdp_shards_weights():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  meshes = ["single", "data=8", "fsdp=8", "data=2,fsdp=4"]
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_steps.py"), *meshes],
+                        capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(proc.stdout.strip().splitlines()[-1])
+  ref = results["single"]
+  for spec in meshes[1:]:
+    np.testing.assert_allclose(results[spec]["losses"], ref["losses"], atol=1e-5)
+    for got, want in zip(results[spec]["adapter"], ref["adapter"]):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  fsdp = results["fsdp=8"]
+  assert fsdp["max_device_bytes"] <= fsdp["frozen_bytes"] / 8 + 16 * 1024, fsdp
+  assert results["data=8"]["max_device_bytes"] == results["data=8"]["frozen_bytes"]
