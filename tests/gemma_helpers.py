@@ -10,6 +10,7 @@ import torch
 import transformers
 
 VOCAB = 128
+torch.set_num_threads(1)  # tiny models: threads only add contention on a shared 2-core machine
 
 # name -> (config class, kwargs). Small widths; head_dim != hidden / heads everywhere.
 CONFIGS = {

@@ -69,13 +69,12 @@ def test_cache_decode_equals_full_forward(loaded):
     cache = gemma.init_cache(model.config, 2, 10)
     kv = jnp.zeros((2, 10), jnp.int32).at[:, :6].set(jnp.asarray(mask[:, :6]))
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    logits, cache = model.apply({"params": params}, jnp.asarray(tokens[:, :6]), jnp.asarray(pos[:, :6]),
-                                cache, 0, kv, method=Gemma.decode)
+    decode = jax.jit(lambda *a: model.apply({"params": params}, *a, method=Gemma.decode))
+    logits, cache = decode(jnp.asarray(tokens[:, :6]), jnp.asarray(pos[:, :6]), cache, 0, kv)
     steps = [np.asarray(logits)]
     for t in range(6, 10):
         kv = kv.at[:, t].set(1)
-        logits, cache = model.apply({"params": params}, jnp.asarray(tokens[:, t:t + 1]),
-                                    jnp.asarray(pos[:, t:t + 1]), cache, t, kv, method=Gemma.decode)
+        logits, cache = decode(jnp.asarray(tokens[:, t:t + 1]), jnp.asarray(pos[:, t:t + 1]), cache, t, kv)
         steps.append(np.asarray(logits))
     stepped = np.concatenate(steps, axis=1)
     real = mask.astype(bool)
@@ -85,13 +84,21 @@ def test_cache_decode_equals_full_forward(loaded):
 def test_sampling(loaded):
     _, model, params = loaded["gemma2"]
     tokens, mask = _prompts()
-    greedy = np.asarray(gemma.generate(model, params, tokens, mask, max_new_tokens=8))
-    top1 = gemma.generate(model, params, tokens, mask, max_new_tokens=8, temperature=0.7, top_k=1,
+    greedy = np.asarray(gemma.generate(model, params, tokens, mask, max_new_tokens=NEW))
+    top1 = gemma.generate(model, params, tokens, mask, max_new_tokens=NEW, temperature=0.7, top_k=1,
                           rng=jax.random.key(1))
     np.testing.assert_array_equal(np.asarray(top1), greedy)
-    a = gemma.generate(model, params, tokens, mask, max_new_tokens=8, temperature=2.0, rng=jax.random.key(3))
-    b = gemma.generate(model, params, tokens, mask, max_new_tokens=8, temperature=2.0, rng=jax.random.key(3))
-    c = gemma.generate(model, params, tokens, mask, max_new_tokens=8, temperature=2.0, rng=jax.random.key(4))
+
+    def sample(seed, **kw):
+        return gemma.generate(model, params, tokens, mask, max_new_tokens=NEW, temperature=2.0,
+                              rng=jax.random.key(seed), **kw)
+
+    a, b, c = sample(3), sample(3), sample(4)
+    top5 = np.asarray(sample(5, top_k=5))
+    full = np.asarray(H.forward(model, params, jnp.asarray(np.concatenate([tokens, top5], 1)),
+                                attention_mask=jnp.asarray(np.concatenate([mask, np.ones_like(top5)], 1))))
+    ranks = (full[:, 6:-1] > np.take_along_axis(full[:, 6:-1], top5[..., None], -1)).sum(-1)
+    assert ranks.max() < 5  # every sampled token was among the 5 most likely
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(a), np.asarray(c))
     assert ((np.asarray(a) >= 0) & (np.asarray(a) < H.VOCAB)).all()

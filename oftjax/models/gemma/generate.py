@@ -1,7 +1,8 @@
 """Autoregressive sampling with a key/value cache: greedy, temperature and top-k.
 
 The whole loop (prefill + `jax.lax.while_loop` of one-token decode steps) is one jitted
-function per (model, max_new_tokens, top_k, eos, greedy) combination.
+function per (model, prompt shape, max_new_tokens, number of EOS ids); temperature, top-k and
+the EOS/pad ids are traced, so switching between greedy and sampling does not recompile.
 """
 
 from __future__ import annotations
@@ -10,22 +11,24 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from oftjax.models.gemma.model import Gemma, init_cache
 
 
-def _select(logits, rng, temperature, greedy: bool, top_k):
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+def _select(logits, rng, temperature, top_k):
+    """Greedy when `temperature == 0`, else samples among the `top_k` best (all when top_k <= 0)."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    vocab = logits.shape[-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(jnp.sort(logits, axis=-1), (vocab - k)[None, None], axis=-1)
+    scaled = jnp.where(logits < kth, -jnp.inf, logits / jnp.where(temperature > 0, temperature, 1.0))
+    sampled = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "top_k", "eos", "pad", "greedy"))
-def _generate(params, tokens, mask, temperature, rng, *, model, max_new_tokens, top_k, eos, pad, greedy):
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
+def _generate(params, tokens, mask, temperature, top_k, rng, eos_ids, pad, *, model, max_new_tokens):
     batch, prompt_len = tokens.shape
     total = prompt_len + max_new_tokens
     cache = init_cache(model.config, batch, total)
@@ -35,10 +38,9 @@ def _generate(params, tokens, mask, temperature, rng, *, model, max_new_tokens, 
         {"params": params}, tokens, positions, cache, 0, kv_mask, method=Gemma.decode
     )
     rng, sub = jax.random.split(rng)
-    first = _select(logits[:, -1], sub, temperature, greedy, top_k)
+    first = _select(logits[:, -1], sub, temperature, top_k)
     out = jnp.full((batch, max_new_tokens), pad, jnp.int32)
     done = jnp.zeros((batch,), bool)
-    eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
 
     def cond(state):
         step, _, _, _, _, _, done, _ = state
@@ -55,7 +57,7 @@ def _generate(params, tokens, mask, temperature, rng, *, model, max_new_tokens, 
             {"params": params}, tok[:, None], pos[:, None], cache, slot, kv_mask, method=Gemma.decode
         )
         rng, sub = jax.random.split(rng)
-        tok = _select(logits[:, -1], sub, temperature, greedy, top_k)
+        tok = _select(logits[:, -1], sub, temperature, top_k)
         return step + 1, tok, pos, cache, kv_mask, out, done, rng
 
     state = (jnp.int32(0), first, positions[:, -1], cache, kv_mask, out, done, rng)
@@ -100,22 +102,25 @@ def generate(
     tokens = jnp.take_along_axis(tokens, order, axis=1)
     mask = jnp.take_along_axis(mask, order, axis=1)
     if eos_token_id is None:
-        eos = ()
-    elif isinstance(eos_token_id, int):
-        eos = (int(eos_token_id),)
+        eos = [-1]
+    elif isinstance(eos_token_id, (int, np.integer)):
+        eos = [int(eos_token_id)]
     else:
-        eos = tuple(int(e) for e in eos_token_id)
-    greedy = temperature == 0.0
+        eos = [int(e) for e in eos_token_id] or [-1]
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
     return _generate(
         params,
         tokens,
         mask,
-        jnp.float32(temperature if not greedy else 1.0),
+        jnp.float32(temperature),
+        jnp.int32(0 if top_k is None else top_k),
         jax.random.key(0) if rng is None else rng,
+        jnp.asarray(eos, jnp.int32),
+        jnp.int32(pad),
         model=model,
         max_new_tokens=int(max_new_tokens),
-        top_k=None if top_k is None else int(top_k),
-        eos=eos,
-        pad=int(model.config.pad_token_id if pad_token_id is None else pad_token_id),
-        greedy=greedy,
     )

@@ -1,9 +1,11 @@
 """Load a Hugging Face Gemma checkpoint folder (or hub id) into our Linen model.
 
-Weights are read tensor by tensor with `safetensors.safe_open` and written into parameter
-buffers preallocated on the device in the target dtype, through a donated in-place update,
-so host memory never holds the model twice (large 2-D tensors such as the embedding are read
-in row blocks).
+Weights are read tensor by tensor (large 2-D tensors such as the embedding in row blocks)
+and written into parameter buffers preallocated on the device in the target dtype, through a
+donated in-place update, so host memory never holds the model twice. Safetensors files are
+read with plain positioned reads (the format is an 8-byte header length, a JSON header and
+raw little-endian data) rather than `safe_open`'s memory map, whose touched pages would count
+as a second copy of the weights in the process's resident memory.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from oftjax.models.gemma.config import SUPPORTED_MODEL_TYPES, from_hf_config
@@ -100,6 +103,25 @@ def _weight_files(folder: str, allow_pickle: bool) -> list[str]:
     raise FileNotFoundError(f"{folder}: no *.safetensors weight files")
 
 
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def _safetensors_header(path: str, fh) -> tuple[dict, int]:
+    head = fh.read(8)
+    if len(head) != 8:
+        raise ValueError(f"{os.path.basename(path)}: not a safetensors file (truncated header)")
+    size = int.from_bytes(head, "little")
+    try:
+        header = json.loads(fh.read(size))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{os.path.basename(path)}: not a safetensors file (bad header)") from None
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
 def _iter_tensors(path: str):
     """Yields `(name, shape, read(rows=None))` for each tensor of one weight file."""
     if path.endswith(".bin"):
@@ -113,16 +135,25 @@ def _iter_tensors(path: str):
 
             yield name, tuple(t.shape), read
         return
-    from safetensors import safe_open
+    with open(path, "rb") as fh:
+        header, data_start = _safetensors_header(path, fh)
+        for name, info in header.items():
+            dtype = _ST_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"{os.path.basename(path)}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
 
-    with safe_open(path, framework="np") as fh:
-        for name in fh.keys():
-            sl = fh.get_slice(name)
+            def read(rows=None, shape=shape, dtype=dtype, begin=begin, end=end):
+                lo, hi = (0, shape[0]) if rows is None else rows
+                row_bytes = (end - begin) // max(shape[0], 1) if shape else end - begin
+                out = np.empty((hi - lo,) + shape[1:] if shape else (), dtype)
+                fh.seek(data_start + begin + lo * row_bytes)
+                if fh.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+                    raise ValueError(f"{os.path.basename(path)}: tensor data of {name!r} is truncated")
+                return out
 
-            def read(rows=None, name=name, sl=sl):
-                return fh.get_tensor(name) if rows is None else sl[rows[0]:rows[1]]
-
-            yield name, tuple(sl.get_shape()), read
+            yield name, shape, read
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -150,6 +181,7 @@ def _fill(buffers: dict, spec: TensorSpec, read, cfg, dtype) -> None:
         else:
             index = (start,) + (0,) * (part.ndim - 1)
         buffers[spec.path] = buf = _write(buf, part, tuple(np.int32(i) for i in index))
+        buf.block_until_ready()  # the host block may be aliased until the write has run
         del part
 
 

@@ -71,7 +71,8 @@ def save(path, model, params, tokenizer_dir=None, max_shard_bytes: int = 2 * 102
       model: a `Gemma` module whose `config.hf_config` is set (from `load` or `from_hf_config`).
       params: its parameter tree (base weights only; merge adapters first).
       tokenizer_dir: folder to copy tokenizer files (and `generation_config.json`) from;
-        defaults to `model.config.source_dir` when the model was loaded from a folder.
+        when None or not a folder (e.g. a hub id), `model.config.source_dir` (the folder or
+        hub snapshot the model was loaded from) is used.
       max_shard_bytes: above this size the weights are split into
         `model-0000i-of-0000n.safetensors` with a `model.safetensors.index.json`.
       overwrite: replace an existing folder at `path` (otherwise it is an error).
@@ -121,7 +122,7 @@ def save(path, model, params, tokenizer_dir=None, max_shard_bytes: int = 2 * 102
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as fh:
                 json.dump(index, fh, indent=2, sort_keys=True)
-        source = tokenizer_dir or cfg.source_dir
+        source = tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir) else cfg.source_dir
         if source:
             for fname in TOKENIZER_FILES:
                 src = os.path.join(source, fname)
