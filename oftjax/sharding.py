@@ -59,6 +59,11 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> PS:
   return PS()
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+  """The same full copy on every device of ``mesh``."""
+  return NamedSharding(mesh, PS())
+
+
 def param_shardings(tree, mesh: Mesh, shard: bool = True):
   """NamedShardings for a parameter tree: FSDP-sharded when ``shard``, else replicated."""
   fsdp = mesh.shape["fsdp"]

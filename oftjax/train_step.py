@@ -19,7 +19,8 @@ LossFn = Callable[[Any, Any], Any]  # (full params, batch) -> (scalar loss, aux 
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    has_aux: bool = False, donate: bool = True, accum_steps: int = 1):
+                    has_aux: bool = False, donate: bool = True, accum_steps: int = 1,
+                    state_shardings: tuple[Any, Any] | None = None):
   """Builds ``step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss, aux)``.
 
   Args:
@@ -29,6 +30,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     donate: donate the trainable tree and optimizer state buffers to the update.
     accum_steps: if > 1, every batch leaf has a leading axis of this many micro-batches;
       their gradients are averaged (one micro-batch's activations live at a time).
+    state_shardings: ``(trainable, opt_state)`` shardings to keep on the outputs, so that
+      a sharded step's results feed the next step unchanged (e.g. replicated adapters).
 
   Returns:
     The jitted step. ``aux`` is ``None`` without ``has_aux`` (micro-batch mean otherwise).
@@ -68,4 +71,5 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
              "skipped": (~finite).astype(jnp.int32)}
     return new_trainable, new_state, loss, (aux if has_aux else None)
 
-  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+  out = None if state_shardings is None else (*state_shardings, None, None)
+  return jax.jit(step, donate_argnums=(0, 1) if donate else (), out_shardings=out)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -39,3 +40,60 @@ def test_meshes_match_single_device_and_fsdp_shards_weights():
   fsdp = results["fsdp=8"]
   assert fsdp["max_device_bytes"] <= fsdp["frozen_bytes"] / 8 + 16 * 1024, fsdp
   assert results["data=8"]["max_device_bytes"] == results["data=8"]["frozen_bytes"]
+
+
+def _free_port():
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start_processes(spec, kill_one_after=None, bound=240):
+  """Starts 2 processes x 2 devices; returns (returncodes, stdout of process 0, seconds)."""
+  import time
+
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  port = _free_port()
+  logs = [tempfile.TemporaryFile("w+") for _ in range(2)]  # pipes would fill up and block
+  procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multihost_steps.py"), str(port),
+                             "2", str(i), spec], stdout=logs[i], stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True) for i in range(2)]
+  start = time.time()
+  try:
+    if kill_one_after is not None:
+      time.sleep(kill_one_after)
+      procs[1].kill()
+    for p in procs:
+      p.wait(timeout=max(1, bound - (time.time() - start)))
+  except subprocess.TimeoutExpired:
+    pass
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  logs[0].seek(0)
+  return [p.returncode for p in procs], logs[0].read(), time.time() - start
+
+
+def test_two_processes_on_loopback_equal_single_process():
+  codes, out, _ = _start_processes("data=2,fsdp=2")
+  assert codes == [0, 0], codes
+  multi = json.loads(out.strip().splitlines()[-1])
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_steps.py"), "single"],
+                        capture_output=True, text=True, timeout=300, env=env)
+  single = json.loads(proc.stdout.strip().splitlines()[-1])["single"]
+  np.testing.assert_allclose(multi["losses"], single["losses"], atol=1e-5)
+  for got, want in zip(multi["adapter"], single["adapter"]):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_dead_peer_fails_instead_of_hanging():
+  codes, _, seconds = _start_processes("data=4", kill_one_after=2.0, bound=120)
+  assert codes[1] != 0 and codes[0] != 0, codes
+  assert seconds < 120

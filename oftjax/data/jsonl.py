@@ -7,7 +7,7 @@ Three record formats are accepted, one per file (never mixed):
   template; loss on the assistant turns.
 - ``{"text": str}``: loss on every token.
 
-Extra keys are ignored. Every problem raises a one-line ``ValueError`` that names the file and,
+Extra keys are ignored; blank lines are skipped; a UTF-8 byte-order mark is allowed. Every problem raises a one-line ``ValueError`` that names the file and,
 where there is one, the line number (1-based), e.g. ``data.jsonl line 3: malformed JSON (...)``.
 """
 
@@ -117,6 +117,8 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
+        if number == 1:
+            line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark
         if not line.strip():
             continue
         try:

@@ -37,7 +37,7 @@ class RunConfig:
   grad_accum: int = 1
   seq_len: int = 64
   lr: float = 5e-3
-  warmup_steps: int = 10
+  warmup_steps: int = -1
   weight_decay: float = 0.0
   clip_norm: float = 1.0
   dtype: str = "auto"
@@ -77,7 +77,7 @@ _HELP = {
     "steps": "optimizer steps", "batch_size": "packed rows per micro-batch",
     "grad_accum": "micro-batches per optimizer step", "seq_len": "tokens per packed row",
     "lr": "peak learning rate (AdamW, linear warmup then cosine decay)",
-    "warmup_steps": "linear warmup steps", "weight_decay": "AdamW weight decay",
+    "warmup_steps": "linear warmup steps (-1: min(10, steps // 10))", "weight_decay": "AdamW weight decay",
     "clip_norm": "global gradient-norm clip (0 disables)",
     "dtype": "compute dtype: auto (float32 on CPU, bfloat16 on GPU/TPU), float32, bfloat16",
     "seed": "seed of adapter init and data order",
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> RunConfig:
   """Parses and validates ``argv`` into a :class:`RunConfig`."""
   config = RunConfig(**vars(build_parser().parse_args(argv)))
+  if config.warmup_steps == -1:
+    config.warmup_steps = min(10, max(config.steps, 0) // 10)
   validate(config)
   return config
 

@@ -21,7 +21,7 @@ def write_outputs(c, model, merged, trainable, frozen, acfg, rows, eval_before, 
     adapter_dir = os.path.join(out, "peft_adapter")
     peft_io.export_peft(adapter_dir, trainable, acfg, base_model=c.model)
   if c.export_merged:
-    gemma.save(c.export_merged, model, merged, tokenizer_dir=c.model)
+    gemma.save(c.export_merged, model, merged, tokenizer_dir=c.model, overwrite=c.overwrite)
   outputs.plot_loss(rows, os.path.join(out, "loss.png"), f"{c.method} on {os.path.basename(c.data)}")
   steady = times[1:] if len(times) > 1 else times
   tokens_per_step = tokens_seen / max(len(times), 1)

@@ -54,6 +54,9 @@ def _check_resumable(c: RunConfig) -> None:
 
 
 def _prepare_output_dir(c: RunConfig) -> None:
+  if c.export_merged and os.path.exists(c.export_merged) and not c.overwrite:
+    raise UsageError(f"--export-merged {c.export_merged} already exists; choose a new folder "
+                     "or pass --overwrite")
   has_run = os.path.isdir(c.output_dir) and bool(os.listdir(c.output_dir))
   if c.resume:
     _check_resumable(c)
@@ -148,14 +151,16 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
   trainable = jax.device_put(trainable, sharding.param_shardings(trainable, mesh, shard=False))
   optimizer = make_optimizer(c.lr, c.steps, c.warmup_steps, c.weight_decay, c.clip_norm)
-  opt_state = optimizer.init(trainable)
+  opt_state = jax.device_put(optimizer.init(trainable), sharding.replicated(mesh))
 
   def loss_fn(params, batch):
     logits = wrapped.apply({"params": params}, batch["inputs"], positions=batch["positions"],
                            segment_ids=batch["segment_ids"])
     return masked_xent(logits, batch)
 
-  step_fn = make_train_step(loss_fn, optimizer, has_aux=True, accum_steps=c.grad_accum)
+  step_fn = make_train_step(loss_fn, optimizer, has_aux=True, accum_steps=c.grad_accum,
+                            state_shardings=jax.tree_util.tree_map(
+                                lambda x: x.sharding, (trainable, opt_state)))
 
   def deployable(tr):
     full = P.merge_params(frozen, tr)
