@@ -64,6 +64,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PS())
 
 
+def onto_mesh(tree, mesh: Mesh):
+  """Leaves already on ``mesh`` keep their sharding (e.g. Adam moments of sharded params);
+  the others (e.g. a step counter XLA left on one device) are replicated over it."""
+  devices = set(mesh.devices.flat)
+
+  def place(x):
+    return x if set(x.sharding.device_set) == devices else jax.device_put(x, replicated(mesh))
+
+  return jax.tree_util.tree_map(place, tree)
+
+
 def param_shardings(tree, mesh: Mesh, shard: bool = True):
   """NamedShardings for a parameter tree: FSDP-sharded when ``shard``, else replicated."""
   fsdp = mesh.shape["fsdp"]

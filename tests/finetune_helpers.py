@@ -38,9 +38,9 @@ def job_args(model_dir, out, *extra):
           "--lr", "0.05", *extra]
 
 
-def run_job(args, timeout=300):
-  """Runs the job in a subprocess; returns CompletedProcess."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def run_job(args, timeout=300, env=None):
+  """Runs the job in a subprocess (extra ``env`` variables allowed); returns CompletedProcess."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
   return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
                         timeout=timeout, env=env)
 

@@ -43,6 +43,9 @@ class RunConfig:
   dtype: str = "auto"
   seed: int = 0
   mesh: str = ""
+  coordinator_address: str = ""
+  num_processes: int = 1
+  process_id: int = 0
   log_every: int = 10
   save_every: int = 50
   keep_checkpoints: int = 2
@@ -81,7 +84,10 @@ _HELP = {
     "clip_norm": "global gradient-norm clip (0 disables)",
     "dtype": "compute dtype: auto (float32 on CPU, bfloat16 on GPU/TPU), float32, bfloat16",
     "seed": "seed of adapter init and data order",
-    "mesh": "device mesh, e.g. data=2,fsdp=4 (default: every device on data)",
+    "mesh": "device mesh over all processes' devices, e.g. data=2,fsdp=4 (default: all on data)",
+    "coordinator_address": "several hosts: HOST:PORT of process 0 (jax.distributed)",
+    "num_processes": "several hosts: number of processes (0: let JAX detect a TPU pod / SLURM)",
+    "process_id": "this process's index",
     "log_every": "steps between metrics.jsonl lines", "save_every": "steps between checkpoints",
     "keep_checkpoints": "checkpoints kept", "eval_limit": "max examples per eval set",
     "output_dir": "where summary.json, metrics.jsonl, checkpoints and peft_adapter/ go",
@@ -138,6 +144,8 @@ def validate(c: RunConfig) -> None:
     raise UsageError(f"--block-size must be >= 2 (got {c.block_size})")
   if c.neumann_terms < 2:
     raise UsageError(f"--neumann-terms must be >= 2 (got {c.neumann_terms})")
+  if c.num_processes < 0:
+    raise UsageError(f"--num-processes must be >= 0 (got {c.num_processes})")
   if c.resume and c.overwrite:
     raise UsageError("--resume and --overwrite contradict each other; pick one")
   if c.init_adapter and c.method not in ("oft", "oftv1", "lora"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from oftjax import data
+from oftjax import data, distributed
 from oftjax.models import gemma
 from oftjax.train.objective import masked_xent
 
@@ -40,7 +40,7 @@ class Evaluator:
     for batch in data.sequential_batches(self.loss_examples, batch_size=self.batch_size,
                                          seq_len=self.seq_len, pad_id=self.pad_id):
       s, n = self._forward(params, batch)
-      total, count = total + float(s), count + float(n)
+      total, count = total + distributed.scalar(s), count + distributed.scalar(n)
     return total / max(count, 1.0)
 
   def generations(self, params, items) -> list[str]:
@@ -50,7 +50,7 @@ class Evaluator:
     for tokens, mask, expected in data.eval_batches(items, self.batch_size, self.pad_id):
       new = gemma.generate(self.model, params, tokens, mask, max_new_tokens=self.max_new_tokens,
                            eos_token_id=stop, pad_token_id=self.pad_id)
-      new = np.asarray(new)
+      new = distributed.to_host(new)
       outputs += [data.decode_completion(self.tokenizer, row) for row in new[: len(expected)]]
     return outputs
 

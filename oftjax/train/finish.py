@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import jax
 import numpy as np
 
 from oftjax import params as P, peft_io
@@ -13,8 +14,12 @@ from oftjax.train import outputs
 
 
 def write_outputs(c, model, merged, trainable, frozen, acfg, rows, eval_before, eval_after,
-                  train, times, tokens_seen, compile_s, t_start, final_loss) -> dict:
-  """Writes every output of a finished run; ``summary.json`` last (atomically)."""
+                  train, result, t_start) -> dict:
+  """Writes every output of a finished run; ``summary.json`` last (atomically).
+
+  ``merged`` and ``trainable`` are host (numpy) trees; ``merged`` is only needed with
+  ``--export-merged``. ``result`` is the training loop's :class:`LoopResult`.
+  """
   out = c.output_dir
   adapter_dir = None
   if acfg is not None:
@@ -23,8 +28,9 @@ def write_outputs(c, model, merged, trainable, frozen, acfg, rows, eval_before, 
   if c.export_merged:
     gemma.save(c.export_merged, model, merged, tokenizer_dir=c.model, overwrite=c.overwrite)
   outputs.plot_loss(rows, os.path.join(out, "loss.png"), f"{c.method} on {os.path.basename(c.data)}")
+  times = result.times
   steady = times[1:] if len(times) > 1 else times
-  tokens_per_step = tokens_seen / max(len(times), 1)
+  tokens_per_step = result.tokens_seen / max(len(times), 1)
   retention = {}
   if "retention_accuracy" in eval_before:
     retention = {"retention_before": eval_before["retention_accuracy"],
@@ -38,7 +44,9 @@ def write_outputs(c, model, merged, trainable, frozen, acfg, rows, eval_before, 
       "samples_after": eval_after.get("samples", []),
       "train_tokens_per_s": tokens_per_step / float(np.median(steady)) if steady else None,
       "step_time_s": float(np.median(steady)) if steady else None,
-      "compile_s": compile_s, "wall_s": time.time() - t_start, "final_loss": final_loss,
+      "compile_s": result.compile_s, "wall_s": time.time() - t_start,
+      "final_loss": result.final_loss, "processes": jax.process_count(),
+      "devices": jax.device_count(),
       "frozen_weight_bytes": P.tree_bytes(frozen), "adapter_bytes": P.tree_bytes(trainable),
       "train_examples": len(train.examples), "truncated_examples": train.num_truncated,
       "peft_adapter": adapter_dir, "export_merged": c.export_merged or None,

@@ -13,16 +13,15 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from tqdm import tqdm
 
-from oftjax import adapters, checkpoint, data, params as P, peft_io, sharding
+from oftjax import adapters, checkpoint, data, distributed, params as P, peft_io, sharding
 from oftjax.intercept import Adapted, record_geometries
 from oftjax.models import gemma
 from oftjax.train import outputs
 from oftjax.train.config import RunConfig, UsageError
 from oftjax.train.evaluate import Evaluator
 from oftjax.train.finish import write_outputs
+from oftjax.train.loop import train_loop
 from oftjax.train.objective import make_optimizer, masked_xent
 from oftjax.train_step import make_train_step
 
@@ -127,8 +126,11 @@ def run(c: RunConfig) -> dict:
 
 def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   t_start = time.time()
+  _user_errors(distributed.initialize, c.coordinator_address, c.num_processes, c.process_id)
+  main = distributed.is_main()
   dtype = _compute_dtype(c)
   mesh = _user_errors(sharding.make_mesh, c.mesh)
+  _user_errors(distributed.local_rows, c.batch_size)
   tokenizer = _user_errors(data.load_tokenizer, c.model)
   model, base = _user_errors(gemma.load, c.model, dtype=dtype, param_dtype=jnp.float32
                              if dtype == jnp.float32 else dtype)
@@ -139,19 +141,23 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     sets["retention"] = _user_errors(data.load_eval_set, c.retention_data, tokenizer, c.eval_limit)
   max_new = max(len(tokenizer.encode(x.expected, add_special_tokens=False))
                 for s in sets.values() for x in s) + 2
-  example = jnp.zeros((1, 8), jnp.int32)
   if c.method == "full":
     wrapped, acfg, trainable, frozen, geoms = model, None, base, {}, {}
   else:
     acfg = _user_errors(_adapter_config, c)
-    wrapped, acfg, trainable, geoms = _init_adapters(c, model, acfg, example)
+    wrapped, acfg, trainable, geoms = _init_adapters(c, model, acfg, jnp.zeros((1, 8), jnp.int32))
     frozen = base
-  _prepare_output_dir(c)
+  if main:
+    _prepare_output_dir(c)
+  distributed.barrier("output directory ready")
 
+  # Host arrays go straight into their shards: no device holds the whole FSDP-sharded model.
+  trainable = distributed.to_host(trainable)
   frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
-  trainable = jax.device_put(trainable, sharding.param_shardings(trainable, mesh, shard=False))
+  trainable = jax.device_put(trainable, sharding.param_shardings(trainable, mesh,
+                                                                 shard=c.method == "full"))
   optimizer = make_optimizer(c.lr, c.steps, c.warmup_steps, c.weight_decay, c.clip_norm)
-  opt_state = jax.device_put(optimizer.init(trainable), sharding.replicated(mesh))
+  opt_state = sharding.onto_mesh(jax.jit(optimizer.init)(trainable), mesh)
 
   def loss_fn(params, batch):
     logits = wrapped.apply({"params": params}, batch["inputs"], positions=batch["positions"],
@@ -175,60 +181,33 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     state, meta = ckpt.restore(start, {"trainable": trainable, "opt_state": opt_state})
     trainable, opt_state = state["trainable"], state["opt_state"]
     data_state, eval_before = meta["data_state"], meta["eval_before"]
-    print(f"resumed from step {start}", flush=True)
+    _say(main, f"resumed from step {start}")
   if eval_before is None:
     eval_before = evaluator.run(deployable(trainable))
-  print(f"before: eval loss {eval_before['loss']:.4f} accuracy {eval_before['accuracy']:.3f}"
-        + (f" retention {eval_before['retention_accuracy']:.3f}" if c.retention_data else ""),
-        flush=True)
+  _say(main, f"before: eval loss {eval_before['loss']:.4f} accuracy {eval_before['accuracy']:.3f}"
+       + (f" retention {eval_before['retention_accuracy']:.3f}" if c.retention_data else ""))
 
   stream = data.PackedBatches(train.examples, batch_size=c.batch_size, seq_len=c.seq_len,
                               seed=c.seed, state=data_state, pad_id=evaluator.pad_id)
   metrics = outputs.MetricsLog(os.path.join(c.output_dir, "metrics.jsonl"),
-                               resume_step=start if c.resume else None)
-  lead = 1 if c.grad_accum > 1 else 0
-
-  def next_batch():
-    rows = [next(stream) for _ in range(c.grad_accum)]
-    batch = {k: np.stack([r[k] for r in rows]) if lead else rows[0][k] for k in rows[0]}
-    return jax.device_put(batch, sharding.batch_sharding(mesh, 2 + lead, lead)), \
-        int(sum((r["segment_ids"] > 0).sum() for r in rows))
-
-  batch, ntok = next_batch()
-  t0 = time.time()
-  compiled = step_fn.lower(trainable, opt_state, frozen, batch).compile()
-  compile_s = time.time() - t0
-  times, tokens_seen, loss = [], 0, float("nan")
-  bar = tqdm(total=c.steps, initial=start, desc=c.method, unit="step", dynamic_ncols=True)
-  step = start
-  while step < c.steps:
-    t0 = time.time()
-    trainable, opt_state, loss_arr, aux = compiled(trainable, opt_state, frozen, batch)
-    loss = float(loss_arr)
-    times.append(time.time() - t0)
-    tokens_seen += ntok
-    step += 1
-    if step % c.log_every == 0 or step == c.steps:
-      metrics.append({"step": step, "loss": loss, "token_accuracy": float(aux["token_accuracy"]),
-                      "grad_norm": float(aux["grad_norm"]), "skipped": int(aux["skipped"])})
-    if step % c.save_every == 0 or step == c.steps or stopper.stop:
-      meta = {"step": step, "data_state": stream.state, "fingerprint": c.fingerprint(),
-              "eval_before": eval_before}
-      ckpt.save(step, {"trainable": trainable, "opt_state": opt_state}, meta, force=True)
-    steady = times[1:] or times
-    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{ntok / np.median(steady):.0f}")
-    bar.update(1)
-    if stopper.stop:
-      bar.close()
-      ckpt.close()
-      print(f"stopped at step {step}; rerun with --resume to continue", flush=True)
-      return {"stopped_at": step}
-    if step < c.steps:
-      batch, ntok = next_batch()
-  bar.close()
+                               resume_step=start if c.resume else None) if main else None
+  meta = {"fingerprint": c.fingerprint(), "eval_before": eval_before}
+  result = train_loop(c, step_fn, trainable, opt_state, frozen, stream, mesh, ckpt, metrics,
+                      start, meta, stopper)
   ckpt.close()
-
-  merged = deployable(trainable)
+  if result.stopped:
+    _say(main, f"stopped at step {result.step}; rerun with --resume to continue")
+    return {"stopped_at": result.step}
+  merged = deployable(result.trainable)
   eval_after = evaluator.run(merged)
-  return write_outputs(c, model, merged, trainable, frozen, acfg, metrics.rows, eval_before,
-                       eval_after, train, times, tokens_seen, compile_s, t_start, loss)
+  host_trainable = distributed.to_host(result.trainable)
+  host_merged = distributed.to_host(merged) if c.export_merged else None
+  if not main:
+    return {"stopped_at": None, "process": jax.process_index()}
+  return write_outputs(c, model, host_merged, host_trainable, frozen, acfg,
+                       metrics.rows, eval_before, eval_after, train, result, t_start)
+
+
+def _say(main: bool, text: str) -> None:
+  if main:
+    print(text, flush=True)
