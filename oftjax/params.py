@@ -122,11 +122,28 @@ def fold_adapters(params: Params, geometries: Mapping[str, geo.LayerGeometry],
   return base
 
 
-def max_skew_norm(adapter: Params, block_size: int) -> jax.Array:
-  """Largest spectral norm of any OFT block's ``Q`` (the Neumann series needs < 1)."""
-  norms = [
-      jnp.max(jnp.linalg.norm(orthogonal.skew_symmetric(leaf.astype(jnp.float32), block_size),
-                              ord=2, axis=(-2, -1)))
-      for leaf in jax.tree_util.tree_leaves(adapter)
-  ]
-  return jnp.max(jnp.stack(norms)) if norms else jnp.zeros(())
+def adapter_health(adapter: Params, config: adapters.AdapterConfig) -> dict:
+  """Largest spectral norm of any OFT block's ``Q`` and largest ``max|RᵀR - I|``.
+
+  The Cayley–Neumann series only approximates an orthogonal ``R`` while ``‖Q‖ < 1``;
+  training logs both figures so a drift out of that region is seen, not guessed.
+  """
+  nodes = [leaf["weight"] for leaf in _adapter_subtrees(adapter, "oft")]
+  if not nodes:
+    return {}
+  q_norms, errors = [], []
+  for packed in nodes:
+    packed = packed.reshape(-1, packed.shape[-1]).astype(jnp.float32)
+    q = orthogonal.skew_symmetric(packed, config.block_size)
+    q_norms.append(jnp.max(jnp.linalg.norm(q, ord=2, axis=(-2, -1))))
+    errors.append(orthogonal.orthogonality_error(adapters.oft_blocks({"weight": packed}, config)))
+  return {"max_q_norm": jnp.max(jnp.stack(q_norms)),
+          "orthogonality_error": jnp.max(jnp.stack(errors))}
+
+
+def _adapter_subtrees(tree: Params, key: str):
+  for name, value in tree.items():
+    if name == key:
+      yield value
+    elif isinstance(value, Mapping):
+      yield from _adapter_subtrees(value, key)

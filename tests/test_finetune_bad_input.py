@@ -52,6 +52,9 @@ CASES = {
     "missing model": (lambda d: ["--model", str(d / "no_model")], "no_model"),
     "broken model": (lambda d: ["--model", str(_broken_model(d))], "config.json"),
     "steps": (lambda d: ["--steps", "0"], "--steps must be a positive"),
+    "missing adapter": (lambda d: ["--init-adapter", str(d / "no_adapter")], "adapter file missing"),
+    "export exists": (lambda d: ["--export-merged", str(d)], "already exists"),
+    "processes": (lambda d: ["--num-processes", "2"], "--coordinator-address"),
     "lr": (lambda d: ["--lr", "nan"], "--lr must be a finite"),
 }
 

@@ -50,3 +50,10 @@ def test_peft_adapter_and_merged_export_match_oftjax(tiny_model_dir, tmp_path, m
   assert json.loads((out / "peft_adapter" / "adapter_config.json").read_text())["peft_type"] == \
       ("OFT" if method == "oft" else "LORA")
   assert os.path.exists(out / "loss.png")
+
+  again = tmp_path / "again"
+  proc = run_job(job_args(tiny_model_dir, again, "--method", method, "--steps", "2",
+                          "--init-adapter", str(out / "peft_adapter")))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  restarted = json.loads((again / "summary.json").read_text())
+  assert abs(restarted["eval_before"]["loss"] - summary["eval_after"]["loss"]) < 1e-4

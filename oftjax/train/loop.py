@@ -24,11 +24,14 @@ class LoopResult:
 
 
 def train_loop(c, step_fn, trainable, opt_state, frozen, stream, mesh, ckpt, metrics, start,
-               checkpoint_meta, stopper) -> LoopResult:
+               checkpoint_meta, stopper, health_fn=None) -> LoopResult:
   """Runs optimizer steps ``start+1 … c.steps``; checkpoints every ``c.save_every`` steps.
 
   Every process runs this; each feeds only its rows of the (identical) global batch.
+  ``health_fn(trainable)`` (OFT only) adds ``max_q_norm`` and ``orthogonality_error`` to
+  each logged line, with a warning the first time ``‖Q‖ >= 1`` under Cayley–Neumann.
   """
+  warned = False
   lead = 1 if c.grad_accum > 1 else 0
   batch_sharding = sharding.batch_sharding(mesh, 2 + lead, lead)
 
@@ -52,9 +55,20 @@ def train_loop(c, step_fn, trainable, opt_state, frozen, stream, mesh, ckpt, met
     times.append(time.time() - t0)
     tokens_seen += ntok
     step += 1
-    if (step % c.log_every == 0 or step == c.steps) and metrics is not None:
-      metrics.append({"step": step, "loss": loss, "token_accuracy": distributed.scalar(aux["token_accuracy"]),
-                      "grad_norm": distributed.scalar(aux["grad_norm"]), "skipped": int(distributed.scalar(aux["skipped"]))})
+    if step % c.log_every == 0 or step == c.steps:
+      row = {"step": step, "loss": loss, "token_accuracy": distributed.scalar(aux["token_accuracy"]),
+             "grad_norm": distributed.scalar(aux["grad_norm"]),
+             "skipped": int(distributed.scalar(aux["skipped"]))}
+      if health_fn is not None:
+        row.update({k: distributed.scalar(v) for k, v in health_fn(trainable).items()})
+        if row.get("max_q_norm", 0.0) >= 1.0 and c.parameterization == "cayley_neumann" \
+            and not warned and distributed.is_main():
+          warned = True
+          tqdm.write(f"warning: max ‖Q‖ = {row['max_q_norm']:.3f} >= 1 at step {step}: the "
+                     "Cayley-Neumann series no longer approximates a rotation; lower --lr or "
+                     "use --parameterization cayley")
+      if metrics is not None:
+        metrics.append(row)
     if step % c.save_every == 0 or step == c.steps or stopper.stop:
       ckpt.save(step, {"trainable": trainable, "opt_state": opt_state},
                 {**checkpoint_meta, "step": step, "data_state": stream.state}, force=True)

@@ -110,9 +110,16 @@ def _init_adapters(c, model, acfg, example):
     imported, icfg = _user_errors(peft_io.import_peft, c.init_adapter, acfg.targets)
     want = jax.tree_util.tree_map(lambda x: x.shape, adapter)
     got = jax.tree_util.tree_map(lambda x: x.shape, imported)
-    if want != got or icfg.method != acfg.method or icfg.block_size != acfg.block_size:
-      raise UsageError(f"--init-adapter {c.init_adapter} does not fit this model and flags "
-                       f"(its block size {icfg.block_size}, method {icfg.method}); match them")
+    if icfg.leaf_name != acfg.leaf_name:
+      problem = f"it is a {icfg.method} adapter but --method is {acfg.method}"
+    elif icfg.method != "lora" and icfg.block_size != acfg.block_size:
+      problem = f"its block size is {icfg.block_size}, not --block-size {acfg.block_size}"
+    elif icfg.method == "lora" and icfg.lora_rank != acfg.lora_rank:
+      problem = f"its rank is {icfg.lora_rank}, not --lora-rank {acfg.lora_rank}"
+    else:
+      problem = None if want == got else "its layers or shapes differ from this model's targets"
+    if problem:
+      raise UsageError(f"--init-adapter {c.init_adapter} does not fit: {problem}")
     adapter = jax.tree_util.tree_map(jnp.asarray, imported)
     acfg, wrapped = icfg, Adapted(model, icfg)
   return wrapped, acfg, adapter, dict(geoms)
@@ -192,8 +199,9 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   metrics = outputs.MetricsLog(os.path.join(c.output_dir, "metrics.jsonl"),
                                resume_step=start if c.resume else None) if main else None
   meta = {"fingerprint": c.fingerprint(), "eval_before": eval_before}
+  health = jax.jit(lambda t: P.adapter_health(t, acfg)) if c.method in ("oft", "oftv1") else None
   result = train_loop(c, step_fn, trainable, opt_state, frozen, stream, mesh, ckpt, metrics,
-                      start, meta, stopper)
+                      start, meta, stopper, health)
   ckpt.close()
   if result.stopped:
     _say(main, f"stopped at step {result.step}; rerun with --resume to continue")
