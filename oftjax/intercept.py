@@ -27,6 +27,7 @@ import jax
 
 from oftjax import adapters
 from oftjax import geometry as geo
+from oftjax import quant
 
 _UNSUPPORTED_LINEAR = (nn.Conv, nn.ConvTranspose, nn.ConvLocal, nn.Embed)
 _RECORDERS: list[dict] = []
@@ -61,6 +62,12 @@ class AdapterInterceptor:
     linear = isinstance(module, geo.SUPPORTED_LAYERS)
     if linear:
       self.seen.append(path)
+    # --- quantized frozen kernel (oftjax.quant, QOFT/QLoRA): run the layer on a kernel
+    # dequantized inside the trace; the adapter code below sees an ordinary layer.
+    if linear and quant.is_quantized(module):
+      next_fun = quant.dequantized_call(
+          module, geo.geometry_of(module, path, args[0], kwargs), self._call_with)
+    # --- end quantized kernel
     if not self.pattern.fullmatch(path):
       return next_fun(*args, **kwargs)
     if isinstance(module, _UNSUPPORTED_LINEAR):
@@ -89,13 +96,17 @@ class AdapterInterceptor:
 
   def _weight_centric_call(self, module, next_fun, geom, blocks, x, rest, kwargs):
     """Original OFT: runs the same layer with ``blockdiag(R) @ kernel`` as its kernel."""
-    if not module.has_variable("params", "kernel"):
+    if not quant.has_kernel(module):
       return next_fun(x, *rest, **kwargs)  # initialisation: creates kernel (R = I anyway)
-    base = {k: v for k, v in module.variables["params"].items() if k != "oft"}
+    base = quant.float_params(module, geom)  # own params minus adapters; kernel_q dequantized
     base["kernel"] = adapters.weight_centric_kernel(base["kernel"], geom, blocks)
+    return self._call_with(module, base, x, *rest, **kwargs)
+
+  def _call_with(self, module, params, *args, **kwargs):
+    """Runs ``module`` (not intercepted again) on the given params of its own."""
     self.bypass = True
     try:
-      return module.clone(parent=None).apply({"params": base}, x, *rest, **kwargs)
+      return module.clone(parent=None).apply({"params": params}, *args, **kwargs)
     finally:
       self.bypass = False
 

@@ -1,15 +1,12 @@
 """The job across 2 processes (jax.distributed on loopback, gloo): same losses as 1 process."""
 
 import os
-import subprocess
 import sys
-import tempfile
-import time
 
 import numpy as np
 
 from finetune_helpers import SCRIPT, job_args, read_jsonl, run_job, tiny_model_dir  # noqa: F401
-from test_sharding import _free_port
+from process_group import free_port, run_group
 
 
 def test_two_process_job_matches_single_process(tiny_model_dir, tmp_path):  # noqa: F811
@@ -19,26 +16,14 @@ def test_two_process_job_matches_single_process(tiny_model_dir, tmp_path):  # no
                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
   assert proc.returncode == 0, proc.stderr[-2000:]
 
-  multi, port = tmp_path / "multi", _free_port()
+  multi, port = tmp_path / "multi", free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  logs = [tempfile.TemporaryFile("w+") for _ in range(2)]
-  procs = [subprocess.Popen(
-      [sys.executable, SCRIPT, *job_args(tiny_model_dir, multi), *args,
-       "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
-       "--process-id", str(i)], stdout=logs[i], stderr=subprocess.STDOUT, text=True, env=env,
-      start_new_session=True) for i in range(2)]
-  deadline = time.time() + 400
-  try:
-    for p in procs:
-      p.wait(timeout=max(1, deadline - time.time()))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  logs[0].seek(0)
-  assert [p.returncode for p in procs] == [0, 0], logs[0].read()[-3000:]
+  commands = [[sys.executable, SCRIPT, *job_args(tiny_model_dir, multi), *args,
+               "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+               "--process-id", str(i)] for i in range(2)]
+  codes, output, _ = run_group(commands, env, bound=400)
+  assert codes == [0, 0], output[-3000:]
   losses = [r["loss"] for r in read_jsonl(multi / "metrics.jsonl")]
   np.testing.assert_allclose(losses, [r["loss"] for r in read_jsonl(single / "metrics.jsonl")],
                              atol=1e-5)

@@ -4,12 +4,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
 
 from oftjax import sharding
+from process_group import free_port, run_group
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,41 +42,14 @@ def test_meshes_match_single_device_and_fsdp_shards_weights():
   assert results["data=8"]["max_device_bytes"] == results["data=8"]["frozen_bytes"]
 
 
-def _free_port():
-  import socket
-
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _start_processes(spec, kill_one_after=None, bound=240):
-  """Starts 2 processes x 2 devices; returns (returncodes, stdout of process 0, seconds)."""
-  import time
-
+  """2 processes x 2 simulated devices running multihost_steps.py on one mesh."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  port = _free_port()
-  logs = [tempfile.TemporaryFile("w+") for _ in range(2)]  # pipes would fill up and block
-  procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multihost_steps.py"), str(port),
-                             "2", str(i), spec], stdout=logs[i], stderr=subprocess.STDOUT,
-                            text=True, env=env, start_new_session=True) for i in range(2)]
-  start = time.time()
-  try:
-    if kill_one_after is not None:
-      time.sleep(kill_one_after)
-      procs[1].kill()
-    for p in procs:
-      p.wait(timeout=max(1, bound - (time.time() - start)))
-  except subprocess.TimeoutExpired:
-    pass
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  logs[0].seek(0)
-  return [p.returncode for p in procs], logs[0].read(), time.time() - start
+  port = free_port()
+  commands = [[sys.executable, os.path.join(HERE, "multihost_steps.py"), str(port), "2", str(i),
+               spec] for i in range(2)]
+  return run_group(commands, env, bound, kill_last_after=kill_one_after)
 
 
 def test_two_processes_on_loopback_equal_single_process():

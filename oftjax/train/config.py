@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "assets")
 _ASSETS = os.path.normpath(ASSETS)
@@ -40,6 +41,7 @@ class RunConfig:
   warmup_steps: int = -1
   weight_decay: float = 0.0
   clip_norm: float = 1.0
+  on_nonfinite: str = "skip"
   dtype: str = "auto"
   seed: int = 0
   mesh: str = ""
@@ -56,13 +58,14 @@ class RunConfig:
   export_merged: str = ""
   init_adapter: str = ""
   truncate: bool = False
+  quantize: str = "none"
 
   def fingerprint(self) -> dict:
     """Fields that must match for ``--resume`` to continue the same run."""
     keep = ("model", "data", "method", "block_size", "neumann_terms", "parameterization",
             "lora_rank", "lora_alpha", "targets", "steps", "batch_size", "grad_accum",
             "seq_len", "lr", "warmup_steps", "weight_decay", "clip_norm", "dtype", "seed",
-            "init_adapter", "truncate")
+            "init_adapter", "truncate", "quantize")
     return {k: getattr(self, k) for k in keep}
 
 
@@ -82,6 +85,8 @@ _HELP = {
     "lr": "peak learning rate (AdamW, linear warmup then cosine decay)",
     "warmup_steps": "linear warmup steps (-1: min(10, steps // 10))", "weight_decay": "AdamW weight decay",
     "clip_norm": "global gradient-norm clip (0 disables)",
+    "on_nonfinite": "a step with a non-finite loss or gradient: skip it (weights unchanged, "
+                    "counted in metrics.jsonl as skipped_steps) or stop the run (exit 2)",
     "dtype": "compute dtype: auto (float32 on CPU, bfloat16 on GPU/TPU), float32, bfloat16",
     "seed": "seed of adapter init and data order",
     "mesh": "device mesh over all processes' devices, e.g. data=2,fsdp=4 (default: all on data)",
@@ -96,12 +101,21 @@ _HELP = {
     "export_merged": "also write a Hugging Face folder with the adapter folded in",
     "init_adapter": "start from a PEFT OFT/LoRA adapter folder",
     "truncate": "truncate over-long examples (counted and reported) instead of failing",
+    "quantize": "store the targeted frozen kernels as nf4 (QLoRA NormalFloat4, blocks of 64, "
+                "double-quantized scales) or int8 (per output channel); adapters stay float32",
 }
+
+
+class _Parser(argparse.ArgumentParser):
+  """Reports a bad flag as a one-line :class:`UsageError` instead of usage text + exit."""
+
+  def error(self, message):
+    raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
   """The ``finetune_gemma.py`` argument parser; every flag shows its default."""
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       description="Finetune a Gemma model with OFTv2 (or a baseline) in JAX.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   for field in dataclasses.fields(RunConfig):
@@ -111,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     else:
       kind = {"int": int, "float": float}.get(str(field.type), str)
       choices = {"method": METHODS, "parameterization": ("cayley_neumann", "cayley"),
-                 "dtype": ("auto", "float32", "bfloat16")}.get(field.name)
+                 "dtype": ("auto", "float32", "bfloat16"),
+                 "on_nonfinite": ("skip", "stop"),
+                 "quantize": ("none", "int8", "nf4")}.get(field.name)
       parser.add_argument(flag, type=kind, default=field.default, choices=choices,
                           help=_HELP[field.name])
   return parser
@@ -146,7 +162,23 @@ def validate(c: RunConfig) -> None:
     raise UsageError(f"--neumann-terms must be >= 2 (got {c.neumann_terms})")
   if c.num_processes < 0:
     raise UsageError(f"--num-processes must be >= 0 (got {c.num_processes})")
+  if not c.output_dir.strip():
+    raise UsageError("--output-dir must not be empty")
+  if os.path.exists(c.output_dir) and not os.path.isdir(c.output_dir):
+    raise UsageError(f"--output-dir {c.output_dir} is a file, not a folder")
+  if c.export_merged and (c.overwrite or not os.path.exists(c.export_merged)):
+    export, out = os.path.realpath(c.export_merged), os.path.realpath(c.output_dir)
+    if out == export or out.startswith(export + os.sep):  # the export would replace the run
+      raise UsageError(f"--export-merged {c.export_merged} would hold --output-dir "
+                       f"{c.output_dir}; choose a folder outside it")
+  try:
+    re.compile(c.targets)
+  except re.error as e:
+    raise UsageError(f"--targets {c.targets!r} is not a valid regular expression ({e})") from None
   if c.resume and c.overwrite:
     raise UsageError("--resume and --overwrite contradict each other; pick one")
+  if c.quantize != "none" and c.method == "full":
+    raise UsageError("--quantize needs --method oft, oftv1 or lora (full finetuning updates the "
+                     "kernels)")
   if c.init_adapter and c.method not in ("oft", "oftv1", "lora"):
     raise UsageError("--init-adapter needs --method oft, oftv1 or lora")

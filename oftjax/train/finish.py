@@ -8,7 +8,7 @@ import time
 import jax
 import numpy as np
 
-from oftjax import params as P, peft_io
+from oftjax import params as P, peft_io, quant
 from oftjax.models import gemma
 from oftjax.train import outputs
 
@@ -39,7 +39,7 @@ def write_outputs(c, model, merged, trainable, frozen, acfg, rows, eval_before, 
   summary = {
       "model": c.model, "method": c.method, "steps": c.steps, "config": vars(c),
       "trainable_params": P.count_params(trainable),
-      "total_params": P.count_params(frozen) + P.count_params(trainable),
+      "total_params": quant.logical_count(frozen) + P.count_params(trainable),
       "eval_before": strip(eval_before), "eval_after": strip(eval_after), **retention,
       "samples_after": eval_after.get("samples", []),
       "train_tokens_per_s": tokens_per_step / float(np.median(steady)) if steady else None,

@@ -14,7 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from oftjax import adapters, checkpoint, data, distributed, params as P, peft_io, sharding
+from oftjax import adapters, checkpoint, data, distributed, params as P, peft_io, quant, sharding
 from oftjax.intercept import Adapted, record_geometries
 from oftjax.models import gemma
 from oftjax.train import outputs
@@ -154,6 +154,8 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     acfg = _user_errors(_adapter_config, c)
     wrapped, acfg, trainable, geoms = _init_adapters(c, model, acfg, jnp.zeros((1, 8), jnp.int32))
     frozen = base
+    if c.quantize != "none":  # QOFT / QLoRA: kernels quantized one by one, each freed after
+      frozen = _user_errors(quant.quantize_params, base, geoms, c.quantize, consume=True)
   if main:
     _prepare_output_dir(c)
   distributed.barrier("output directory ready")
@@ -176,6 +178,9 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
                                 lambda x: x.sharding, (trainable, opt_state)))
 
   def deployable(tr):
+    if c.quantize != "none":  # the trained function: dequantized base, adapter folded in
+      return P.fold_adapters(P.merge_params(quant.dequantize_params(frozen, geoms, dtype), tr),
+                             geoms, acfg)
     full = P.merge_params(frozen, tr)
     return full if c.method == "full" else P.fold_adapters(full, geoms, acfg)
 

@@ -1,0 +1,205 @@
+"""QOFT / QLoRA: NF4 and int8 frozen kernels (storage, error bounds, forward parity, merging)."""
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import transformers
+
+import oftjax
+from oftjax import quant
+from oftjax.models import gemma
+from tiny_models import TinyLM
+
+TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+TOKENS = jax.random.randint(jax.random.key(0), (2, 9), 0, 64)
+# QLoRA Appendix E (bitsandbytes' NF4 table), for an independent spot check.
+QLORA_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+             -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+             0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+             0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+             0.7229568362236023, 1.0]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_gemma():
+  config = transformers.Gemma3TextConfig(
+      vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+      layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64)
+  model = gemma.from_hf_config(config)
+  return model, gemma.init_params(model, jax.random.key(1))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_lm():
+  model = TinyLM(vocab=64)
+  return model, jax.jit(model.init)(jax.random.key(1), TOKENS)["params"]
+
+
+def adapted(model, base, method, scale=0.1, seed=3, targets=TARGETS):
+  """Adapted wrapper, random non-identity adapter leaves, geometries."""
+  del base
+  config = oftjax.AdapterConfig(method=method, block_size=8, targets=targets, lora_rank=4)
+  wrapped = oftjax.Adapted(model, config)
+  with oftjax.record_geometries() as geoms:
+    shapes = jax.eval_shape(wrapped.init, jax.random.key(1), TOKENS)["params"]
+  leaves, treedef = jax.tree_util.tree_flatten(oftjax.split_params(shapes)[1])
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  adapter = treedef.unflatten([scale * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves)])
+  return config, wrapped, adapter, dict(geoms)
+
+
+def test_nf4_code_values_are_normal_quantiles():
+  values = quant.nf4_code_values()
+  assert values.shape == (16,) and np.all(np.diff(values) > 0)
+  assert values[0] == -1.0 and values[-1] == 1.0 and np.sum(values == 0.0) == 1
+  assert np.sum(values > 0) == 8 and np.sum(values < 0) == 7
+  np.testing.assert_allclose(values, QLORA_NF4, atol=5e-7)  # float32 table
+  # qwix's NF4 decoding uses exactly these values: codes of a block holding them all.
+  mat = jnp.asarray(np.tile(values, 4)[:, None] * np.ones((1, 3)), jnp.float32)  # [64, 3]
+  out = quant.dequantize_matrix(quant.quantize_matrix(mat, "nf4", double_quant=False))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(mat), atol=5e-7)
+  print(f"NF4 half of the largest gap: {quant.nf4_max_half_gap():.6f}")
+
+
+@pytest.mark.parametrize("mode,dq", [("int8", False), ("nf4", False), ("nf4", True)])
+def test_quantize_dequantize_error_within_bounds(mode, dq):
+  # Heavy-tailed stacked weights [2, 256, 96] so that block/channel absmax vary a lot.
+  w = 0.05 * jax.random.t(jax.random.key(0), 3.0, (2, 256, 96))
+  leaves = quant.quantize_matrix(w, mode, double_quant=dq)
+  err = np.abs(np.asarray(quant.dequantize_matrix(leaves)) - np.asarray(w))
+  if mode == "int8":
+    bound = np.max(np.abs(np.asarray(w)), axis=-2, keepdims=True) / 254
+    chex.assert_shape(leaves["scale"], (2, 1, 96))
+  elif not dq:
+    absmax = np.max(np.abs(np.asarray(w).reshape(2, 4, 64, 96)), axis=2, keepdims=True)
+    bound = np.broadcast_to(quant.nf4_max_half_gap() * absmax, (2, 4, 64, 96)).reshape(w.shape)
+    chex.assert_shape(leaves["absmax"], (2, 4, 96))
+  else:  # codes chosen with the exact absmax, decoded with the int8-stored one
+    bound = np.asarray(quant.error_bound(w, leaves))
+  assert np.all(err <= bound * (1 + 1e-5) + 1e-8), float(np.max(err / bound))
+  print(f"{mode}{'+dq' if dq else ''}: max |err| {err.max():.3e} = {np.max(err / bound):.3f} "
+        f"x bound, mean |err| {err.mean():.3e} (mean |w| {np.abs(np.asarray(w)).mean():.3e})")
+
+
+@pytest.mark.parametrize("mode,limit", [("nf4", 0.30), ("int8", 0.55)])
+def test_stored_bytes_of_quantized_layers(mode, limit):
+  model, base = tiny_gemma()
+  _, _, _, geoms = adapted(model, base, "oft")
+  frozen = quant.quantize_params(base, geoms, mode)
+  report = quant.storage_report(frozen)
+  kernels = sum(quant.kernel_to_matrix(quant.tree._node(base, p)["kernel"], g).size
+                for p, g in geoms.items())
+  assert report["reference_bytes"] == 2 * kernels
+  assert report["ratio"] <= limit, report
+  # tree_bytes of the frozen tree counts exactly the quantized storage for those layers.
+  assert oftjax.tree_bytes(frozen) == oftjax.tree_bytes(base) - 4 * kernels + report["stored_bytes"]
+  assert quant.logical_count(frozen) == oftjax.count_params(base)
+  print(f"{mode}: {report['stored_bytes']} B stored vs {report['reference_bytes']} B bf16 "
+        f"= {report['ratio']:.4f}x")
+
+
+@pytest.mark.parametrize("method,mode", [("oft", "nf4"), ("oft", "int8"), ("lora", "nf4"),
+                                         ("oftv1", "int8")])
+def test_quantized_forward_equals_adapter_on_dequantized_weights(method, mode):
+  model, base = tiny_lm()
+  _, wrapped, adapter, geoms = adapted(model, base, method)
+  frozen = quant.quantize_params(base, geoms, mode)
+  deq = quant.dequantize_params(frozen, geoms)
+  apply = jax.jit(wrapped.apply)
+  got = apply({"params": oftjax.merge_params(frozen, adapter)}, TOKENS)
+  want = apply({"params": oftjax.merge_params(deq, adapter)}, TOKENS)
+  np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.max(jnp.abs(want))), rtol=0)
+  base_tree, adapter_tree = oftjax.split_params(oftjax.merge_params(frozen, adapter))
+  chex.assert_trees_all_equal_structs(adapter_tree, adapter)
+  assert "kernel_q" in base_tree["layers"]["q_proj"] and "kernel" not in base_tree["layers"]["q_proj"]
+
+
+@pytest.mark.parametrize("method", ["oft", "lora"])
+def test_quantized_gemma_forward_equals_adapter_on_dequantized_weights(method):
+  model, base = tiny_gemma()
+  _, wrapped, adapter, geoms = adapted(model, base, method)
+  frozen = quant.quantize_params(base, geoms, "nf4")
+  deq = quant.dequantize_params(frozen, geoms)
+  apply = jax.jit(wrapped.apply)
+  got = apply({"params": oftjax.merge_params(frozen, adapter)}, TOKENS)
+  want = apply({"params": oftjax.merge_params(deq, adapter)}, TOKENS)
+  np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.max(jnp.abs(want))), rtol=0)
+
+
+def test_quantized_train_step_keeps_no_dequantized_kernels():
+  model, base = tiny_gemma()
+  _, wrapped, adapter, geoms = adapted(model, base, "oft")
+  frozen = quant.quantize_params(base, geoms, "nf4")
+  deq = quant.dequantize_params(frozen, geoms)
+
+  def loss_fn(p, tokens):
+    return -jnp.mean(jax.nn.log_softmax(wrapped.apply({"params": p}, tokens))[..., 0])
+
+  opt = optax.adam(1e-2)
+  step = oftjax.make_train_step(loss_fn, opt, donate=False)
+  args = (adapter, opt.init(adapter))
+  compiled = step.lower(*args, frozen, TOKENS).compile()
+  mem_q = compiled.memory_analysis()
+  mem_f = step.lower(*args, deq, TOKENS).compile().memory_analysis()
+  new, _, loss, _ = compiled(*args, frozen, TOKENS)
+  assert np.isfinite(float(loss))
+  assert not jax.tree_util.tree_all(jax.tree_util.tree_map(jnp.array_equal, new, adapter))
+  # Dequantized kernels are recomputed in the backward, not kept as residuals (without
+  # jax.checkpoint in dequantized_call, temp grew by every targeted kernel in fp32).
+  assert mem_q.temp_size_in_bytes <= mem_f.temp_size_in_bytes + 4096, (mem_q, mem_f)
+  print(f"temp {mem_q.temp_size_in_bytes} B (nf4) vs {mem_f.temp_size_in_bytes} B (fp32), "
+        f"arguments {mem_q.argument_size_in_bytes} B vs {mem_f.argument_size_in_bytes} B")
+
+
+def test_quantize_rejects_a_width_the_block_does_not_divide():
+  model = nn.Dense(32, name="proj")
+  base = model.init(jax.random.key(1), jnp.ones((1, 48)))["params"]
+  geoms = {"": oftjax.geometry.LayerGeometry((1,), (0,), (48, 32), True)}
+  with pytest.raises(ValueError, match="block size 64 must be even and divide the input width 48"):
+    quant.quantize_params(base, geoms, "nf4")
+  with pytest.raises(ValueError, match="unknown quantization"):
+    quant.quantize_params(base, geoms, "int4")
+  assert quant.dequantize_params(quant.quantize_params(base, geoms, "int8"), geoms)["kernel"].shape \
+      == (48, 32)
+  host = quant.quantize_params(jax.device_get(base), geoms, "int8")  # host in, host out
+  assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(host))
+  owned = jax.tree_util.tree_map(jnp.array, base)
+  kernel = owned["kernel"]
+  quant.quantize_params(owned, geoms, "int8", consume=True)
+  assert "kernel" not in owned and kernel.is_deleted()
+
+
+def test_merge_into_quantized_reports_the_added_error():
+  model, base = tiny_gemma()
+  rows = {}
+  plain_apply = jax.jit(model.apply)
+  for method in ("oft", "lora"):
+    config, wrapped, adapter, geoms = adapted(model, base, method, scale=0.05,
+                                              targets=r".*(q_proj|down_proj)")
+    adapted_apply = jax.jit(wrapped.apply)
+    for mode in ("nf4", "int8"):
+      frozen = quant.quantize_params(base, geoms, mode)
+      merged, report = quant.merge_into_quantized(oftjax.merge_params(frozen, adapter), geoms,
+                                                  config)
+      chex.assert_trees_all_equal_structs(merged, frozen)
+      assert report["fp32_merge_max_abs"] < 1e-5 * 10 * report["output_mean_abs"]
+      assert 0 < report["mean_abs"] < report["adapter_effect_mean_abs"]
+      rows[method, mode] = report
+      # The merged quantized model runs without the adapter and stays near the adapted one.
+      plain = quant.dequantize_params(merged, geoms)
+      want = adapted_apply({"params": oftjax.merge_params(frozen, adapter)}, TOKENS)
+      got = plain_apply({"params": plain}, TOKENS)
+      assert float(jnp.mean(jnp.abs(got - want))) < 0.5 * float(jnp.mean(jnp.abs(want)))
+  assert rows["oft", "int8"]["mean_abs"] < rows["oft", "nf4"]["mean_abs"]
+  assert rows["lora", "int8"]["mean_abs"] < rows["lora", "nf4"]["mean_abs"]
+  for (method, mode), r in rows.items():
+    print(f"merge {method}/{mode}: output change max {r['max_abs']:.4f} mean {r['mean_abs']:.4f}"
+          f" (requantize alone {r['requant_only_mean_abs']:.4f}; adapter effect "
+          f"{r['adapter_effect_mean_abs']:.4f}; mean |y| {r['output_mean_abs']:.4f})")
