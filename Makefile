@@ -19,7 +19,7 @@ finetune: venv
 	$(BIN)/python experiments/finetune_gemma.py
 
 test: venv
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
 
 clean:
 	rm -rf $(VENV)
