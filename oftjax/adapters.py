@@ -159,13 +159,22 @@ def init_lora(rng: jax.Array, geom: geo.LayerGeometry, config: AdapterConfig, pa
 
 def lora_delta(x: jax.Array, geom: geo.LayerGeometry, leaves: dict,
                config: AdapterConfig) -> jax.Array:
-  """LoRA's additive output ``scale · (x A) B`` in the layer's output layout."""
+  """LoRA's additive output ``scale · (x A) B`` in the layer's output layout.
+
+  The tokens are flattened to one axis so that both products and their backward are
+  plain 2-D matmuls: with ``[batch, time, d]`` operands, XLA CPU computes the weight
+  gradients ``xᵀ·g`` by first copying the big activation / cotangent into a transposed
+  layout, which made a LoRA step ~1.5x slower than the no-adapter floor (measured in
+  ``experiments/benchmark.py``; 2-D: ~1.0x). The scale is folded into the small ``B``
+  instead of multiplying the ``[tokens, d_out]`` output (and its cotangent).
+  """
   flat, _ = geo.flatten_input(x, geom)
   free = tuple(n for a, n in enumerate(geom.kernel_shape) if a not in geom.kernel_axes)
+  lead = flat.shape[:-1]
   a = leaves["a"].astype(x.dtype)
-  b = leaves["b"].astype(x.dtype)
-  delta = (flat @ a) @ b * (config.lora_alpha / config.lora_rank)
-  return delta.reshape(*flat.shape[:-1], *free)
+  b = (leaves["b"] * (config.lora_alpha / config.lora_rank)).astype(x.dtype)
+  delta = (flat.reshape(-1, flat.shape[-1]) @ a) @ b
+  return delta.reshape(*lead, *free)
 
 
 def merge_lora(kernel: jax.Array, geom: geo.LayerGeometry, leaves: dict,

@@ -1,0 +1,85 @@
+"""experiments/benchmark.py --smoke: the JSON has every method and field, with sane values.
+
+No timing assertions: speed lives in the benchmark itself (DESIGN.md §4).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("peft")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JAX_METHODS = ("floor", "oft", "oftv1", "lora16", "full")
+PEFT_METHODS = ("peft_oft", "peft_lora16")
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("bench")
+  out, plots = folder / "smoke.json", folder / "plots"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"), "--smoke",
+       "--out", str(out), "--plots", str(plots), "--threads", "1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  with open(out) as f:
+    data = json.load(f)
+  data["_plots"] = sorted(os.listdir(plots))
+  return data
+
+
+def _finite_positive(x):
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.slow
+def test_every_method_has_its_fields(result):
+  assert result["mode"] == "smoke"
+  (entry,) = result["configs"]
+  methods = entry["methods"]
+  assert set(JAX_METHODS + PEFT_METHODS) <= set(methods)
+  if "lora_match" not in methods:  # dropped only when r=16 already has >= OFT's params
+    assert entry["config"]["lora_match_rank"] <= 16
+  for name in JAX_METHODS:
+    s = methods[name]
+    for key in ("step_s", "flops", "argument_bytes", "compile_s", "trainable_params",
+                "achieved_flops_per_s", "fraction_of_peak", "time_vs_oft", "flops_vs_oft"):
+      assert _finite_positive(s[key]), (name, key, s.get(key))
+    assert s["temp_bytes"] >= 0 and s["steps_timed"] >= 1
+    assert math.isfinite(s["final_loss"])
+  for name in PEFT_METHODS:
+    assert _finite_positive(methods[name]["step_s"]) and methods[name]["framework"] == "torch"
+  assert _finite_positive(result["matmul_peak"]["flops_per_s"])
+  assert result["machine"]["threads"] == 1 and result["machine"]["torch_threads"] == 1
+
+
+@pytest.mark.slow
+def test_values_are_sane(result):
+  (entry,) = result["configs"]
+  m, cfg = entry["methods"], entry["config"]
+  # The weight-centric OFT forms R·W every step: more flops and memory than OFTv2.
+  assert m["oft"]["flops"] < m["oftv1"]["flops"]
+  assert m["oft"]["temp_bytes"] < m["oftv1"]["temp_bytes"]
+  # Adapter-only steps skip every weight gradient that full finetuning computes.
+  assert m["oft"]["flops"] < m["full"]["flops"] and m["floor"]["flops"] < m["full"]["flops"]
+  # Same adapters on both sides: PEFT and oftjax agree on the trainable parameter counts.
+  assert m["oft"]["trainable_params"] == m["oftv1"]["trainable_params"]
+  assert m["oft"]["trainable_params"] == m["peft_oft"]["trainable_params"]
+  assert m["lora16"]["trainable_params"] == m["peft_lora16"]["trainable_params"]
+  assert m["full"]["trainable_params"] == cfg["base_params"]
+  assert m["floor"]["trainable_params"] == cfg["d_model"]
+  b = cfg["block_size"]
+  assert m["oft"]["trainable_params"] % (b * (b - 1) // 2) == 0
+  for key, value in entry["ratios"].items():
+    assert _finite_positive(value), (key, value)
+  checks = result["targets"]["checks"]
+  assert set(checks) == {"oftv1_over_oft_time", "oftv1_over_oft_temp", "oft_over_lora16_time",
+                         "oft_over_floor_time", "peft_oft_over_oft_time",
+                         "oft_fraction_of_peak"}
+  assert all(isinstance(c["met"], bool) for c in checks.values())
+  assert "fraction_of_peak.png" in result["_plots"]
