@@ -35,7 +35,8 @@ def main(argv=None) -> int:
            if "retention_before" in summary else ""))
   for sample in summary["samples_after"]:
     print(f"  {sample['prompt']!r} -> {sample['generated']!r} (expected {sample['expected']!r})")
-  print(f"{summary['train_tokens_per_s']:.0f} tokens/s, compile {summary['compile_s']:.1f}s, "
+  speed = summary["train_tokens_per_s"]
+  print(f"{f'{speed:.0f}' if speed else 'n/a'} tokens/s, compile {summary['compile_s']:.1f}s, "
         f"wall {summary['wall_s']:.1f}s; outputs in {config.output_dir}")
   return 0
 

@@ -138,6 +138,9 @@ def import_peft(directory: str, targets: str | None = None) -> tuple[dict, adapt
     tensors = safetensors.numpy.load_file(weights)
   except Exception as e:  # safetensors raises its own error types for corrupt files
     raise ValueError(f"{weights}: unreadable safetensors file ({e})") from None
+  for key, value in tensors.items():
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+      raise ValueError(f"{weights}: tensor '{key}' holds NaN or Inf")
   stacked: dict[tuple[str, str], dict[int, np.ndarray]] = {}
   for key, value in tensors.items():
     match = _KEY.match(key)
@@ -163,6 +166,11 @@ def _stack(by_layer: dict[int, np.ndarray], key: str) -> np.ndarray:
   order = sorted(by_layer)
   if order != list(range(len(order))):
     raise ValueError(f"adapter for '{key}' covers layers {order}; oftjax needs every layer")
+  first = by_layer[order[0]].shape
+  for i in order:
+    if by_layer[i].shape != first:
+      raise ValueError(f"adapter for '{key}': layer {i} has shape {list(by_layer[i].shape)}, "
+                       f"layer {order[0]} has {list(first)}")
   return np.stack([by_layer[i] for i in order])
 
 

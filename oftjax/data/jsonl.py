@@ -23,6 +23,8 @@ MESSAGES = "messages"
 TEXT = "text"
 FORMATS = (PROMPT_COMPLETION, MESSAGES, TEXT)
 
+ROLES = ("system", "user", "assistant")
+
 
 @dataclasses.dataclass(frozen=True)
 class Record:
@@ -82,6 +84,9 @@ def _validate(obj: Any, where: str) -> str:
                 raise ValueError(f"{at} must be an object, got {type(message).__name__}")
             _check_string(message, "role", at)
             _check_string(message, "content", at)
+            if message["role"] not in ROLES:
+                raise ValueError(f"{at}: unknown role {message['role']!r} "
+                                 f"(expected one of {', '.join(ROLES)})")
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError(f"{where}: 'messages' has no assistant turn, so nothing to learn")
     return fmt

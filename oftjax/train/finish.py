@@ -48,7 +48,7 @@ def write_outputs(c, model, merged, trainable, frozen, acfg, rows, eval_before, 
       "final_loss": result.final_loss, "processes": jax.process_count(),
       "devices": jax.device_count(),
       "frozen_weight_bytes": P.tree_bytes(frozen), "adapter_bytes": P.tree_bytes(trainable),
-      "train_examples": len(train.examples), "truncated_examples": train.num_truncated,
+      "skipped_steps": result.skipped_steps, "train_examples": len(train.examples), "truncated_examples": train.num_truncated,
       "peft_adapter": adapter_dir, "export_merged": c.export_merged or None,
   }
   outputs.write_json_atomic(os.path.join(out, "summary.json"), summary)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from oftjax import distributed, sharding
+from oftjax.train.config import UsageError
 
 
 @dataclasses.dataclass
@@ -21,6 +24,14 @@ class LoopResult:
   compile_s: float
   final_loss: float
   stopped: bool
+  skipped_steps: int = 0
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def train_loop(c, step_fn, trainable, opt_state, frozen, stream, mesh, ckpt, metrics, start,
@@ -30,8 +41,21 @@ def train_loop(c, step_fn, trainable, opt_state, frozen, stream, mesh, ckpt, met
   Every process runs this; each feeds only its rows of the (identical) global batch.
   ``health_fn(trainable)`` (OFT only) adds ``max_q_norm`` and ``orthogonality_error`` to
   each logged line, with a warning the first time ``‖Q‖ >= 1`` under Cayley–Neumann.
+
+  Non-finite numbers: a step whose loss or gradient is not finite leaves the weights
+  unchanged (``make_train_step``); ``c.on_nonfinite`` ``'skip'`` counts it (``skipped_steps``
+  in every logged line and the checkpoint) and goes on, ``'stop'`` raises a one-line
+  :class:`UsageError` before anything of that step is saved. Weights are checked finite
+  before training and before every save, so no checkpoint or adapter holds NaN/Inf.
   """
   warned = False
+  on_nonfinite = c.on_nonfinite
+  restored = getattr(ckpt, "restored_meta", None) or {}
+  skipped_total = int(restored.get("skipped_steps", 0)) if start else 0
+  last_finite = restored.get("loss", float("nan")) if start else float("nan")
+  if not bool(_all_finite(trainable)):
+    raise UsageError("the trainable weights hold NaN or Inf before training (check "
+                     "--init-adapter); nothing was trained or saved")
   lead = 1 if c.grad_accum > 1 else 0
   batch_sharding = sharding.batch_sharding(mesh, 2 + lead, lead)
 
@@ -46,6 +70,14 @@ def train_loop(c, step_fn, trainable, opt_state, frozen, stream, mesh, ckpt, met
   compiled = step_fn.lower(trainable, opt_state, frozen, batch).compile()
   compile_s = time.time() - t0
   times, tokens_seen, loss, step = [], 0, float("nan"), start
+  last_saved = start or None
+  if start >= c.steps:  # resumed after the last step (killed while writing outputs): time one
+    copies = jax.tree_util.tree_map(  # discarded step on copies, so the summary has a speed
+        lambda x: jax.device_put(x, x.sharding, may_alias=False), (trainable, opt_state))
+    t0 = time.time()
+    jax.block_until_ready(compiled(*copies, frozen, batch))
+    times.append(time.time() - t0)
+    tokens_seen += ntok
   bar = tqdm(total=c.steps, initial=start, desc=c.method, unit="step", dynamic_ncols=True,
              disable=not distributed.is_main())
   while step < c.steps:
@@ -55,10 +87,25 @@ def train_loop(c, step_fn, trainable, opt_state, frozen, stream, mesh, ckpt, met
     times.append(time.time() - t0)
     tokens_seen += ntok
     step += 1
+    skipped = int(distributed.scalar(aux["skipped"]))
+    if skipped:
+      skipped_total += 1
+      if on_nonfinite == "stop":
+        bar.close()
+        raise UsageError(
+            f"step {step}: the loss or gradient is not finite (loss {loss}); stopped "
+            f"(--on-nonfinite stop) without saving it; last checkpoint: "
+            f"{'step ' + str(last_saved) if last_saved else 'none'}; lower --lr or check the "
+            "data")
+      if skipped_total == 1 and distributed.is_main():
+        tqdm.write(f"warning: step {step}: the loss or gradient is not finite; step skipped "
+                   "(weights unchanged), counted as skipped_steps in metrics.jsonl")
+    else:
+      last_finite = loss
     if step % c.log_every == 0 or step == c.steps:
       row = {"step": step, "loss": loss, "token_accuracy": distributed.scalar(aux["token_accuracy"]),
-             "grad_norm": distributed.scalar(aux["grad_norm"]),
-             "skipped": int(distributed.scalar(aux["skipped"]))}
+             "grad_norm": distributed.scalar(aux["grad_norm"]), "skipped": skipped,
+             "skipped_steps": skipped_total}
       if health_fn is not None:
         row.update({k: distributed.scalar(v) for k, v in health_fn(trainable).items()})
         if row.get("max_q_norm", 0.0) >= 1.0 and c.parameterization == "cayley_neumann" \
@@ -70,8 +117,15 @@ def train_loop(c, step_fn, trainable, opt_state, frozen, stream, mesh, ckpt, met
       if metrics is not None:
         metrics.append(row)
     if step % c.save_every == 0 or step == c.steps or stopper.stop:
+      if not bool(_all_finite(trainable)):
+        bar.close()
+        raise UsageError(f"step {step}: the trainable weights became NaN or Inf; nothing "
+                         f"non-finite was saved (last checkpoint: "
+                         f"{'step ' + str(last_saved) if last_saved else 'none'}); lower --lr")
       ckpt.save(step, {"trainable": trainable, "opt_state": opt_state},
-                {**checkpoint_meta, "step": step, "data_state": stream.state}, force=True)
+                {**checkpoint_meta, "step": step, "data_state": stream.state,
+                 "skipped_steps": skipped_total, "loss": last_finite}, force=True)
+      last_saved = step
     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{ntok / np.median(times[1:] or times):.0f}")
     bar.update(1)
     if stopper.stop:
@@ -79,5 +133,5 @@ def train_loop(c, step_fn, trainable, opt_state, frozen, stream, mesh, ckpt, met
     if step < c.steps:
       batch, ntok = next_batch()
   bar.close()
-  return LoopResult(trainable, opt_state, step, times, tokens_seen, compile_s, loss,
-                    stopped=stopper.stop and step < c.steps)
+  return LoopResult(trainable, opt_state, step, times, tokens_seen, compile_s, last_finite,
+                    stopped=stopper.stop and step < c.steps, skipped_steps=skipped_total)

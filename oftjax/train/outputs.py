@@ -19,6 +19,14 @@ def write_json_atomic(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def _parse(line: str) -> dict | None:
+  """A metrics line, or None for a line torn by a crash mid-write (it is dropped)."""
+  try:
+    return json.loads(line)
+  except json.JSONDecodeError:
+    return None
+
+
 class MetricsLog:
   """Appends one JSON object per logged step; on resume drops lines past the checkpoint."""
 
@@ -27,8 +35,8 @@ class MetricsLog:
     rows = []
     if resume_step is not None and os.path.exists(path):
       with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-      rows = [r for r in rows if r["step"] <= resume_step]
+        rows = [_parse(line) for line in f if line.strip()]
+      rows = [r for r in rows if r is not None and r["step"] <= resume_step]
     with open(path, "w") as f:
       f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
     self.rows = rows

@@ -44,9 +44,10 @@ def _check_resumable(c: RunConfig) -> None:
     meta = ckpt.read_meta(step) if step is not None else None
     ckpt.close()
   if step is None:
-    raise UsageError(f"--resume: no checkpoint in {c.output_dir}; run without --resume first")
-  saved, now = meta["fingerprint"], c.fingerprint()
-  diff = [k for k in now if saved.get(k) != now[k]]
+    raise UsageError(f"--resume: no checkpoint in {c.output_dir}; start the run again with "
+                     "--overwrite")
+  saved, now, defaults = meta["fingerprint"], c.fingerprint(), RunConfig().fingerprint()
+  diff = [k for k in now if saved.get(k, defaults[k]) != now[k]]
   if diff:
     raise UsageError(f"--resume: the checkpoint was made with different {', '.join(diff)}; "
                      "rerun with the original flags")
