@@ -196,3 +196,15 @@ def test_hub_id_offline_fails_in_one_line(monkeypatch):
     with pytest.raises(FileNotFoundError) as e:
         gemma.load("google/gemma-3-270m")
     assert "google/gemma-3-270m" in _one_line(e)
+
+
+
+def test_on_host_load_equals_device_load(tmp_path):
+    """``on_host=True`` gives NumPy arrays (for sharded placement) equal to the default load."""
+    name = next(iter(H.CONFIGS))
+    H.save_hf_model(name, tmp_path)
+    _, on_device = gemma.load(tmp_path)
+    _, on_host = gemma.load(tmp_path, on_host=True)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(on_host))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b),
+                           on_device, on_host)

@@ -141,7 +141,8 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   _user_errors(distributed.local_rows, c.batch_size)
   tokenizer = _user_errors(data.load_tokenizer, c.model)
   model, base = _user_errors(gemma.load, c.model, dtype=dtype, param_dtype=jnp.float32
-                             if dtype == jnp.float32 else dtype)
+                             if dtype == jnp.float32 else dtype,
+                             on_host=jax.default_backend() != "cpu" or jax.process_count() > 1)
   train = _user_errors(data.load_dataset, c.data, tokenizer, c.seq_len, truncate=c.truncate)
   held_out = _user_errors(data.load_dataset, c.eval_data, tokenizer, c.seq_len)
   sets = {"eval": _user_errors(data.load_eval_set, c.eval_data, tokenizer, c.eval_limit)}

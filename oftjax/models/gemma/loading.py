@@ -180,8 +180,11 @@ def _fill(buffers: dict, spec: TensorSpec, read, cfg, dtype) -> None:
             index = (0, start)
         else:
             index = (start,) + (0,) * (part.ndim - 1)
-        buffers[spec.path] = buf = _write(buf, part, tuple(np.int32(i) for i in index))
-        buf.block_until_ready()  # the host block may be aliased until the write has run
+        if isinstance(buf, np.ndarray):  # host buffers: plain in-place slice assignment
+            buf[tuple(slice(i, i + n) for i, n in zip(index, part.shape))] = part
+        else:
+            buffers[spec.path] = buf = _write(buf, part, tuple(np.int32(i) for i in index))
+            buf.block_until_ready()  # the host block may be aliased until the write has run
         del part
 
 
@@ -195,7 +198,8 @@ def _nest(flat: dict) -> dict:
     return tree
 
 
-def load(path_or_id, dtype=jnp.float32, allow_pickle: bool = False, param_dtype=None, remat: bool = False):
+def load(path_or_id, dtype=jnp.float32, allow_pickle: bool = False, param_dtype=None, remat: bool = False,
+         on_host: bool = False):
     """Loads a Hugging Face Gemma 1/2/3 checkpoint.
 
     Args:
@@ -206,6 +210,11 @@ def load(path_or_id, dtype=jnp.float32, allow_pickle: bool = False, param_dtype=
       allow_pickle: allow `*.bin` (pickle) checkpoints when no safetensors are present.
       param_dtype: parameter dtype; defaults to `dtype`.
       remat: rematerialise decoder layers in the backward pass.
+      on_host: return host (NumPy) arrays instead of arrays on the default device, so a
+        caller can `jax.device_put` them straight into their shards of a mesh and no
+        single accelerator ever holds the whole model (the finetuning job does this on
+        GPU/TPU). On CPU the default device is host memory anyway, and filling device
+        buffers in place keeps the peak lower.
 
     Returns:
       `(model, params)`: a `Gemma` module (with `model.config.hf_config` and
@@ -226,7 +235,8 @@ def load(path_or_id, dtype=jnp.float32, allow_pickle: bool = False, param_dtype=
     specs = {s.hf_name: s for s in tensor_specs(cfg)}
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
     flat_shapes = {tuple(k.key for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(shapes)[0]}
-    buffers = {p: jnp.zeros(s.shape, s.dtype) for p, s in flat_shapes.items()}
+    zeros = np.zeros if on_host else jnp.zeros
+    buffers = {p: zeros(s.shape, s.dtype) for p, s in flat_shapes.items()}
     done: set[str] = set()
     for file in files:
         fname = os.path.basename(file)
