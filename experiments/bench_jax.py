@@ -138,7 +138,8 @@ def build_jax_runners(d_model, tokens_per_step, block_size, seq, methods, *, lay
     return loss, adapter, dict(geoms)
 
   oft_cfg = dict(targets=TARGETS, block_size=block_size, num_terms=num_terms)
-  geoms = adapted(oftjax.AdapterConfig(method="oft", **oft_cfg))[2]
+  oft_adapted = adapted(oftjax.AdapterConfig(method="oft", **oft_cfg))
+  geoms = oft_adapted[2]
   match_rank = lora_match_rank(d_model, block_size, geoms)
   info = {"d_model": d_model, "tokens": batch * seq, "batch": batch, "seq": seq,
           "block_size": block_size, "layers": layers, "head_dim": cfg.head_dim,
@@ -154,7 +155,8 @@ def build_jax_runners(d_model, tokens_per_step, block_size, seq, methods, *, lay
   for name in methods:
     t0 = time.perf_counter()
     if name in ("oft", "oftv1"):
-      loss, adapter, _ = adapted(oftjax.AdapterConfig(method=name, **oft_cfg))
+      loss, adapter, _ = oft_adapted if name == "oft" else adapted(
+          oftjax.AdapterConfig(method=name, **oft_cfg))
       runners[name] = JaxRunner(name, loss, adapter, base, tokens)
     elif name in ("lora16", "lora_match"):
       rank = 16 if name == "lora16" else match_rank

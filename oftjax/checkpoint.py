@@ -116,7 +116,6 @@ class RunCheckpoints:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
                                            create=True, enable_async_checkpointing=False)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
-    self.restored_meta: dict | None = None  # the JSON item of the step last restored
 
   def half_written(self) -> list[str]:
     """Names of step folders a killed save left unfinished (never loaded)."""
@@ -179,7 +178,6 @@ class RunCheckpoints:
       raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be restored "
                             f"({_first_line(e)}); move it aside to resume from an earlier "
                             "step") from None
-    self.restored_meta = out["meta"]
     return out["state"], out["meta"]
 
   def read_meta(self, step: int) -> dict:

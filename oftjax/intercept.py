@@ -64,9 +64,10 @@ class AdapterInterceptor:
       self.seen.append(path)
     # --- quantized frozen kernel (oftjax.quant, QOFT/QLoRA): run the layer on a kernel
     # dequantized inside the trace; the adapter code below sees an ordinary layer.
+    geom = None
     if linear and quant.is_quantized(module):
-      next_fun = quant.dequantized_call(
-          module, geo.geometry_of(module, path, args[0], kwargs), self._call_with)
+      geom = geo.geometry_of(module, path, args[0], kwargs)
+      next_fun = quant.dequantized_call(module, geom, self._call_with)
     # --- end quantized kernel
     if not self.pattern.fullmatch(path):
       return next_fun(*args, **kwargs)
@@ -77,7 +78,7 @@ class AdapterInterceptor:
     if not linear:
       return next_fun(*args, **kwargs)
     x, rest = args[0], args[1:]
-    geom = geo.geometry_of(module, path, x, kwargs)
+    geom = geom or geo.geometry_of(module, path, x, kwargs)
     self.matched.append(path)
     for recorder in _RECORDERS:
       recorder[path] = geom

@@ -77,13 +77,28 @@ def tree_bytes(params: Params) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
 
 
-def _node(tree: Params, path: str) -> Mapping:
+def node_at(tree: Params, path: str) -> Mapping:
+  """The sub-tree at a '/'-joined layer path (``''`` is the root)."""
   node = tree
   for name in filter(None, path.split("/")):
     if name not in node:
       raise KeyError(f"parameter path '{path}' not found (missing '{name}')")
     node = node[name]
   return node
+
+
+def copy_containers(tree: Params) -> dict:
+  """New nested dicts sharing the same leaves (so a fold can replace leaves in place)."""
+  return {k: copy_containers(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
+def adapter_nodes(tree: Params, prefix: tuple[str, ...] = ()):
+  """Yields ``(layer path, 'oft' | 'lora', leaves)`` for every adapter in ``tree``."""
+  for key, value in tree.items():
+    if key in ADAPTER_KEYS:
+      yield "/".join(prefix), key, value
+    elif isinstance(value, Mapping):
+      yield from adapter_nodes(value, prefix + (key,))
 
 
 def _stacked(fn, kernel, geom, *leaves):
@@ -108,10 +123,10 @@ def fold_adapters(params: Params, geometries: Mapping[str, geo.LayerGeometry],
     A base-shaped tree (no adapter leaves) whose kernels include the adapters.
   """
   base, adapter = split_params(params)
-  base = jax.tree_util.tree_map(lambda x: x, base)  # fresh containers, shared leaves
+  base = copy_containers(base)
   for path, geom in geometries.items():
-    leaves = _node(adapter, path)[config.leaf_name]
-    node = _node(base, path)
+    leaves = node_at(adapter, path)[config.leaf_name]
+    node = node_at(base, path)
     if config.method == "lora":
       fold = adapters.unmerge_lora if unfold else adapters.merge_lora
       fn = lambda k, l: fold(k, geom, l, config)  # noqa: E731
@@ -128,7 +143,7 @@ def adapter_health(adapter: Params, config: adapters.AdapterConfig) -> dict:
   The Cayley–Neumann series only approximates an orthogonal ``R`` while ``‖Q‖ < 1``;
   training logs both figures so a drift out of that region is seen, not guessed.
   """
-  nodes = [leaf["weight"] for leaf in _adapter_subtrees(adapter, "oft")]
+  nodes = [leaves["weight"] for _, kind, leaves in adapter_nodes(adapter) if kind == "oft"]
   if not nodes:
     return {}
   q_norms, errors = [], []
@@ -140,10 +155,3 @@ def adapter_health(adapter: Params, config: adapters.AdapterConfig) -> dict:
   return {"max_q_norm": jnp.max(jnp.stack(q_norms)),
           "orthogonality_error": jnp.max(jnp.stack(errors))}
 
-
-def _adapter_subtrees(tree: Params, key: str):
-  for name, value in tree.items():
-    if name == key:
-      yield value
-    elif isinstance(value, Mapping):
-      yield from _adapter_subtrees(value, key)

@@ -39,14 +39,6 @@ def _module_names(path: str, lead: int):
   raise ValueError(f"layer '{path}' has {lead} stacked axes; PEFT export expects 0 or 1")
 
 
-def _adapter_nodes(tree, prefix=()):
-  for key, value in tree.items():
-    if key in P.ADAPTER_KEYS:
-      yield "/".join(prefix), key, value
-    elif isinstance(value, dict):
-      yield from _adapter_nodes(value, prefix + (key,))
-
-
 def _peft_neumann_terms(config: adapters.AdapterConfig) -> int:
   if config.num_terms < 4:
     raise ValueError(
@@ -68,7 +60,7 @@ def export_peft(directory: str, adapter: dict, config: adapters.AdapterConfig,
   if config.method == "oftv1":
     config = adapters.AdapterConfig(**{**config.__dict__, "method": "oft"})
   tensors, modules = {}, set()
-  for path, kind, leaves in _adapter_nodes(adapter):
+  for path, kind, leaves in P.adapter_nodes(adapter):
     arrays = {k: np.asarray(v, np.float32) for k, v in leaves.items()}
     lead = arrays["weight" if kind == "oft" else "a"].ndim - 2
     name_of = _module_names(path, lead)

@@ -50,7 +50,7 @@ def test_every_method_has_its_fields(result):
     for key in ("step_s", "flops", "argument_bytes", "compile_s", "trainable_params",
                 "achieved_flops_per_s", "fraction_of_peak", "time_vs_oft", "flops_vs_oft"):
       assert _finite_positive(s[key]), (name, key, s.get(key))
-    assert s["temp_bytes"] >= 0 and s["steps_timed"] >= 1
+    assert s["temp_bytes"] > 0
     assert math.isfinite(s["final_loss"])
   for name in PEFT_METHODS:
     assert _finite_positive(methods[name]["step_s"]) and methods[name]["framework"] == "torch"

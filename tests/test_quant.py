@@ -94,7 +94,7 @@ def test_stored_bytes_of_quantized_layers(mode, limit):
   _, _, _, geoms = adapted(model, base, "oft")
   frozen = quant.quantize_params(base, geoms, mode)
   report = quant.storage_report(frozen)
-  kernels = sum(quant.kernel_to_matrix(quant.tree._node(base, p)["kernel"], g).size
+  kernels = sum(quant.kernel_to_matrix(oftjax.params.node_at(base, p)["kernel"], g).size
                 for p, g in geoms.items())
   assert report["reference_bytes"] == 2 * kernels
   assert report["ratio"] <= limit, report

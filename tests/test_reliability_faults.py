@@ -274,7 +274,7 @@ def test_damaged_step_falls_back_to_the_previous_one(tmp_path, capsys, damage):
   assert "warning: checkpoint step 3 is damaged" in out and "resuming from step 2" in out
   ckpt = RunCheckpoints(str(directory), 5, 1)
   state, meta = ckpt.restore(ckpt.latest_step(), {"w": jnp.zeros((8, 4))})
-  assert float(state["w"][0, 0]) == 2.0 and meta == {"step": 2} == ckpt.restored_meta
+  assert float(state["w"][0, 0]) == 2.0 and meta == {"step": 2}
   ckpt.close()
 
 

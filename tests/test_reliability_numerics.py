@@ -121,8 +121,6 @@ class _Compiled:
 
 
 class _Checkpoints:
-  restored_meta = None
-
   def __init__(self):
     self.saved = []
 

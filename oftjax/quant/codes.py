@@ -160,9 +160,9 @@ def error_bound(mat: jax.Array, leaves: dict) -> jax.Array:
     absmax = jnp.max(jnp.abs(mat), axis=-2, keepdims=True)
     return jnp.broadcast_to(absmax / 254.0, mat.shape)
   d_in, d_out = mat.shape[-2:]
-  blocks = mat.reshape(*mat.shape[:-2], -1, d_in // (_absmax_of(leaves, d_in, d_out).shape[-2]),
-                       d_out)
+  stored = _absmax_of(leaves, d_in, d_out)
+  blocks = mat.reshape(*mat.shape[:-2], -1, d_in // stored.shape[-2], d_out)
   exact = jnp.max(jnp.abs(blocks), axis=-2, keepdims=True)
-  stored = _absmax_of(leaves, d_in, d_out)[..., None, :]
+  stored = stored[..., None, :]
   bound = nf4_max_half_gap() * exact + jnp.abs(exact - stored)
   return jnp.broadcast_to(bound, blocks.shape).reshape(mat.shape)

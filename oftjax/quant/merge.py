@@ -24,7 +24,7 @@ from oftjax import geometry as geo
 from oftjax import orthogonal
 from oftjax import params as P
 from oftjax.quant import codes
-from oftjax.quant.tree import QUANT_KEY, _copy_containers, _node
+from oftjax.quant.tree import QUANT_KEY
 
 
 def _settings(leaves: dict) -> tuple[str, int, bool]:
@@ -94,13 +94,13 @@ def merge_into_quantized(params, geometries: Mapping[str, geo.LayerGeometry],
     NF4 without double quant: 0).
   """
   base, adapter = P.split_params(params)
-  base = _copy_containers(base)
+  base = P.copy_containers(base)
   layers = {}
   for i, (path, geom) in enumerate(geometries.items()):
-    node = _node(base, path)
+    node = P.node_at(base, path)
     if QUANT_KEY not in node:
       raise ValueError(f"layer '{path}' has no quantized kernel; quantize the base first")
-    q_leaves, a_leaves = node[QUANT_KEY], _node(adapter, path)[config.leaf_name]
+    q_leaves, a_leaves = node[QUANT_KEY], P.node_at(adapter, path)[config.leaf_name]
     settings = _settings(q_leaves)
     lead = q_leaves[codes.mode_of(q_leaves)].shape[:-2]
     x = jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), (probe_rows, geom.d_in))

@@ -57,16 +57,6 @@ def matrix_to_kernel(mat: jax.Array, geom: geo.LayerGeometry) -> jax.Array:
   return jnp.transpose(moved, tuple(range(lead)) + tuple(lead + i for i in inverse))
 
 
-def _node(tree, path: str):
-  for name in filter(None, path.split("/")):
-    tree = tree[name]
-  return tree
-
-
-def _copy_containers(tree):
-  return {k: _copy_containers(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
-
-
 def quantize_params(params, geometries: Mapping[str, geo.LayerGeometry], mode: str,
                     block_size: int = codes.NF4_BLOCK, double_quant: bool = True,
                     consume: bool = False) -> dict:
@@ -92,14 +82,14 @@ def quantize_params(params, geometries: Mapping[str, geo.LayerGeometry], mode: s
   """
   if mode not in codes.MODES:
     raise ValueError(f"unknown quantization {mode!r}; use one of {codes.MODES}")
-  out = _copy_containers(params)
+  out = P.copy_containers(params)
   for path, geom in geometries.items():
-    node = _node(out, path)
+    node = P.node_at(out, path)
     if QUANT_KEY in node:
       raise ValueError(f"layer '{path}' is already quantized")
     kernel = node.pop("kernel")
     if consume:
-      del _node(params, path)["kernel"]
+      del P.node_at(params, path)["kernel"]
     try:
       leaves = _quantize_kernel(kernel, geom, mode, block_size, double_quant)
     except ValueError as e:
@@ -115,9 +105,9 @@ def quantize_params(params, geometries: Mapping[str, geo.LayerGeometry], mode: s
 def dequantize_params(params, geometries: Mapping[str, geo.LayerGeometry],
                       dtype=jnp.float32) -> dict:
   """A tree with every ``kernel_q`` back to a ``dtype`` ``kernel`` (e.g. to export or evaluate)."""
-  out = _copy_containers(params)
+  out = P.copy_containers(params)
   for path, geom in geometries.items():
-    node = _node(out, path)
+    node = P.node_at(out, path)
     if QUANT_KEY in node:
       node["kernel"] = _dequantize_kernel(node.pop(QUANT_KEY), geom, jnp.dtype(dtype))
   return out

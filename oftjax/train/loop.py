@@ -35,7 +35,7 @@ def _all_finite(tree) -> jax.Array:
 
 
 def train_loop(c, step_fn, trainable, opt_state, frozen, stream, mesh, ckpt, metrics, start,
-               checkpoint_meta, stopper, health_fn=None) -> LoopResult:
+               checkpoint_meta, stopper, health_fn=None, resumed=None) -> LoopResult:
   """Runs optimizer steps ``start+1 … c.steps``; checkpoints every ``c.save_every`` steps.
 
   Every process runs this; each feeds only its rows of the (identical) global batch.
@@ -50,9 +50,9 @@ def train_loop(c, step_fn, trainable, opt_state, frozen, stream, mesh, ckpt, met
   """
   warned = False
   on_nonfinite = c.on_nonfinite
-  restored = getattr(ckpt, "restored_meta", None) or {}
-  skipped_total = int(restored.get("skipped_steps", 0)) if start else 0
-  last_finite = restored.get("loss", float("nan")) if start else float("nan")
+  restored = resumed or {}  # the JSON item of the checkpoint resumed from
+  skipped_total = int(restored.get("skipped_steps", 0))
+  last_finite = restored.get("loss", float("nan"))
   if not bool(_all_finite(trainable)):
     raise UsageError("the trainable weights hold NaN or Inf before training (check "
                      "--init-adapter); nothing was trained or saved")
@@ -126,7 +126,7 @@ def train_loop(c, step_fn, trainable, opt_state, frozen, stream, mesh, ckpt, met
                 {**checkpoint_meta, "step": step, "data_state": stream.state,
                  "skipped_steps": skipped_total, "loss": last_finite}, force=True)
       last_saved = step
-    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{ntok / np.median(times[1:] or times):.0f}")
+    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{ntok / np.median(times[-20:]):.0f}")
     bar.update(1)
     if stopper.stop:
       break

@@ -189,12 +189,12 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   evaluator = Evaluator(model, tokenizer, held_out.examples, sets, c.seq_len, c.batch_size, max_new)
   ckpt = checkpoint.RunCheckpoints(os.path.join(c.output_dir, "checkpoints"),
                                    c.keep_checkpoints, c.save_every)
-  start, data_state, eval_before = 0, None, None
+  start, data_state, eval_before, resumed = 0, None, None, {}
   if c.resume:
     start = ckpt.latest_step()
-    state, meta = ckpt.restore(start, {"trainable": trainable, "opt_state": opt_state})
+    state, resumed = ckpt.restore(start, {"trainable": trainable, "opt_state": opt_state})
     trainable, opt_state = state["trainable"], state["opt_state"]
-    data_state, eval_before = meta["data_state"], meta["eval_before"]
+    data_state, eval_before = resumed["data_state"], resumed["eval_before"]
     _say(main, f"resumed from step {start}")
   if eval_before is None:
     eval_before = evaluator.run(deployable(trainable))
@@ -208,7 +208,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   meta = {"fingerprint": c.fingerprint(), "eval_before": eval_before}
   health = jax.jit(lambda t: P.adapter_health(t, acfg)) if c.method in ("oft", "oftv1") else None
   result = train_loop(c, step_fn, trainable, opt_state, frozen, stream, mesh, ckpt, metrics,
-                      start, meta, stopper, health)
+                      start, meta, stopper, health, resumed)
   ckpt.close()
   if result.stopped:
     _say(main, f"stopped at step {result.step}; rerun with --resume to continue")

@@ -13,18 +13,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oftjax.models.gemma.model import Gemma, init_cache
+from oftjax.models.gemma.model import Gemma, default_positions, init_cache
 
 
 def _select(logits, rng, temperature, top_k):
     """Greedy when `temperature == 0`, else samples among the `top_k` best (all when top_k <= 0)."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    vocab = logits.shape[-1]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(jnp.sort(logits, axis=-1), (vocab - k)[None, None], axis=-1)
-    scaled = jnp.where(logits < kth, -jnp.inf, logits / jnp.where(temperature > 0, temperature, 1.0))
-    sampled = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+    def greedy(_):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sample(_):  # the vocabulary sort runs only when sampling (temperature stays traced)
+        vocab = logits.shape[-1]
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+        kth = jnp.take_along_axis(jnp.sort(logits, axis=-1), (vocab - k)[None, None], axis=-1)
+        scaled = jnp.where(logits < kth, -jnp.inf, logits / temperature)
+        return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sample, greedy, None)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
@@ -33,7 +37,7 @@ def _generate(params, tokens, mask, temperature, top_k, rng, eos_ids, pad, *, mo
     total = prompt_len + max_new_tokens
     cache = init_cache(model.config, batch, total)
     kv_mask = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(mask)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    positions = default_positions(mask, from_mask_only=True)
     logits, cache = model.apply(
         {"params": params}, tokens, positions, cache, 0, kv_mask, method=Gemma.decode
     )

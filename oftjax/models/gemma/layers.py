@@ -78,7 +78,7 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def _softcap(x: Array, cap: float | None) -> Array:
+def softcap(x: Array, cap: float | None) -> Array:
     if cap is None:
         return x
     return jnp.tanh(x / cap) * cap
@@ -133,7 +133,7 @@ class Attention(nn.Module):
         scores = jnp.einsum("btkgh,bskh->bkgts", q, k) * jnp.asarray(
             cfg.query_pre_attn_scalar**-0.5, q.dtype
         )
-        scores = _softcap(scores, cfg.attn_logit_softcapping)
+        scores = softcap(scores, cfg.attn_logit_softcapping)
         scores = scores.astype(jnp.float32)
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from oftjax.models.gemma.config import GemmaConfig
-from oftjax.models.gemma.layers import DecoderLayer, RMSNorm, rope_tables
+from oftjax.models.gemma.layers import DecoderLayer, RMSNorm, rope_tables, softcap
 
 Array = Any
 
@@ -121,8 +121,7 @@ class Gemma(nn.Module):
         else:
             logits = self.lm_head(x)
         logits = logits.astype(jnp.float32)
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else jnp.tanh(logits / cap) * cap
+        return softcap(logits, self.config.final_logit_softcapping)
 
     def _run_layers(self, x, positions, masks, cache=None, cache_index=None):
         cfg = self.config
