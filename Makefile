@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv finetune test clean
+.PHONY: venv finetune test notebooks clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,9 @@ finetune: venv
 
 test: venv
 	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
+
+notebooks: venv  # re-run every ablation in full mode; outputs written into notebooks/*.ipynb
+	$(BIN)/python notebooks/execute.py --mode full
 
 clean:
 	rm -rf $(VENV)

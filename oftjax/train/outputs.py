@@ -52,13 +52,15 @@ class MetricsLog:
 
 
 def plot_loss(rows: list[dict], path: str, title: str) -> None:
-  """Saves the training-loss curve (and eval loss points when present) as a PNG."""
-  import matplotlib
+  """Saves the training-loss curve as a PNG.
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  Uses a bare ``Figure`` (no pyplot), so it neither needs nor changes the process's
+  matplotlib backend (a notebook calling the job keeps its inline plots).
+  """
+  from matplotlib.figure import Figure
 
-  fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+  fig = Figure(figsize=(6, 3.5), dpi=120)
+  ax = fig.subplots()
   steps = [r["step"] for r in rows if math.isfinite(r.get("loss", math.nan))]
   ax.plot(steps, [r["loss"] for r in rows if r["step"] in steps], label="train loss")
   ax.set_xlabel("step")
@@ -68,4 +70,3 @@ def plot_loss(rows: list[dict], path: str, title: str) -> None:
   ax.legend()
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
