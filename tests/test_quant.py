@@ -133,6 +133,24 @@ def test_quantized_gemma_forward_equals_adapter_on_dequantized_weights(method):
   np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.max(jnp.abs(want))), rtol=0)
 
 
+@pytest.mark.parametrize("method", ["oft", "lora"])
+def test_generation_over_quantized_kernels_equals_the_folded_dequantized_model(method):
+  # What the job evaluates for QOFT/QLoRA: the Adapted model over the quantized kernels.
+  model, base = tiny_gemma()
+  config, wrapped, adapter, geoms = adapted(model, base, method, scale=0.3)
+  frozen = quant.quantize_params(base, geoms, "nf4")
+  deq = quant.dequantize_params(frozen, geoms)
+  folded = oftjax.fold_adapters(oftjax.merge_params(deq, adapter), geoms, config)
+  prompts = TOKENS[:, :5]
+  mask = jnp.ones_like(prompts).at[0, :2].set(0)  # one left-padded row
+  got = gemma.generate(wrapped, oftjax.merge_params(frozen, adapter), prompts, mask,
+                       max_new_tokens=8)
+  want = gemma.generate(model, folded, prompts, mask, max_new_tokens=8)
+  np.testing.assert_array_equal(got, want)
+  unadapted = gemma.generate(model, deq, prompts, mask, max_new_tokens=8)
+  assert not np.array_equal(got, unadapted)  # the adapter really takes part
+
+
 def test_quantized_train_step_keeps_no_dequantized_kernels():
   model, base = tiny_gemma()
   _, wrapped, adapter, geoms = adapted(model, base, "oft")

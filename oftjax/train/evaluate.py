@@ -1,7 +1,9 @@
 """Held-out loss and exact-match accuracy (greedy generation) of a finetuned model.
 
-Generation runs on the *merged* model: adapters folded into the kernels, which is the
-same function (to fp32 rounding) and exactly what a user would deploy.
+Generation runs on what a user would deploy: the merged model (adapters folded into the
+kernels; the same function to fp32 rounding), or, on a quantized base (QOFT / QLoRA), the
+``Adapted`` model over the quantized kernels with unmerged adapters, so evaluating never
+materializes a full-precision copy of a model that was quantized to fit.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from oftjax.train.objective import masked_xent
 
 
 class Evaluator:
-  """Evaluates params of one model on fixed held-out sets (compiled once per shape)."""
+  """Evaluates params of one model on fixed held-out sets (compiled once per shape).
+
+  ``model`` is a Gemma module (params: merged) or an ``Adapted`` one (params: frozen tree
+  merged with the adapter tree, see ``oftjax.merge_params``).
+  """
 
   def __init__(self, model, tokenizer, loss_examples, accuracy_sets: dict, seq_len: int,
                batch_size: int, max_new_tokens: int):
@@ -62,7 +68,7 @@ class Evaluator:
     return hits / len(items), outputs
 
   def run(self, params) -> dict:
-    """``{'loss', 'accuracy', <set>_accuracy..., 'samples'}`` for merged ``params``."""
+    """``{'loss', 'accuracy', <set>_accuracy..., 'samples'}`` for the model's ``params``."""
     result = {"loss": self.loss(params)}
     for name in self.accuracy_sets:
       acc, outputs = self.accuracy(params, name)

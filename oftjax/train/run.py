@@ -179,14 +179,20 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
                             state_shardings=jax.tree_util.tree_map(
                                 lambda x: x.sharding, (trainable, opt_state)))
 
-  def deployable(tr):
-    if c.quantize != "none":  # the trained function: dequantized base, adapter folded in
-      return P.fold_adapters(P.merge_params(quant.dequantize_params(frozen, geoms, dtype), tr),
-                             geoms, acfg)
-    full = P.merge_params(frozen, tr)
+  quantized = c.quantize != "none"
+
+  def merged_model(tr):
+    """The trained function as one full-precision tree, adapters folded in (export)."""
+    base_params = quant.dequantize_params(frozen, geoms, dtype) if quantized else frozen
+    full = P.merge_params(base_params, tr)
     return full if c.method == "full" else P.fold_adapters(full, geoms, acfg)
 
-  evaluator = Evaluator(model, tokenizer, held_out.examples, sets, c.seq_len, c.batch_size, max_new)
+  def evaluated(tr):
+    """Params for the evaluator: merged, or quantized kernels + unmerged adapters (QOFT)."""
+    return P.merge_params(frozen, tr) if quantized else merged_model(tr)
+
+  evaluator = Evaluator(wrapped if quantized else model, tokenizer, held_out.examples, sets,
+                        c.seq_len, c.batch_size, max_new)
   ckpt = checkpoint.RunCheckpoints(os.path.join(c.output_dir, "checkpoints"),
                                    c.keep_checkpoints, c.save_every)
   start, data_state, eval_before, resumed = 0, None, None, {}
@@ -197,7 +203,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     data_state, eval_before = resumed["data_state"], resumed["eval_before"]
     _say(main, f"resumed from step {start}")
   if eval_before is None:
-    eval_before = evaluator.run(deployable(trainable))
+    eval_before = evaluator.run(evaluated(trainable))
   _say(main, f"before: eval loss {eval_before['loss']:.4f} accuracy {eval_before['accuracy']:.3f}"
        + (f" retention {eval_before['retention_accuracy']:.3f}" if c.retention_data else ""))
 
@@ -213,10 +219,9 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   if result.stopped:
     _say(main, f"stopped at step {result.step}; rerun with --resume to continue")
     return {"stopped_at": result.step}
-  merged = deployable(result.trainable)
-  eval_after = evaluator.run(merged)
+  eval_after = evaluator.run(evaluated(result.trainable))
   host_trainable = distributed.to_host(result.trainable)
-  host_merged = distributed.to_host(merged) if c.export_merged else None
+  host_merged = distributed.to_host(merged_model(result.trainable)) if c.export_merged else None
   if not main:
     return {"stopped_at": None, "process": jax.process_index()}
   return write_outputs(c, model, host_merged, host_trainable, frozen, acfg,

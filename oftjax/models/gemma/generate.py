@@ -3,6 +3,10 @@
 The whole loop (prefill + `jax.lax.while_loop` of one-token decode steps) is one jitted
 function per (model, prompt shape, max_new_tokens, number of EOS ids); temperature, top-k and
 the EOS/pad ids are traced, so switching between greedy and sampling does not recompile.
+
+``model`` may also be an ``oftjax.Adapted`` Gemma: generation then runs with unmerged
+adapters, over whatever kernels ``params`` holds (quantized ones included, as in QOFT), with
+no merged or dequantized copy of the model.
 """
 
 from __future__ import annotations
@@ -31,16 +35,26 @@ def _select(logits, rng, temperature, top_k):
     return jax.lax.cond(temperature > 0, sample, greedy, None)
 
 
+def _gemma_of(model):
+    """The Gemma module itself, whether ``model`` is one or an adapter wrapper around one."""
+    return model if isinstance(model, Gemma) else model.model
+
+
+def _decode(model, params, *args):
+    """One ``Gemma.decode`` call; through the wrapper's interceptor when adapters are attached."""
+    if isinstance(model, Gemma):
+        return model.apply({"params": params}, *args, method=Gemma.decode)
+    return model.apply({"params": params}, *args, method=lambda m, *a: m.call_method("decode", *a))
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
 def _generate(params, tokens, mask, temperature, top_k, rng, eos_ids, pad, *, model, max_new_tokens):
     batch, prompt_len = tokens.shape
     total = prompt_len + max_new_tokens
-    cache = init_cache(model.config, batch, total)
+    cache = init_cache(_gemma_of(model).config, batch, total)
     kv_mask = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(mask)
     positions = default_positions(mask, from_mask_only=True)
-    logits, cache = model.apply(
-        {"params": params}, tokens, positions, cache, 0, kv_mask, method=Gemma.decode
-    )
+    logits, cache = _decode(model, params, tokens, positions, cache, 0, kv_mask)
     rng, sub = jax.random.split(rng)
     first = _select(logits[:, -1], sub, temperature, top_k)
     out = jnp.full((batch, max_new_tokens), pad, jnp.int32)
@@ -57,9 +71,7 @@ def _generate(params, tokens, mask, temperature, top_k, rng, eos_ids, pad, *, mo
         slot = prompt_len + step
         kv_mask = kv_mask.at[:, slot].set(1)
         pos = pos + 1
-        logits, cache = model.apply(
-            {"params": params}, tok[:, None], pos[:, None], cache, slot, kv_mask, method=Gemma.decode
-        )
+        logits, cache = _decode(model, params, tok[:, None], pos[:, None], cache, slot, kv_mask)
         rng, sub = jax.random.split(rng)
         tok = _select(logits[:, -1], sub, temperature, top_k)
         return step + 1, tok, pos, cache, kv_mask, out, done, rng
@@ -69,7 +81,7 @@ def _generate(params, tokens, mask, temperature, top_k, rng, eos_ids, pad, *, mo
 
 
 def generate(
-    model: Gemma,
+    model,
     params,
     prompt_tokens,
     prompt_mask=None,
@@ -83,8 +95,8 @@ def generate(
     """Generates continuations of a batch of prompts.
 
     Args:
-      model: a `Gemma` module.
-      params: its parameters.
+      model: a `Gemma` module, or an `oftjax.Adapted` wrapping one (adapters unmerged).
+      params: its parameters (with adapter leaves for a wrapped model).
       prompt_tokens: `[batch, prompt_len]` token ids; prompts of different lengths are padded
         (left or right; right-padded rows are moved to the left).
       prompt_mask: `[batch, prompt_len]`, 1 for real prompt tokens; default all ones.
@@ -115,7 +127,7 @@ def generate(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
+    pad = _gemma_of(model).config.pad_token_id if pad_token_id is None else pad_token_id
     return _generate(
         params,
         tokens,
