@@ -39,12 +39,12 @@ def _module_names(path: str, lead: int):
   raise ValueError(f"layer '{path}' has {lead} stacked axes; PEFT export expects 0 or 1")
 
 
-def _peft_neumann_terms(config: adapters.AdapterConfig) -> int:
-  if config.num_terms < 4:
-    raise ValueError(
-        f"num_terms={config.num_terms} has no PEFT equivalent (PEFT's n<=3 series differ); "
-        "train with num_terms >= 4 or parameterization 'cayley' to export")
-  return config.num_terms
+def unexportable_reason(config: adapters.AdapterConfig) -> str | None:
+  """Why an adapter of ``config`` has no PEFT equivalent, or ``None`` when it exports."""
+  if config.parameterization == "cayley_neumann" and config.num_terms < 4:
+    return (f"num_terms={config.num_terms} has no PEFT equivalent (PEFT's n<=3 series "
+            "differ); train with num_terms >= 4 or parameterization 'cayley' to export")
+  return None
 
 
 def export_peft(directory: str, adapter: dict, config: adapters.AdapterConfig,
@@ -57,6 +57,9 @@ def export_peft(directory: str, adapter: dict, config: adapters.AdapterConfig,
     config: the adapter config it was trained with.
     base_model: recorded as ``base_model_name_or_path``.
   """
+  reason = unexportable_reason(config)
+  if reason:
+    raise ValueError(reason)
   if config.method == "oftv1":
     config = adapters.AdapterConfig(**{**config.__dict__, "method": "oft"})
   tensors, modules = {}, set()
@@ -90,7 +93,7 @@ def export_peft(directory: str, adapter: dict, config: adapters.AdapterConfig,
             "eps": config.coft_eps if config.coft_eps is not None else 6e-5,
             "block_share": config.block_share, "init_weights": True,
             "use_cayley_neumann": neumann,
-            "num_cayley_neumann_terms": _peft_neumann_terms(config) if neumann else 5}
+            "num_cayley_neumann_terms": config.num_terms if neumann else 5}
   parent = os.path.dirname(os.path.abspath(directory))
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=".peft-", dir=parent)

@@ -57,3 +57,14 @@ def test_peft_adapter_and_merged_export_match_oftjax(tiny_model_dir, tmp_path, m
   assert proc.returncode == 0, proc.stderr[-2000:]
   restarted = json.loads((again / "summary.json").read_text())
   assert abs(restarted["eval_before"]["loss"] - summary["eval_after"]["loss"]) < 1e-4
+
+
+def test_adapter_peft_cannot_hold_finishes_without_peft_export(tiny_model_dir, tmp_path):  # noqa: F811
+  out = tmp_path / "n2"
+  proc = run_job(job_args(tiny_model_dir, out, "--neumann-terms", "2", "--steps", "2",
+                          "--warmup-steps", "0"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "no peft_adapter/ will be written: num_terms=2 has no PEFT equivalent" in proc.stdout
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["peft_adapter"] is None and "num_terms=2" in summary["peft_export_skipped"]
+  assert not (out / "peft_adapter").exists() and (out / "checkpoints").is_dir()

@@ -42,9 +42,8 @@ def tiny_lm():
   return model, jax.jit(model.init)(jax.random.key(1), TOKENS)["params"]
 
 
-def adapted(model, base, method, scale=0.1, seed=3, targets=TARGETS):
+def adapted(model, method, scale=0.1, seed=3, targets=TARGETS):
   """Adapted wrapper, random non-identity adapter leaves, geometries."""
-  del base
   config = oftjax.AdapterConfig(method=method, block_size=8, targets=targets, lora_rank=4)
   wrapped = oftjax.Adapted(model, config)
   with oftjax.record_geometries() as geoms:
@@ -91,7 +90,7 @@ def test_quantize_dequantize_error_within_bounds(mode, dq):
 @pytest.mark.parametrize("mode,limit", [("nf4", 0.30), ("int8", 0.55)])
 def test_stored_bytes_of_quantized_layers(mode, limit):
   model, base = tiny_gemma()
-  _, _, _, geoms = adapted(model, base, "oft")
+  _, _, _, geoms = adapted(model, "oft")
   frozen = quant.quantize_params(base, geoms, mode)
   report = quant.storage_report(frozen)
   kernels = sum(quant.kernel_to_matrix(oftjax.params.node_at(base, p)["kernel"], g).size
@@ -109,7 +108,7 @@ def test_stored_bytes_of_quantized_layers(mode, limit):
                                          ("oftv1", "int8")])
 def test_quantized_forward_equals_adapter_on_dequantized_weights(method, mode):
   model, base = tiny_lm()
-  _, wrapped, adapter, geoms = adapted(model, base, method)
+  _, wrapped, adapter, geoms = adapted(model, method)
   frozen = quant.quantize_params(base, geoms, mode)
   deq = quant.dequantize_params(frozen, geoms)
   apply = jax.jit(wrapped.apply)
@@ -124,7 +123,7 @@ def test_quantized_forward_equals_adapter_on_dequantized_weights(method, mode):
 @pytest.mark.parametrize("method", ["oft", "lora"])
 def test_quantized_gemma_forward_equals_adapter_on_dequantized_weights(method):
   model, base = tiny_gemma()
-  _, wrapped, adapter, geoms = adapted(model, base, method)
+  _, wrapped, adapter, geoms = adapted(model, method)
   frozen = quant.quantize_params(base, geoms, "nf4")
   deq = quant.dequantize_params(frozen, geoms)
   apply = jax.jit(wrapped.apply)
@@ -137,7 +136,7 @@ def test_quantized_gemma_forward_equals_adapter_on_dequantized_weights(method):
 def test_generation_over_quantized_kernels_equals_the_folded_dequantized_model(method):
   # What the job evaluates for QOFT/QLoRA: the Adapted model over the quantized kernels.
   model, base = tiny_gemma()
-  config, wrapped, adapter, geoms = adapted(model, base, method, scale=0.3)
+  config, wrapped, adapter, geoms = adapted(model, method, scale=0.3)
   frozen = quant.quantize_params(base, geoms, "nf4")
   deq = quant.dequantize_params(frozen, geoms)
   folded = oftjax.fold_adapters(oftjax.merge_params(deq, adapter), geoms, config)
@@ -153,7 +152,7 @@ def test_generation_over_quantized_kernels_equals_the_folded_dequantized_model(m
 
 def test_quantized_train_step_keeps_no_dequantized_kernels():
   model, base = tiny_gemma()
-  _, wrapped, adapter, geoms = adapted(model, base, "oft")
+  _, wrapped, adapter, geoms = adapted(model, "oft")
   frozen = quant.quantize_params(base, geoms, "nf4")
   deq = quant.dequantize_params(frozen, geoms)
 
@@ -199,7 +198,7 @@ def test_merge_into_quantized_reports_the_added_error():
   rows = {}
   plain_apply = jax.jit(model.apply)
   for method in ("oft", "lora"):
-    config, wrapped, adapter, geoms = adapted(model, base, method, scale=0.05,
+    config, wrapped, adapter, geoms = adapted(model, method, scale=0.05,
                                               targets=r".*(q_proj|down_proj)")
     adapted_apply = jax.jit(wrapped.apply)
     for mode in ("nf4", "int8"):

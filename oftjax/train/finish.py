@@ -1,4 +1,9 @@
-"""The end of a run: PEFT adapter, optional merged HF export, loss plot, summary.json."""
+"""The end of a run: PEFT adapter, optional merged HF export, loss plot, summary.json.
+
+An adapter PEFT cannot represent (Cayley–Neumann with n < 4) is not exported; the reason is
+announced when the run starts and recorded as ``peft_export_skipped`` (the orbax checkpoint
+still holds it), so a finished run never ends in a crash.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ def write_outputs(c, model, merged, trainable, frozen, acfg, rows, eval_before, 
   """
   out = c.output_dir
   adapter_dir = None
-  if acfg is not None:
+  skipped_export = peft_io.unexportable_reason(acfg) if acfg is not None else None
+  if acfg is not None and not skipped_export:
     adapter_dir = os.path.join(out, "peft_adapter")
     peft_io.export_peft(adapter_dir, trainable, acfg, base_model=c.model)
   if c.export_merged:
@@ -49,7 +55,8 @@ def write_outputs(c, model, merged, trainable, frozen, acfg, rows, eval_before, 
       "devices": jax.device_count(),
       "frozen_weight_bytes": P.tree_bytes(frozen), "adapter_bytes": P.tree_bytes(trainable),
       "skipped_steps": result.skipped_steps, "train_examples": len(train.examples), "truncated_examples": train.num_truncated,
-      "peft_adapter": adapter_dir, "export_merged": c.export_merged or None,
+      "peft_adapter": adapter_dir, "peft_export_skipped": skipped_export,
+      "export_merged": c.export_merged or None,
   }
   outputs.write_json_atomic(os.path.join(out, "summary.json"), summary)
   return summary
