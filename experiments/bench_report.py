@@ -95,10 +95,13 @@ def _joins(entry, sweep, result):
 
 
 def plots(result: dict, folder: str) -> list[str]:
-  import matplotlib
+  """Writes the benchmark's PNGs; bare ``Figure`` objects leave the matplotlib backend alone."""
+  import matplotlib.ticker
+  from matplotlib.figure import Figure
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  def subplots(*grid, figsize):
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid)
 
   os.makedirs(folder, exist_ok=True)
   written = []
@@ -109,7 +112,6 @@ def plots(result: dict, folder: str) -> list[str]:
     path = os.path.join(folder, name)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     written.append(path)
 
   for sweep, key, xlabel in (("d_model", "d_model", "d_model (tokens/step 512, b=32)"),
@@ -118,7 +120,7 @@ def plots(result: dict, folder: str) -> list[str]:
     series = _series(result, sweep, key, ORDER, lambda s, e: s["step_s"])
     if not series or max(len(v) for v in series.values()) < 2:
       continue
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = subplots(1, 2, figsize=(12, 4.5))
     for name, pts in series.items():
       style = "--" if name.startswith("peft") else "-"
       axes[0].plot(*zip(*pts), style, marker="o", color=COLORS[name], label=LABELS[name])
@@ -148,7 +150,7 @@ def plots(result: dict, folder: str) -> list[str]:
   flops = _series(result, "d_model", "d_model", ORDER,
                   lambda s, e: s.get("flops") and s["flops"] / 1e9)
   if mem and max(len(v) for v in mem.values()) >= 2:
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = subplots(1, 2, figsize=(12, 4.5))
     for ax, data, ylabel in ((axes[0], flops, "compiled GFLOP per step"),
                              (axes[1], mem, "compiled temp memory (MiB)")):
       for name, pts in data.items():
@@ -165,7 +167,7 @@ def plots(result: dict, folder: str) -> list[str]:
             key=lambda e: e["config"]["d_model"], default=None)
   if big is not None:
     names = [n for n in ORDER if "fraction_of_peak" in big["methods"].get(n, {})]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = subplots(figsize=(8, 4))
     ax.bar([LABELS[n] for n in names], [100 * big["methods"][n]["fraction_of_peak"] for n in names])
     ax.axhline(60, color="r", ls="--", lw=1, label="target 60%")
     ax.set(ylabel="% of XLA fp32 matmul peak",
