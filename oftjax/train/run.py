@@ -156,8 +156,8 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     acfg = _user_errors(_adapter_config, c)
     wrapped, acfg, trainable, geoms = _init_adapters(c, model, acfg, jnp.zeros((1, 8), jnp.int32))
     frozen = base
-    if peft_io.unexportable_reason(acfg):
-      _say(main, f"note: no peft_adapter/ will be written: {peft_io.unexportable_reason(acfg)}")
+    if reason := peft_io.unexportable_reason(acfg):
+      _say(main, f"note: no peft_adapter/ will be written: {reason}")
     if c.quantize != "none":  # QOFT / QLoRA: kernels quantized one by one, each freed after
       frozen = _user_errors(quant.quantize_params, base, geoms, c.quantize, consume=True)
   if main:
