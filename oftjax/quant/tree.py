@@ -90,16 +90,45 @@ def quantize_params(params, geometries: Mapping[str, geo.LayerGeometry], mode: s
     kernel = node.pop("kernel")
     if consume:
       del P.node_at(params, path)["kernel"]
-    try:
-      leaves = _quantize_kernel(kernel, geom, mode, block_size, double_quant)
-    except ValueError as e:
-      raise ValueError(f"layer '{path}': {e}") from None
-    node[QUANT_KEY] = jax.device_get(leaves) if not isinstance(kernel, jax.Array) else leaves
-    if consume and isinstance(kernel, jax.Array):
-      jax.block_until_ready(leaves)
-      kernel.delete()
+    node[QUANT_KEY] = _quantized_leaves(kernel, path, geom, mode, block_size, double_quant,
+                                        free=consume)
     del kernel
   return out
+
+
+def quantize_on_load(geometries: Mapping[str, geo.LayerGeometry], mode: str,
+                     block_size: int = codes.NF4_BLOCK, double_quant: bool = True):
+  """An ``on_param`` hook for ``gemma.load``: quantizes each targeted kernel as it arrives.
+
+  The loader reads one parameter at a time, so with this hook at most one full-precision
+  kernel (all layers of one projection) exists at once; the result equals
+  ``quantize_params(load(...)[1], geometries, mode)`` leaf for leaf.
+  """
+  if mode not in codes.MODES:
+    raise ValueError(f"unknown quantization {mode!r}; use one of {codes.MODES}")
+
+  def on_param(path: tuple, value) -> dict:
+    layer = "/".join(path[:-1])
+    if path[-1] != "kernel" or layer not in geometries:
+      return {path[-1]: value}
+    return {QUANT_KEY: _quantized_leaves(value, layer, geometries[layer], mode, block_size,
+                                         double_quant, free=True)}
+
+  return on_param
+
+
+def _quantized_leaves(kernel, path, geom, mode, block_size, double_quant, free: bool):
+  """``kernel_q`` leaves of one kernel, on the host when the kernel was; ``free``: delete it."""
+  try:
+    leaves = _quantize_kernel(kernel, geom, mode, block_size, double_quant)
+  except ValueError as e:
+    raise ValueError(f"layer '{path}': {e}") from None
+  if not isinstance(kernel, jax.Array):
+    return jax.device_get(leaves)
+  if free:
+    jax.block_until_ready(leaves)
+    kernel.delete()
+  return leaves
 
 
 def dequantize_params(params, geometries: Mapping[str, geo.LayerGeometry],

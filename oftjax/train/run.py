@@ -140,9 +140,8 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   mesh = _user_errors(sharding.make_mesh, c.mesh)
   _user_errors(distributed.local_rows, c.batch_size)
   tokenizer = _user_errors(data.load_tokenizer, c.model)
-  model, base = _user_errors(gemma.load, c.model, dtype=dtype, param_dtype=jnp.float32
-                             if dtype == jnp.float32 else dtype,
-                             on_host=jax.default_backend() != "cpu" or jax.process_count() > 1)
+  param_dtype = jnp.float32 if dtype == jnp.float32 else dtype
+  model = _user_errors(gemma.load_model, c.model, dtype=dtype, param_dtype=param_dtype)
   train = _user_errors(data.load_dataset, c.data, tokenizer, c.seq_len, truncate=c.truncate)
   held_out = _user_errors(data.load_dataset, c.eval_data, tokenizer, c.seq_len)
   sets = {"eval": _user_errors(data.load_eval_set, c.eval_data, tokenizer, c.eval_limit)}
@@ -150,16 +149,19 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     sets["retention"] = _user_errors(data.load_eval_set, c.retention_data, tokenizer, c.eval_limit)
   max_new = max(len(tokenizer.encode(x.expected, add_special_tokens=False))
                 for s in sets.values() for x in s) + 2
-  if c.method == "full":
-    wrapped, acfg, trainable, frozen, geoms = model, None, base, {}, {}
-  else:
+  wrapped, acfg, geoms = model, None, {}
+  if c.method != "full":  # adapters first: their geometries say which kernels to quantize
     acfg = _user_errors(_adapter_config, c)
     wrapped, acfg, trainable, geoms = _init_adapters(c, model, acfg, jnp.zeros((1, 8), jnp.int32))
-    frozen = base
     if reason := peft_io.unexportable_reason(acfg):
       _say(main, f"note: no peft_adapter/ will be written: {reason}")
-    if c.quantize != "none":  # QOFT / QLoRA: kernels quantized one by one, each freed after
-      frozen = _user_errors(quant.quantize_params, base, geoms, c.quantize, consume=True)
+  # QOFT / QLoRA: each targeted kernel is quantized as soon as the loader completes it, so
+  # the full-precision model is never held (on host or device).
+  on_param = quant.quantize_on_load(geoms, c.quantize) if c.quantize != "none" else None
+  _, base = _user_errors(gemma.load, model.config.source_dir, dtype=dtype,
+                         param_dtype=param_dtype, on_param=on_param,
+                         on_host=jax.default_backend() != "cpu" or jax.process_count() > 1)
+  trainable, frozen = (base, {}) if c.method == "full" else (trainable, base)
   if main:
     _prepare_output_dir(c)
   distributed.barrier("output directory ready")

@@ -10,7 +10,7 @@ Example:
 from oftjax.models.gemma.config import GemmaConfig, RopeConfig, text_config_of
 from oftjax.models.gemma.config import from_hf_config as config_from_hf
 from oftjax.models.gemma.generate import generate
-from oftjax.models.gemma.loading import load, read_hf_config
+from oftjax.models.gemma.loading import load, load_model, read_hf_config
 from oftjax.models.gemma.model import Gemma, default_positions, init_cache, init_params
 from oftjax.models.gemma.model import from_hf_config_model as from_hf_config
 from oftjax.models.gemma.saving import save
@@ -26,6 +26,7 @@ __all__ = [
     "init_cache",
     "init_params",
     "load",
+    "load_model",
     "read_hf_config",
     "save",
     "text_config_of",

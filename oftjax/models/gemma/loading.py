@@ -123,7 +123,11 @@ def _safetensors_header(path: str, fh) -> tuple[dict, int]:
 
 
 def _iter_tensors(path: str):
-    """Yields `(name, shape, read(rows=None))` for each tensor of one weight file."""
+    """Yields `(name, shape, read(rows=None))` for each tensor of one weight file.
+
+    `read` stays valid after the iteration (it opens the file itself), so tensors can be
+    read in any order.
+    """
     if path.endswith(".bin"):
         import torch
 
@@ -137,23 +141,24 @@ def _iter_tensors(path: str):
         return
     with open(path, "rb") as fh:
         header, data_start = _safetensors_header(path, fh)
-        for name, info in header.items():
-            dtype = _ST_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(f"{os.path.basename(path)}: tensor {name!r} has unsupported dtype {info['dtype']}")
-            shape = tuple(info["shape"])
-            begin, end = info["data_offsets"]
+    for name, info in header.items():
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{os.path.basename(path)}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        shape = tuple(info["shape"])
+        begin, end = info["data_offsets"]
 
-            def read(rows=None, shape=shape, dtype=dtype, begin=begin, end=end):
-                lo, hi = (0, shape[0]) if rows is None else rows
-                row_bytes = (end - begin) // max(shape[0], 1) if shape else end - begin
-                out = np.empty((hi - lo,) + shape[1:] if shape else (), dtype)
+        def read(rows=None, shape=shape, dtype=dtype, begin=begin, end=end, name=name):
+            lo, hi = (0, shape[0]) if rows is None else rows
+            row_bytes = (end - begin) // max(shape[0], 1) if shape else end - begin
+            out = np.empty((hi - lo,) + shape[1:] if shape else (), dtype)
+            with open(path, "rb") as fh:
                 fh.seek(data_start + begin + lo * row_bytes)
                 if fh.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
                     raise ValueError(f"{os.path.basename(path)}: tensor data of {name!r} is truncated")
-                return out
+            return out
 
-            yield name, shape, read
+        yield name, shape, read
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -188,18 +193,18 @@ def _fill(buffers: dict, spec: TensorSpec, read, cfg, dtype) -> None:
         del part
 
 
-def _nest(flat: dict) -> dict:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
+def load_model(path_or_id, dtype=jnp.float32, param_dtype=None, remat: bool = False) -> Gemma:
+    """The `Gemma` module of a Hugging Face folder or hub id, from its config alone (no weights).
+
+    Lets a caller trace the model (e.g. record adapter geometries) before :func:`load`.
+    """
+    folder = resolve_folder(path_or_id)
+    cfg = from_hf_config(read_hf_config(folder), dtype=dtype, param_dtype=param_dtype, remat=remat)
+    return Gemma(cfg.replace(source_dir=os.path.abspath(folder)))
 
 
 def load(path_or_id, dtype=jnp.float32, allow_pickle: bool = False, param_dtype=None, remat: bool = False,
-         on_host: bool = False):
+         on_host: bool = False, on_param=None):
     """Loads a Hugging Face Gemma 1/2/3 checkpoint.
 
     Args:
@@ -215,6 +220,11 @@ def load(path_or_id, dtype=jnp.float32, allow_pickle: bool = False, param_dtype=
         single accelerator ever holds the whole model (the finetuning job does this on
         GPU/TPU). On CPU the default device is host memory anyway, and filling device
         buffers in place keeps the peak lower.
+      on_param: `on_param(path, array) -> {leaf_name: value}`, called as soon as the
+        parameter at key path `path` (e.g. `('layers', 'mlp', 'up_proj', 'kernel')`, all
+        layers stacked) is complete; its result replaces that leaf in its parent node. With
+        `oftjax.quant.quantize_on_load` the kernels are quantized as they arrive, so no
+        full-precision copy of the model is ever held (parameters are read one at a time).
 
     Returns:
       `(model, params)`: a `Gemma` module (with `model.config.hf_config` and
@@ -225,19 +235,15 @@ def load(path_or_id, dtype=jnp.float32, allow_pickle: bool = False, param_dtype=
       ValueError: unsupported model_type, pickle-only folder, unexpected/missing tensors or
         mismatched shapes (the message names the file and tensor).
     """
-    folder = resolve_folder(path_or_id)
-    hf_config = read_hf_config(folder)
-    cfg = from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat)
-    cfg = cfg.replace(source_dir=os.path.abspath(folder))
-    model = Gemma(cfg)
+    model = load_model(path_or_id, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    cfg, folder = model.config, model.config.source_dir
     files = _weight_files(folder, allow_pickle)
 
     specs = {s.hf_name: s for s in tensor_specs(cfg)}
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
     flat_shapes = {tuple(k.key for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(shapes)[0]}
-    zeros = np.zeros if on_host else jnp.zeros
-    buffers = {p: zeros(s.shape, s.dtype) for p, s in flat_shapes.items()}
-    done: set[str] = set()
+    sources: dict[tuple, list] = {p: [] for p in flat_shapes}  # every check before any weight is read
+    found: set[str] = set()
     for file in files:
         fname = os.path.basename(file)
         for raw_name, shape, read in _iter_tensors(file):
@@ -246,13 +252,24 @@ def load(path_or_id, dtype=jnp.float32, allow_pickle: bool = False, param_dtype=
                 continue
             spec = specs.get(name)
             if spec is None:
-                raise ValueError(f"{fname}: unexpected tensor {raw_name!r} for a {hf_config.model_type} model")
+                raise ValueError(f"{fname}: unexpected tensor {raw_name!r} for a {cfg.hf_config.model_type} model")
             if shape != spec.hf_shape:
                 raise ValueError(f"{fname}: tensor {raw_name!r} has shape {list(shape)}, expected {list(spec.hf_shape)}")
-            _fill(buffers, spec, read, cfg, cfg.param_dtype)
-            done.add(name)
-    missing = [n for n in specs if n not in done]
+            sources[spec.path].append((spec, read))
+            found.add(name)
+    missing = [n for n in specs if n not in found]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ValueError(f"{folder}: missing tensor {missing[0]!r}{more}")
-    return model, _nest(buffers)
+
+    zeros = np.zeros if on_host else jnp.zeros
+    tree: dict[str, Any] = {}
+    for path, shape in flat_shapes.items():  # parameter-major: one full-precision buffer at a time
+        buffers = {path: zeros(shape.shape, shape.dtype)}
+        for spec, read in sources.pop(path):
+            _fill(buffers, spec, read, cfg, cfg.param_dtype)
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node.update(on_param(path, buffers.pop(path)) if on_param else {path[-1]: buffers.pop(path)})
+    return model, tree
