@@ -41,7 +41,7 @@ def finetune(**overrides) -> dict:
   ``max_q_norm``/``orthogonality_error`` (OFT) and ``curve``: the metrics rows. Identical
   calls in one kernel return the cached row.
   """
-  from oftjax.train.config import RunConfig, validate
+  from oftjax.train.config import RunConfig, finalize
   from oftjax.train.run import run
 
   key = json.dumps(overrides, sort_keys=True)
@@ -50,10 +50,7 @@ def finetune(**overrides) -> dict:
   settings = {"log_every": 1, "eval_limit": pick(32, 200), "keep_checkpoints": 1, **overrides}
   settings.setdefault("save_every", settings.get("steps", RunConfig.steps))
   out = tempfile.mkdtemp(prefix="oftjax_ablation_")
-  config = RunConfig(**settings, output_dir=out, overwrite=True)
-  if config.warmup_steps == -1:
-    config.warmup_steps = min(10, config.steps // 10)
-  validate(config)
+  config = finalize(RunConfig(**settings, output_dir=out, overwrite=True))
   try:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
       summary = run(config)

@@ -37,6 +37,6 @@ __all__ = [
     "MODES", "NF4_BLOCK", "QUANT_KEY", "dequantize_matrix", "dequantize_params",
     "dequantized_call", "error_bound", "float_params", "has_kernel", "is_quantized",
     "kernel_to_matrix", "logical_count", "matrix_to_kernel", "merge_into_quantized",
-    "nf4_code_values", "nf4_max_half_gap", "quantize_matrix", "quantize_on_load", "quantize_params",
-    "storage_report",
+    "nf4_code_values", "nf4_max_half_gap", "quantize_matrix", "quantize_on_load",
+    "quantize_params", "storage_report",
 ]

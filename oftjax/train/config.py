@@ -135,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> RunConfig:
   """Parses and validates ``argv`` into a :class:`RunConfig`."""
-  config = RunConfig(**vars(build_parser().parse_args(argv)))
+  return finalize(RunConfig(**vars(build_parser().parse_args(argv))))
+
+
+def finalize(config: RunConfig) -> RunConfig:
+  """Resolves derived defaults (``warmup_steps=-1``) and validates ``config``, in place."""
   if config.warmup_steps == -1:
     config.warmup_steps = min(10, max(config.steps, 0) // 10)
   validate(config)

@@ -156,7 +156,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     if reason := peft_io.unexportable_reason(acfg):
       _say(main, f"note: no peft_adapter/ will be written: {reason}")
   # QOFT / QLoRA: each targeted kernel is quantized as soon as the loader completes it, so
-  # the full-precision model is never held (on host or device).
+  # at most one parameter (one projection, all layers) is ever held in full precision.
   on_param = quant.quantize_on_load(geoms, c.quantize) if c.quantize != "none" else None
   _, base = _user_errors(gemma.load, model.config.source_dir, dtype=dtype,
                          param_dtype=param_dtype, on_param=on_param,
@@ -223,9 +223,12 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   if result.stopped:
     _say(main, f"stopped at step {result.step}; rerun with --resume to continue")
     return {"stopped_at": result.step}
-  eval_after = evaluator.run(evaluated(result.trainable))
+  final = evaluated(result.trainable)
+  eval_after = evaluator.run(final)
   host_trainable = distributed.to_host(result.trainable)
-  host_merged = distributed.to_host(merged_model(result.trainable)) if c.export_merged else None
+  host_merged = None
+  if c.export_merged:  # the evaluated tree already is the merged one unless quantized
+    host_merged = distributed.to_host(merged_model(result.trainable) if quantized else final)
   if not main:
     return {"stopped_at": None, "process": jax.process_index()}
   return write_outputs(c, model, host_merged, host_trainable, frozen, acfg,

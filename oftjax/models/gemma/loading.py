@@ -3,10 +3,10 @@
 Weights are read parameter by parameter (all layers of one stacked parameter, then the next;
 large 2-D tensors such as the embedding in row blocks) into a buffer in the target dtype,
 through a donated in-place update on the device, so host memory never holds the model twice,
-and an ``on_param`` hook (e.g. quantization) can shrink each parameter before the next is read. Safetensors files are
-read with plain positioned reads (the format is an 8-byte header length, a JSON header and
-raw little-endian data) rather than `safe_open`'s memory map, whose touched pages would count
-as a second copy of the weights in the process's resident memory.
+and an ``on_param`` hook (e.g. quantization) can shrink each parameter before the next is
+read. Safetensors files are read with plain positioned reads (the format is an 8-byte header
+length, a JSON header and raw little-endian data) rather than `safe_open`'s memory map, whose
+touched pages would count as a second copy of the weights in the process's resident memory.
 """
 
 from __future__ import annotations
