@@ -2,8 +2,9 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+PYTEST := $(BIN)/python -m pytest -q -n 2 --durations=15
 
-.PHONY: venv finetune test notebooks clean
+.PHONY: venv finetune test test-slow notebooks clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,8 +19,11 @@ venv: $(BIN)/.installed
 finetune: venv
 	$(BIN)/python experiments/finetune_gemma.py
 
-test: venv
-	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
+test: venv  # the suite minus the heaviest end-to-end runs (marked slow; CI runs them next)
+	$(PYTEST) -m "not slow" tests
+
+test-slow: venv  # the heaviest end-to-end runs: notebooks in quick mode, benchmark smoke, ...
+	$(PYTEST) -m slow tests
 
 notebooks: venv  # re-run every ablation in full mode; outputs written into notebooks/*.ipynb
 	$(BIN)/python notebooks/execute.py --mode full

@@ -34,7 +34,7 @@ class AdapterConfig:
     targets: regex, ``re.fullmatch``-ed against '/'-joined paths of linear layers.
     block_size: OFT block size ``b``; must divide every targeted input width.
     num_terms: Cayley–Neumann terms ``n`` (even ``n`` is more orthogonal than odd,
-      DESIGN.md §1); building blocks costs ``r·b³·(n-2)``, negligible next to the
+      docs/DESIGN.md §1); building blocks costs ``r·b³·(n-2)``, negligible next to the
       rotation's ``tokens·d·b``.
     parameterization: ``"cayley_neumann"`` or ``"cayley"`` (exact).
     block_share: one block shared by all chunks of a layer (``[1, …]`` leaves).

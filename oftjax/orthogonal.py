@@ -1,6 +1,6 @@
 """Orthogonal blocks from packed skew-symmetric parameters (pure math, no oftjax imports).
 
-Conventions (DESIGN.md §1, identical to Hugging Face PEFT's OFT layout):
+Conventions (docs/DESIGN.md §1, identical to Hugging Face PEFT's OFT layout):
 
 * A block of size ``b`` is stored as the strict upper triangle of a skew-symmetric
   ``b x b`` matrix ``Q`` in row-major ``triu(b, b, k=1)`` order, a vector of length

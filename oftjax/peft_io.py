@@ -5,7 +5,7 @@ Layer paths map to PyTorch module names by the stacked-decoder convention shared
 ``model.layers.{i}.self_attn.q_proj``. OFT leaves are stored as PEFT's ``oft_R.weight``
 (``[r, b(b-1)/2]``, same packing); LoRA as ``lora_A.weight = aᵀ``, ``lora_B.weight = bᵀ``.
 
-Conventions that differ (DESIGN.md §1): PEFT's exact Cayley is ``cayley(-Q)``, so the
+Conventions that differ (docs/DESIGN.md §1): PEFT's exact Cayley is ``cayley(-Q)``, so the
 vector is negated in that mode; PEFT's Neumann series with ``n`` terms equals ours for
 ``n >= 4`` and its ``n = 3`` equals its ``n = 4``; our ``n = 2, 3`` have no PEFT twin.
 """

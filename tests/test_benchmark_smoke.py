@@ -1,6 +1,6 @@
 """experiments/benchmark.py --smoke: the JSON has every method and field, with sane values.
 
-No timing assertions: speed lives in the benchmark itself (DESIGN.md §4).
+No timing assertions: speed lives in the benchmark itself (docs/DESIGN.md §4).
 """
 
 import json

@@ -2,7 +2,7 @@
 
 ``quantize_params`` replaces each targeted layer's ``kernel`` by a ``kernel_q`` dict of
 plain arrays (:mod:`oftjax.quant.codes`) holding the kernel *as a matrix*
-``[..., d_in, d_out]`` (rows in the input's flattening order, DESIGN.md §1)::
+``[..., d_in, d_out]`` (rows in the input's flattening order, docs/DESIGN.md §1)::
 
     {'q_proj': {'kernel_q': {'nf4': uint8[L, 32, 64], 'absmax_q': ..., ...},
                 'oft': {'weight': ...}}}

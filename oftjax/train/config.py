@@ -76,7 +76,7 @@ _HELP = {
     "retention_data": "held-out JSONL of what the base already does (forgetting); '' to skip",
     "method": "oft (OFTv2, input-centric), oftv1 (original weight-centric OFT), lora, full",
     "block_size": "OFT block size b; must divide every targeted input width",
-    "neumann_terms": "Cayley-Neumann terms n (even n is more orthogonal, DESIGN.md §1)",
+    "neumann_terms": "Cayley-Neumann terms n (even n is more orthogonal, docs/DESIGN.md §1)",
     "parameterization": "cayley_neumann (OFTv2) or cayley (exact inverse)",
     "lora_rank": "LoRA rank", "lora_alpha": "LoRA alpha (scale = alpha / rank)",
     "targets": "regex full-matched against linear-layer paths, e.g. layers/self_attn/q_proj",
