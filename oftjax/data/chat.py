@@ -26,6 +26,7 @@ history, and its targets start at its content.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, Sequence
 
@@ -57,11 +58,16 @@ def control_tokens(tokenizer: Any) -> dict[str, int]:
   return found
 
 
+@functools.lru_cache(maxsize=8)
+def _compile(tokens: tuple[str, ...]) -> re.Pattern | None:
+  if not tokens:
+    return None
+  return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
 def _pattern(control: dict[str, int]) -> re.Pattern | None:
   """Matches any control token, longest first (so a token wins over the tokens it contains)."""
-  if not control:
-    return None
-  return re.compile("|".join(re.escape(t) for t in sorted(control, key=len, reverse=True)))
+  return _compile(tuple(control))
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], *, as_text: bool = False) -> list[list[int]]:
@@ -178,8 +184,9 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str = "",
     Spans whose texts concatenate to the full rendered conversation (see the module docstring).
 
   Raises:
-    ValueError: no chat template, a template that fails (e.g. roles out of its order), writes an
-      assistant content not once, or whose renderings are not prefix-stable.
+    ValueError: no chat template, or a template that fails (e.g. roles out of its order), that
+      does not write an assistant's content exactly once, whose layout depends on the content,
+      or whose renderings are not prefix-stable.
   """
   if not getattr(tokenizer, "chat_template", None):
     raise ValueError(f"{where}: 'messages' records need a tokenizer with a chat template")
@@ -189,7 +196,8 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str = "",
     try:
       return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
     except Exception as e:  # jinja errors raised by the template itself
-      raise ValueError(f"{where}: chat template failed ({str(e).splitlines()[0]})") from None
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise ValueError(f"{where}: chat template failed ({reason})") from None
 
   def unstable() -> ValueError:
     return ValueError(f"{where}: chat template renders are not prefix-stable; cannot mask turns")
