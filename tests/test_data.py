@@ -61,7 +61,7 @@ def test_messages_mask_only_assistant_turns(tmp_path, tok):
     assert text == tok.apply_chat_template(messages, tokenize=False)
     assert ex.tokens[0] == tok.bos_token_id and (ex.tokens == tok.bos_token_id).sum() == 1
     learned = tok.decode(ex.tokens[ex.loss_mask == 1])
-    assert learned == "yo<end_of_turn>\nok<end_of_turn>\n"
+    assert learned == "yo<end_of_turn>ok<end_of_turn>"  # the newline after the marker is never generated
     assert "hi" not in learned and "again" not in learned
 
 
