@@ -1,0 +1,70 @@
+"""Figures the docs quote from test measurements: committed JSON under ``experiments/results/``.
+
+A test measures a figure and calls :func:`check`: the measurement must equal the committed
+value, so the README and RELIABILITY.md, whose numbers ``experiments/render_docs.py``
+generates from these files, say what the test measures. With ``OFTJAX_RECORD_RESULTS=1`` the
+test writes its measurement into the file instead, e.g.
+
+    OFTJAX_RECORD_RESULTS=1 python -m pytest -q tests/test_quant.py -k stored_bytes
+    python experiments/render_docs.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "experiments", "results")
+RECORD = os.environ.get("OFTJAX_RECORD_RESULTS") == "1"
+
+
+def path_of(name: str) -> str:
+  return os.path.join(RESULTS, f"{name}.json")
+
+
+def load(name: str) -> dict:
+  """The committed ``experiments/results/<name>.json``."""
+  with open(path_of(name)) as f:
+    return json.load(f)
+
+
+def _close(got, want, rel_tol: float) -> bool:
+  if isinstance(want, dict):
+    return isinstance(got, dict) and got.keys() == want.keys() and all(
+        _close(got[k], want[k], rel_tol) for k in want)
+  if isinstance(want, list):
+    return isinstance(got, list) and len(got) == len(want) and all(
+        _close(g, w, rel_tol) for g, w in zip(got, want))
+  if isinstance(want, float) and isinstance(got, (int, float)):
+    return math.isclose(got, want, rel_tol=rel_tol, abs_tol=0.0)
+  return got == want
+
+
+def check(name: str, key: str, value, rel_tol: float = 0.0) -> None:
+  """Asserts ``value`` equals entry ``key`` of results file ``name`` (or records it).
+
+  Args:
+    name: results file stem under ``experiments/results/``.
+    key: the entry (one per measurement, e.g. a parametrized case).
+    value: the measured figure (JSON-serialisable); compared exactly unless ``rel_tol``.
+    rel_tol: relative tolerance for floats (for figures that depend on the machine).
+  """
+  value = json.loads(json.dumps(value))  # what a round trip through the file gives
+  if RECORD:
+    try:
+      data = load(name)
+    except FileNotFoundError:
+      data = {}
+    data[key] = value
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(path_of(name) + ".tmp", "w") as f:
+      json.dump(data, f, indent=1, sort_keys=True)
+      f.write("\n")
+    os.replace(path_of(name) + ".tmp", path_of(name))
+    return
+  want = load(name).get(key)
+  assert want is not None and _close(value, want, rel_tol), (
+      f"measured {key}={value} but experiments/results/{name}.json holds {want}; if the change "
+      f"is intended, rerun with OFTJAX_RECORD_RESULTS=1 and then experiments/render_docs.py")
