@@ -376,9 +376,172 @@ def render_orthogonality_warning() -> str:
   if n % 2:
     raise ValueError("the default Neumann terms are odd; the ‖Q‖ law below is for even n")
   # even n: max|RᵀR − I| ≈ ‖Q‖^(2n−2) (notebooks/neumann_terms.ipynb checks the law)
+  seen = _numerics("orthogonality_warning")
   return (f"one `warning: orthogonality error … > {tol:g} at step N (max ‖Q‖ = …)` at the first "
-          f"step where R stops being a rotation to {tol:.0%} (n={n}: near ‖Q‖ = "
-          f"{tol ** (1 / (2 * n - 2)):.2f})")
+          f"step where R stops being a rotation to {tol:.0%} (n={n}: at worst from ‖Q‖ = "
+          f"{tol ** (1 / (2 * n - 2)):.2f} on, as the error is at most ‖Q‖^{2 * n - 2}; here step "
+          f"{seen['step']}, ‖Q‖ = {seen['max_q_norm']:.3f})")
+
+
+def call_args(parts: tuple[str, ...], attr: str) -> tuple:
+  """Literal positional arguments of the one call of ``<something>.attr(...)`` in a module."""
+  calls = [n for n in ast.walk(module_ast(*parts)) if isinstance(n, ast.Call)
+           and getattr(n.func, "attr", None) == attr]
+  if len(calls) != 1:
+    raise ValueError(f"{'/'.join(parts)} calls .{attr}() {len(calls)} times, expected once")
+  return tuple(ast.literal_eval(a) for a in calls[0].args)
+
+
+def _faults(key: str):
+  return _json("experiments", "results", "reliability_faults.json")[key]
+
+
+def _numerics(key: str):
+  return _json("experiments", "results", "reliability_numerics.json")[key]
+
+
+def _short(line: str) -> str:
+  """A recorded message with hash-named files shortened as in the docs."""
+  return re.sub(r"/[0-9a-f]{8,}", lambda m: "/" + m.group(0)[1:5] + "…", line)
+
+
+def render_fault_policy() -> str:
+  steps = constant(FAULTS, "STEPS")
+  chain = _faults("sigkill_chain")
+  half = next(s for r in chain for s in r["half_written"])
+  damaged = _short(_faults("damaged_step_warning")).replace("…/checkpoints/", "")
+  return _block(
+      "- A save killed midway leaves `<step>.orbax-checkpoint-tmp/`. "
+      "`RunCheckpoints.latest_step()`\n"
+      f"  prints `warning: checkpoint {half}.orbax-checkpoint-tmp in … was half-written …; "
+      "ignored` and never\n  loads it (orbax itself replaces it when that step is saved again).\n"
+      + "- " + _paragraph(
+          "After each save the main process writes `<step>/oftjax-integrity.json` (size + "
+          "SHA-256 of every file). On `--resume` the newest step is verified; a **damaged step "
+          f"is skipped with a warning** (`{damaged}`), renamed to `<step>.damaged` so it is "
+          "never loaded, and the previous step is used. A step without the manifest (killed "
+          "between orbax's commit and the manifest write) gets structural checks only (its "
+          "JSON files must parse).").replace("\n", "\n  ") + "\n"
+      + "- " + _paragraph(
+          "If no step is usable, or a restore fails anyway, the job exits 2 with **one line "
+          f"naming the step** (`error: checkpoint step {steps} in … is damaged (…) and no "
+          "earlier step is usable; start again with --overwrite` / `… cannot be restored (…); "
+          "move it aside to resume from an earlier step`).").replace("\n", "\n  "))
+
+
+def render_fault_table() -> str:
+  steps, every = constant(FAULTS, "STEPS"), constant(FAULTS, "SAVE_EVERY")
+  (seed,), (lo, hi), (d_lo, d_hi) = (call_args(FAULTS, "Random"), call_args(FAULTS, "randint"),
+                                     call_args(FAULTS, "uniform"))
+  kinds = constant(FAULTS, "INTERRUPTIONS")
+  chain = _faults("sigkill_chain")
+  if [r["point"] for r in chain] != list(kinds):
+    raise ValueError("the recorded SIGKILL chain is not the test's INTERRUPTIONS; record it again")
+  where = {"step": f"step point: metrics line of a step {lo}–{hi} past the first checkpoint or "
+                   f"anything logged, then {d_lo:g}–{d_hi:g} s",
+           "save": "inside a checkpoint write (polled: `<step>.orbax-checkpoint-tmp/` appears)",
+           "sigint": "step point", "final": f"right after the last checkpoint (step {steps}) "
+           "committed, i.e. while the integrity manifest, old-step clean-up, evaluation, "
+           "adapter export and summary are written"}
+
+  def happened(r):
+    last = max(r["committed"]) if r["committed"] else None
+    tmp = (f"`{r['half_written'][-1]}.orbax-checkpoint-tmp` left behind; the next start warns "
+           f"\"half-written … ignored\" and resumes from step {last}") if r["half_written"] else ""
+    if r["point"] == "sigint":
+      return (f"finished the step ({r['logged_step']}), saved it, printed `stopped at step N; "
+              "rerun with --resume`, **exit 0**")
+    if r["point"] == "final":
+      return (f"steps {', '.join(map(str, r['committed']))} on disk; no `summary.json`; resume "
+              f"at step {steps} trains nothing and writes the outputs")
+    if r["point"] == "save":
+      return tmp or f"the write had finished; resume from step {last}"
+    return (f"killed after step {r['logged_step']}; "
+            + (f"it landed inside a checkpoint write: {tmp}" if tmp else
+               f"resume from the last committed step ({last})"))
+
+  test = "`test_sigkill_at_seeded_points_then_resume_is_bit_identical`"
+  rows = [(r["signal"], where[r["point"]], happened(r), test if i == 0 else "same")
+          for i, r in enumerate(chain)]
+  final = ("| — | final `--resume` | — | **`peft_adapter/adapter_model.safetensors` byte-identical** "
+           "to the reference; `metrics.jsonl` identical; `final_loss`, `eval_after` identical "
+           "| same |")
+  damages = ast.literal_eval(next(
+      d.args[1] for d in test_functions(FAULTS)["test_damaged_step_falls_back_to_the_previous_one"]
+      .decorator_list if isinstance(d, ast.Call)))
+  rest = [
+      (f"truncated largest data file of the latest committed step ({steps})",
+       "copy of the reference run, `--resume`",
+       f"warning \"step {steps} is damaged … resuming from step {steps - every}\"; "
+       f"`{steps}.damaged` kept aside; adapter byte-identical, metrics identical",
+       "`test_damaged_latest_checkpoint_is_skipped_and_resume_is_bit_identical`", 1),
+      ("`<step>.orbax-checkpoint-tmp` with orbax's first file only", "unit (RunCheckpoints)",
+       "ignored with a warning; latest = previous step",
+       "`test_half_written_step_is_ignored_with_a_warning`", 1),
+      ("truncated / bit-flipped / deleted data file, unreadable manifest, bad `meta/metadata` "
+       "in a manifest-less step", "unit",
+       "skipped with a warning, previous step restored with its values",
+       "`test_damaged_step_falls_back_to_the_previous_one[*]`", len(damages)),
+      ("every step damaged", "unit", "`CheckpointError`, one line naming the newest step",
+       "`test_every_step_damaged_is_one_line_error_naming_the_step`", 1),
+      ("manifest-less step whose array data is gone", "unit",
+       "restore raises `CheckpointError`, one line naming the step",
+       "`test_restore_failure_is_one_line_error_naming_the_step`", 1),
+      ("SIGTERM mid-run", "existing", "finishes the step, saves, exit 0",
+       "`tests/test_finetune_resume.py::test_sigterm_saves_and_exits_cleanly`", 1),
+  ]
+  lines = [f"| # | Injected | Where (seeded, `random.Random({seed})`) | What happened | Test |",
+           "|---|----------|-------------------------------------|---------------|------|"]
+  lines += [f"| {i} | {a} | {b} | {c} | {d} |" for i, (a, b, c, d) in enumerate(rows, 1)]
+  lines.append(final)
+  number = len(rows) + 1
+  for a, b, c, d, n in rest:
+    label = str(number) if n == 1 else f"{number}–{number + n - 1}"
+    lines.append(f"| {label} | {a} | {b} | {c} | {d} |")
+    number += n
+  return _block("\n".join(lines))
+
+
+def render_fault_notes() -> str:
+  (seed,) = call_args(FAULTS, "Random")
+  chain = _faults("sigkill_chain")
+  inside = sum(bool(r["half_written"]) for r in chain if r["point"] != "final")
+  return _block(_paragraph(
+      f"Triggers and delays are seeded (`random.Random({seed})`); where they land depends on "
+      "the machine's speed, so the table shows one recorded run (`OFTJAX_RECORD_RESULTS=1` "
+      "writes its kill log to `experiments/results/reliability_faults.json`); another machine "
+      "hits other steps. Asserted every time: each process dies as planned (SIGKILL: -9, "
+      "SIGINT: 0 with the message), no `summary.json` before the end, each restart reports the "
+      "half-written step the previous kill left, at least one kill landed inside a checkpoint "
+      "write, and the final adapter bytes equal the reference's. The \"step\" points are "
+      "metrics lines with a step beyond anything a previous process logged, so a stale line of "
+      f"a killed run never triggers a kill early (in the recorded run {_words(inside)} kills "
+      "landed inside a checkpoint write)."))
+
+
+def render_reference_lr() -> str:
+  return f"`--lr {function_flags(FAULTS, 'job')['--lr']}`"
+
+
+def render_nonfinite_injected() -> str:
+  lr = constant(("tests", "test_reliability_numerics.py"), "HUGE_LR")
+  r = _numerics("nonfinite")
+  return (f"`--lr {lr}`: ‖Q‖ = {r['max_q_norm_before']:,} after step "
+          f"{r['first_skipped_step'] - 1}, loss NaN from step {r['first_skipped_step']}")
+
+
+def render_nonfinite_result() -> str:
+  r = _numerics("nonfinite")
+  return (f"exit 0, `warning: step {r['first_skipped_step']}: … not finite; step skipped`, "
+          f"`skipped_steps` counts {r['first_skipped_step']}…{r['last_step']}")
+
+
+def render_nonfinite_stop() -> str:
+  step = _numerics("nonfinite_stop_step")
+  if step != _numerics("nonfinite")["first_skipped_step"]:
+    raise ValueError("the recorded stop step differs from the first skipped step")
+  return (f"`error: step {step}: the loss or gradient is not finite (loss nan); stopped "
+          "(--on-nonfinite stop) without saving it; last checkpoint: none; …`")
 
 
 # ----------------------------------------------------------------------------- BENCHMARKS
@@ -571,6 +734,13 @@ RENDERERS = {
     "bad-input-count": render_bad_input_count,
     "reliability-setup": render_reliability_setup,
     "orthogonality-warning": render_orthogonality_warning,
+    "fault-policy": render_fault_policy,
+    "fault-table": render_fault_table,
+    "fault-notes": render_fault_notes,
+    "reference-lr": render_reference_lr,
+    "nonfinite-injected": render_nonfinite_injected,
+    "nonfinite-result": render_nonfinite_result,
+    "nonfinite-stop": render_nonfinite_stop,
     "bench-notebook": render_bench_notebook,
     "bench-reproduce": render_bench_reproduce,
     "bench-model": render_bench_model,
