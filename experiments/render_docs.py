@@ -222,11 +222,16 @@ def _range(values, fmt="{:.2f}", sep="–") -> str:
   return lo if lo == hi else f"{lo}{sep}{hi}"
 
 
+_NUMBER_WORDS = "zero one two three four five six seven eight nine ten".split()
+
+
 def _words(n: int) -> str:
-  return ("zero one two three four five six seven eight nine ten".split() + [str(n)] * 99)[n]
+  """``n`` spelled out in prose (digits past ten)."""
+  return _NUMBER_WORDS[n] if 0 <= n < len(_NUMBER_WORDS) else str(n)
 
 
 # ----------------------------------------------------------------------------- README
+# Each render_<name> returns the text of region <name> (see RENDERERS at the end).
 
 
 def _summary(name: str = "default_run") -> dict:
@@ -270,7 +275,8 @@ def render_quant_storage() -> str:
           f"scales ({q['nf4_double_quant']['ratio']:.2f}x of bf16 bytes; "
           f"{q['nf4']['ratio']:.2f}x without double quantization) or int8 per channel "
           f"({q['int8']['ratio']:.2f}x), tested to the byte on kernels of input width {d_in} "
-          f"(`tests/test_quant.py`; a wider kernel stores slightly less per weight)")
+          f"(`tests/test_quant.py`; int8's per-channel scale costs less per weight on wider "
+          f"kernels)")
 
 
 def render_qoft_accuracy() -> str:
@@ -340,7 +346,8 @@ INPUT_TESTS = ("test_bad_input_is_one_line_error", "test_bad_checkpoint_is_one_l
 def bad_input_catalogue() -> dict[str, list[str]]:
   """pytest ids of every bad-input case RELIABILITY.md counts, per test file."""
   return {"inputs": [i for t in INPUT_TESTS for i in collected_cases(INPUTS, t)],
-          "bad_input": [i for t in test_functions(BAD_INPUT) for i in collected_cases(BAD_INPUT, t)]}
+          "bad_input": [i for t in test_functions(BAD_INPUT)
+                        for i in collected_cases(BAD_INPUT, t)]}
 
 
 def render_bad_input_count() -> str:
@@ -446,8 +453,9 @@ def render_fault_table() -> str:
 
   def happened(r):
     last = max(r["committed"]) if r["committed"] else None
-    tmp = (f"`{r['half_written'][-1]}.orbax-checkpoint-tmp` left behind; the next start warns "
-           f"\"half-written … ignored\" and resumes from step {last}") if r["half_written"] else ""
+    tmp = "" if not r["half_written"] else (
+        f"`{r['half_written'][-1]}.orbax-checkpoint-tmp` left behind; the next start warns "
+        f"\"half-written … ignored\" and resumes from step {last}")
     if r["point"] == "sigint":
       return (f"finished the step ({r['logged_step']}), saved it, printed `stopped at step N; "
               "rerun with --resume`, **exit 0**")
@@ -463,9 +471,9 @@ def render_fault_table() -> str:
   test = "`test_sigkill_at_seeded_points_then_resume_is_bit_identical`"
   rows = [(r["signal"], where[r["point"]], happened(r), test if i == 0 else "same")
           for i, r in enumerate(chain)]
-  final = ("| — | final `--resume` | — | **`peft_adapter/adapter_model.safetensors` byte-identical** "
-           "to the reference; `metrics.jsonl` identical; `final_loss`, `eval_after` identical "
-           "| same |")
+  final = ("| — | final `--resume` | — | **`peft_adapter/adapter_model.safetensors` "
+           "byte-identical** to the reference; `metrics.jsonl` identical; `final_loss`, "
+           "`eval_after` identical | same |")
   damages = ast.literal_eval(next(
       d.args[1] for d in test_functions(FAULTS)["test_damaged_step_falls_back_to_the_previous_one"]
       .decorator_list if isinstance(d, ast.Call)))
@@ -612,7 +620,7 @@ def render_bench_machine() -> str:
       f"- Threads: XLA CPU default (all {m['threads']} cores); torch "
       f"`set_num_threads({m['torch_threads']})`. dtype: {m['dtype']} everywhere.\n"
       f"- Versions: Python {m['python']}, jax {m['jax']} ({m['jax_backend'].upper()} backend), "
-      f"torch {m['torch']}. `XLA_FLAGS` {'unset' if not m['xla_flags'] else repr(m['xla_flags'])}.\n"
+      f"torch {m['torch']}. `XLA_FLAGS` {repr(m['xla_flags']) if m['xla_flags'] else 'unset'}.\n"
       f"- Full run wall time: {r['wall_s'] / 60:.0f} min (`mode: {r['mode']}`); raw numbers in\n"
       f"  `experiments/benchmark_plots/results_full.json`.")
 
@@ -646,7 +654,8 @@ def render_bench_targets() -> str:
       f"| {verdict('oft_over_lora16_time')} |",
       f"| OFTv2 step ≤ 1.10× the floor | {v['oft_over_floor_time']:.2f}× (flops "
       f"{r['oft_over_floor_flops']:.2f}×) | {verdict('oft_over_floor_time')} |",
-      f"| oftjax OFTv2 ≥ 1.5× faster than PEFT OFT | {v['peft_oft_over_oft_time']:.2f}× | {peft} |",
+      f"| oftjax OFTv2 ≥ 1.5× faster than PEFT OFT | {v['peft_oft_over_oft_time']:.2f}× "
+      f"| {peft} |",
       "| ≥ 60% of the matmul peak | see below | **not reliably measurable here** |",
   ]
   return (f"**Targets** (judged at the largest config, d_model {c['d_model']}, {c['tokens']} "

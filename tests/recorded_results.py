@@ -2,8 +2,10 @@
 
 A test measures a figure and calls :func:`check`: the measurement must equal the committed
 value, so the README and RELIABILITY.md, whose numbers ``experiments/render_docs.py``
-generates from these files, say what the test measures. With ``OFTJAX_RECORD_RESULTS=1`` the
-test writes its measurement into the file instead, e.g.
+generates from these files, say what the test measures. A figure that depends on the
+machine's speed (where a timed kill lands) goes through :func:`record` instead, which only
+writes. With ``OFTJAX_RECORD_RESULTS=1`` every test writes its measurement into the file,
+e.g.
 
     OFTJAX_RECORD_RESULTS=1 python -m pytest -q tests/test_quant.py -k stored_bytes
     python experiments/render_docs.py
