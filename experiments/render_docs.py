@@ -43,8 +43,9 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import bench_report  # noqa: E402  (experiments/bench_report.py: stdlib only at import)
 
 DOCS = ("README.md", "RELIABILITY.md", "BENCHMARKS.md")
-REGION = re.compile(r"<!-- generated:(?P<name>[\w.-]+) -->(?P<body>.*?)"
-                    r"<!-- /generated:(?P=name) -->", re.S)
+# NAME, or NAME[ARG] for a renderer that takes an argument (e.g. one table cell per test case)
+REGION = re.compile(r"<!-- generated:(?P<name>(?P<base>[\w.-]+)(?:\[(?P<arg>[^\]]*)\])?) -->"
+                    r"(?P<body>.*?)<!-- /generated:(?P=name) -->", re.S)
 NOTEBOOKS = ("neumann_terms", "block_size", "oft_v1_vs_v2", "forgetting", "qoft_vs_qlora")
 # the ablation table's question per notebook (its answer is the notebook's FINDING line)
 QUESTIONS = {
@@ -357,6 +358,15 @@ def render_bad_input_count() -> str:
           f"**{here + there}**")
 
 
+def render_bad_input_message(case: str) -> str:
+  """The error line test case ``case`` recorded (``tests/test_reliability_inputs.py``)."""
+  messages = _json("experiments", "results", "reliability_inputs.json")
+  if case not in messages:
+    raise ValueError(f"no recorded message for bad-input case {case!r}; run "
+                     "OFTJAX_RECORD_RESULTS=1 pytest tests/test_reliability_inputs.py")
+  return "`" + _short(messages[case]).replace("|", "\\|") + "`"
+
+
 def render_reliability_setup() -> str:
   model = call_keywords(FAULTS, "Gemma3TextConfig")
   flags = function_flags(FAULTS, "job")
@@ -408,8 +418,9 @@ def _numerics(key: str):
 
 
 def _short(line: str) -> str:
-  """A recorded message with hash-named files shortened as in the docs."""
-  return re.sub(r"/[0-9a-f]{8,}", lambda m: "/" + m.group(0)[1:5] + "…", line)
+  """A recorded message with hash-named files and library error details shortened."""
+  line = re.sub(r"/[0-9a-f]{8,}", lambda m: "/" + m.group(0)[1:5] + "…", line)
+  return re.sub(r"\(([A-Z][A-Z_]{3,}): .*\)(?=; )", r"(\1: …)", line)
 
 
 def render_fault_policy() -> str:
@@ -742,6 +753,7 @@ RENDERERS = {
     "assets-time": render_assets_time,
     "bad-input-count": render_bad_input_count,
     "reliability-setup": render_reliability_setup,
+    "bad-input-message": render_bad_input_message,
     "orthogonality-warning": render_orthogonality_warning,
     "fault-policy": render_fault_policy,
     "fault-table": render_fault_table,
@@ -776,10 +788,10 @@ def render(text: str, doc: str) -> tuple[str, list[str]]:
   stale = []
 
   def one(match):
-    name = match["name"]
-    if name not in RENDERERS:
+    name, base, arg = match["name"], match["base"], match["arg"]
+    if base not in RENDERERS:
       raise ValueError(f"{doc}: no renderer for region {name!r}")
-    body = RENDERERS[name]()
+    body = RENDERERS[base]() if arg is None else RENDERERS[base](arg)
     if body != match["body"]:
       stale.append(name)
     return f"<!-- generated:{name} -->{body}<!-- /generated:{name} -->"
@@ -802,7 +814,7 @@ def main(argv=None) -> int:
     with open(_path(doc)) as f:
       text = f.read()
     rendered[doc], changed = render(text, doc)
-    used |= {m["name"] for m in REGION.finditer(text)}
+    used |= {m["base"] for m in REGION.finditer(text)}
     stale += [f"{doc}: {name}" for name in changed]
   unused = sorted(set(RENDERERS) - used)
   if unused:

@@ -39,13 +39,17 @@ def test_a_stale_region_is_reported():
 def test_bad_input_table_is_the_test_catalogue():
   text = _read("RELIABILITY.md")
   section = text[text.index("## Bad input"):text.index("## Security")]
-  ids = re.findall(r"^\|.*\| `(?:(test_\w+))?\[([^\]]+)\]` \|$", section, re.M)
+  rows = re.findall(r"^\|.*\| `(?:(test_\w+))?\[([^\]]+)\]` \|$", section, re.M)
   documented, test = set(), None
-  for name, case in ids:  # a bare `[case]` continues the test named above it
+  for name, case in rows:  # a bare `[case]` continues the test named above it
     test = name or test or render_docs.INPUT_TESTS[0]
     documented.add(f"{test}[{case}]")
-  assert len(ids) == len(documented), "a case is listed twice"
+  assert len(rows) == len(documented), "a case is listed twice"
   assert documented == set(render_docs.bad_input_catalogue()["inputs"])
+  # each row quotes the message its own case recorded
+  quoted = re.findall(r"^\|.*<!-- generated:bad-input-message\[([^\]]+)\] -->.*\| `(?:test_\w+)?"
+                      r"\[([^\]]+)\]` \|$", section, re.M)
+  assert len(quoted) == len(rows) and all(a == b for a, b in quoted), quoted
 
 
 def test_recorded_default_run_is_the_jobs_default():
