@@ -46,7 +46,6 @@ DOCS = ("README.md", "RELIABILITY.md", "BENCHMARKS.md")
 # NAME, or NAME[ARG] for a renderer that takes an argument (e.g. one table cell per test case)
 REGION = re.compile(r"<!-- generated:(?P<name>(?P<base>[\w.-]+)(?:\[(?P<arg>[^\]]*)\])?) -->"
                     r"(?P<body>.*?)<!-- /generated:(?P=name) -->", re.S)
-NOTEBOOKS = ("neumann_terms", "block_size", "oft_v1_vs_v2", "forgetting", "qoft_vs_qlora")
 # the ablation table's question per notebook (its answer is the notebook's FINDING line)
 QUESTIONS = {
     "neumann_terms": "how many Cayley–Neumann terms?",
@@ -59,6 +58,11 @@ QUESTIONS = {
 
 def _path(*parts: str) -> str:
   return os.path.join(ROOT, *parts)
+
+
+def _notebooks() -> tuple[str, ...]:
+  """The ablation notebooks, as ``notebooks/execute.py`` runs them."""
+  return constant(("notebooks", "execute.py"), "NOTEBOOKS")
 
 
 def _json(*parts: str):
@@ -305,14 +309,14 @@ def _eval_sizes() -> list[int]:
   """Full-mode eval set sizes: ablation_runs' default and every notebook's own."""
   with open(_path("notebooks", "ablation_runs.py")) as f:
     sizes = {int(m) for m in re.findall(r'"eval_limit": pick\(\d+, (\d+)\)', f.read())}
-  for name in NOTEBOOKS:
+  for name in _notebooks():
     sizes |= {int(m) for m in re.findall(r"(?:N_EVAL|EVAL_LIMIT)\s*=\s*pick\(\d+, (\d+)\)",
                                          notebook_code(name))}
   return sorted(sizes)
 
 
 def render_notebook_count() -> str:
-  return _words(len(NOTEBOOKS))
+  return _words(len(_notebooks()))
 
 
 def render_ablation_eval() -> str:
@@ -325,7 +329,10 @@ def render_ablation_eval() -> str:
 def render_ablation_table() -> str:
   rows = ["| notebook | question | finding (full run: the notebook's `FINDING:` line) |",
           "|---|---|---|"]
-  rows += [f"| `{n}` | {QUESTIONS[n]} | {finding(n)} |" for n in NOTEBOOKS]
+  missing = [n for n in _notebooks() if n not in QUESTIONS]
+  if missing:
+    raise ValueError(f"add the question of notebook {missing[0]} to QUESTIONS")
+  rows += [f"| `{n}` | {QUESTIONS[n]} | {finding(n)} |" for n in _notebooks()]
   return _block("\n".join(rows))
 
 
@@ -364,7 +371,7 @@ def render_bad_input_message(case: str) -> str:
   if case not in messages:
     raise ValueError(f"no recorded message for bad-input case {case!r}; run "
                      "OFTJAX_RECORD_RESULTS=1 pytest tests/test_reliability_inputs.py")
-  return "`" + _short(messages[case]).replace("|", "\\|") + "`"
+  return "`" + messages[case].replace("|", "\\|") + "`"
 
 
 def render_reliability_setup() -> str:
@@ -417,17 +424,11 @@ def _numerics(key: str):
   return _json("experiments", "results", "reliability_numerics.json")[key]
 
 
-def _short(line: str) -> str:
-  """A recorded message with hash-named files and library error details shortened."""
-  line = re.sub(r"/[0-9a-f]{8,}", lambda m: "/" + m.group(0)[1:5] + "…", line)
-  return re.sub(r"\(([A-Z][A-Z_]{3,}): .*\)(?=; )", r"(\1: …)", line)
-
-
 def render_fault_policy() -> str:
   steps = constant(FAULTS, "STEPS")
   chain = _faults("sigkill_chain")
   half = next(s for r in chain for s in r["half_written"])
-  damaged = _short(_faults("damaged_step_warning")).replace("…/checkpoints/", "")
+  damaged = _faults("damaged_step_warning").replace("…/checkpoints/", "")
   return _block(
       "- A save killed midway leaves `<step>.orbax-checkpoint-tmp/`. "
       "`RunCheckpoints.latest_step()`\n"

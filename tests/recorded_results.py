@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "experiments", "results")
@@ -42,6 +43,15 @@ def _close(got, want, rel_tol: float) -> bool:
   if isinstance(want, float) and isinstance(got, (int, float)):
     return math.isclose(got, want, rel_tol=rel_tol, abs_tol=0.0)
   return got == want
+
+
+def as_quoted(message: str) -> str:
+  """A message as the docs quote it, without what changes from run to run: orbax's
+  hash-named data files and their sizes (``…/d/… is N bytes, expected M``) and library error
+  details (``(NOT_FOUND: …)``)."""
+  message = re.sub(r"/[0-9a-f]{8,}", "/…", message)
+  message = re.sub(r"is \d+ bytes, expected \d+", "is N bytes, expected M", message)
+  return re.sub(r"\(([A-Z][A-Z_]{3,}): .*\)(?=; )", r"(\1: …)", message)
 
 
 def _write(name: str, key: str, value) -> None:

@@ -217,8 +217,8 @@ def test_damaged_latest_checkpoint_is_skipped_and_resume_is_bit_identical(rel, t
   assert adapter_bytes(out) == adapter_bytes(ref)
   assert read_jsonl(out / "metrics.jsonl") == read_jsonl(ref / "metrics.jsonl")
   warning = next(line for line in proc.stdout.splitlines() if "is damaged" in line)
-  recorded_results.record("reliability_faults", "damaged_step_warning",
-                          warning.replace(str(out), "…"))
+  recorded_results.check("reliability_faults", "damaged_step_warning",
+                         recorded_results.as_quoted(warning.replace(str(out), "…")))
 
 
 # ----------------------------------------------------------------------------- RunCheckpoints unit

@@ -229,10 +229,11 @@ def _check(argv, capsys):
   return err, captured.out
 
 
-def _record(case, err, base, tmp):
-  """Records the message as RELIABILITY.md shows it: this run's folders left out."""
+def _quoted(case, err, base, tmp):
+  """The message is the one RELIABILITY.md quotes (this run's folders left out)."""
   shown = err.removeprefix("error: ").replace(f"{tmp}{os.sep}", "").replace(str(tmp), "D")
-  recorded_results.record("reliability_inputs", case, shown.replace(f"{base}{os.sep}", ""))
+  shown = recorded_results.as_quoted(shown.replace(f"{base}{os.sep}", ""))
+  recorded_results.check("reliability_inputs", case, shown)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -242,7 +243,7 @@ def test_bad_input_is_one_line_error(case, rel, tmp_path, capsys):  # noqa: F811
   err, _ = _check(job(rel, out, steps=6) + make_args(rel, tmp_path), capsys)
   assert needle in err, err
   assert not out.exists(), "a failed pre-check must not create the output directory"
-  _record(case, err, rel, tmp_path)
+  _quoted(case, err, rel, tmp_path)
 
 
 RESUME_CASES = {
@@ -268,7 +269,7 @@ def test_bad_checkpoint_is_one_line_error(case, rel, tmp_path, capsys):  # noqa:
   assert needle in err, err
   assert warning is None or "warning: " in stdout and warning in stdout, stdout
   assert not (out / "summary.json").exists()
-  _record(case, err, rel, tmp_path)
+  _quoted(case, err, rel, tmp_path)
 
 
 # ----------------------------------------------------------------------------- security
