@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest -q -n 2 --durations=15
 
-.PHONY: venv finetune test test-slow notebooks clean
+.PHONY: venv finetune test test-slow notebooks docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ test-slow: venv  # the heaviest end-to-end runs: notebooks in quick mode, benchm
 
 notebooks: venv  # re-run every ablation in full mode; outputs written into notebooks/*.ipynb
 	$(BIN)/python notebooks/execute.py --mode full
+	$(BIN)/python experiments/render_docs.py
+
+docs: venv  # rewrite every generated number in README, BENCHMARKS, RELIABILITY from committed results
+	$(BIN)/python experiments/render_docs.py
 
 clean:
 	rm -rf $(VENV)

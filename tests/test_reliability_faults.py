@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import pytest
 
 from finetune_helpers import ASSETS, SCRIPT, read_jsonl
+import recorded_results
 
 STEPS = 24
 SAVE_EVERY = 3
@@ -188,6 +189,7 @@ def test_sigkill_at_seeded_points_then_resume_is_bit_identical(rel, tmp_path):
   summary, expected = (json.loads((d / "summary.json").read_text()) for d in (out, ref))
   assert summary["final_loss"] == expected["final_loss"]
   assert summary["eval_after"] == expected["eval_after"]
+  recorded_results.record("reliability_faults", "sigkill_chain", log)  # RELIABILITY.md quotes it
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints
@@ -214,6 +216,9 @@ def test_damaged_latest_checkpoint_is_skipped_and_resume_is_bit_identical(rel, t
   assert (out / "checkpoints" / f"{STEPS}.damaged").is_dir()
   assert adapter_bytes(out) == adapter_bytes(ref)
   assert read_jsonl(out / "metrics.jsonl") == read_jsonl(ref / "metrics.jsonl")
+  warning = next(line for line in proc.stdout.splitlines() if "is damaged" in line)
+  recorded_results.check("reliability_faults", "damaged_step_warning",
+                         recorded_results.as_quoted(warning.replace(str(out), "…")))
 
 
 # ----------------------------------------------------------------------------- RunCheckpoints unit

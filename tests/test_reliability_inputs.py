@@ -18,6 +18,7 @@ import pytest
 import safetensors.numpy
 
 from finetune_helpers import ROOT, SCRIPT
+import recorded_results
 from test_reliability_faults import STEPS, job, reference_run, rel  # noqa: F401
 
 _spec = importlib.util.spec_from_file_location("finetune_gemma_rel", SCRIPT)
@@ -228,6 +229,13 @@ def _check(argv, capsys):
   return err, captured.out
 
 
+def _quoted(case, err, base, tmp):
+  """The message is the one RELIABILITY.md quotes (this run's folders left out)."""
+  shown = err.removeprefix("error: ").replace(f"{tmp}{os.sep}", "").replace(str(tmp), "D")
+  shown = recorded_results.as_quoted(shown.replace(f"{base}{os.sep}", ""))
+  recorded_results.check("reliability_inputs", case, shown)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_one_line_error(case, rel, tmp_path, capsys):  # noqa: F811
   make_args, needle = CASES[case]
@@ -235,6 +243,7 @@ def test_bad_input_is_one_line_error(case, rel, tmp_path, capsys):  # noqa: F811
   err, _ = _check(job(rel, out, steps=6) + make_args(rel, tmp_path), capsys)
   assert needle in err, err
   assert not out.exists(), "a failed pre-check must not create the output directory"
+  _quoted(case, err, rel, tmp_path)
 
 
 RESUME_CASES = {
@@ -260,6 +269,7 @@ def test_bad_checkpoint_is_one_line_error(case, rel, tmp_path, capsys):  # noqa:
   assert needle in err, err
   assert warning is None or "warning: " in stdout and warning in stdout, stdout
   assert not (out / "summary.json").exists()
+  _quoted(case, err, rel, tmp_path)
 
 
 # ----------------------------------------------------------------------------- security
