@@ -9,6 +9,7 @@ tower), one forward each.
 import dataclasses
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -166,7 +167,8 @@ MISSING = {
 def test_missing_fields_take_peft_defaults(bases, case, tmp_path):
   base = bases["text"]
   make_config, edits = MISSING[case]
-  folder = _edited(str(_peft_adapter(base, make_config, 0.1, tmp_path) and tmp_path), **edits)
+  _peft_adapter(base, make_config, 0.1, tmp_path)
+  folder = _edited(str(tmp_path), **edits)
   if case == "block_share":  # PEFT now builds one block per chunk and fails to load [1, n]
     adapter, config = peft_io.import_peft(folder, naming=base.naming)
     assert not config.block_share
@@ -229,7 +231,7 @@ REFUSED = {
     "neumann n=1": (_oft(), {"num_cayley_neumann_terms": 1}, "R = I"),
     "rank_pattern mismatch": (_lora(rank_pattern={"v_proj": 2}), {"rank_pattern": {"v_proj": 3}},
                               "rank_pattern"),
-    "eps null": (_oft(coft=True), {"eps": "small"}, "eps='small'"),
+    "eps not a number": (_oft(coft=True), {"eps": "small"}, "eps='small'"),
 }
 
 
@@ -250,7 +252,6 @@ def test_naming_maps_paths_both_ways():
   assert naming.module_name("lm_head", None) == "lm_head"
   assert naming.path_of("model.language_model.layers.1.mlp.up_proj") == ("layers/mlp/up_proj", 1)
   assert naming.path_of("lm_head") == ("lm_head", None)
-  import re
   pattern = naming.target_pattern(["layers/mlp/up_proj", "lm_head"])
   assert re.fullmatch(pattern, "model.language_model.layers.11.mlp.up_proj")
   assert re.fullmatch(pattern, "lm_head")

@@ -76,7 +76,7 @@ def resolve(meta: dict, kind: str, source: str) -> dict:
   for key in ("r", "num_cayley_neumann_terms") if kind == "OFT" else ("r",):
     if not isinstance(settings[key], numbers.Integral) or isinstance(settings[key], bool):
       raise ValueError(f"{source}: {key}={settings[key]!r} is not an integer")
-  for key in ("eps",) if kind == "OFT" else ("lora_alpha",):
+  for key in (("eps",) if settings["coft"] else ()) if kind == "OFT" else ("lora_alpha",):
     if not _finite_number(settings[key]):
       raise ValueError(f"{source}: {key}={settings[key]!r} is not a finite number")
   if kind == "LORA":
