@@ -78,8 +78,10 @@ def bases(tmp_path_factory):
 def test_bases_agree_and_naming_follows_the_folder(bases):
   assert bases["text"].naming.decoder_prefix == "model."
   assert bases["multimodal"].naming.decoder_prefix == "model.language_model."
+  assert gemma.module_layout(H.hf_config("gemma3"))["outside"] == ()  # tied: no lm_head layer
   for base in bases.values():
     assert base.naming.num_layers == 4 and "lm_head" in base.params
+    assert dict(base.naming.outside) == {"lm_head": "lm_head"}
     np.testing.assert_allclose(base.ours(None, None), PH.logits(base.torch_model(), TOKENS),
                                atol=TOL)
 
@@ -208,7 +210,17 @@ def test_bare_names_on_a_multimodal_base_are_refused(bases, tmp_path):
   with pytest.raises(ValueError) as e:
     peft_io.import_peft(str(tmp_path), naming=base.naming)
   msg = str(e.value)
-  assert "\n" not in msg and "model.vision_tower." in msg and "text decoder" in msg
+  assert "\n" not in msg and "model.vision_tower." in msg and "vision/audio tower" in msg
+
+
+def test_lm_head_adapter_on_a_tied_base_is_refused(bases, tmp_path):
+  """A tied lm_head is the embedding in oftjax: the adapter would silently do nothing."""
+  base = bases["text"]
+  _peft_adapter(base, _lora(), 0.1, tmp_path)
+  tied = dataclasses.replace(base.naming, outside=())
+  with pytest.raises(ValueError) as e:
+    peft_io.import_peft(str(tmp_path), naming=tied)
+  assert "\n" not in str(e.value) and "module 'lm_head'" in str(e.value)
 
 
 def test_multimodal_adapter_on_text_naming_is_refused(bases, tmp_path):

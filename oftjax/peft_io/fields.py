@@ -74,8 +74,9 @@ def resolve(meta: dict, kind: str, source: str) -> dict:
     raise ValueError(f"{source}: fan_in_fan_out=true is for Conv1D (GPT-2 style) weights, "
                      "not this model's linear layers; use an adapter made for this model")
   for key in ("r", "num_cayley_neumann_terms") if kind == "OFT" else ("r",):
-    if not isinstance(settings[key], numbers.Integral) or isinstance(settings[key], bool):
-      raise ValueError(f"{source}: {key}={settings[key]!r} is not an integer")
+    value = settings[key]
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+      raise ValueError(f"{source}: {key}={value!r} is not a non-negative integer")
   for key in (("eps",) if settings["coft"] else ()) if kind == "OFT" else ("lora_alpha",):
     if not _finite_number(settings[key]):
       raise ValueError(f"{source}: {key}={settings[key]!r} is not a finite number")
@@ -99,11 +100,17 @@ def _check_lora(settings: dict, source: str) -> None:
     if not isinstance(pattern, dict):
       raise ValueError(f"{source}: {key} must be an object of regex -> number")
     for name, value in pattern.items():
-      ok = _finite_number(value) and (key == "alpha_pattern" or float(value).is_integer())
-      if not ok:
+      try:
+        re.compile(name)
+      except re.error as e:
+        raise ValueError(f"{source}: {key} key {name!r} is not a valid regex ({e})") from None
+      is_rank = _finite_number(value) and float(value).is_integer() and value >= 1
+      if not (is_rank if key == "rank_pattern" else _finite_number(value)):
         raise ValueError(f"{source}: {key}[{name!r}]={value!r} is not a valid "
                          f"{'rank' if key == 'rank_pattern' else 'alpha'}")
     settings[key] = pattern
+  if settings["r"] < 1:
+    raise ValueError(f"{source}: r={settings['r']} (LoRA needs a rank >= 1)")
 
 
 def pattern_value(pattern: dict, module: str, default):

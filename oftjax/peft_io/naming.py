@@ -87,9 +87,9 @@ class ModuleNaming:
       if not any(part.isdigit() for part in rest.split(".")):
         return rest.replace(".", "/"), None
     where = [f"'{self.decoder_prefix}{self.stack}.N.…'"] + [f"'{t}'" for _, t in self.outside]
-    raise ValueError(f"module '{module}' is not part of this model's text decoder (its "
-                     f"adapted modules are {' or '.join(where)}); was the adapter made on "
-                     "another base, or does it adapt a vision/audio tower?")
+    raise ValueError(f"module '{module}' is not an adaptable layer of this model's text "
+                     f"decoder (those are {' or '.join(where)}); the adapter adapts a "
+                     "vision/audio tower or a tied lm_head, or was made on another base")
 
   def target_pattern(self, paths) -> str:
     """A regex that PEFT ``fullmatch``-es against exactly the modules of ``paths``.

@@ -105,8 +105,8 @@ def _group(tensors: dict, naming: ModuleNaming, weights: str) -> dict:
       continue
     if not match:
       raise ValueError(f"{weights}: tensor '{key}' is not an OFT/LoRA weight of a linear layer")
-    adapted.add(match.group(1))
     module, leaf = match.groups()
+    adapted.add(module)
     try:
       path, layer = naming.path_of(module)
     except ValueError as e:

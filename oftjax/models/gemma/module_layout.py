@@ -15,7 +15,8 @@ def module_layout(hf_config) -> dict:
   A config with a separate text config (multimodal Gemma 3, Gemma 4: the decoder is
   ``model.language_model`` of a ``...ForConditionalGeneration``) puts the decoder under
   ``model.language_model.``; a text-only config under ``model.``. Our stacked ``layers``
-  are the decoder's ``layers`` ``ModuleList``; the output projection is ``lm_head`` in both.
+  are the decoder's ``layers`` ``ModuleList``; an untied output projection is ``lm_head``
+  in both (a tied one is the embedding: our tree has no ``lm_head`` layer to adapt).
 
   Args:
     hf_config: the folder's top-level transformers config (``read_hf_config(folder)``),
@@ -33,5 +34,5 @@ def module_layout(hf_config) -> dict:
       "decoder_prefix": "model." if text is hf_config else "model.language_model.",
       "stack": "layers",
       "num_layers": int(text.num_hidden_layers),
-      "outside": (("lm_head", "lm_head"),),
+      "outside": () if getattr(text, "tie_word_embeddings", True) else (("lm_head", "lm_head"),),
   }
