@@ -31,6 +31,26 @@ def tiny_model_dir(tmp_path_factory):
   return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_multimodal_dir(tmp_path_factory):
+  """A random tiny multimodal Gemma 3 (``Gemma3ForConditionalGeneration``, SigLIP tower,
+  tied embeddings as gemma-3-4b ships), with the shipped tokenizer."""
+  import transformers
+
+  import multimodal_helpers
+
+  folder = str(tmp_path_factory.mktemp("tiny-gemma3-multimodal"))
+  tok = transformers.AutoTokenizer.from_pretrained(os.path.join(ASSETS, "tokenizer"))
+  text = transformers.Gemma3TextConfig(
+      vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=16,
+      max_position_embeddings=256, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+      eos_token_id=tok.eos_token_id)
+  multimodal_helpers.save_multimodal_model(text, folder)
+  tok.save_pretrained(folder)
+  return folder
+
+
 def job_args(model_dir, out, *extra):
   """Fast flags for the job on the tiny model."""
   return ["--model", model_dir, "--output-dir", str(out), "--steps", "6", "--batch-size", "4",

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 import oftjax
-from finetune_helpers import job_args, run_job, tiny_model_dir  # noqa: F401
+from finetune_helpers import job_args, run_job, tiny_model_dir, tiny_multimodal_dir  # noqa: F401
 from oftjax import peft_io
 from oftjax.models import gemma
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+import peft_helpers as PH  # noqa: E402  (needs torch and peft)
 
 TOKENS = np.array([[2, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]], np.int64)
 
@@ -37,7 +38,7 @@ def test_peft_adapter_and_merged_export_match_oftjax(tiny_model_dir, tmp_path, m
   assert np.abs(ours - base_logits).max() > 1e-3  # training moved the model
 
   hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
-  peft_model = peft.PeftModel.from_pretrained(hf, str(out / "peft_adapter")).eval()
+  peft_model = PH.load_peft(hf, str(out / "peft_adapter"))
   with torch.no_grad():
     theirs = peft_model(torch.from_numpy(TOKENS)).logits.numpy()
   np.testing.assert_allclose(ours, theirs, atol=1e-4)
@@ -68,3 +69,44 @@ def test_adapter_peft_cannot_hold_finishes_without_peft_export(tiny_model_dir, t
   summary = json.loads((out / "summary.json").read_text())
   assert summary["peft_adapter"] is None and "num_terms=2" in summary["peft_export_skipped"]
   assert not (out / "peft_adapter").exists() and (out / "checkpoints").is_dir()
+
+
+def _naming(folder):
+  return peft_io.ModuleNaming.from_layout(gemma.module_layout(gemma.read_hf_config(folder)))
+
+
+@pytest.mark.slow
+def test_job_on_a_multimodal_folder_exports_an_adapter_for_it(tiny_multimodal_dir, tmp_path):  # noqa: F811
+  """gemma-3-4b+ layout: the adapter loads on Gemma3ForConditionalGeneration, tower untouched.
+
+  OFT only (the job's default); LoRA on this layout is covered in tests/test_peft_interop.py.
+  """
+  out, merged_dir = tmp_path / "run", tmp_path / "merged"
+  proc = run_job(job_args(tiny_multimodal_dir, out, "--export-merged", str(merged_dir)))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  adapter_dir = str(out / "peft_adapter")
+  meta = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())
+  assert meta["peft_version"] == peft_io.PEFT_VERSION
+
+  base = transformers.AutoModelForCausalLM.from_pretrained(tiny_multimodal_dir,
+                                                           attn_implementation="eager").eval()
+  assert type(base) is transformers.Gemma3ForConditionalGeneration  # what users get
+  base_logits = PH.logits(base, TOKENS)
+  peft_model = PH.load_peft(base, adapter_dir)
+  adapted = PH.tuner_modules(peft_model)
+  assert adapted and all(".model.language_model.layers." in m for m in adapted), adapted
+  assert not [m for m in adapted if "vision_tower" in m or "multi_modal_projector" in m]
+  theirs = PH.logits(peft_model, TOKENS)
+
+  merged = transformers.AutoModelForCausalLM.from_pretrained(str(merged_dir),
+                                                             attn_implementation="eager").eval()
+  merged_logits = PH.logits(merged, TOKENS)
+  scale = np.abs(merged_logits).max()
+  assert np.abs(merged_logits - base_logits).max() > 1e-3 * scale  # training moved the model
+  np.testing.assert_allclose(theirs, merged_logits, atol=1e-4 * max(scale, 1.0))
+
+  model, params = gemma.load(tiny_multimodal_dir)
+  adapter, config = peft_io.import_peft(adapter_dir, naming=_naming(tiny_multimodal_dir))
+  ours = np.asarray(oftjax.Adapted(model, config).apply(
+      {"params": oftjax.merge_params(params, adapter)}, jnp.asarray(TOKENS, jnp.int32)))
+  np.testing.assert_allclose(ours, merged_logits, atol=1e-4 * max(scale, 1.0))

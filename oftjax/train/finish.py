@@ -18,6 +18,13 @@ from oftjax.models import gemma
 from oftjax.train import outputs
 
 
+def peft_naming(model) -> peft_io.ModuleNaming:
+  """How the base folder's PyTorch model names its modules (text-only or multimodal)."""
+  folder = model.config.source_dir
+  hf_config = gemma.read_hf_config(folder) if folder else model.config.hf_config
+  return peft_io.ModuleNaming.from_layout(gemma.module_layout(hf_config))
+
+
 def write_outputs(c, model, merged, trainable, frozen, acfg, rows, eval_before, eval_after,
                   train, result, t_start) -> dict:
   """Writes every output of a finished run; ``summary.json`` last (atomically).
@@ -30,7 +37,8 @@ def write_outputs(c, model, merged, trainable, frozen, acfg, rows, eval_before, 
   skipped_export = peft_io.unexportable_reason(acfg) if acfg is not None else None
   if acfg is not None and not skipped_export:
     adapter_dir = os.path.join(out, "peft_adapter")
-    peft_io.export_peft(adapter_dir, trainable, acfg, base_model=c.model)
+    peft_io.export_peft(adapter_dir, trainable, acfg, base_model=c.model,
+                        naming=peft_naming(model))
   if c.export_merged:
     gemma.save(c.export_merged, model, merged, tokenizer_dir=c.model, overwrite=c.overwrite)
   outputs.plot_loss(rows, os.path.join(out, "loss.png"), f"{c.method} on {os.path.basename(c.data)}")

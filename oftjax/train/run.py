@@ -20,7 +20,7 @@ from oftjax.models import gemma
 from oftjax.train import outputs
 from oftjax.train.config import RunConfig, UsageError
 from oftjax.train.evaluate import Evaluator
-from oftjax.train.finish import write_outputs
+from oftjax.train.finish import peft_naming, write_outputs
 from oftjax.train.loop import train_loop
 from oftjax.train.objective import make_optimizer, masked_xent
 from oftjax.train_step import make_train_step
@@ -108,7 +108,11 @@ def _init_adapters(c, model, acfg, example):
     init = jax.jit(lambda rng: P.split_params(wrapped.init(rng, example)["params"])[1])
     adapter = _user_errors(init, jax.random.key(c.seed))
   if c.init_adapter:
-    imported, icfg = _user_errors(peft_io.import_peft, c.init_adapter, acfg.targets)
+    try:
+      imported, icfg = peft_io.import_peft(c.init_adapter, targets=acfg.targets,
+                                           naming=peft_naming(model))
+    except (ValueError, FileNotFoundError, OSError) as e:
+      raise UsageError(f"--init-adapter {c.init_adapter}: {str(e).splitlines()[0]}") from None
     want = jax.tree_util.tree_map(lambda x: x.shape, adapter)
     got = jax.tree_util.tree_map(lambda x: x.shape, imported)
     if icfg.leaf_name != acfg.leaf_name:

@@ -13,6 +13,7 @@ from oftjax.models.gemma.generate import generate
 from oftjax.models.gemma.loading import load, load_model, read_hf_config
 from oftjax.models.gemma.model import Gemma, default_positions, init_cache, init_params
 from oftjax.models.gemma.model import from_hf_config_model as from_hf_config
+from oftjax.models.gemma.module_layout import module_layout
 from oftjax.models.gemma.saving import save
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "init_params",
     "load",
     "load_model",
+    "module_layout",
     "read_hf_config",
     "save",
     "text_config_of",
