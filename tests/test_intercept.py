@@ -17,15 +17,12 @@ TOKENS = jax.random.randint(jax.random.key(0), (2, 9), 0, 97)
 def adapted_params(model, config, scale=0.2, seed=5):
   """Base params of ``model`` plus random (non-identity) adapter leaves, and geometries."""
   base = model.init(jax.random.key(1), TOKENS)["params"]
-  wrapped = oftjax.Adapted(model, config)
-  with oftjax.record_geometries() as geoms:
-    shapes = jax.eval_shape(wrapped.init, jax.random.key(1), TOKENS)["params"]
-  _, adapter = oftjax.split_params(shapes)
-  leaves, treedef = jax.tree_util.tree_flatten(adapter)
+  adapted = oftjax.adapt(model, config, TOKENS)
+  leaves, treedef = jax.tree_util.tree_flatten(jax.eval_shape(adapted.init, jax.random.key(1)))
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   adapter = treedef.unflatten(
       [scale * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves)])
-  return wrapped, base, oftjax.merge_params(base, adapter), dict(geoms)
+  return adapted.module, base, oftjax.merge_params(base, adapter), adapted.geometries
 
 
 def test_tree_layout_puts_adapters_beside_kernels():
@@ -77,9 +74,9 @@ def test_multi_axis_output_dense_general():
   layer = nn.DenseGeneral((3, 8), axis=(-2, -1))
   x = jax.random.normal(jax.random.key(2), (4, 2, 16))
   config = oftjax.AdapterConfig(block_size=4)
-  wrapped = oftjax.Adapted(layer, config)
-  with oftjax.record_geometries() as geoms:
-    params = wrapped.init(jax.random.key(3), x)["params"]
+  adapted = oftjax.adapt(layer, config, x)
+  wrapped, geoms = adapted.module, adapted.geometries
+  params = wrapped.init(jax.random.key(3), x)["params"]
   params["oft"]["weight"] = 0.3 * jax.random.normal(jax.random.key(4), (8, 6))
   y = wrapped.apply({"params": params}, x)
   chex.assert_shape(y, (4, 3, 8))

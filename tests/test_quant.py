@@ -43,15 +43,14 @@ def tiny_lm():
 
 
 def adapted(model, method, scale=0.1, seed=3, targets=TARGETS):
-  """Adapted wrapper, random non-identity adapter leaves, geometries."""
+  """Adapted (over the dequantizing) wrapper, random non-identity adapter leaves, geometries."""
   config = oftjax.AdapterConfig(method=method, block_size=8, targets=targets, lora_rank=4)
-  wrapped = oftjax.Adapted(model, config)
-  with oftjax.record_geometries() as geoms:
-    shapes = jax.eval_shape(wrapped.init, jax.random.key(1), TOKENS)["params"]
-  leaves, treedef = jax.tree_util.tree_flatten(oftjax.split_params(shapes)[1])
+  adapted_model = oftjax.adapt(quant.Dequantized(model), config, TOKENS)
+  shapes = jax.eval_shape(adapted_model.init, jax.random.key(1))
+  leaves, treedef = jax.tree_util.tree_flatten(shapes)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   adapter = treedef.unflatten([scale * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves)])
-  return config, wrapped, adapter, dict(geoms)
+  return config, adapted_model.module, adapter, adapted_model.geometries
 
 
 def test_nf4_code_values_are_normal_quantiles():
@@ -93,7 +92,7 @@ def test_stored_bytes_of_quantized_layers(mode, limit):
   _, _, _, geoms = adapted(model, "oft")
   frozen = quant.quantize_params(base, geoms, mode)
   report = quant.storage_report(frozen)
-  kernels = sum(quant.kernel_to_matrix(oftjax.params.node_at(base, p)["kernel"], g).size
+  kernels = sum(oftjax.geometry.kernel_to_matrix(oftjax.params.node_at(base, p)["kernel"], g).size
                 for p, g in geoms.items())
   assert report["reference_bytes"] == 2 * kernels
   assert report["ratio"] <= limit, report
@@ -169,7 +168,7 @@ def test_quantized_train_step_keeps_no_dequantized_kernels():
   assert np.isfinite(float(loss))
   assert not jax.tree_util.tree_all(jax.tree_util.tree_map(jnp.array_equal, new, adapter))
   # Dequantized kernels are recomputed in the backward, not kept as residuals (without
-  # jax.checkpoint in dequantized_call, temp grew by every targeted kernel in fp32).
+  # jax.checkpoint in the dequantizing interceptor, temp grew by every targeted kernel in fp32).
   assert mem_q.temp_size_in_bytes <= mem_f.temp_size_in_bytes + 4096, (mem_q, mem_f)
   print(f"temp {mem_q.temp_size_in_bytes} B (nf4) vs {mem_f.temp_size_in_bytes} B (fp32), "
         f"arguments {mem_q.argument_size_in_bytes} B vs {mem_f.argument_size_in_bytes} B")
@@ -233,9 +232,7 @@ def test_quantize_on_load_equals_quantizing_the_loaded_tree_and_holds_no_full_co
   transformers.AutoModelForCausalLM.from_config(hf).save_pretrained(tmp_path)
   model = gemma.load_model(str(tmp_path))
   config = oftjax.AdapterConfig(method="oft", block_size=16, targets=TARGETS)
-  with oftjax.record_geometries() as geoms:
-    jax.eval_shape(oftjax.Adapted(model, config).init, jax.random.key(0), TOKENS)
-  geoms = dict(geoms)
+  geoms = oftjax.adapt(model, config, TOKENS).geometries
 
   def load_and_peak(**kwargs):
     tracemalloc.start()
