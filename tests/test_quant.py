@@ -149,6 +149,22 @@ def test_generation_over_quantized_kernels_equals_the_folded_dequantized_model(m
   assert not np.array_equal(got, unadapted)  # the adapter really takes part
 
 
+def test_dequantized_alone_runs_a_quantized_base_and_must_sit_inside_the_adapters():
+  model, base = tiny_lm()
+  config, _, adapter, geoms = adapted(model, "oft")
+  frozen = quant.quantize_params(base, geoms, "int8")
+  got = quant.Dequantized(model).apply({"params": frozen}, TOKENS)
+  want = model.apply({"params": quant.dequantize_params(frozen, geoms)}, TOKENS)
+  np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.max(jnp.abs(want))), rtol=0)
+  np.testing.assert_array_equal(  # inert on a float tree
+      np.asarray(quant.Dequantized(model).apply({"params": base}, TOKENS)),
+      np.asarray(model.apply({"params": base}, TOKENS)))
+  # Outside the adapters its interceptor would run each layer first, without them.
+  wrong = quant.Dequantized(oftjax.Adapted(model, config))
+  with pytest.raises(ValueError, match=r"inside the adapters: Adapted\(quant.Dequantized\(model\)"):
+    wrong.apply({"params": oftjax.merge_params(frozen, adapter)}, TOKENS)
+
+
 def test_quantized_train_step_keeps_no_dequantized_kernels():
   model, base = tiny_gemma()
   _, wrapped, adapter, geoms = adapted(model, "oft")

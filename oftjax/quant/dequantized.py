@@ -53,7 +53,8 @@ class Dequantized(layer.InterceptingWrapper):
   """Wraps a Linen model whose linear kernels may be stored as ``kernel_q``.
 
   Layers with a plain ``kernel`` run as they are, so the wrapper is inert on a float
-  tree and while initialising. ``call_method(name, *args)`` runs another method (e.g. a
+  tree and while initialising. It runs each quantized layer itself, so it must be the
+  innermost oftjax wrapper: ``Adapted(Dequantized(model), config)``. ``call_method(name, *args)`` runs another method (e.g. a
   decode method) the same way.
 
   Attributes:
@@ -68,5 +69,14 @@ class Dequantized(layer.InterceptingWrapper):
 
   @nn.nowrap
   def intercepting(self):
-    """Context in which :func:`dequantizing_interceptor` is active."""
+    """Context in which :func:`dequantizing_interceptor` is active.
+
+    Raises:
+      ValueError: when it wraps another oftjax wrapper (e.g. ``Adapted``): its
+        interceptor would then see each layer first and run it without the adapters.
+    """
+    if isinstance(self.base, layer.InterceptingWrapper):
+      raise ValueError(
+          f"quant.Dequantized wraps a {type(self.base).__name__}; it must wrap the base model "
+          "itself, inside the adapters: Adapted(quant.Dequantized(model), config)")
     return nn.intercept_methods(dequantizing_interceptor)
