@@ -172,8 +172,8 @@ def test_adapt_builds_one_object_for_layers_init_fold_and_peft_files(tmp_path):
   base = model.init(jax.random.key(1), TOKENS)["params"]
   adapter = adapted.init(jax.random.key(2))
   assert all(not np.any(np.asarray(x)) for x in jax.tree_util.tree_leaves(adapter))  # R = I
-  np.testing.assert_array_equal(np.asarray(adapted.apply(oftjax.merge_params(base, adapter), TOKENS)),
-                                np.asarray(model.apply({"params": base}, TOKENS)))
+  y = adapted.apply(oftjax.merge_params(base, adapter), TOKENS)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(model.apply({"params": base}, TOKENS)))
   _, _, params, _ = adapted_params(model, config)
   _, trained = oftjax.split_params(params)
   merged = adapted.fold(params)

@@ -54,8 +54,8 @@ class Dequantized(layer.InterceptingWrapper):
 
   Layers with a plain ``kernel`` run as they are, so the wrapper is inert on a float
   tree and while initialising. It runs each quantized layer itself, so it must be the
-  innermost oftjax wrapper: ``Adapted(Dequantized(model), config)``. ``call_method(name, *args)`` runs another method (e.g. a
-  decode method) the same way.
+  innermost oftjax wrapper: ``Adapted(Dequantized(model), config)``.
+  ``call_method(name, *args)`` runs another method (e.g. a decode method) the same way.
 
   Attributes:
     base: the Linen model (never modified).

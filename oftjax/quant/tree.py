@@ -1,4 +1,4 @@
-"""Quantizing and dequantizing the targeted kernels of a parameter tree (``kernel`` <-> ``kernel_q``).
+"""Quantizing and dequantizing a tree's targeted kernels (``kernel`` <-> ``kernel_q``).
 
 Tensor by tensor, so that at most one extra full-precision kernel exists at a time:
 :func:`quantize_params` on a loaded tree, :func:`quantize_on_load` as the loader's hook
