@@ -56,11 +56,6 @@ def register_kernel_storage(key: str, reader: KernelReader) -> None:
   _READERS[key] = reader
 
 
-def storage_keys() -> tuple[str, ...]:
-  """Parameter names a layer's kernel may be stored under (``'kernel'`` first)."""
-  return tuple(_READERS)
-
-
 def kernel_storage(module: nn.Module) -> str | None:
   """The key a bound layer stores its kernel under, or ``None`` before it exists (init)."""
   if module.scope is None:
