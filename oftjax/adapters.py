@@ -113,22 +113,22 @@ def rotate_input(x: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array) -> ja
 
 def merge_oft(kernel: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array) -> jax.Array:
   """Folds the rotation into the kernel: ``K' = blockdiag(R) @ K`` (block by block)."""
-  mat, plan = geo.kernel_as_matrix(kernel.astype(jnp.float32), geom)
+  mat = geo.kernel_to_matrix(kernel.astype(jnp.float32), geom)
   b = blocks.shape[-1]
   r = mat.shape[0] // b
   chunks = mat.reshape(r, b, -1)
   merged = jnp.einsum("rij,rjo->rio", jnp.broadcast_to(blocks, (r, b, b)), chunks)
-  return geo.matrix_as_kernel(merged.reshape(mat.shape), plan).astype(kernel.dtype)
+  return geo.matrix_to_kernel(merged.reshape(mat.shape), geom).astype(kernel.dtype)
 
 
 def unmerge_oft(kernel: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array) -> jax.Array:
   """Inverse of :func:`merge_oft` by block-wise solves (exact even for Neumann blocks)."""
-  mat, plan = geo.kernel_as_matrix(kernel.astype(jnp.float32), geom)
+  mat = geo.kernel_to_matrix(kernel.astype(jnp.float32), geom)
   b = blocks.shape[-1]
   r = mat.shape[0] // b
   chunks = mat.reshape(r, b, -1)
   restored = jnp.linalg.solve(jnp.broadcast_to(blocks, (r, b, b)), chunks)
-  return geo.matrix_as_kernel(restored.reshape(mat.shape), plan).astype(kernel.dtype)
+  return geo.matrix_to_kernel(restored.reshape(mat.shape), geom).astype(kernel.dtype)
 
 
 def weight_centric_kernel(kernel: jax.Array, geom: geo.LayerGeometry,
@@ -137,10 +137,10 @@ def weight_centric_kernel(kernel: jax.Array, geom: geo.LayerGeometry,
 
   Cubic in the width; kept only as the baseline OFTv2 is measured against.
   """
-  mat, plan = geo.kernel_as_matrix(kernel, geom)
+  mat = geo.kernel_to_matrix(kernel, geom)
   dense = orthogonal.block_diagonal(blocks, mat.shape[0] // blocks.shape[-1])
   merged = dense.astype(kernel.dtype) @ mat
-  return geo.matrix_as_kernel(merged, plan)
+  return geo.matrix_to_kernel(merged, geom)
 
 
 # ---------------------------------------------------------------------------- LoRA
@@ -180,9 +180,9 @@ def lora_delta(x: jax.Array, geom: geo.LayerGeometry, leaves: dict,
 def merge_lora(kernel: jax.Array, geom: geo.LayerGeometry, leaves: dict,
                config: AdapterConfig) -> jax.Array:
   """``K' = K + scale · A B`` in the kernel's own layout."""
-  mat, plan = geo.kernel_as_matrix(kernel.astype(jnp.float32), geom)
+  mat = geo.kernel_to_matrix(kernel.astype(jnp.float32), geom)
   mat = mat + (config.lora_alpha / config.lora_rank) * (leaves["a"] @ leaves["b"])
-  return geo.matrix_as_kernel(mat, plan).astype(kernel.dtype)
+  return geo.matrix_to_kernel(mat, geom).astype(kernel.dtype)
 
 
 def unmerge_lora(kernel: jax.Array, geom: geo.LayerGeometry, leaves: dict,

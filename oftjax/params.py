@@ -115,7 +115,7 @@ def fold_adapters(params: Params, geometries: Mapping[str, geo.LayerGeometry],
 
   Args:
     params: adapted tree (base + adapter leaves).
-    geometries: from :func:`oftjax.intercept.record_geometries` on the same model.
+    geometries: ``oftjax.adapt(...).geometries`` of the same model.
     config: the adapter config the leaves were trained with.
     unfold: apply the inverse fold instead (recovers the base kernels).
 
