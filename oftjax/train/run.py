@@ -144,7 +144,9 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   mesh = _user_errors(sharding.make_mesh, c.mesh)
   _user_errors(distributed.local_rows, c.batch_size)
   tokenizer = _user_errors(data.load_tokenizer, c.model)
-  param_dtype = jnp.float32 if dtype == jnp.float32 else dtype
+  # Frozen weights are stored in the compute dtype; weights that full finetuning trains keep an
+  # fp32 master copy (bf16 storage would round away updates below its 8-bit mantissa).
+  param_dtype = jnp.float32 if c.method == "full" else dtype
   model = _user_errors(gemma.load_model, c.model, dtype=dtype, param_dtype=param_dtype)
   train = _user_errors(data.load_dataset, c.data, tokenizer, c.seq_len, truncate=c.truncate)
   held_out = _user_errors(data.load_dataset, c.eval_data, tokenizer, c.seq_len)
