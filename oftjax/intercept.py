@@ -92,7 +92,8 @@ class AdapterInterceptor:
                              lambda rng: adapters.init_oft(geom.d_in, config, path))
     blocks = adapters.oft_blocks(leaves, config, path)
     if config.method == "oft":
-      return next_fun(adapters.rotate_input(x, geom, blocks), *rest, **kwargs)
+      rotated = adapters.rotate_input(x, geom, blocks, config.precision)
+      return next_fun(rotated, *rest, **kwargs)
     return self._weight_centric_call(module, next_fun, geom, blocks, x, rest, kwargs)
 
   def _weight_centric_call(self, module, next_fun, geom, blocks, x, rest, kwargs):
@@ -100,7 +101,8 @@ class AdapterInterceptor:
     if not quant.has_kernel(module):
       return next_fun(x, *rest, **kwargs)  # initialisation: creates kernel (R = I anyway)
     base = quant.float_params(module, geom)  # own params minus adapters; kernel_q dequantized
-    base["kernel"] = adapters.weight_centric_kernel(base["kernel"], geom, blocks)
+    base["kernel"] = adapters.weight_centric_kernel(base["kernel"], geom, blocks,
+                                                    self.config.precision)
     return self._call_with(module, base, x, *rest, **kwargs)
 
   def _call_with(self, module, params, *args, **kwargs):
