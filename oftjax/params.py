@@ -172,11 +172,13 @@ def adapter_health(adapter: Params, config: adapters.AdapterConfig) -> dict:
 
   Returns:
     ``{}`` without OFT adapters; otherwise ``{'layers': {path: figures}}`` where
-    ``figures`` holds ``q_norm`` (largest spectral norm of a block's ``Q``) and
-    ``orthogonality_error`` (largest ``max|RᵀR - I|`` of a block), each shaped like the
-    layer's stacked axes (``()`` unstacked), and with COFT ``coft_radius`` (the layer's
-    ``eps / sqrt(r)``) and ``coft_ratio`` (largest ``‖Q‖_F`` over that radius; <= 1
-    inside the ball), plus the summaries over all layers: ``max_q_norm``,
+    ``figures`` holds ``q_norm`` (largest spectral norm of a block's ``Q`` as the
+    forward uses it, i.e. after COFT's projection) and ``orthogonality_error``
+    (largest ``max|RᵀR - I|`` of a block), each shaped like the layer's stacked axes
+    (``()`` unstacked), and with COFT ``coft_radius`` (the layer's ``eps / sqrt(r)``)
+    and ``coft_ratio`` (largest stored ``‖Q‖_F`` over that radius: 1 on the sphere,
+    above 1 for a weight that was never projected, such as PEFT's saved one), plus the
+    summaries over all layers: ``max_q_norm``,
     ``mean_q_norm``, ``orthogonality_error`` (max), ``mean_orthogonality_error`` and with
     COFT ``max_coft_ratio``.
   """
@@ -184,10 +186,11 @@ def adapter_health(adapter: Params, config: adapters.AdapterConfig) -> dict:
   for path, kind, leaves in adapter_nodes(adapter):
     if kind != "oft":
       continue
-    packed = leaves["weight"].astype(jnp.float32)
-    lead, r = packed.shape[:-2], packed.shape[-2]
-    q = orthogonal.skew_symmetric(packed, config.block_size)
-    blocks = adapters.oft_blocks({"weight": packed}, config, path)
+    stored = leaves["weight"].astype(jnp.float32)
+    lead, r = stored.shape[:-2], stored.shape[-2]
+    used = adapters.project_oft({"weight": stored}, config)["weight"]  # what the forward uses
+    q = orthogonal.skew_symmetric(used, config.block_size)
+    blocks = adapters.oft_blocks({"weight": used}, config, path)
     figures = {
         "q_norm": _per_layer(lambda x: jnp.max(jnp.linalg.norm(x, ord=2, axis=(-2, -1))),
                              q, lead),
@@ -195,8 +198,9 @@ def adapter_health(adapter: Params, config: adapters.AdapterConfig) -> dict:
     if config.coft_eps is not None:
       radius = config.coft_eps / math.sqrt(r)
       figures["coft_radius"] = jnp.asarray(radius, jnp.float32)
-      figures["coft_ratio"] = _per_layer(
-          lambda x: jnp.max(jnp.linalg.norm(x, axis=(-2, -1))), q, lead) / radius
+      figures["coft_ratio"] = _per_layer(  # of the stored weight: > 1 if never projected
+          lambda x: jnp.max(jnp.linalg.norm(x, axis=(-2, -1))),
+          orthogonal.skew_symmetric(stored, config.block_size), lead) / radius
     layers[path] = figures
   if not layers:
     return {}
