@@ -15,9 +15,9 @@ activation dtype; :func:`rotate` returns the activation dtype.
 Precision: every matmul here takes a ``precision`` (one of :data:`PRECISIONS`, default
 ``"highest"``) that is written onto its ``dot_general``. JAX's default precision is
 full float32 on CPU but TF32 (10-bit mantissa) on recent NVIDIA GPUs and one bf16 pass
-on TPU, where the Neumann powers and the rotation visibly stop being orthogonal;
-``"highest"`` is true float32 everywhere, as PEFT's torch rotation is (torch keeps TF32
-off for matmuls by default).
+on TPU, where the Neumann powers and the rotated activations carry that rounding and
+the orthogonality proven on CPU no longer holds; ``"highest"`` is true float32
+everywhere, as PEFT's torch rotation is (torch keeps TF32 off for matmuls by default).
 
 References:
   Qiu, Liu, Weller, Schölkopf. "Orthogonal Finetuning Made Scalable" (OFTv2),

@@ -178,9 +178,8 @@ def adapter_health(adapter: Params, config: adapters.AdapterConfig) -> dict:
     (``()`` unstacked), and with COFT ``coft_radius`` (the layer's ``eps / sqrt(r)``)
     and ``coft_ratio`` (largest stored ``‖Q‖_F`` over that radius: 1 on the sphere,
     above 1 for a weight that was never projected, such as PEFT's saved one), plus the
-    summaries over all layers: ``max_q_norm``,
-    ``mean_q_norm``, ``orthogonality_error`` (max), ``mean_orthogonality_error`` and with
-    COFT ``max_coft_ratio``.
+    summaries over all layers: ``max_q_norm``, ``mean_q_norm``, ``orthogonality_error``
+    (max), ``mean_orthogonality_error`` and with COFT ``max_coft_ratio``.
   """
   layers = {}
   for path, kind, leaves in adapter_nodes(adapter):
