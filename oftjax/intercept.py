@@ -81,8 +81,9 @@ class AdapterInterceptor:
                              lambda rng: adapters.init_oft(geom.d_in, config, path))
     blocks = adapters.oft_blocks(leaves, config, path)
     if config.method == "oft":
-      return next_fun(adapters.rotate_input(x, geom, blocks), *rest, **kwargs)
-    return _weight_centric_call(module, next_fun, geom, blocks, x, rest, kwargs)
+      rotated = adapters.rotate_input(x, geom, blocks, config.precision)
+      return next_fun(rotated, *rest, **kwargs)
+    return _weight_centric_call(module, next_fun, geom, blocks, x, rest, kwargs, config.precision)
 
   def check_matched(self) -> None:
     """Raises if the targets regex matched no layer (a silent no-op adapter otherwise)."""
@@ -93,12 +94,12 @@ class AdapterInterceptor:
           f"(layer paths: {', '.join(seen[:8]) or 'none'}{' …' if len(seen) > 8 else ''})")
 
 
-def _weight_centric_call(module, next_fun, geom, blocks, x, rest, kwargs):
+def _weight_centric_call(module, next_fun, geom, blocks, x, rest, kwargs, precision):
   """Original OFT: runs the same layer with ``blockdiag(R) @ kernel`` as its kernel."""
   if not layer.has_kernel(module):
     return next_fun(x, *rest, **kwargs)  # initialisation: creates kernel (R = I anyway)
   base = layer.float_params(module, geom, exclude=P.ADAPTER_KEYS)
-  base["kernel"] = adapters.weight_centric_kernel(base["kernel"], geom, blocks)
+  base["kernel"] = adapters.weight_centric_kernel(base["kernel"], geom, blocks, precision)
   return layer.call_layer(module, base, x, *rest, **kwargs)
 
 

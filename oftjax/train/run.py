@@ -6,6 +6,7 @@ Everything a user can get wrong is checked before the output directory is touche
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -98,7 +99,8 @@ class _StopFlag:
 def _adapter_config(c: RunConfig) -> adapters.AdapterConfig:
   return adapters.AdapterConfig(
       method=c.method, targets=c.targets, block_size=c.block_size, num_terms=c.neumann_terms,
-      parameterization=c.parameterization, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)
+      parameterization=c.parameterization, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
+      precision=c.adapter_precision)
 
 
 def _init_adapters(c, model, acfg, example):
@@ -126,6 +128,7 @@ def _init_adapters(c, model, acfg, example):
     if problem:
       raise UsageError(f"--init-adapter {c.init_adapter} does not fit: {problem}")
     adapter = jax.tree_util.tree_map(jnp.asarray, imported)
+    icfg = dataclasses.replace(icfg, precision=acfg.precision)  # a run choice, not the file's
     adapted = _user_errors(adapted.with_config, icfg)
   return adapted, adapter
 
@@ -186,7 +189,10 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
                            segment_ids=batch["segment_ids"])
     return masked_xent(logits, batch)
 
+  coft = acfg is not None and acfg.coft_eps is not None  # PEFT's write-back after each update
   step_fn = make_train_step(loss_fn, optimizer, has_aux=True, accum_steps=c.grad_accum,
+                            weight_key="tokens",
+                            project=(lambda t: P.project_adapters(t, acfg)) if coft else None,
                             state_shardings=jax.tree_util.tree_map(
                                 lambda x: x.sharding, (trainable, opt_state)))
 
