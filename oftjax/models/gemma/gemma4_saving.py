@@ -4,8 +4,8 @@ A `gemma4_text` model is written as a `Gemma4ForCausalLM` folder. A model loaded
 multimodal (`gemma4`) folder is written back as a `Gemma4ForConditionalGeneration` folder:
 the whole multimodal config, the text decoder under `model.language_model.`, and every
 tower tensor (vision, audio, their embedders) copied byte for byte from the source files
-into `model-towers.safetensors`, streamed in chunks (they are never decoded or held
-whole in memory).
+into the last weight file, streamed in chunks (they are never decoded or held whole in
+memory).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from oftjax.models.gemma import gemma4_names
 from oftjax.models.gemma.gemma4_config import Gemma4Config
 from oftjax.models.gemma.loading import _safetensors_header, _weight_files
 
-TOWERS_FILE = "model-towers.safetensors"
 _COPY_CHUNK = 16 * 1024 * 1024
 
 
@@ -68,18 +67,17 @@ def tower_tensors(cfg: Gemma4Config) -> list[tuple[str, str, dict, int]]:
   return found
 
 
-def copy_towers(folder: str, towers: list[tuple[str, str, dict, int]]) -> dict[str, str]:
-  """Writes the tower tensors, bytes unchanged, into `folder/model-towers.safetensors`.
+def copy_towers(folder: str, file_name: str, towers: list[tuple[str, str, dict, int]]) -> dict[str, str]:
+  """Writes the tower tensors, bytes unchanged, into the safetensors file `folder/file_name`.
 
   Args:
     folder: the folder being written.
-    towers: from :func:`tower_tensors`.
+    file_name: the weight file to create.
+    towers: from :func:`tower_tensors` (not empty).
 
   Returns:
-    `{tensor name: file name}` for the weight-map index (empty when there are no towers).
+    `{tensor name: file_name}` for the weight-map index.
   """
-  if not towers:
-    return {}
   header, offset = {"__metadata__": {"format": "pt"}}, 0
   for name, _, entry, _ in towers:
     begin, end = entry["data_offsets"]
@@ -88,7 +86,7 @@ def copy_towers(folder: str, towers: list[tuple[str, str, dict, int]]) -> dict[s
     offset += end - begin
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
-  with open(os.path.join(folder, TOWERS_FILE), "wb") as out:
+  with open(os.path.join(folder, file_name), "wb") as out:
     out.write(len(blob).to_bytes(8, "little"))
     out.write(blob)
     for name, path, entry, data_start in towers:
@@ -102,4 +100,4 @@ def copy_towers(folder: str, towers: list[tuple[str, str, dict, int]]) -> dict[s
             raise ValueError(f"{os.path.basename(path)}: tensor data of {name!r} is truncated")
           out.write(chunk)
           left -= len(chunk)
-  return {name: TOWERS_FILE for name, *_ in towers}
+  return {name: file_name for name, *_ in towers}

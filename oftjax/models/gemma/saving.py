@@ -119,17 +119,19 @@ def save(path, model, params, tokenizer_dir=None, max_shard_bytes: int = 2 * 102
     try:
         (gemma4_saving.write_config if gemma4 else _write_config)(tmp, cfg, dtype_name)
         shards = _shards(specs, flat, max_shard_bytes)
+        files = len(shards) + (1 if towers else 0)  # the towers, if any, go in the last file
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
-            name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            name = "model.safetensors" if files == 1 else f"model-{i + 1:05d}-of-{files:05d}.safetensors"
             tensors = {file_name(s.hf_name): _hf_tensor(s, flat) for s in shard}
             total += sum(t.nbytes for t in tensors.values())
             save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
             weight_map.update({n: name for n in tensors})
             del tensors
-        weight_map.update(gemma4_saving.copy_towers(tmp, towers))
-        total += sum(e["data_offsets"][1] - e["data_offsets"][0] for _, _, e, _ in towers)
-        if len(set(weight_map.values())) > 1:
+        if towers:
+            weight_map.update(gemma4_saving.copy_towers(tmp, f"model-{files:05d}-of-{files:05d}.safetensors", towers))
+            total += sum(e["data_offsets"][1] - e["data_offsets"][0] for _, _, e, _ in towers)
+        if files > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as fh:
                 json.dump(index, fh, indent=2, sort_keys=True)
