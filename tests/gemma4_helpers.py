@@ -73,9 +73,9 @@ AUDIO = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, output_p
              subsampling_conv_channels=[4, 4])
 
 
-def text_config(name: str) -> transformers.Gemma4TextConfig:
-  """The transformers text config of a tiny test model."""
-  return transformers.Gemma4TextConfig(**_BASE, **CONFIGS[name])
+def text_config(name: str, **changes) -> transformers.Gemma4TextConfig:
+  """The transformers text config of a tiny test model, with some fields changed."""
+  return transformers.Gemma4TextConfig(**{**_BASE, **CONFIGS[name], **changes})
 
 
 def multimodal_config(name: str) -> transformers.Gemma4Config:

@@ -7,7 +7,8 @@ stack is cut into *segments*, each a group of consecutive layer kinds repeated s
 number of times (e.g. `[sliding x4, full]` x 3 unshared, then the same group x 4 shared).
 Each segment is one `nn.scan` over its repeats whose body runs the group's layers in
 order, so compile time grows with the group length and the number of segments, not with
-depth. The cut minimises the number of layers traced (then the number of segments).
+depth. The cut minimises the layers traced plus the segments (a scan costs about as much to
+compile as a layer), then the layers traced.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ def layer_kinds(config: Gemma4Config) -> tuple[LayerKind, ...]:
 
 @functools.lru_cache(maxsize=64)
 def _cut(kinds: tuple[LayerKind, ...]) -> tuple[Segment, ...]:
-  """Segments covering `kinds` with the fewest traced layers, then fewest segments."""
+  """Segments covering `kinds` with the fewest traced layers + segments, then traced layers."""
   n = len(kinds)
-  best: list = [None] * (n + 1)  # best[i]: ((traced, segments), (group, repeats)) for kinds[i:]
+  best: list = [None] * (n + 1)  # best[i]: ((traced + segments, traced), (group, repeats))
   best[n] = ((0, 0), None)
   for i in range(n - 1, -1, -1):
     for size in range(1, n - i + 1):
@@ -76,7 +77,7 @@ def _cut(kinds: tuple[LayerKind, ...]) -> tuple[Segment, ...]:
         repeats += 1
       for r in range(1, repeats + 1):
         rest = best[i + r * size][0]
-        cost = (size + rest[0], 1 + rest[1])
+        cost = (size + 1 + rest[0], size + rest[1])
         if best[i] is None or cost < best[i][0]:
           best[i] = (cost, (size, r))
   segments, i = [], 0
