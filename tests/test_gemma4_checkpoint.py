@@ -172,3 +172,19 @@ def test_multimodal_save_needs_its_source_folder(folders, tmp_path):
   with pytest.raises(ValueError, match="needs its source folder"):
     gemma.save(tmp_path / "out", orphan, params)
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["shared", "pattern"])
+def test_module_names_map_back_to_checkpoint_names(folders, name):
+  """`hf_module_name` (for adapter export) names every kernel as its checkpoint tensor."""
+  model = gemma.load_model(folders[name][0])
+  specs = [s for s in gemma4_names.tensor_specs(model.config) if s.path[-1] == "kernel"]
+  assert specs
+  for spec in specs:
+    module = gemma4_names.hf_module_name(model.config, "/".join(spec.path[:-1]), spec.layer)
+    assert module + ".weight" == gemma4_names.file_name(spec.hf_name, model.config)
+  if model.config.multimodal:
+    assert gemma4_names.hf_module_name(model.config, "layers/segment_1/slot_1/mlp/up_proj", 1) == (
+        "model.language_model.layers.7.mlp.up_proj")
+  with pytest.raises(ValueError, match="no layer at index"):
+    gemma4_names.hf_module_name(model.config, "layers/segment_0/slot_0/self_attn/q_proj", 99)

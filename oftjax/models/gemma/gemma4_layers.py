@@ -170,16 +170,25 @@ def mlp_width(config: Gemma4Config, kind: LayerKind) -> int:
   return config.intermediate_size * (2 if double else 1)
 
 
-def _moe_module(config: Gemma4Config):
+def moe_module():
+  """The module of the MoE branch (`gemma4_moe`: its Linen block and its tensor table).
+
+  Raises:
+    ValueError: this installation lacks it.
+  """
+  try:
+    from oftjax.models.gemma import gemma4_moe
+  except ImportError:  # the MoE branch lives in its own module, added separately
+    raise ValueError("enable_moe_block=True needs oftjax.models.gemma.gemma4_moe, which this "
+                     "installation lacks") from None
+  return gemma4_moe
+
+
+def _moe_block(config: Gemma4Config):
   """The MoE branch (router, experts and their norms) of a layer, or None without MoE."""
   if not config.enable_moe_block:
     return None
-  try:
-    from oftjax.models.gemma.gemma4_moe import Gemma4MoE
-  except ImportError:  # the MoE block lives in its own module, added separately
-    raise ValueError("enable_moe_block=True needs oftjax.models.gemma.gemma4_moe, which this "
-                     "installation lacks") from None
-  return Gemma4MoE(
+  return moe_module().Gemma4MoE(
       hidden_size=config.hidden_size, num_experts=config.num_experts,
       top_k=config.top_k_experts, moe_intermediate_size=config.moe_intermediate_size,
       activation=config.activation, eps=config.rms_norm_eps, dtype=config.dtype,
@@ -203,7 +212,7 @@ class Gemma4DecoderLayer(nn.Module):
   kind: LayerKind
 
   def setup(self):
-    moe = _moe_module(self.config)
+    moe = _moe_block(self.config)
     if moe is not None:
       self.moe = moe
       nn.share_scope(self, self.moe)

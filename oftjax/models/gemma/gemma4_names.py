@@ -21,7 +21,7 @@ import numpy as np
 
 from oftjax.models.gemma import hf_names
 from oftjax.models.gemma.gemma4_config import Gemma4Config
-from oftjax.models.gemma.gemma4_layers import mlp_width
+from oftjax.models.gemma.gemma4_layers import mlp_width, moe_module
 from oftjax.models.gemma.gemma4_schedule import LayerKind, layer_kinds, layer_schedule
 
 TEXT_PREFIX = "model."
@@ -58,11 +58,9 @@ def _attention_entries(cfg: Gemma4Config, kind: LayerKind):
 
 
 def _moe_entries(cfg: Gemma4Config):
-  from oftjax.models.gemma import gemma4_moe  # the MoE branch's own table (its module)
-
   d = cfg.hidden_size
   entries = [("post_feedforward_layernorm_1.weight", ("post_feedforward_layernorm_1", "scale"), "id", (d,))]
-  return entries + gemma4_moe.hf_tensor_entries(d, cfg.num_experts, cfg.moe_intermediate_size)
+  return entries + moe_module().hf_tensor_entries(d, cfg.num_experts, cfg.moe_intermediate_size)
 
 
 def _layer_entries(cfg: Gemma4Config, kind: LayerKind):
@@ -155,6 +153,34 @@ def file_name(name: str, cfg: Gemma4Config) -> str:
   if cfg.multimodal and name.startswith(TEXT_PREFIX):
     return MULTIMODAL_TEXT_PREFIX + name[len(TEXT_PREFIX):]
   return name
+
+
+def hf_module_name(cfg: Gemma4Config, path: str, index: int | None = None) -> str:
+  """The transformers module name of one of our layers, as the file names it.
+
+  Args:
+    cfg: the model config.
+    path: a '/'-joined module path of ours (`layers/segment_1/slot_0/self_attn/q_proj`).
+    index: the position on the stacked axis, for a path under `layers/`.
+
+  Returns:
+    E.g. `model.layers.7.self_attn.q_proj` (`model.language_model.layers.7...` for a
+    multimodal model); unstacked paths map to `model.<path with dots>`.
+
+  Raises:
+    ValueError: a stacked path without an index, or not of the form above.
+  """
+  parts = path.split("/")
+  if parts[0] != "layers":
+    return file_name(TEXT_PREFIX + ".".join(parts), cfg)
+  where = re.fullmatch(r"layers/segment_(\d+)/slot_(\d+)/.+", path)
+  schedule = layer_schedule(cfg)
+  if index is None or not where or int(where.group(1)) >= len(schedule):
+    raise ValueError(f"'{path}' (index {index}) is not a stacked Gemma 4 layer path")
+  segment, slot = schedule[int(where.group(1))], int(where.group(2))
+  if not (0 <= index < segment.repeats and slot < len(segment.kinds)):
+    raise ValueError(f"'{path}' has no layer at index {index}")
+  return file_name(TEXT_PREFIX + ".".join([f"layers.{segment.layer(index, slot)}"] + parts[3:]), cfg)
 
 
 def to_flax(x: np.ndarray, spec: Gemma4TensorSpec, cfg: Gemma4Config) -> np.ndarray:
