@@ -45,14 +45,23 @@ def _raw_tensors(folder) -> dict:
   return out
 
 
-@pytest.mark.parametrize("name", ["shared", "per_layer"])
-def test_round_trip_through_transformers(folders, name, tmp_path):
-  folder, hf = folders[name]
+def _assert_round_trip(folder, hf, tmp_path):
   model, params = gemma.load(folder)
   out = gemma.save(tmp_path / "out", model, params)
   back = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
   assert type(back) is transformers.Gemma4ForCausalLM
   _assert_same_state(hf, back)
+
+
+@pytest.mark.parametrize("name", ["shared", "per_layer"])
+def test_round_trip_through_transformers(folders, name, tmp_path):
+  _assert_round_trip(*folders[name], tmp_path)
+
+
+def test_moe_round_trip_through_transformers(tmp_path):
+  pytest.importorskip("oftjax.models.gemma.gemma4_moe")
+  hf = G.save_hf_model("moe", tmp_path / "src")
+  _assert_round_trip(str(tmp_path / "src"), hf, tmp_path)
 
 
 def test_multimodal_round_trip_keeps_the_towers_byte_identical(folders, tmp_path):

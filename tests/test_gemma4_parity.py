@@ -95,6 +95,8 @@ def test_moe_logits_match_transformers(tmp_path):
   layer = params["layers"]["segment_0"]["slot_0"]
   assert {"router", "experts", "pre_feedforward_layernorm_2", "post_feedforward_layernorm_1"} <= set(layer)
   _assert_logits_match(model, params, hf, *_batch(3))
+  dense = model.clone(config=model.config.replace(moe_implementation="dense"))
+  _assert_logits_match(dense, params, hf, *_batch(3))
 
 
 def test_packed_segments_equal_separate_sequences(saved):

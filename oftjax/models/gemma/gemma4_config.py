@@ -93,6 +93,8 @@ class Gemma4Config:
     num_experts: experts per MoE block.
     top_k_experts: experts each token is routed to.
     moe_intermediate_size: width of one expert's MLP.
+    moe_implementation: 'ragged_dot' (grouped matmul over the chosen experts) or 'dense'
+      (every expert on every token; cheaper on CPU), see `gemma4_moe`.
     rms_norm_eps: RMSNorm epsilon.
     activation: Hugging Face activation name of the gated MLPs.
     final_logit_softcapping: tanh soft-cap of the output logits, or None.
@@ -124,6 +126,7 @@ class Gemma4Config:
   num_experts: int | None = None
   top_k_experts: int | None = None
   moe_intermediate_size: int | None = None
+  moe_implementation: str = "ragged_dot"
   rms_norm_eps: float = 1e-6
   activation: str = "gelu_pytorch_tanh"
   final_logit_softcapping: float | None = None

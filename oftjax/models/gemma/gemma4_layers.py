@@ -191,8 +191,8 @@ def _moe_block(config: Gemma4Config):
   return moe_module().Gemma4MoE(
       hidden_size=config.hidden_size, num_experts=config.num_experts,
       top_k=config.top_k_experts, moe_intermediate_size=config.moe_intermediate_size,
-      activation=config.activation, eps=config.rms_norm_eps, dtype=config.dtype,
-      param_dtype=config.param_dtype)
+      activation=config.activation, eps=config.rms_norm_eps,
+      implementation=config.moe_implementation, dtype=config.dtype, param_dtype=config.param_dtype)
 
 
 class Gemma4DecoderLayer(nn.Module):
