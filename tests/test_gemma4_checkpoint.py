@@ -14,6 +14,7 @@ import transformers
 import gemma4_helpers as G
 from oftjax.models import gemma
 from oftjax.models.gemma import gemma4_names, loading
+from oftjax.models.gemma.gemma4_schedule import layer_schedule
 
 
 @pytest.fixture(scope="module")
@@ -99,17 +100,31 @@ def test_loading_never_reads_tower_tensors(folders, monkeypatch):
 
 
 def test_parameter_tree_is_stacked_per_segment_and_slot(folders):
-  model, params = gemma.load(folders["shared"][0])  # [S, S, F] + 3 KV-shared: 4 segments
-  layers = params["layers"]
-  assert sorted(layers) == [f"segment_{i}" for i in range(4)]
-  sliding, shared_sliding = layers["segment_0"]["slot_0"], layers["segment_2"]["slot_0"]
-  assert sliding["self_attn"]["q_proj"]["kernel"].shape == (2, 32, 4, 8)  # 2 layers stacked
-  assert sliding["self_attn"]["k_proj"]["kernel"].shape == (2, 32, 2, 8)
-  full = layers["segment_1"]["slot_0"]["self_attn"]
-  assert full["q_proj"]["kernel"].shape == (1, 32, 4, 16) and "v_proj" not in full  # k_eq_v
-  assert set(shared_sliding["self_attn"]) == {"q_proj", "q_norm", "o_proj"}
-  assert shared_sliding["mlp"]["up_proj"]["kernel"].shape == (2, 32, 96)  # double-wide
-  assert sliding["layer_scalar"].shape == (2, 1)
+  model, params = gemma.load(folders["shared"][0])  # [S, S, F] + 3 KV-shared layers
+  schedule = layer_schedule(model.config)
+  assert sorted(params["layers"]) == [f"segment_{i}" for i in range(len(schedule))]
+
+  def layer(i):
+    """The params of decoder layer `i` (one index of its stacked slot) and the slot's depth."""
+    for s, segment in enumerate(schedule):
+      for r in range(segment.repeats):
+        for j in range(len(segment.kinds)):
+          if segment.layer(r, j) == i:
+            node = params["layers"][f"segment_{s}"][f"slot_{j}"]
+            return jax.tree_util.tree_map(lambda x: x[r], node), segment.repeats
+    raise AssertionError(i)
+
+  sliding, repeats = layer(0)
+  assert params["layers"]["segment_0"]["slot_0"]["self_attn"]["q_proj"]["kernel"].shape[0] == repeats
+  assert sliding["self_attn"]["q_proj"]["kernel"].shape == (32, 4, 8)
+  assert sliding["self_attn"]["k_proj"]["kernel"].shape == (32, 2, 8)
+  full = layer(2)[0]["self_attn"]
+  assert full["q_proj"]["kernel"].shape == (32, 4, 16) and "v_proj" not in full  # k_eq_v
+  assert full["k_proj"]["kernel"].shape == (32, 1, 16)
+  shared = layer(3)[0]
+  assert set(shared["self_attn"]) == {"q_proj", "q_norm", "o_proj"}
+  assert shared["mlp"]["up_proj"]["kernel"].shape == (32, 96)  # double-wide
+  assert sliding["layer_scalar"].shape == (1,)
 
 
 def test_unused_kv_tensors_of_shared_layers_are_ignored(folders, tmp_path):
