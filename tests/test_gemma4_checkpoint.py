@@ -171,7 +171,8 @@ def _edited(folder, tmp_path, text_changes=None, remove=()):
     ({"model_type": "gemma3n_text"}, "Gemma 3n"),
     ({"attention_bias": True}, "attention_bias=True is not implemented"),
     ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention='all' is not implemented"),
-    ({"per_layer_config": {"1": {"intermediate_size": 64}}}, "per_layer_config overrides ['intermediate_size']"),
+    ({"per_layer_config": {"1": {"intermediate_size": 64}}},
+     "per_layer_config overrides ['intermediate_size']"),
     ({"num_kv_shared_layers": 6}, "num_kv_shared_layers=6 must be in [0, 6)"),
     ({"hidden_activation": "silu"}, "hidden_activation 'silu' is not supported"),
 ])

@@ -1,7 +1,6 @@
 """Gemma 4 logits equal transformers' (fp32, eager) on tiny random models, left padding included."""
 
 import json
-import os
 import shutil
 
 import jax
@@ -115,7 +114,8 @@ def test_packed_segments_equal_separate_sequences(saved):
 def test_adapters_reach_every_projection(saved):
   """The interceptor sees HF-named projections in every scanned slot; zero-init is the identity."""
   model, params = gemma.load(saved["pattern"][0])
-  config = oftjax.AdapterConfig(block_size=4, targets=r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+  targets = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+  config = oftjax.AdapterConfig(block_size=4, targets=targets)
   wrapped = oftjax.Adapted(model, config)
   tokens = jnp.asarray(_batch()[0])
   with oftjax.record_geometries() as geoms:

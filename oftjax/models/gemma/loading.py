@@ -75,7 +75,8 @@ def read_hf_config(folder: str):
         raise ValueError(f"{config_path}: invalid JSON ({err})") from None
     model_type = raw.get("model_type")
     if str(model_type).startswith("gemma3n"):
-        raise ValueError(f"{config_path}: Gemma 3n (model_type {model_type!r}: AltUp, LAuReL) is not supported")
+        raise ValueError(
+            f"{config_path}: Gemma 3n (model_type {model_type!r}: AltUp, LAuReL) is not supported")
     if model_type not in _MODEL_TYPES:
         raise ValueError(
             f"{config_path}: unsupported model_type {model_type!r} "
@@ -212,7 +213,8 @@ def _fill(buffers: dict, spec: TensorSpec, read, convert, dtype) -> None:
 def model_from_hf_config(hf_config, dtype=jnp.float32, param_dtype=None, remat: bool = False):
     """A `Gemma` (Gemma 1-3) or `Gemma4` module from a transformers config (no weights)."""
     if getattr(hf_config, "model_type", None) in gemma4_config.MODEL_TYPES:
-        return Gemma4(gemma4_config.from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat))
+        cfg = gemma4_config.from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat)
+        return Gemma4(cfg)
     return Gemma(from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat))
 
 

@@ -129,7 +129,8 @@ def save(path, model, params, tokenizer_dir=None, max_shard_bytes: int = 2 * 102
             weight_map.update({n: name for n in tensors})
             del tensors
         if towers:
-            weight_map.update(gemma4_saving.copy_towers(tmp, f"model-{files:05d}-of-{files:05d}.safetensors", towers))
+            last = f"model-{files:05d}-of-{files:05d}.safetensors"
+            weight_map.update(gemma4_saving.copy_towers(tmp, last, towers))
             total += sum(e["data_offsets"][1] - e["data_offsets"][0] for _, _, e, _ in towers)
         if files > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
