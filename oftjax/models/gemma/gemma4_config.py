@@ -163,15 +163,21 @@ def _fail(model_type: str, problem: str) -> ValueError:
   return ValueError(f"{model_type}: {problem}")
 
 
+def _rope_kind(params: dict, layer_type: str, model_type: str) -> str:
+  """The rope type of one layer type's parameters, refusing those not implemented."""
+  kind = params.get("rope_type", params.get("type", "default"))
+  if kind not in ROPE_TYPES:
+    raise _fail(model_type, f"rope_type {kind!r} of {layer_type} layers is not supported "
+                f"(supported: {', '.join(ROPE_TYPES)})")
+  return kind
+
+
 def _rope_of(params, layer_type: str, model_type: str) -> Gemma4Rope:
   """Validates the rope parameters of one layer type (a plain dict from the config)."""
   if params is None:
     raise _fail(model_type, f"rope_parameters has no entry for {layer_type} layers")
   params = dict(params)
-  kind = params.get("rope_type", params.get("type", "default"))
-  if kind not in ROPE_TYPES:
-    raise _fail(model_type, f"rope_type {kind!r} of {layer_type} layers is not supported "
-                f"(supported: {', '.join(ROPE_TYPES)})")
+  kind = _rope_kind(params, layer_type, model_type)
   partial = float(params.get("partial_rotary_factor", 1.0) or 1.0)
   if kind != "proportional" and partial != 1.0:
     raise _fail(model_type, f"partial_rotary_factor={partial} with rope_type {kind!r} on "
@@ -202,10 +208,7 @@ def check_raw_config(raw: dict) -> None:
   ropes = text.get("rope_parameters") or {}
   for layer_type, params in ropes.items():
     if isinstance(params, dict):
-      kind = params.get("rope_type", params.get("type", "default"))
-      if kind not in ROPE_TYPES:
-        raise _fail(model_type, f"rope_type {kind!r} of {layer_type} layers is not supported "
-                    f"(supported: {', '.join(ROPE_TYPES)})")
+      _rope_kind(params, layer_type, model_type)
 
 
 def text_config_of(hf_config):
