@@ -24,6 +24,10 @@ from oftjax import orthogonal
 METHODS = ("oft", "oftv1", "lora")
 
 
+class TargetsError(ValueError):
+  """The ``targets`` regex selects no linear layer, or a layer or parameter adapters cannot take."""
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
   """What to attach and where.

@@ -105,14 +105,20 @@ def _adapter_config(c: RunConfig) -> adapters.AdapterConfig:
 
 def _init_adapters(c, model, acfg, example):
   """The adapted model (its layers found by one trace) and its adapter tree."""
+  naming = peft_naming(model)
   if c.quantize != "none":  # the adapters see each layer first, the dequantizer runs it
     model = quant.Dequantized(model)
-  adapted = _user_errors(adapt, model, acfg, example)
+  try:
+    adapted = adapt(model, acfg, example)
+  except adapters.TargetsError as e:  # the library names no flag
+    raise UsageError(f"--targets: {str(e).splitlines()[0]}") from None
+  except ValueError as e:
+    raise UsageError(str(e).splitlines()[0]) from None
   adapter = _user_errors(adapted.init, jax.random.key(c.seed))
   if c.init_adapter:
     try:
       imported, icfg = peft_io.import_peft(c.init_adapter, targets=acfg.targets,
-                                           naming=peft_naming(model))
+                                           naming=naming)
     except (ValueError, FileNotFoundError, OSError) as e:
       raise UsageError(f"--init-adapter {c.init_adapter}: {str(e).splitlines()[0]}") from None
     want = jax.tree_util.tree_map(lambda x: x.shape, adapter)
