@@ -5,7 +5,7 @@
 
 A generated region is the text between ``<!-- generated:NAME -->`` and
 ``<!-- /generated:NAME -->``; ``RENDERERS[NAME]`` makes it, from committed files only (no
-training, no oftjax import, a second or two):
+training, no oftjax import but to write the files, a second or two):
 
 - the notebooks' committed outputs (``notebooks/*.ipynb``): their ``FINDING:`` lines;
 - ``experiments/benchmark_plots/results_full.json`` (``experiments/benchmark.py``), through
@@ -39,6 +39,7 @@ import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
+sys.path.insert(1, ROOT)
 
 import bench_report  # noqa: E402  (experiments/bench_report.py: stdlib only at import)
 
@@ -829,10 +830,10 @@ def main(argv=None) -> int:
       return 1
     print("every generated region is up to date")
     return 0
+  from oftjax import atomic  # only to write: rendering and --check import no oftjax
+
   for doc, text in rendered.items():
-    with open(_path(doc) + ".tmp", "w") as f:
-      f.write(text)
-    os.replace(_path(doc) + ".tmp", _path(doc))
+    atomic.write_text(_path(doc), text)
   print(f"rewrote {len(stale)} region(s)" + "".join(f"\n  {s}" for s in stale))
   return 0
 

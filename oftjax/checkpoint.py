@@ -26,6 +26,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from oftjax import atomic
 from oftjax.train.config import UsageError
 
 INTEGRITY = "oftjax-integrity.json"
@@ -55,7 +56,7 @@ def _files(step_dir: str) -> list[str]:
   for root, _, names in os.walk(step_dir):
     for name in names:
       rel = os.path.relpath(os.path.join(root, name), step_dir)
-      if rel not in _UNHASHED and not name.startswith(".tmp-"):
+      if rel not in _UNHASHED and not name.startswith(atomic.TMP_PREFIX):
         out.append(rel)
   return sorted(out)
 
@@ -72,12 +73,8 @@ def write_integrity(step_dir: str) -> None:
   """Records size and SHA-256 of every file of a finished step (atomically)."""
   files = {rel: [os.path.getsize(os.path.join(step_dir, rel)),
                  _sha256(os.path.join(step_dir, rel))] for rel in _files(step_dir)}
-  tmp = os.path.join(step_dir, ".tmp-" + INTEGRITY)
-  with open(tmp, "w") as f:
-    json.dump({"format": 1, "files": files}, f, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(step_dir, INTEGRITY))
+  atomic.write_json(os.path.join(step_dir, INTEGRITY), {"format": 1, "files": files},
+                    sort_keys=True)
 
 
 def step_problem(step_dir: str) -> str | None:

@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from oftjax import params as P, peft_io, quant
+from oftjax import atomic, params as P, peft_io, quant
 from oftjax.models import gemma
 from oftjax.train import outputs
 
@@ -66,5 +66,5 @@ def write_outputs(c, model, merged, trainable, frozen, acfg, rows, eval_before, 
       "peft_adapter": adapter_dir, "peft_export_skipped": skipped_export,
       "export_merged": c.export_merged or None,
   }
-  outputs.write_json_atomic(os.path.join(out, "summary.json"), summary)
+  atomic.write_json(os.path.join(out, "summary.json"), summary, indent=2, sort_keys=True)
   return summary
