@@ -249,7 +249,7 @@ def render_default_run() -> str:
   c = s["config"]
   model = _json(s["model"], "config.json")
   base_params = s["total_params"] - s["trainable_params"]
-  if c["targets"] != r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)":
+  if c["targets"] != constant(("oftjax", "train", "config.py"), "DEFAULT_TARGETS"):
     raise ValueError("the default run's targets changed; update the README sentence")
   prose = _paragraph(
       f"`make finetune` runs `{' '.join(record['command'])}` with no flags: OFTv2 (block size "

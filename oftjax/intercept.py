@@ -19,7 +19,6 @@ References:
 from __future__ import annotations
 
 import contextlib
-import re
 from typing import Any
 
 import flax.linen as nn
@@ -49,7 +48,6 @@ class AdapterInterceptor:
 
   def __init__(self, config: adapters.AdapterConfig):
     self.config = config
-    self.pattern = re.compile(config.targets)
     self.matched: list[str] = []
     self.seen: list[str] = []
     self.bypass = False  # set while our own weight-centric call runs the layer again
@@ -69,7 +67,7 @@ class AdapterInterceptor:
       geom = geo.geometry_of(module, path, args[0], kwargs)
       next_fun = quant.dequantized_call(module, geom, self._call_with)
     # --- end quantized kernel
-    if not self.pattern.fullmatch(path):
+    if not self.config.is_target(path):
       return next_fun(*args, **kwargs)
     if isinstance(module, _UNSUPPORTED_LINEAR):
       raise ValueError(

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 import re
+from typing import Mapping
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "assets")
 _ASSETS = os.path.normpath(ASSETS)
@@ -16,6 +17,30 @@ DEFAULT_TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 class UsageError(ValueError):
   """A user mistake: reported as one line, exit code 2, no traceback."""
+
+
+def flag_of(field: str) -> str:
+  """The command-line flag of a :class:`RunConfig` field: ``seq_len`` -> ``--seq-len``."""
+  return "--" + field.replace("_", "-")
+
+
+def reword(message: str, fields: Mapping[str, str]) -> str:
+  """A library error message in the job's words: its parameter names become flags.
+
+  Args:
+    message: a library error's message, naming the library's parameters.
+    fields: ``{library parameter: RunConfig field}`` of the call that raised it.
+
+  Returns:
+    ``message`` with every whole-word parameter of ``fields`` replaced by its flag, except
+    a ``name=value`` (a value shown) and anything inside single quotes (the user's input).
+  """
+  if not fields:
+    return message
+  name = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, fields)) + r")\b(?!=)")
+  parts = re.split(r"('[^']*')", message)
+  return "".join(part if i % 2 else name.sub(lambda m: flag_of(fields[m.group(1)]), part)
+                 for i, part in enumerate(parts))
 
 
 @dataclasses.dataclass
@@ -146,10 +171,34 @@ def finalize(config: RunConfig) -> RunConfig:
   return config
 
 
+# AdapterConfig field -> the RunConfig field whose flag sets it (for AdapterConfig's errors;
+# method and parameterization are argparse choices, refused before AdapterConfig sees them).
+_ADAPTER_FIELDS = {"targets": "targets", "block_size": "block_size",
+                   "num_terms": "neumann_terms", "lora_rank": "lora_rank"}
+
+
+def adapter_config(c: RunConfig):
+  """The run's :class:`oftjax.AdapterConfig`; with ``--method full`` one of method ``oft``
+  (no adapter is made, but the adapter flags are checked all the same).
+
+  Raises:
+    UsageError: a value AdapterConfig refuses, worded with its flag.
+  """
+  from oftjax import adapters  # heavy (jax): only once argparse has accepted the flags
+
+  method = c.method if c.method in adapters.METHODS else "oft"
+  try:
+    return adapters.AdapterConfig(
+        method=method, targets=c.targets, block_size=c.block_size, num_terms=c.neumann_terms,
+        parameterization=c.parameterization, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)
+  except ValueError as e:
+    raise UsageError(reword(str(e), _ADAPTER_FIELDS)) from None
+
+
 def validate(c: RunConfig) -> None:
   """Checks values that need no files; raises :class:`UsageError` with one line."""
   for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "save_every",
-               "keep_checkpoints", "eval_limit", "lora_rank"):
+               "keep_checkpoints", "eval_limit"):
     if getattr(c, name) < 1:
       raise UsageError(f"--{name.replace('_', '-')} must be a positive integer "
                        f"(got {getattr(c, name)})")
@@ -160,10 +209,7 @@ def validate(c: RunConfig) -> None:
                        f"{'positive' if name == 'lr' else 'non-negative'} number (got {value})")
   if c.warmup_steps < 0 or c.warmup_steps >= c.steps:
     raise UsageError(f"--warmup-steps must be in [0, --steps) (got {c.warmup_steps})")
-  if c.block_size < 2:
-    raise UsageError(f"--block-size must be >= 2 (got {c.block_size})")
-  if c.neumann_terms < 2:
-    raise UsageError(f"--neumann-terms must be >= 2 (got {c.neumann_terms})")
+  adapter_config(c)  # AdapterConfig checks the adapter flags (for every --method)
   if c.num_processes < 0:
     raise UsageError(f"--num-processes must be >= 0 (got {c.num_processes})")
   if not c.output_dir.strip():
@@ -175,10 +221,6 @@ def validate(c: RunConfig) -> None:
     if out == export or out.startswith(export + os.sep):  # the export would replace the run
       raise UsageError(f"--export-merged {c.export_merged} would hold --output-dir "
                        f"{c.output_dir}; choose a folder outside it")
-  try:
-    re.compile(c.targets)
-  except re.error as e:
-    raise UsageError(f"--targets {c.targets!r} is not a valid regular expression ({e})") from None
   if c.resume and c.overwrite:
     raise UsageError("--resume and --overwrite contradict each other; pick one")
   if c.quantize != "none" and c.method == "full":

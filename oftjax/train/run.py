@@ -14,11 +14,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from oftjax import adapters, checkpoint, data, distributed, params as P, peft_io, quant, sharding
+from oftjax import checkpoint, data, distributed, params as P, peft_io, quant, sharding
 from oftjax.intercept import Adapted, record_geometries
 from oftjax.models import gemma
 from oftjax.train import outputs
-from oftjax.train.config import RunConfig, UsageError
+from oftjax.train.config import RunConfig, UsageError, adapter_config, reword
 from oftjax.train.evaluate import Evaluator
 from oftjax.train.finish import peft_naming, write_outputs
 from oftjax.train.loop import train_loop
@@ -95,12 +95,6 @@ class _StopFlag:
     print(f"\nreceived {signal.Signals(signum).name}: saving after this step", flush=True)
 
 
-def _adapter_config(c: RunConfig) -> adapters.AdapterConfig:
-  return adapters.AdapterConfig(
-      method=c.method, targets=c.targets, block_size=c.block_size, num_terms=c.neumann_terms,
-      parameterization=c.parameterization, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)
-
-
 def _init_adapters(c, model, acfg, example):
   """Adapter tree (base init is dead code under jit), layer geometries, wrapped model."""
   wrapped = Adapted(model, acfg)
@@ -155,7 +149,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
                 for s in sets.values() for x in s) + 2
   wrapped, acfg, geoms = model, None, {}
   if c.method != "full":  # adapters first: their geometries say which kernels to quantize
-    acfg = _user_errors(_adapter_config, c)
+    acfg = adapter_config(c)
     wrapped, acfg, trainable, geoms = _init_adapters(c, model, acfg, jnp.zeros((1, 8), jnp.int32))
     if reason := peft_io.unexportable_reason(acfg):
       _say(main, f"note: no peft_adapter/ will be written: {reason}")
