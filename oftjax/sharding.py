@@ -1,4 +1,4 @@
-"""Device meshes from ``--mesh`` strings and the shardings of batches and parameters.
+"""Device meshes from ``"data=2,fsdp=4"`` strings and the shardings of batches and parameters.
 
 Axes: ``data`` (batch split, parameters replicated), ``fsdp`` (batch split, frozen
 weights sharded on their largest divisible axis), optional ``tensor``. One device is the
@@ -31,10 +31,10 @@ def make_mesh(spec: str = "", devices=None) -> Mesh:
       name, _, value = part.partition("=")
       name = name.strip()
       if name not in AXES or not value.strip().isdigit() or int(value) < 1:
-        raise ValueError(f"--mesh entry {part!r} is not AXIS=N with AXIS in {AXES} and N >= 1")
+        raise ValueError(f"mesh entry {part!r} is not AXIS=N with AXIS in {AXES} and N >= 1")
       sizes[name] = int(value)
   if math.prod(sizes.values()) != len(devices):
-    raise ValueError(f"--mesh {spec or 'default'} needs {math.prod(sizes.values())} devices "
+    raise ValueError(f"mesh {spec or 'default'} needs {math.prod(sizes.values())} devices "
                      f"but {len(devices)} are available; make the axis sizes multiply to {len(devices)}")
   grid = np.asarray(devices).reshape([sizes[a] for a in AXES])
   return Mesh(grid, AXES)

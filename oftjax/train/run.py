@@ -6,6 +6,7 @@ Everything a user can get wrong is checked before the output directory is touche
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -26,12 +27,33 @@ from oftjax.train.objective import make_optimizer, masked_xent
 from oftjax.train_step import make_train_step
 
 
-def _user_errors(fn, *args, **kwargs):
-  """Calls ``fn``; turns input problems (bad files, values) into :class:`UsageError`."""
+def _user_errors(fn, *args, flags: dict[str, str] | None = None, **kwargs):
+  """Calls ``fn``; turns input problems (bad files, values) into :class:`UsageError`.
+
+  ``flags`` maps ``fn``'s parameters to the :class:`RunConfig` fields that set them, so
+  that the message names the flag to change (see :func:`~oftjax.train.config.reword`).
+  """
   try:
     return fn(*args, **kwargs)
   except (ValueError, FileNotFoundError, KeyError, OSError) as e:
-    raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    line = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise UsageError(reword(line, flags or {})) from None
+
+
+@contextlib.contextmanager
+def _checkpoint_errors():
+  """Turns an unusable checkpoint (a library :class:`checkpoint.CheckpointError`) into a
+  one-line :class:`UsageError` that says which flag starts over."""
+  try:
+    yield
+  except checkpoint.NoUsableStepError as e:
+    raise UsageError(f"{e.problem}; start again with --overwrite") from None
+  except checkpoint.CheckpointError as e:
+    raise UsageError(str(e)) from None
+
+
+_DISTRIBUTED_FLAGS = {"coordinator_address": "coordinator_address",
+                      "num_processes": "num_processes", "process_id": "process_id"}
 
 
 def _check_resumable(c: RunConfig) -> None:
@@ -40,8 +62,9 @@ def _check_resumable(c: RunConfig) -> None:
   step = None
   if os.path.isdir(directory):
     ckpt = checkpoint.RunCheckpoints(directory, c.keep_checkpoints, c.save_every)
-    step = ckpt.latest_step()
-    meta = ckpt.read_meta(step) if step is not None else None
+    with _checkpoint_errors():
+      step = ckpt.latest_step()
+      meta = ckpt.read_meta(step) if step is not None else None
     ckpt.close()
   if step is None:
     raise UsageError(f"--resume: no checkpoint in {c.output_dir}; start the run again with "
@@ -132,16 +155,19 @@ def run(c: RunConfig) -> dict:
 
 def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   t_start = time.time()
-  _user_errors(distributed.initialize, c.coordinator_address, c.num_processes, c.process_id)
+  _user_errors(distributed.initialize, c.coordinator_address, c.num_processes, c.process_id,
+               flags=_DISTRIBUTED_FLAGS)
   main = distributed.is_main()
   dtype = _compute_dtype(c)
-  mesh = _user_errors(sharding.make_mesh, c.mesh)
-  _user_errors(distributed.local_rows, c.batch_size)
+  mesh = _user_errors(sharding.make_mesh, c.mesh, flags={"mesh": "mesh"})
+  _user_errors(distributed.local_rows, c.batch_size, flags={"global_rows": "batch_size"})
   tokenizer = _user_errors(data.load_tokenizer, c.model)
   param_dtype = jnp.float32 if dtype == jnp.float32 else dtype
   model = _user_errors(gemma.load_model, c.model, dtype=dtype, param_dtype=param_dtype)
-  train = _user_errors(data.load_dataset, c.data, tokenizer, c.seq_len, truncate=c.truncate)
-  held_out = _user_errors(data.load_dataset, c.eval_data, tokenizer, c.seq_len)
+  train = _user_errors(data.load_dataset, c.data, tokenizer, c.seq_len, truncate=c.truncate,
+                       flags={"seq_len": "seq_len"})
+  held_out = _user_errors(data.load_dataset, c.eval_data, tokenizer, c.seq_len,
+                          flags={"seq_len": "seq_len"})
   sets = {"eval": _user_errors(data.load_eval_set, c.eval_data, tokenizer, c.eval_limit)}
   if c.retention_data:
     sets["retention"] = _user_errors(data.load_eval_set, c.retention_data, tokenizer, c.eval_limit)
@@ -199,8 +225,9 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
                                    c.keep_checkpoints, c.save_every)
   start, data_state, eval_before, resumed = 0, None, None, {}
   if c.resume:
-    start = ckpt.latest_step()
-    state, resumed = ckpt.restore(start, {"trainable": trainable, "opt_state": opt_state})
+    with _checkpoint_errors():
+      start = ckpt.latest_step()
+      state, resumed = ckpt.restore(start, {"trainable": trainable, "opt_state": opt_state})
     trainable, opt_state = state["trainable"], state["opt_state"]
     data_state, eval_before = resumed["data_state"], resumed["eval_before"]
     _say(main, f"resumed from step {start}")
