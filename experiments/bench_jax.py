@@ -130,12 +130,10 @@ def build_jax_runners(d_model, tokens_per_step, block_size, seq, methods, *, lay
     return next_token_loss(model.apply({"params": p}, toks), toks)
 
   def adapted(config):
-    wrapped = oftjax.Adapted(model, config)
-    with oftjax.record_geometries() as geoms:
-      init = jax.jit(wrapped.init)(jax.random.key(seed + 2), tokens[:1, :2])["params"]
-    _, adapter = oftjax.split_params(init)
-    loss = lambda p, toks: next_token_loss(wrapped.apply({"params": p}, toks), toks)  # noqa: E731
-    return loss, adapter, dict(geoms)
+    adapted_model = oftjax.adapt(model, config, tokens[:1, :2])
+    adapter = adapted_model.init(jax.random.key(seed + 2))
+    loss = lambda p, toks: next_token_loss(adapted_model.apply(p, toks), toks)  # noqa: E731
+    return loss, adapter, adapted_model.geometries
 
   oft_cfg = dict(targets=TARGETS, block_size=block_size, num_terms=num_terms)
   oft_adapted = adapted(oftjax.AdapterConfig(method="oft", **oft_cfg))

@@ -1,7 +1,8 @@
 """oftjax: orthogonal finetuning (OFTv2) for JAX/Flax."""
 
+from oftjax.adapted_model import AdaptedModel, adapt
 from oftjax.adapters import AdapterConfig
-from oftjax.intercept import Adapted, AdapterInterceptor, record_geometries
+from oftjax.intercept import Adapted
 from oftjax.orthogonal import (
     block_diagonal,
     cayley,
@@ -26,9 +27,9 @@ from oftjax.params import (
 from oftjax.train_step import make_train_step
 
 __all__ = [
-    "Adapted", "AdapterConfig", "AdapterInterceptor", "adapter_only", "block_diagonal",
+    "Adapted", "AdaptedModel", "AdapterConfig", "adapt", "adapter_only", "block_diagonal",
     "cayley", "cayley_neumann", "count_params", "fold_adapters", "make_train_step",
     "merge_params", "num_packed", "orthogonal_blocks", "orthogonality_error",
-    "pack_skew_symmetric", "project_coft", "record_geometries", "rotate", "skew_symmetric",
-    "split_params", "trainable_mask", "tree_bytes",
+    "pack_skew_symmetric", "project_coft", "rotate", "skew_symmetric", "split_params",
+    "trainable_mask", "tree_bytes",
 ]

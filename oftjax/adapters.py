@@ -41,6 +41,12 @@ class AdapterConfig:
     block_share: one block shared by all chunks of a layer (``[1, …]`` leaves).
     coft_eps: COFT radius (PEFT's ``eps``); ``None`` disables the constraint.
     lora_rank, lora_alpha: LoRA rank and scale numerator (scale = alpha / rank).
+    precision: matmul precision of the adapter's own products (Neumann powers,
+      rotation, LoRA's two products, merge/fold): ``"highest"`` (true float32 on every
+      backend, as PEFT's), ``"high"`` or ``"default"`` (the backend's default: TF32 on
+      recent NVIDIA GPUs, one bf16 pass on TPU; faster, less exact). See
+      :func:`oftjax.orthogonal.rotate` for the cost. The frozen layer's own matmul is
+      never changed.
   """
 
   method: str = "oft"
@@ -52,6 +58,7 @@ class AdapterConfig:
   coft_eps: float | None = None
   lora_rank: int = 16
   lora_alpha: float = 16.0
+  precision: str = "highest"
 
   def __post_init__(self):
     """Checks every value; a message starts with the name of the field it is about.
@@ -72,6 +79,7 @@ class AdapterConfig:
     if self.lora_rank < 1:
       raise ValueError(f"lora_rank must be a positive integer (got {self.lora_rank})")
     targets_pattern(self.targets)
+    orthogonal.check_precision(self.precision)
 
   @property
   def leaf_name(self) -> str:
@@ -125,45 +133,69 @@ def oft_blocks(leaves: dict, config: AdapterConfig, path: str = "?") -> jax.Arra
         f"layer '{path}': OFT weight has {packed.shape[-1]} entries per block but "
         f"block size {config.block_size} needs {expected}; use the block size it was trained with")
   return orthogonal.orthogonal_blocks(
-      packed, config.block_size, config.parameterization, config.num_terms, config.coft_eps)
+      packed, config.block_size, config.parameterization, config.num_terms, config.coft_eps,
+      config.precision)
 
 
-def rotate_input(x: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array) -> jax.Array:
+def project_oft(leaves: dict, config: AdapterConfig) -> dict:
+  """COFT: the layer's OFT leaves with every block projected into PEFT's ball.
+
+  The projection PEFT writes back into ``weight`` before each forward
+  (``OFTRotationModule._project_batch``): blocks with ``‖Q‖_F > eps / sqrt(r)`` (``r``
+  = stored blocks of the layer) are rescaled onto that sphere. Leading stacked axes
+  (``nn.scan`` layers) are kept, so the radius is per layer. Unchanged without COFT.
+  """
+  if config.coft_eps is None:
+    return leaves
+  packed = leaves["weight"]
+  projected = orthogonal.project_coft(packed.astype(jnp.float32), config.block_size,
+                                      config.coft_eps)
+  return {**leaves, "weight": projected.astype(packed.dtype)}
+
+
+def rotate_input(x: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array,
+                 precision: str = "highest") -> jax.Array:
   """OFTv2: rotates the contracted input axes of ``x``; the kernel is untouched."""
   flat, plan = geo.flatten_input(x, geom)
-  return geo.unflatten_input(orthogonal.rotate(flat, blocks), plan)
+  return geo.unflatten_input(orthogonal.rotate(flat, blocks, precision), plan)
 
 
-def merge_oft(kernel: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array) -> jax.Array:
+def merge_oft(kernel: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array,
+              precision: str = "highest") -> jax.Array:
   """Folds the rotation into the kernel: ``K' = blockdiag(R) @ K`` (block by block)."""
-  mat, plan = geo.kernel_as_matrix(kernel.astype(jnp.float32), geom)
+  mat = geo.kernel_to_matrix(kernel.astype(jnp.float32), geom)
   b = blocks.shape[-1]
   r = mat.shape[0] // b
   chunks = mat.reshape(r, b, -1)
-  merged = jnp.einsum("rij,rjo->rio", jnp.broadcast_to(blocks, (r, b, b)), chunks)
-  return geo.matrix_as_kernel(merged.reshape(mat.shape), plan).astype(kernel.dtype)
+  merged = jnp.einsum("rij,rjo->rio", jnp.broadcast_to(blocks, (r, b, b)), chunks,
+                      precision=precision)
+  return geo.matrix_to_kernel(merged.reshape(mat.shape), geom).astype(kernel.dtype)
 
 
 def unmerge_oft(kernel: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array) -> jax.Array:
-  """Inverse of :func:`merge_oft` by block-wise solves (exact even for Neumann blocks)."""
-  mat, plan = geo.kernel_as_matrix(kernel.astype(jnp.float32), geom)
+  """Inverse of :func:`merge_oft` by block-wise solves (exact even for Neumann blocks).
+
+  ``jnp.linalg.solve`` is an LU factorisation at full float32 on every backend (its
+  products are lowered at ``HIGHEST``), so it takes no precision.
+  """
+  mat = geo.kernel_to_matrix(kernel.astype(jnp.float32), geom)
   b = blocks.shape[-1]
   r = mat.shape[0] // b
   chunks = mat.reshape(r, b, -1)
   restored = jnp.linalg.solve(jnp.broadcast_to(blocks, (r, b, b)), chunks)
-  return geo.matrix_as_kernel(restored.reshape(mat.shape), plan).astype(kernel.dtype)
+  return geo.matrix_to_kernel(restored.reshape(mat.shape), geom).astype(kernel.dtype)
 
 
 def weight_centric_kernel(kernel: jax.Array, geom: geo.LayerGeometry,
-                          blocks: jax.Array) -> jax.Array:
+                          blocks: jax.Array, precision: str = "highest") -> jax.Array:
   """Original OFT: forms the dense ``d_in x d_in`` block-diagonal R and multiplies ``R·K``.
 
   Cubic in the width; kept only as the baseline OFTv2 is measured against.
   """
-  mat, plan = geo.kernel_as_matrix(kernel, geom)
+  mat = geo.kernel_to_matrix(kernel, geom)
   dense = orthogonal.block_diagonal(blocks, mat.shape[0] // blocks.shape[-1])
-  merged = dense.astype(kernel.dtype) @ mat
-  return geo.matrix_as_kernel(merged, plan)
+  merged = jnp.matmul(dense.astype(kernel.dtype), mat, precision=precision)
+  return geo.matrix_to_kernel(merged, geom)
 
 
 # ---------------------------------------------------------------------------- LoRA
@@ -190,22 +222,28 @@ def lora_delta(x: jax.Array, geom: geo.LayerGeometry, leaves: dict,
   layout, which made a LoRA step ~1.5x slower than the no-adapter floor (measured in
   ``experiments/benchmark.py``; 2-D: ~1.0x). The scale is folded into the small ``B``
   instead of multiplying the ``[tokens, d_out]`` output (and its cotangent).
+
+  Both products run in the activation dtype at ``config.precision``: with float32
+  activations ``"highest"`` keeps them true float32 (no TF32 / single bf16 pass); with
+  bfloat16 activations the operands already are bf16, as in PEFT under autocast.
   """
   flat, _ = geo.flatten_input(x, geom)
   free = tuple(n for a, n in enumerate(geom.kernel_shape) if a not in geom.kernel_axes)
   lead = flat.shape[:-1]
   a = leaves["a"].astype(x.dtype)
   b = (leaves["b"] * (config.lora_alpha / config.lora_rank)).astype(x.dtype)
-  delta = (flat.reshape(-1, flat.shape[-1]) @ a) @ b
+  hidden = jnp.matmul(flat.reshape(-1, flat.shape[-1]), a, precision=config.precision)
+  delta = jnp.matmul(hidden, b, precision=config.precision)
   return delta.reshape(*lead, *free)
 
 
 def merge_lora(kernel: jax.Array, geom: geo.LayerGeometry, leaves: dict,
                config: AdapterConfig) -> jax.Array:
   """``K' = K + scale · A B`` in the kernel's own layout."""
-  mat, plan = geo.kernel_as_matrix(kernel.astype(jnp.float32), geom)
-  mat = mat + (config.lora_alpha / config.lora_rank) * (leaves["a"] @ leaves["b"])
-  return geo.matrix_as_kernel(mat, plan).astype(kernel.dtype)
+  mat = geo.kernel_to_matrix(kernel.astype(jnp.float32), geom)
+  delta = jnp.matmul(leaves["a"], leaves["b"], precision=config.precision)
+  mat = mat + (config.lora_alpha / config.lora_rank) * delta
+  return geo.matrix_to_kernel(mat, geom).astype(kernel.dtype)
 
 
 def unmerge_lora(kernel: jax.Array, geom: geo.LayerGeometry, leaves: dict,

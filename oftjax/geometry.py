@@ -4,7 +4,8 @@ Every supported layer (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``) is desc
 by one einsum equation over its input and kernel. OFT rotates the contracted input
 axes, flattened row-major in the input's order (so an output projection over
 ``heads × head_dim`` matches a PyTorch Linear over the concatenated heads); merging
-folds the rotation into the matching kernel axes.
+folds the rotation into the matching kernel axes, through the one kernel layout
+:func:`kernel_to_matrix` (also the layout quantized kernels are stored in).
 """
 
 from __future__ import annotations
@@ -109,15 +110,30 @@ def unflatten_input(flat: jax.Array, plan: tuple) -> jax.Array:
   return jnp.transpose(flat.reshape(moved_shape), inverse)
 
 
-def kernel_as_matrix(kernel: jax.Array, geom: LayerGeometry) -> tuple[jax.Array, tuple]:
-  """Views a kernel as ``[d_in, d_out]`` with rows in the input's flattening order."""
-  rest = [a for a in range(kernel.ndim) if a not in geom.kernel_axes]
-  perm = geom.kernel_axes + tuple(rest)
-  moved = jnp.transpose(kernel, perm)
-  return moved.reshape(geom.d_in, -1), (perm, moved.shape)
+def _kernel_perm(geom: LayerGeometry) -> tuple[int, ...]:
+  """Kernel axes in matrix order: contracted axes (rows) first, then the free ones."""
+  rest = tuple(a for a in range(len(geom.kernel_shape)) if a not in geom.kernel_axes)
+  return geom.kernel_axes + rest
 
 
-def matrix_as_kernel(matrix: jax.Array, plan: tuple) -> jax.Array:
-  """Inverse of :func:`kernel_as_matrix`."""
-  return unflatten_input(matrix, plan)
+def kernel_to_matrix(kernel: jax.Array, geom: LayerGeometry) -> jax.Array:
+  """Views a kernel ``[*lead, *kernel_shape]`` as ``[*lead, d_in, d_out]``.
 
+  Rows follow the input's flattening order (:func:`flatten_input`); ``lead`` are
+  stacked layer axes (e.g. from ``nn.scan``), kept in front. Adapters fold into this
+  matrix and quantized kernels are stored as it.
+  """
+  lead = kernel.ndim - len(geom.kernel_shape)
+  perm = tuple(range(lead)) + tuple(lead + a for a in _kernel_perm(geom))
+  return jnp.transpose(kernel, perm).reshape(*kernel.shape[:lead], geom.d_in, geom.d_out)
+
+
+def matrix_to_kernel(matrix: jax.Array, geom: LayerGeometry) -> jax.Array:
+  """Inverse of :func:`kernel_to_matrix`: ``[*lead, d_in, d_out]`` -> ``[*lead, *kernel_shape]``."""
+  lead = matrix.ndim - 2
+  perm = _kernel_perm(geom)
+  moved = matrix.reshape(*matrix.shape[:lead], *(geom.kernel_shape[p] for p in perm))
+  inverse = [0] * len(perm)
+  for i, p in enumerate(perm):
+    inverse[p] = i
+  return jnp.transpose(moved, tuple(range(lead)) + tuple(lead + i for i in inverse))

@@ -11,6 +11,12 @@ targeted ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Einsum`` call then sees its i
 rotated (OFTv2), its kernel rotated (original OFT), or a low-rank term added (LoRA).
 Works under ``jax.jit``, ``nn.scan`` and ``nn.remat``.
 
+A base whose kernels are stored otherwise (QOFT / QLoRA) is wrapped first:
+``Adapted(quant.Dequantized(model), config)``. The adapter interceptor, entered
+first, sees each layer first; the dequantizer's runs the layer itself
+(:mod:`oftjax.layer`). The original OFT path reads the float kernel through
+:func:`oftjax.layer.float_params`, whatever its storage.
+
 References:
   google-deepmind/gemma ``peft/`` (adapters that share the wrapped module's scope);
   Qiu et al., OFTv2, arXiv:2506.19847.
@@ -19,54 +25,39 @@ References:
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import flax.linen as nn
 import jax
 
 from oftjax import adapters
 from oftjax import geometry as geo
-from oftjax import quant
+from oftjax import layer
+from oftjax import params as P
 
 _UNSUPPORTED_LINEAR = (nn.Conv, nn.ConvTranspose, nn.ConvLocal, nn.Embed)
-_RECORDERS: list[dict] = []
-
-
-@contextlib.contextmanager
-def record_geometries():
-  """Collects ``{path: LayerGeometry}`` of every adapted layer traced inside the block."""
-  found: dict[str, geo.LayerGeometry] = {}
-  _RECORDERS.append(found)
-  try:
-    yield found
-  finally:
-    _RECORDERS.remove(found)
 
 
 class AdapterInterceptor:
-  """Linen method interceptor that applies :class:`~oftjax.adapters.AdapterConfig`."""
+  """Linen method interceptor that applies :class:`~oftjax.adapters.AdapterConfig`.
+
+  Attributes:
+    geometries: ``{path: LayerGeometry}`` of every layer it adapted so far.
+    seen: paths of every linear layer it saw (for the "matched nothing" error).
+  """
 
   def __init__(self, config: adapters.AdapterConfig):
     self.config = config
-    self.matched: list[str] = []
+    self.geometries: dict[str, geo.LayerGeometry] = {}
     self.seen: list[str] = []
-    self.bypass = False  # set while our own weight-centric call runs the layer again
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != "__call__" or module.scope is None or self.bypass:
+    if context.method_name != "__call__" or module.scope is None or layer.replaying():
       return next_fun(*args, **kwargs)
     path = "/".join(str(p) for p in module.scope.path)
     linear = isinstance(module, geo.SUPPORTED_LAYERS)
     if linear:
       self.seen.append(path)
-    # --- quantized frozen kernel (oftjax.quant, QOFT/QLoRA): run the layer on a kernel
-    # dequantized inside the trace; the adapter code below sees an ordinary layer.
-    geom = None
-    if linear and quant.is_quantized(module):
-      geom = geo.geometry_of(module, path, args[0], kwargs)
-      next_fun = quant.dequantized_call(module, geom, self._call_with)
-    # --- end quantized kernel
     if not self.config.is_target(path):
       return next_fun(*args, **kwargs)
     if isinstance(module, _UNSUPPORTED_LINEAR):
@@ -76,10 +67,8 @@ class AdapterInterceptor:
     if not linear:
       return next_fun(*args, **kwargs)
     x, rest = args[0], args[1:]
-    geom = geom or geo.geometry_of(module, path, x, kwargs)
-    self.matched.append(path)
-    for recorder in _RECORDERS:
-      recorder[path] = geom
+    geom = geo.geometry_of(module, path, x, kwargs)
+    self.geometries[path] = geom
     config = self.config
     if config.method == "lora":
       leaves = _adapter_leaves(module, path, "lora",
@@ -90,24 +79,26 @@ class AdapterInterceptor:
                              lambda rng: adapters.init_oft(geom.d_in, config, path))
     blocks = adapters.oft_blocks(leaves, config, path)
     if config.method == "oft":
-      return next_fun(adapters.rotate_input(x, geom, blocks), *rest, **kwargs)
-    return self._weight_centric_call(module, next_fun, geom, blocks, x, rest, kwargs)
+      rotated = adapters.rotate_input(x, geom, blocks, config.precision)
+      return next_fun(rotated, *rest, **kwargs)
+    return _weight_centric_call(module, next_fun, geom, blocks, x, rest, kwargs, config.precision)
 
-  def _weight_centric_call(self, module, next_fun, geom, blocks, x, rest, kwargs):
-    """Original OFT: runs the same layer with ``blockdiag(R) @ kernel`` as its kernel."""
-    if not quant.has_kernel(module):
-      return next_fun(x, *rest, **kwargs)  # initialisation: creates kernel (R = I anyway)
-    base = quant.float_params(module, geom)  # own params minus adapters; kernel_q dequantized
-    base["kernel"] = adapters.weight_centric_kernel(base["kernel"], geom, blocks)
-    return self._call_with(module, base, x, *rest, **kwargs)
+  def check_matched(self) -> None:
+    """Raises if the targets regex matched no layer (a silent no-op adapter otherwise)."""
+    if not self.geometries:
+      seen = sorted(set(self.seen))
+      raise ValueError(
+          f"targets regex {self.config.targets!r} matched no Dense/DenseGeneral/Einsum layer "
+          f"(layer paths: {', '.join(seen[:8]) or 'none'}{' …' if len(seen) > 8 else ''})")
 
-  def _call_with(self, module, params, *args, **kwargs):
-    """Runs ``module`` (not intercepted again) on the given params of its own."""
-    self.bypass = True
-    try:
-      return module.clone(parent=None).apply({"params": params}, *args, **kwargs)
-    finally:
-      self.bypass = False
+
+def _weight_centric_call(module, next_fun, geom, blocks, x, rest, kwargs, precision):
+  """Original OFT: runs the same layer with ``blockdiag(R) @ kernel`` as its kernel."""
+  if not layer.has_kernel(module):
+    return next_fun(x, *rest, **kwargs)  # initialisation: creates kernel (R = I anyway)
+  base = layer.float_params(module, geom, exclude=P.ADAPTER_KEYS)
+  base["kernel"] = adapters.weight_centric_kernel(base["kernel"], geom, blocks, precision)
+  return layer.call_layer(module, base, x, *rest, **kwargs)
 
 
 def _adapter_leaves(module: nn.Module, path: str, name: str, init_fn) -> dict:
@@ -125,31 +116,64 @@ def _adapter_leaves(module: nn.Module, path: str, name: str, init_fn) -> dict:
   return leaves
 
 
-class Adapted(nn.Module):
+@contextlib.contextmanager
+def _adapters_active(config: adapters.AdapterConfig):
+  """Opens an :class:`AdapterInterceptor`; on exit, raises if it adapted nothing."""
+  interceptor = AdapterInterceptor(config)
+  with nn.intercept_methods(interceptor):
+    yield interceptor
+  interceptor.check_matched()
+
+
+def find_geometries(model: nn.Module, config: adapters.AdapterConfig, *args,
+                    **kwargs) -> dict[str, geo.LayerGeometry]:
+  """``{path: LayerGeometry}`` of every layer ``config`` adapts in ``model`` on these inputs.
+
+  Traces the adapted ``model.init`` once under ``jax.eval_shape`` (shapes only: nothing
+  is computed or allocated) with an interceptor of its own, so nothing is recorded in
+  global state.
+
+  Args:
+    model: the base Linen module (possibly wrapped, e.g. by ``quant.Dequantized``).
+    config: the adapter config; its ``targets`` select the layers.
+    *args, **kwargs: example inputs of ``model.__call__`` (only shapes matter).
+
+  Raises:
+    ValueError: as :class:`Adapted` would (no layer matched, a block size that does
+      not divide a width, an unsupported layer form), naming the layer and the fix.
+  """
+  found: dict[str, geo.LayerGeometry] = {}
+
+  def init(rng):
+    with _adapters_active(config) as interceptor:
+      variables = model.init(rng, *args, **kwargs)
+    found.update(interceptor.geometries)
+    return variables
+
+  jax.eval_shape(init, jax.random.key(0))
+  return found
+
+
+class Adapted(layer.InterceptingWrapper):
   """Wraps any Linen ``model`` so that its targeted linear layers carry adapters.
 
+  ``call_method(name, *args)`` calls another method of ``model`` (e.g. a decode
+  method) with adapters active.
+
   Attributes:
-    model: the base Linen module (never modified).
+    model: the base Linen module (never modified); may itself be a wrapper such as
+      ``quant.Dequantized``.
     config: which adapter, where, and its hyper-parameters.
   """
 
   model: nn.Module
   config: adapters.AdapterConfig
 
-  def setup(self):
-    nn.share_scope(self, self.model)
+  @property
+  def wrapped(self) -> nn.Module:
+    return self.model
 
-  def __call__(self, *args, **kwargs) -> Any:
-    return self.call_method("__call__", *args, **kwargs)
-
-  def call_method(self, method_name: str, *args, **kwargs) -> Any:
-    """Calls ``model.<method_name>`` with adapters active (e.g. a decode method)."""
-    interceptor = AdapterInterceptor(self.config)
-    with nn.intercept_methods(interceptor):
-      out = getattr(self.model, method_name)(*args, **kwargs)
-    if not interceptor.matched:
-      seen = sorted(set(interceptor.seen))
-      raise ValueError(
-          f"targets regex {self.config.targets!r} matched no Dense/DenseGeneral/Einsum layer "
-          f"(layer paths: {', '.join(seen[:8]) or 'none'}{' …' if len(seen) > 8 else ''})")
-    return out
+  @nn.nowrap
+  def intercepting(self):
+    """Context in which :class:`AdapterInterceptor` applies ``config``."""
+    return _adapters_active(self.config)

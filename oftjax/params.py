@@ -115,7 +115,7 @@ def fold_adapters(params: Params, geometries: Mapping[str, geo.LayerGeometry],
 
   Args:
     params: adapted tree (base + adapter leaves).
-    geometries: from :func:`oftjax.intercept.record_geometries` on the same model.
+    geometries: ``oftjax.adapt(...).geometries`` of the same model.
     config: the adapter config the leaves were trained with.
     unfold: apply the inverse fold instead (recovers the base kernels).
 
@@ -131,27 +131,83 @@ def fold_adapters(params: Params, geometries: Mapping[str, geo.LayerGeometry],
       fold = adapters.unmerge_lora if unfold else adapters.merge_lora
       fn = lambda k, l: fold(k, geom, l, config)  # noqa: E731
     else:
-      fold = adapters.unmerge_oft if unfold else adapters.merge_oft
-      fn = lambda k, l: fold(k, geom, adapters.oft_blocks(l, config, path))  # noqa: E731
+      blocks = lambda l: adapters.oft_blocks(l, config, path)  # noqa: E731
+      if unfold:
+        fn = lambda k, l: adapters.unmerge_oft(k, geom, blocks(l))  # noqa: E731
+      else:
+        fn = lambda k, l: adapters.merge_oft(k, geom, blocks(l), config.precision)  # noqa: E731
     node["kernel"] = _stacked(fn, node["kernel"], geom, leaves)
   return base
 
 
-def adapter_health(adapter: Params, config: adapters.AdapterConfig) -> dict:
-  """Largest spectral norm of any OFT block's ``Q`` and largest ``max|RᵀR - I|``.
+def project_adapters(tree: Params, config: adapters.AdapterConfig) -> dict:
+  """COFT: ``tree`` with every OFT layer's blocks projected into its ball (per layer).
 
-  The Cayley–Neumann series only approximates an orthogonal ``R`` while ``‖Q‖ < 1``;
-  training logs both figures so a drift out of that region is seen, not guessed.
+  This is the value PEFT writes back into each OFT weight before every forward; the
+  train step applies it after every update so the stored parameter always is the
+  projected one. Non-OFT leaves (and every leaf without COFT) are returned unchanged.
   """
-  nodes = [leaves["weight"] for _, kind, leaves in adapter_nodes(adapter) if kind == "oft"]
-  if not nodes:
-    return {}
-  q_norms, errors = [], []
-  for packed in nodes:
-    packed = packed.reshape(-1, packed.shape[-1]).astype(jnp.float32)
-    q = orthogonal.skew_symmetric(packed, config.block_size)
-    q_norms.append(jnp.max(jnp.linalg.norm(q, ord=2, axis=(-2, -1))))
-    errors.append(orthogonal.orthogonality_error(adapters.oft_blocks({"weight": packed}, config)))
-  return {"max_q_norm": jnp.max(jnp.stack(q_norms)),
-          "orthogonality_error": jnp.max(jnp.stack(errors))}
+  def walk(node):
+    return {key: adapters.project_oft(value, config) if key == "oft"
+            else walk(value) if isinstance(value, Mapping) else value
+            for key, value in node.items()}
 
+  return walk(tree) if config.coft_eps is not None else dict(tree)
+
+
+def _per_layer(fn, stacked: jax.Array, lead: tuple[int, ...]) -> jax.Array:
+  """``fn`` of each layer's ``[r, ...]`` slice of a ``[*lead, r, ...]`` array: shape ``lead``."""
+  flat = stacked.reshape((math.prod(lead),) + stacked.shape[len(lead):])
+  return jax.vmap(fn)(flat).reshape(lead)
+
+
+def adapter_health(adapter: Params, config: adapters.AdapterConfig) -> dict:
+  """How far each OFT layer is from the region where its blocks are rotations.
+
+  The Cayley–Neumann series only approximates an orthogonal ``R`` while ``‖Q‖ < 1``,
+  and COFT keeps each block's ``‖Q‖_F`` within ``eps / sqrt(r)``; training logs the
+  summaries so a drift is seen, not guessed. Every figure is taken per layer: a layer
+  stacked by ``nn.scan`` (``[num_layers, r, b(b-1)/2]`` leaves) counts as
+  ``num_layers`` layers, each with its own ``r`` blocks and COFT radius.
+
+  Returns:
+    ``{}`` without OFT adapters; otherwise ``{'layers': {path: figures}}`` where
+    ``figures`` holds ``q_norm`` (largest spectral norm of a block's ``Q`` as the
+    forward uses it, i.e. after COFT's projection) and ``orthogonality_error``
+    (largest ``max|RᵀR - I|`` of a block), each shaped like the layer's stacked axes
+    (``()`` unstacked), and with COFT ``coft_radius`` (the layer's ``eps / sqrt(r)``)
+    and ``coft_ratio`` (largest stored ``‖Q‖_F`` over that radius: 1 on the sphere,
+    above 1 for a weight that was never projected, such as PEFT's saved one), plus the
+    summaries over all layers: ``max_q_norm``, ``mean_q_norm``, ``orthogonality_error``
+    (max), ``mean_orthogonality_error`` and with COFT ``max_coft_ratio``.
+  """
+  layers = {}
+  for path, kind, leaves in adapter_nodes(adapter):
+    if kind != "oft":
+      continue
+    stored = leaves["weight"].astype(jnp.float32)
+    lead, r = stored.shape[:-2], stored.shape[-2]
+    used = adapters.project_oft({"weight": stored}, config)["weight"]  # what the forward uses
+    q = orthogonal.skew_symmetric(used, config.block_size)
+    blocks = adapters.oft_blocks({"weight": used}, config, path)
+    figures = {
+        "q_norm": _per_layer(lambda x: jnp.max(jnp.linalg.norm(x, ord=2, axis=(-2, -1))),
+                             q, lead),
+        "orthogonality_error": _per_layer(orthogonal.orthogonality_error, blocks, lead)}
+    if config.coft_eps is not None:
+      radius = config.coft_eps / math.sqrt(r)
+      figures["coft_radius"] = jnp.asarray(radius, jnp.float32)
+      figures["coft_ratio"] = _per_layer(  # of the stored weight: > 1 if never projected
+          lambda x: jnp.max(jnp.linalg.norm(x, axis=(-2, -1))),
+          orthogonal.skew_symmetric(stored, config.block_size), lead) / radius
+    layers[path] = figures
+  if not layers:
+    return {}
+  every = lambda name: jnp.concatenate(  # noqa: E731
+      [jnp.ravel(f[name]) for f in layers.values()])
+  summary = {"max_q_norm": jnp.max(every("q_norm")), "mean_q_norm": jnp.mean(every("q_norm")),
+             "orthogonality_error": jnp.max(every("orthogonality_error")),
+             "mean_orthogonality_error": jnp.mean(every("orthogonality_error"))}
+  if config.coft_eps is not None:
+    summary["max_coft_ratio"] = jnp.max(every("coft_ratio"))
+  return {"layers": layers, **summary}

@@ -20,25 +20,48 @@ LossFn = Callable[[Any, Any], Any]  # (full params, batch) -> (scalar loss, aux 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     has_aux: bool = False, donate: bool = True, accum_steps: int = 1,
-                    state_shardings: tuple[Any, Any] | None = None):
+                    state_shardings: tuple[Any, Any] | None = None,
+                    weight_key: str | None = None,
+                    project: Callable[[Any], Any] | None = None):
   """Builds ``step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss, aux)``.
+
+  Gradient accumulation: with ``accum_steps = k > 1`` every batch leaf has a leading
+  axis of ``k`` micro-batches, of which one's activations live at a time. A loss that
+  is a mean over terms (tokens) is only equal to the ``k``-times batch's loss if each
+  micro-batch counts with its number of terms: with ``weight_key``, micro-batch ``i``
+  with ``n_i = aux[weight_key]`` terms and mean loss ``l_i`` contributes
+  ``n_i / Σn`` of the loss, of the gradient and of every other ``aux`` entry, so the
+  step's loss is ``Σ(per-term losses) / Σn`` and its gradient that of the big batch
+  (``aux[weight_key]`` itself is summed). Without it the micro-batches count equally
+  (right only when they hold equal numbers of terms).
 
   Args:
     loss_fn: loss of the merged tree ``merge_params(frozen, trainable)`` on a batch.
     optimizer: applied to the trainable tree only.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     donate: donate the trainable tree and optimizer state buffers to the update.
-    accum_steps: if > 1, every batch leaf has a leading axis of this many micro-batches;
-      their gradients are averaged (one micro-batch's activations live at a time).
+    accum_steps: micro-batches per step (see above).
     state_shardings: ``(trainable, opt_state)`` shardings to keep on the outputs, so that
       a sharded step's results feed the next step unchanged (e.g. replicated adapters).
+    weight_key: with ``has_aux``, the ``aux`` entry counting the terms a micro-batch's
+      loss averages (e.g. ``'tokens'``); used when ``accum_steps > 1``.
+    project: maps the trainable tree onto its constraint set (e.g. COFT's
+      :func:`oftjax.params.project_adapters`). Applied to the incoming tree before the
+      forward and to the updated tree after the optimizer, so the stored parameter
+      always is the projected one, as PEFT's in-place write-back leaves it.
 
   Returns:
-    The jitted step. ``aux`` is ``None`` without ``has_aux`` (micro-batch mean otherwise).
-    ``loss`` is the micro-batch mean; a step whose loss or gradient is not finite
-    leaves the trainable tree and optimizer state unchanged (``aux['skipped'] = 1``
-    when ``has_aux``).
+    The jitted step. ``aux`` is ``None`` without ``has_aux``. ``loss`` (and ``aux``) are
+    the step's means as above; a step whose loss or gradient is not finite leaves the
+    trainable tree and optimizer state unchanged (``aux['skipped'] = 1`` when
+    ``has_aux``).
+
+  Raises:
+    ValueError: ``weight_key`` without ``has_aux``.
   """
+  if weight_key is not None and not has_aux:
+    raise ValueError("weight_key names an aux entry, so it needs has_aux=True")
+  constrain = project or (lambda tree: tree)
 
   def grads_of(trainable, frozen, batch):
     def objective(t):
@@ -47,21 +70,31 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
     return jax.value_and_grad(objective, has_aux=True)(trainable)
 
+  def accumulated(trainable, frozen, batch):
+    """Loss, aux and gradient of ``accum_steps`` micro-batches as one batch."""
+    def micro(acc, mb):
+      (l, a), g = grads_of(trainable, frozen, mb)
+      n = jnp.asarray(1.0 if weight_key is None else a[weight_key], jnp.float32)
+      return jax.tree_util.tree_map(lambda s, x: s + n * x, acc, g), (n, l, a)
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+    summed, (counts, losses, auxes) = jax.lax.scan(micro, zeros, batch)
+    total = counts.sum()
+    total = jnp.where(total > 0, total, 1.0)  # no term in any micro-batch: all weights 0
+    weights = counts / total
+    mean = lambda x: jnp.tensordot(weights, x.astype(jnp.float32), axes=1)  # noqa: E731
+    aux = {k: counts.sum() if k == weight_key else mean(v) for k, v in auxes.items()}
+    grads = jax.tree_util.tree_map(lambda s: s / total, summed)
+    return (mean(losses), aux), grads
+
   def step(trainable, opt_state, frozen, batch):
+    trainable = constrain(trainable)
     if accum_steps == 1:
       (loss, aux), grads = grads_of(trainable, frozen, batch)
     else:
-      def micro(acc, mb):
-        (l, a), g = grads_of(trainable, frozen, mb)
-        return jax.tree_util.tree_map(jnp.add, acc, g), (l, a)
-
-      zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
-      grads, (losses, auxes) = jax.lax.scan(micro, zeros, batch)
-      grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
-      loss = jnp.mean(losses)
-      aux = jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), auxes)
+      (loss, aux), grads = accumulated(trainable, frozen, batch)
     updates, new_state = optimizer.update(grads, opt_state, trainable)
-    new_trainable = optax.apply_updates(trainable, updates)
+    new_trainable = constrain(optax.apply_updates(trainable, updates))
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
     keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
         lambda n, o: jnp.where(finite, n, o), new, old)

@@ -17,15 +17,12 @@ TOKENS = jax.random.randint(jax.random.key(0), (2, 9), 0, 97)
 def adapted_params(model, config, scale=0.2, seed=5):
   """Base params of ``model`` plus random (non-identity) adapter leaves, and geometries."""
   base = model.init(jax.random.key(1), TOKENS)["params"]
-  wrapped = oftjax.Adapted(model, config)
-  with oftjax.record_geometries() as geoms:
-    shapes = jax.eval_shape(wrapped.init, jax.random.key(1), TOKENS)["params"]
-  _, adapter = oftjax.split_params(shapes)
-  leaves, treedef = jax.tree_util.tree_flatten(adapter)
+  adapted = oftjax.adapt(model, config, TOKENS)
+  leaves, treedef = jax.tree_util.tree_flatten(jax.eval_shape(adapted.init, jax.random.key(1)))
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   adapter = treedef.unflatten(
       [scale * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves)])
-  return wrapped, base, oftjax.merge_params(base, adapter), dict(geoms)
+  return adapted.module, base, oftjax.merge_params(base, adapter), adapted.geometries
 
 
 def test_tree_layout_puts_adapters_beside_kernels():
@@ -77,9 +74,9 @@ def test_multi_axis_output_dense_general():
   layer = nn.DenseGeneral((3, 8), axis=(-2, -1))
   x = jax.random.normal(jax.random.key(2), (4, 2, 16))
   config = oftjax.AdapterConfig(block_size=4)
-  wrapped = oftjax.Adapted(layer, config)
-  with oftjax.record_geometries() as geoms:
-    params = wrapped.init(jax.random.key(3), x)["params"]
+  adapted = oftjax.adapt(layer, config, x)
+  wrapped, geoms = adapted.module, adapted.geometries
+  params = wrapped.init(jax.random.key(3), x)["params"]
   params["oft"]["weight"] = 0.3 * jax.random.normal(jax.random.key(4), (8, 6))
   y = wrapped.apply({"params": params}, x)
   chex.assert_shape(y, (4, 3, 8))
@@ -164,3 +161,30 @@ def test_bad_config_values():
     oftjax.AdapterConfig(method="boft")
   with pytest.raises(ValueError, match="num_terms must be >= 2"):
     oftjax.AdapterConfig(num_terms=1)
+
+
+def test_adapt_builds_one_object_for_layers_init_fold_and_peft_files(tmp_path):
+  model = TinyLM()
+  config = oftjax.AdapterConfig(block_size=8, targets=TARGETS)
+  adapted = oftjax.adapt(model, config, TOKENS)
+  names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+  assert sorted(adapted.geometries) == sorted(f"layers/{n}" for n in names)
+  base = model.init(jax.random.key(1), TOKENS)["params"]
+  adapter = adapted.init(jax.random.key(2))
+  assert all(not np.any(np.asarray(x)) for x in jax.tree_util.tree_leaves(adapter))  # R = I
+  y = adapted.apply(oftjax.merge_params(base, adapter), TOKENS)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(model.apply({"params": base}, TOKENS)))
+  _, _, params, _ = adapted_params(model, config)
+  _, trained = oftjax.split_params(params)
+  merged = adapted.fold(params)
+  chex.assert_trees_all_equal(merged, oftjax.fold_adapters(params, adapted.geometries, config))
+  chex.assert_trees_all_close(model.apply({"params": merged}, TOKENS),
+                              adapted.apply(params, TOKENS), atol=2e-5)
+  chex.assert_trees_all_close(adapted.unfold(oftjax.merge_params(merged, trained)), base, atol=1e-5)
+  adapted.export_peft(str(tmp_path / "peft"), trained)
+  imported, imported_config = adapted.import_peft(str(tmp_path / "peft"))
+  assert imported_config.targets == TARGETS and imported_config.block_size == 8
+  chex.assert_trees_all_close(jax.tree_util.tree_map(jnp.asarray, imported), trained, atol=0)
+  lora = adapted.with_config(oftjax.AdapterConfig(method="lora", lora_rank=4, targets=".*q_proj"))
+  assert list(lora.geometries) == ["layers/q_proj"] and lora.module.config.method == "lora"
+  assert len(adapted.geometries) == 7  # each object traced on its own: no shared recorder

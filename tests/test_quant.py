@@ -44,15 +44,14 @@ def tiny_lm():
 
 
 def adapted(model, method, scale=0.1, seed=3, targets=TARGETS):
-  """Adapted wrapper, random non-identity adapter leaves, geometries."""
+  """Adapted (over the dequantizing) wrapper, random non-identity adapter leaves, geometries."""
   config = oftjax.AdapterConfig(method=method, block_size=8, targets=targets, lora_rank=4)
-  wrapped = oftjax.Adapted(model, config)
-  with oftjax.record_geometries() as geoms:
-    shapes = jax.eval_shape(wrapped.init, jax.random.key(1), TOKENS)["params"]
-  leaves, treedef = jax.tree_util.tree_flatten(oftjax.split_params(shapes)[1])
+  adapted_model = oftjax.adapt(quant.Dequantized(model), config, TOKENS)
+  shapes = jax.eval_shape(adapted_model.init, jax.random.key(1))
+  leaves, treedef = jax.tree_util.tree_flatten(shapes)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   adapter = treedef.unflatten([scale * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves)])
-  return config, wrapped, adapter, dict(geoms)
+  return config, adapted_model.module, adapter, adapted_model.geometries
 
 
 def test_nf4_code_values_are_normal_quantiles():
@@ -120,7 +119,7 @@ def test_stored_bytes_of_quantized_layers(mode, dq):
   _, _, _, geoms = adapted(model, "oft")
   frozen = quant.quantize_params(base, geoms, mode, double_quant=dq)
   report = quant.storage_report(frozen)
-  shapes = [quant.kernel_to_matrix(oftjax.params.node_at(base, p)["kernel"], g).shape
+  shapes = [oftjax.geometry.kernel_to_matrix(oftjax.params.node_at(base, p)["kernel"], g).shape
             for p, g in geoms.items()]
   kernels = sum(int(np.prod(s)) for s in shapes)
   assert report["reference_bytes"] == 2 * kernels
@@ -183,6 +182,22 @@ def test_generation_over_quantized_kernels_equals_the_folded_dequantized_model(m
   assert not np.array_equal(got, unadapted)  # the adapter really takes part
 
 
+def test_dequantized_alone_runs_a_quantized_base_and_must_sit_inside_the_adapters():
+  model, base = tiny_lm()
+  config, _, adapter, geoms = adapted(model, "oft")
+  frozen = quant.quantize_params(base, geoms, "int8")
+  got = quant.Dequantized(model).apply({"params": frozen}, TOKENS)
+  want = model.apply({"params": quant.dequantize_params(frozen, geoms)}, TOKENS)
+  np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.max(jnp.abs(want))), rtol=0)
+  np.testing.assert_array_equal(  # inert on a float tree
+      np.asarray(quant.Dequantized(model).apply({"params": base}, TOKENS)),
+      np.asarray(model.apply({"params": base}, TOKENS)))
+  # Outside the adapters its interceptor would run each layer first, without them.
+  wrong = quant.Dequantized(oftjax.Adapted(model, config))
+  with pytest.raises(ValueError, match=r"inside the adapters: Adapted\(quant.Dequantized\(model\)"):
+    wrong.apply({"params": oftjax.merge_params(frozen, adapter)}, TOKENS)
+
+
 def test_quantized_train_step_keeps_no_dequantized_kernels():
   model, base = tiny_gemma()
   _, wrapped, adapter, geoms = adapted(model, "oft")
@@ -202,7 +217,7 @@ def test_quantized_train_step_keeps_no_dequantized_kernels():
   assert np.isfinite(float(loss))
   assert not jax.tree_util.tree_all(jax.tree_util.tree_map(jnp.array_equal, new, adapter))
   # Dequantized kernels are recomputed in the backward, not kept as residuals (without
-  # jax.checkpoint in dequantized_call, temp grew by every targeted kernel in fp32).
+  # jax.checkpoint in the dequantizing interceptor, temp grew by every targeted kernel in fp32).
   assert mem_q.temp_size_in_bytes <= mem_f.temp_size_in_bytes + 4096, (mem_q, mem_f)
   print(f"temp {mem_q.temp_size_in_bytes} B (nf4) vs {mem_f.temp_size_in_bytes} B (fp32), "
         f"arguments {mem_q.argument_size_in_bytes} B vs {mem_f.argument_size_in_bytes} B")
@@ -273,9 +288,7 @@ def test_quantize_on_load_equals_quantizing_the_loaded_tree_and_holds_no_full_co
   transformers.AutoModelForCausalLM.from_config(hf).save_pretrained(tmp_path)
   model = gemma.load_model(str(tmp_path))
   config = oftjax.AdapterConfig(method="oft", block_size=16, targets=TARGETS)
-  with oftjax.record_geometries() as geoms:
-    jax.eval_shape(oftjax.Adapted(model, config).init, jax.random.key(0), TOKENS)
-  geoms = dict(geoms)
+  geoms = oftjax.adapt(model, config, TOKENS).geometries
 
   def load_and_peak(**kwargs):
     tracemalloc.start()

@@ -1,11 +1,15 @@
 """QOFT / QLoRA: adapters on a frozen base whose linear kernels are stored in NF4 or int8.
 
-    base_q = quant.quantize_params(base, geometries, "nf4")      # tensor by tensor
-    y = Adapted(model, config).apply({"params": merge_params(base_q, adapter)}, x)
-    merged_q, report = quant.merge_into_quantized(params_q, geometries, config)
+    adapted = oftjax.adapt(quant.Dequantized(model), config, tokens)
+    base_q = quant.quantize_params(base, adapted.geometries, "nf4")   # tensor by tensor
+    y = adapted.apply(merge_params(base_q, adapter), tokens)
+    merged_q, report = quant.merge_into_quantized(params_q, adapted.geometries, config)
 
-The interceptor dequantizes each ``kernel_q`` inside the traced step (see
-:mod:`oftjax.quant.tree`); adapters stay float32.
+Modules: ``codes`` (NF4 / int8 of one matrix, on qwix), ``kernel`` (a layer's
+``kernel_q`` leaves; registers them as a kernel storage), ``tree`` (quantizing and
+dequantizing a tree), ``dequantized`` (the :class:`Dequantized` wrapper that runs
+layers on kernels dequantized inside the trace; adapters stay float32), ``merge``
+(folding adapters into a quantized base), ``report`` (bytes and counts).
 """
 
 from oftjax.quant.codes import (
@@ -17,26 +21,15 @@ from oftjax.quant.codes import (
     nf4_max_half_gap,
     quantize_matrix,
 )
+from oftjax.quant.dequantized import Dequantized
+from oftjax.quant.kernel import QUANT_KEY
 from oftjax.quant.merge import merge_into_quantized
-from oftjax.quant.tree import (
-    QUANT_KEY,
-    dequantize_params,
-    dequantized_call,
-    float_params,
-    has_kernel,
-    is_quantized,
-    kernel_to_matrix,
-    logical_count,
-    matrix_to_kernel,
-    quantize_on_load,
-    quantize_params,
-    storage_report,
-)
+from oftjax.quant.report import logical_count, storage_report
+from oftjax.quant.tree import dequantize_params, quantize_on_load, quantize_params
 
 __all__ = [
-    "MODES", "NF4_BLOCK", "QUANT_KEY", "dequantize_matrix", "dequantize_params",
-    "dequantized_call", "error_bound", "float_params", "has_kernel", "is_quantized",
-    "kernel_to_matrix", "logical_count", "matrix_to_kernel", "merge_into_quantized",
-    "nf4_code_values", "nf4_max_half_gap", "quantize_matrix", "quantize_on_load",
-    "quantize_params", "storage_report",
+    "Dequantized", "MODES", "NF4_BLOCK", "QUANT_KEY", "dequantize_matrix", "dequantize_params",
+    "error_bound", "logical_count", "merge_into_quantized", "nf4_code_values",
+    "nf4_max_half_gap", "quantize_matrix", "quantize_on_load", "quantize_params",
+    "storage_report",
 ]

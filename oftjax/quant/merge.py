@@ -24,7 +24,7 @@ from oftjax import geometry as geo
 from oftjax import orthogonal
 from oftjax import params as P
 from oftjax.quant import codes
-from oftjax.quant.tree import QUANT_KEY
+from oftjax.quant.kernel import QUANT_KEY
 
 
 def _settings(leaves: dict) -> tuple[str, int, bool]:

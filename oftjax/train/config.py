@@ -55,6 +55,7 @@ class RunConfig:
   block_size: int = 16
   neumann_terms: int = 6
   parameterization: str = "cayley_neumann"
+  adapter_precision: str = "highest"
   lora_rank: int = 16
   lora_alpha: float = 16.0
   targets: str = DEFAULT_TARGETS
@@ -88,7 +89,7 @@ class RunConfig:
   def fingerprint(self) -> dict:
     """Fields that must match for ``--resume`` to continue the same run."""
     keep = ("model", "data", "method", "block_size", "neumann_terms", "parameterization",
-            "lora_rank", "lora_alpha", "targets", "steps", "batch_size", "grad_accum",
+            "adapter_precision", "lora_rank", "lora_alpha", "targets", "steps", "batch_size", "grad_accum",
             "seq_len", "lr", "warmup_steps", "weight_decay", "clip_norm", "dtype", "seed",
             "init_adapter", "truncate", "quantize")
     return {k: getattr(self, k) for k in keep}
@@ -103,6 +104,10 @@ _HELP = {
     "block_size": "OFT block size b; must divide every targeted input width",
     "neumann_terms": "Cayley-Neumann terms n (even n is more orthogonal, docs/DESIGN.md §1)",
     "parameterization": "cayley_neumann (OFTv2) or cayley (exact inverse)",
+    "adapter_precision": "matmul precision of the adapter's own math (Neumann powers, "
+                         "rotation, LoRA products, merge): highest is true float32 on every "
+                         "backend, as PEFT's; default (TF32 on NVIDIA GPUs, one bf16 pass on "
+                         "TPU) and high trade exactness for speed",
     "lora_rank": "LoRA rank", "lora_alpha": "LoRA alpha (scale = alpha / rank)",
     "targets": "regex full-matched against linear-layer paths, e.g. layers/self_attn/q_proj",
     "steps": "optimizer steps", "batch_size": "packed rows per micro-batch",
@@ -150,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     else:
       kind = {"int": int, "float": float}.get(str(field.type), str)
       choices = {"method": METHODS, "parameterization": ("cayley_neumann", "cayley"),
+                 "adapter_precision": ("default", "high", "highest"),
                  "dtype": ("auto", "float32", "bfloat16"),
                  "on_nonfinite": ("skip", "stop"),
                  "quantize": ("none", "int8", "nf4")}.get(field.name)
@@ -190,7 +196,8 @@ def adapter_config(c: RunConfig):
   try:
     return adapters.AdapterConfig(
         method=method, targets=c.targets, block_size=c.block_size, num_terms=c.neumann_terms,
-        parameterization=c.parameterization, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)
+        parameterization=c.parameterization, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
+        precision=c.adapter_precision)
   except ValueError as e:
     raise UsageError(reword(str(e), _ADAPTER_FIELDS)) from None
 

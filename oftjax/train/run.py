@@ -7,6 +7,7 @@ Everything a user can get wrong is checked before the output directory is touche
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from oftjax import checkpoint, data, distributed, params as P, peft_io, quant, sharding
-from oftjax.intercept import Adapted, record_geometries
+from oftjax.adapted_model import adapt
 from oftjax.models import gemma
 from oftjax.train import outputs
 from oftjax.train.config import RunConfig, UsageError, adapter_config, reword
@@ -119,11 +120,11 @@ class _StopFlag:
 
 
 def _init_adapters(c, model, acfg, example):
-  """Adapter tree (base init is dead code under jit), layer geometries, wrapped model."""
-  wrapped = Adapted(model, acfg)
-  with record_geometries() as geoms:
-    init = jax.jit(lambda rng: P.split_params(wrapped.init(rng, example)["params"])[1])
-    adapter = _user_errors(init, jax.random.key(c.seed))
+  """The adapted model (its layers found by one trace) and its adapter tree."""
+  if c.quantize != "none":  # the adapters see each layer first, the dequantizer runs it
+    model = quant.Dequantized(model)
+  adapted = _user_errors(adapt, model, acfg, example)
+  adapter = _user_errors(adapted.init, jax.random.key(c.seed))
   if c.init_adapter:
     try:
       imported, icfg = peft_io.import_peft(c.init_adapter, targets=acfg.targets,
@@ -143,8 +144,9 @@ def _init_adapters(c, model, acfg, example):
     if problem:
       raise UsageError(f"--init-adapter {c.init_adapter} does not fit: {problem}")
     adapter = jax.tree_util.tree_map(jnp.asarray, imported)
-    acfg, wrapped = icfg, Adapted(model, icfg)
-  return wrapped, acfg, adapter, dict(geoms)
+    icfg = dataclasses.replace(icfg, precision=acfg.precision)  # a run choice, not the file's
+    adapted = _user_errors(adapted.with_config, icfg)
+  return adapted, adapter
 
 
 def run(c: RunConfig) -> dict:
@@ -162,7 +164,9 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   mesh = _user_errors(sharding.make_mesh, c.mesh, flags={"mesh": "mesh"})
   _user_errors(distributed.local_rows, c.batch_size, flags={"global_rows": "batch_size"})
   tokenizer = _user_errors(data.load_tokenizer, c.model)
-  param_dtype = jnp.float32 if dtype == jnp.float32 else dtype
+  # Frozen weights are stored in the compute dtype; weights that full finetuning trains keep an
+  # fp32 master copy (bf16 storage would round away updates below its 8-bit mantissa).
+  param_dtype = jnp.float32 if c.method == "full" else dtype
   model = _user_errors(gemma.load_model, c.model, dtype=dtype, param_dtype=param_dtype)
   train = _user_errors(data.load_dataset, c.data, tokenizer, c.seq_len, truncate=c.truncate,
                        flags={"seq_len": "seq_len"})
@@ -173,10 +177,11 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     sets["retention"] = _user_errors(data.load_eval_set, c.retention_data, tokenizer, c.eval_limit)
   max_new = max(len(tokenizer.encode(x.expected, add_special_tokens=False))
                 for s in sets.values() for x in s) + 2
-  wrapped, acfg, geoms = model, None, {}
+  adapted, wrapped, acfg, geoms = None, model, None, {}
   if c.method != "full":  # adapters first: their geometries say which kernels to quantize
-    acfg = adapter_config(c)
-    wrapped, acfg, trainable, geoms = _init_adapters(c, model, acfg, jnp.zeros((1, 8), jnp.int32))
+    adapted, trainable = _init_adapters(c, model, adapter_config(c),
+                                        jnp.zeros((1, 8), jnp.int32))
+    wrapped, acfg, geoms = adapted.module, adapted.config, adapted.geometries
     if reason := peft_io.unexportable_reason(acfg):
       _say(main, f"note: no peft_adapter/ will be written: {reason}")
   # QOFT / QLoRA: each targeted kernel is quantized as soon as the loader completes it, so
@@ -203,7 +208,10 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
                            segment_ids=batch["segment_ids"])
     return masked_xent(logits, batch)
 
+  coft = acfg is not None and acfg.coft_eps is not None  # PEFT's write-back after each update
   step_fn = make_train_step(loss_fn, optimizer, has_aux=True, accum_steps=c.grad_accum,
+                            weight_key="tokens",
+                            project=(lambda t: P.project_adapters(t, acfg)) if coft else None,
                             state_shardings=jax.tree_util.tree_map(
                                 lambda x: x.sharding, (trainable, opt_state)))
 
@@ -213,7 +221,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     """The trained function as one full-precision tree, adapters folded in (export)."""
     base_params = quant.dequantize_params(frozen, geoms, dtype) if quantized else frozen
     full = P.merge_params(base_params, tr)
-    return full if c.method == "full" else P.fold_adapters(full, geoms, acfg)
+    return full if c.method == "full" else adapted.fold(full)
 
   def evaluated(tr):
     """Params for the evaluator: merged, or quantized kernels + unmerged adapters (QOFT)."""

@@ -5,8 +5,8 @@ function per (model, prompt shape, max_new_tokens, number of EOS ids); temperatu
 the EOS/pad ids are traced, so switching between greedy and sampling does not recompile.
 
 ``model`` may also be an ``oftjax.Adapted`` Gemma: generation then runs with unmerged
-adapters, over whatever kernels ``params`` holds (quantized ones included, as in QOFT), with
-no merged or dequantized copy of the model.
+adapters, over whatever kernels ``params`` holds (quantized ones included, as in QOFT, under
+``Adapted(quant.Dequantized(model), config)``), with no merged or dequantized copy of the model.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ def _select(logits, rng, temperature, top_k):
 
 
 def _gemma_of(model):
-    """The Gemma module itself, whether ``model`` is one or an adapter wrapper around one."""
-    return model if isinstance(model, Gemma) else model.model
+    """The Gemma module itself, under any wrappers around it (each exposes its ``wrapped``)."""
+    while not isinstance(model, Gemma):
+        model = model.wrapped
+    return model
 
 
 def _decode(model, params, *args):
