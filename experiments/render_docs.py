@@ -17,7 +17,7 @@ training, no oftjax import but to write the files, a second or two):
 - the tests themselves, read as source (``ast``): the bad-input catalogue of RELIABILITY.md
   is the ``CASES`` of ``tests/test_reliability_inputs.py`` and
   ``tests/test_finetune_bad_input.py``; the reliability runs' settings are the constants of
-  ``tests/test_reliability_faults.py``.
+  ``tests/reliability_helpers.py`` and ``tests/test_reliability_faults.py``.
 
 After re-running any of those (``make notebooks``, the benchmark, ``record_runs.py``, a test
 with ``OFTJAX_RECORD_RESULTS=1``), run this script; ``tests/test_docs_agree.py`` runs
@@ -347,6 +347,8 @@ def render_assets_time() -> str:
 
 
 FAULTS = ("tests", "test_reliability_faults.py")
+SETUP = ("tests", "reliability_helpers.py")  # the shared set-up of the reliability tests
+TINY = ("tests", "finetune_helpers.py")  # the tiny model of the job tests
 INPUTS = ("tests", "test_reliability_inputs.py")
 BAD_INPUT = ("tests", "test_finetune_bad_input.py")
 INPUT_TESTS = ("test_bad_input_is_one_line_error", "test_bad_checkpoint_is_one_line_error")
@@ -376,10 +378,10 @@ def render_bad_input_message(case: str) -> str:
 
 
 def render_reliability_setup() -> str:
-  model = call_keywords(FAULTS, "Gemma3TextConfig")
-  flags = function_flags(FAULTS, "job")
+  model = call_keywords(TINY, "Gemma3TextConfig")
+  flags = function_flags(SETUP, "job")
   counts = {}
-  for node in ast.walk(module_ast(*FAULTS)):  # for name, count in (("train.jsonl", 200), ...)
+  for node in ast.walk(module_ast(*SETUP)):  # for name, count in (("train.jsonl", 200), ...)
     if isinstance(node, ast.For) and isinstance(node.iter, ast.Tuple):
       try:
         counts.update(dict(ast.literal_eval(node.iter)))
@@ -390,8 +392,8 @@ def render_reliability_setup() -> str:
       f"random Gemma 3 ({model['num_hidden_layers']} layers, width {model['hidden_size']}), a "
       f"{counts['train.jsonl']}-record slice of the shipped task, a {counts['eval.jsonl']}-record "
       f"eval set, a JAX persistent compilation cache for the subprocesses, and **one "
-      f"uninterrupted reference run** ({constant(FAULTS, 'STEPS')} steps, checkpoint every "
-      f"{constant(FAULTS, 'SAVE_EVERY')}, keep {flags['--keep-checkpoints']}, `--lr "
+      f"uninterrupted reference run** ({constant(SETUP, 'STEPS')} steps, checkpoint every "
+      f"{constant(SETUP, 'SAVE_EVERY')}, keep {flags['--keep-checkpoints']}, `--lr "
       f"{flags['--lr']}`) that every fault is compared with."))
 
 
@@ -426,7 +428,7 @@ def _numerics(key: str):
 
 
 def render_fault_policy() -> str:
-  steps = constant(FAULTS, "STEPS")
+  steps = constant(SETUP, "STEPS")
   chain = _faults("sigkill_chain")
   half = next(s for r in chain for s in r["half_written"])
   damaged = _faults("damaged_step_warning").replace("…/checkpoints/", "")
@@ -450,7 +452,7 @@ def render_fault_policy() -> str:
 
 
 def render_fault_table() -> str:
-  steps, every = constant(FAULTS, "STEPS"), constant(FAULTS, "SAVE_EVERY")
+  steps, every = constant(SETUP, "STEPS"), constant(SETUP, "SAVE_EVERY")
   (seed,), (lo, hi), (d_lo, d_hi) = (call_args(FAULTS, "Random"), call_args(FAULTS, "randint"),
                                      call_args(FAULTS, "uniform"))
   kinds = constant(FAULTS, "INTERRUPTIONS")
@@ -541,7 +543,7 @@ def render_fault_notes() -> str:
 
 
 def render_reference_lr() -> str:
-  return f"`--lr {function_flags(FAULTS, 'job')['--lr']}`"
+  return f"`--lr {function_flags(SETUP, 'job')['--lr']}`"
 
 
 def render_nonfinite_injected() -> str:
