@@ -13,6 +13,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from oftjax.models.gemma import gemma4_config
+
 SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 _GENERATION = {"gemma": 1, "gemma2": 2, "gemma3_text": 3}
 _ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "gelu_new", "gelu_fast", "gelu_python_tanh")
@@ -106,15 +108,18 @@ def text_config_of(hf_config):
     """Returns the text-decoder config of a Hugging Face Gemma config.
 
     Args:
-      hf_config: a `GemmaConfig`, `Gemma2Config`, `Gemma3TextConfig` or multimodal `Gemma3Config`.
+      hf_config: a `GemmaConfig`, `Gemma2Config`, `Gemma3TextConfig`, multimodal `Gemma3Config`,
+        or a Gemma 4 config (`gemma4_text`, multimodal `gemma4`).
 
     Returns:
-      The text config (the `text_config` of a multimodal Gemma 3 config, else the input).
+      The text config (the `text_config` of a multimodal config, else the input).
 
     Raises:
       ValueError: for any other `model_type`.
     """
     model_type = getattr(hf_config, "model_type", None)
+    if model_type in gemma4_config.MODEL_TYPES:
+        return gemma4_config.text_config_of(hf_config)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"unsupported model_type {model_type!r}: expected one of {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -146,12 +151,14 @@ def from_hf_config(hf_config, dtype=jnp.float32, param_dtype=None, remat: bool =
       remat: rematerialise decoder layers in the backward pass.
 
     Returns:
-      The `GemmaConfig`.
+      The `GemmaConfig` (a `Gemma4Config` for a `gemma4_text` or `gemma4` config).
 
     Raises:
       ValueError: unknown model_type or an unsupported feature (attention bias, bidirectional
         attention, rope types other than default/linear).
     """
+    if getattr(hf_config, "model_type", None) in gemma4_config.MODEL_TYPES:  # Gemma 4: own config
+        return gemma4_config.from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat)
     cfg = text_config_of(hf_config)
     model_type = cfg.model_type
     generation = _GENERATION[model_type]

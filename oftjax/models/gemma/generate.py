@@ -17,7 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oftjax.models.gemma.model import Gemma, default_positions, init_cache
+from oftjax.models.gemma import gemma4_model
+from oftjax.models.gemma.gemma4_config import Gemma4Config
+from oftjax.models.gemma.model import Gemma, default_positions
+from oftjax.models.gemma.model import init_cache as _gemma_init_cache
+
+_DECODERS = (Gemma, gemma4_model.Gemma4)
 
 
 def _select(logits, rng, temperature, top_k):
@@ -35,17 +40,24 @@ def _select(logits, rng, temperature, top_k):
     return jax.lax.cond(temperature > 0, sample, greedy, None)
 
 
+def init_cache(config, batch: int, max_len: int, dtype=None):
+    """Zero key/value cache for the `decode` of a `Gemma` or `Gemma4` with this config."""
+    if isinstance(config, Gemma4Config):
+        return gemma4_model.init_cache(config, batch, max_len, dtype)
+    return _gemma_init_cache(config, batch, max_len, dtype)
+
+
 def _gemma_of(model):
     """The Gemma module itself, under any wrappers around it (each exposes its ``wrapped``)."""
-    while not isinstance(model, Gemma):
+    while not isinstance(model, _DECODERS):
         model = model.wrapped
     return model
 
 
 def _decode(model, params, *args):
-    """One ``Gemma.decode`` call; through the wrapper's interceptor when adapters are attached."""
-    if isinstance(model, Gemma):
-        return model.apply({"params": params}, *args, method=Gemma.decode)
+    """One ``decode`` call; through the wrapper's interceptor when adapters are attached."""
+    if isinstance(model, _DECODERS):
+        return model.apply({"params": params}, *args, method=type(model).decode)
     return model.apply({"params": params}, *args, method=lambda m, *a: m.call_method("decode", *a))
 
 
@@ -97,7 +109,8 @@ def generate(
     """Generates continuations of a batch of prompts.
 
     Args:
-      model: a `Gemma` module, or an `oftjax.Adapted` wrapping one (adapters unmerged).
+      model: a `Gemma` or `Gemma4` module, or an `oftjax.Adapted` wrapping one (adapters
+        unmerged).
       params: its parameters (with adapter leaves for a wrapped model).
       prompt_tokens: `[batch, prompt_len]` token ids; prompts of different lengths are padded
         (left or right; right-padded rows are moved to the left).

@@ -22,9 +22,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from oftjax.models.gemma import gemma4_config, gemma4_names
 from oftjax.models.gemma.config import SUPPORTED_MODEL_TYPES, from_hf_config
+from oftjax.models.gemma.gemma4_model import Gemma4
 from oftjax.models.gemma.hf_names import TensorSpec, canonical_name, tensor_specs, to_flax
 from oftjax.models.gemma.model import Gemma
+
+_MODEL_TYPES = SUPPORTED_MODEL_TYPES + gemma4_config.MODEL_TYPES
 
 _CHUNK_BYTES = 64 * 1024 * 1024
 
@@ -70,14 +74,26 @@ def read_hf_config(folder: str):
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_path}: invalid JSON ({err})") from None
     model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if str(model_type).startswith("gemma3n"):
+        raise ValueError(
+            f"{config_path}: Gemma 3n (model_type {model_type!r}: AltUp, LAuReL) is not supported")
+    if model_type not in _MODEL_TYPES:
         raise ValueError(
             f"{config_path}: unsupported model_type {model_type!r} "
-            f"(expected one of {', '.join(SUPPORTED_MODEL_TYPES)})"
+            f"(expected one of {', '.join(_MODEL_TYPES)})"
         )
+    if model_type in gemma4_config.MODEL_TYPES:
+        try:
+            gemma4_config.check_raw_config(raw)
+        except ValueError as err:
+            raise ValueError(f"{config_path}: {err}") from None
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(folder)
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (KeyError, TypeError, ValueError) as err:  # transformers' own validation
+        first = (str(err).strip().strip('"').splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{config_path}: transformers rejects this config ({first})") from None
 
 
 def _weight_files(folder: str, allow_pickle: bool) -> list[str]:
@@ -167,7 +183,7 @@ def _write(buf, x, index):
     return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), index)
 
 
-def _fill(buffers: dict, spec: TensorSpec, read, cfg, dtype) -> None:
+def _fill(buffers: dict, spec: TensorSpec, read, convert, dtype) -> None:
     buf = buffers[spec.path]
     ndim = len(spec.hf_shape)
     rows = spec.hf_shape[0]
@@ -178,7 +194,7 @@ def _fill(buffers: dict, spec: TensorSpec, read, cfg, dtype) -> None:
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
         part = read(None if chunk == rows else (start, stop))
-        part = np.ascontiguousarray(to_flax(np.asarray(part), spec.kind, cfg)).astype(dtype)
+        part = np.ascontiguousarray(convert(np.asarray(part), spec)).astype(dtype)
         if spec.layer is not None:
             index = (spec.layer,) + (0,) * part.ndim
             part = part[None]
@@ -194,24 +210,41 @@ def _fill(buffers: dict, spec: TensorSpec, read, cfg, dtype) -> None:
         del part
 
 
-def load_model(path_or_id, dtype=jnp.float32, param_dtype=None, remat: bool = False) -> Gemma:
-    """The `Gemma` module of a Hugging Face folder or hub id, from its config alone (no weights).
+def model_from_hf_config(hf_config, dtype=jnp.float32, param_dtype=None, remat: bool = False):
+    """A `Gemma` (Gemma 1-3) or `Gemma4` module from a transformers config (no weights)."""
+    if getattr(hf_config, "model_type", None) in gemma4_config.MODEL_TYPES:
+        cfg = gemma4_config.from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat)
+        return Gemma4(cfg)
+    return Gemma(from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat))
+
+
+def load_model(path_or_id, dtype=jnp.float32, param_dtype=None, remat: bool = False):
+    """The `Gemma` or `Gemma4` module of a Hugging Face folder or hub id, from its config alone.
 
     Lets a caller trace the model (e.g. record adapter geometries) before :func:`load`.
     """
     folder = resolve_folder(path_or_id)
-    cfg = from_hf_config(read_hf_config(folder), dtype=dtype, param_dtype=param_dtype, remat=remat)
-    return Gemma(cfg.replace(source_dir=os.path.abspath(folder)))
+    model = model_from_hf_config(read_hf_config(folder), dtype=dtype, param_dtype=param_dtype, remat=remat)
+    return model.clone(config=model.config.replace(source_dir=os.path.abspath(folder)))
+
+
+def _checkpoint_names(cfg):
+    """`(specs, canonical_name(file_name) -> name or None, convert(array, spec))` of a family."""
+    if isinstance(cfg, gemma4_config.Gemma4Config):
+        return (gemma4_names.tensor_specs(cfg), lambda n: gemma4_names.canonical_name(n, cfg),
+                lambda x, spec: gemma4_names.to_flax(x, spec, cfg))
+    return tensor_specs(cfg), canonical_name, lambda x, spec: to_flax(x, spec.kind, cfg)
 
 
 def load(path_or_id, dtype=jnp.float32, allow_pickle: bool = False, param_dtype=None, remat: bool = False,
          on_host: bool = False, on_param=None):
-    """Loads a Hugging Face Gemma 1/2/3 checkpoint.
+    """Loads a Hugging Face Gemma 1/2/3/4 checkpoint.
 
     Args:
       path_or_id: a local folder with `config.json` and `*.safetensors` (single or sharded with
         `model.safetensors.index.json`), or a hub id (downloaded with `snapshot_download`).
-        Multimodal Gemma 3 folders are accepted: the text decoder is loaded, vision ignored.
+        Multimodal Gemma 3 and Gemma 4 folders are accepted: the text decoder is loaded; the
+        vision and audio tensors are skipped without being read.
       dtype: compute dtype, and parameter dtype unless `param_dtype` is given.
       allow_pickle: allow `*.bin` (pickle) checkpoints when no safetensors are present.
       param_dtype: parameter dtype; defaults to `dtype`.
@@ -228,7 +261,7 @@ def load(path_or_id, dtype=jnp.float32, allow_pickle: bool = False, param_dtype=
         full-precision copy of the model is ever held (parameters are read one at a time).
 
     Returns:
-      `(model, params)`: a `Gemma` module (with `model.config.hf_config` and
+      `(model, params)`: a `Gemma` or `Gemma4` module (with `model.config.hf_config` and
       `model.config.source_dir` set) and its parameter tree.
 
     Raises:
@@ -240,7 +273,8 @@ def load(path_or_id, dtype=jnp.float32, allow_pickle: bool = False, param_dtype=
     cfg, folder = model.config, model.config.source_dir
     files = _weight_files(folder, allow_pickle)
 
-    specs = {s.hf_name: s for s in tensor_specs(cfg)}
+    all_specs, canonical, convert = _checkpoint_names(cfg)
+    specs = {s.hf_name: s for s in all_specs}
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
     flat_shapes = {tuple(k.key for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(shapes)[0]}
     sources: dict[tuple, list] = {p: [] for p in flat_shapes}  # every check before any weight is read
@@ -248,7 +282,7 @@ def load(path_or_id, dtype=jnp.float32, allow_pickle: bool = False, param_dtype=
     for file in files:
         fname = os.path.basename(file)
         for raw_name, shape, read in _iter_tensors(file):
-            name = canonical_name(raw_name)
+            name = canonical(raw_name)
             if name is None or (name == "lm_head.weight" and cfg.tie_word_embeddings):
                 continue
             spec = specs.get(name)
@@ -268,7 +302,7 @@ def load(path_or_id, dtype=jnp.float32, allow_pickle: bool = False, param_dtype=
     for path, shape in flat_shapes.items():  # parameter-major: one full-precision buffer at a time
         buffers = {path: zeros(shape.shape, shape.dtype)}
         for spec, read in sources.pop(path):
-            _fill(buffers, spec, read, cfg, cfg.param_dtype)
+            _fill(buffers, spec, read, convert, cfg.param_dtype)
         node = tree
         for key in path[:-1]:
             node = node.setdefault(key, {})

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 
 from oftjax import atomic
+from oftjax.models.gemma import gemma4_names, gemma4_saving
+from oftjax.models.gemma.gemma4_config import Gemma4Config
 from oftjax.models.gemma.hf_names import tensor_specs, to_hf
 
 TOKENIZER_FILES = (
@@ -67,9 +69,13 @@ def _hf_tensor(spec, flat) -> np.ndarray:
 def save(path, model, params, tokenizer_dir=None, max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False):
     """Writes a Hugging Face Gemma folder: `config.json`, safetensors weights, tokenizer files.
 
+    A Gemma 4 model loaded from a multimodal folder is written as one again: its vision and
+    audio tensors are copied byte for byte from the source folder (see `gemma4_saving`).
+
     Args:
       path: the folder to create.
-      model: a `Gemma` module whose `config.hf_config` is set (from `load` or `from_hf_config`).
+      model: a `Gemma` or `Gemma4` module whose `config.hf_config` is set (from `load` or
+        `from_hf_config`).
       params: its parameter tree (base weights only; merge adapters first).
       tokenizer_dir: folder to copy tokenizer files (and `generation_config.json`) from;
         when None or not a folder (e.g. a hub id), `model.config.source_dir` (the folder or
@@ -84,7 +90,7 @@ def save(path, model, params, tokenizer_dir=None, max_shard_bytes: int = 2 * 102
     Raises:
       FileExistsError: `path` exists and `overwrite` is False.
       ValueError: params hold leaves the checkpoint format does not (e.g. unmerged adapters),
-        or leaves are missing.
+        or leaves are missing, or a multimodal Gemma 4 has no source folder for its towers.
     """
     from safetensors.numpy import save_file
 
@@ -92,7 +98,10 @@ def save(path, model, params, tokenizer_dir=None, max_shard_bytes: int = 2 * 102
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
-    specs = tensor_specs(cfg)
+    gemma4 = isinstance(cfg, Gemma4Config)
+    specs = gemma4_names.tensor_specs(cfg) if gemma4 else tensor_specs(cfg)
+    file_name = (lambda n: gemma4_names.file_name(n, cfg)) if gemma4 else (lambda n: n)
+    towers = gemma4_saving.tower_tensors(cfg) if gemma4 else []
     flat = _flat(params)
     expected = {s.path for s in specs}
     extra = sorted("/".join(p) for p in flat if p not in expected)
@@ -104,17 +113,22 @@ def save(path, model, params, tokenizer_dir=None, max_shard_bytes: int = 2 * 102
     dtype_name = str(np.dtype(flat[specs[0].path].dtype))
 
     with atomic.replace_folder(path) as tmp:
-        _write_config(tmp, cfg, dtype_name)
+        (gemma4_saving.write_config if gemma4 else _write_config)(tmp, cfg, dtype_name)
         shards = _shards(specs, flat, max_shard_bytes)
+        files = len(shards) + (1 if towers else 0)  # the towers, if any, go in the last file
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
-            name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {s.hf_name: _hf_tensor(s, flat) for s in shard}
+            name = "model.safetensors" if files == 1 else f"model-{i + 1:05d}-of-{files:05d}.safetensors"
+            tensors = {file_name(s.hf_name): _hf_tensor(s, flat) for s in shard}
             total += sum(t.nbytes for t in tensors.values())
             save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
-            weight_map.update({s.hf_name: name for s in shard})
+            weight_map.update({n: name for n in tensors})
             del tensors
-        if len(shards) > 1:
+        if towers:
+            last = f"model-{files:05d}-of-{files:05d}.safetensors"
+            weight_map.update(gemma4_saving.copy_towers(tmp, last, towers))
+            total += sum(e["data_offsets"][1] - e["data_offsets"][0] for _, _, e, _ in towers)
+        if files > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as fh:
                 json.dump(index, fh, indent=2, sort_keys=True)

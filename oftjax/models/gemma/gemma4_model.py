@@ -1,0 +1,190 @@
+"""The Gemma 4 text decoder as a Flax Linen module, with the same calls as `Gemma`.
+
+`Gemma4(config).apply({'params': p}, tokens, positions=..., segment_ids=...,
+attention_mask=...)` returns fp32 logits `[batch, time, vocab]`, and `decode(tokens,
+positions, cache, cache_index, kv_mask)` runs against the cache of `init_cache`, exactly
+as `oftjax.models.gemma.model.Gemma` does, so the training job, the evaluator and
+`generate` use either. The layers are scanned by segment (`gemma4_stack`).
+
+Per-layer embeddings (PLE): a packed table `[per_layer_vocab, num_layers * ple]` looked up
+by token (times `sqrt(ple)`), plus a projection of the embedded tokens (times
+`hidden**-0.5`, RMS-normalised per layer), summed and scaled by `2**-0.5`; layer `i` gets
+slice `i`.
+
+References:
+  transformers `models/gemma4/modeling_gemma4.py` (`Gemma4TextModel`,
+  `Gemma4ForCausalLM`), 5.24.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from oftjax.models.gemma.gemma4_config import Gemma4Config, from_hf_config
+from oftjax.models.gemma.gemma4_layers import Gemma4RMSNorm
+from oftjax.models.gemma.gemma4_rope import rope_tables
+from oftjax.models.gemma.gemma4_schedule import layer_schedule
+from oftjax.models.gemma.gemma4_stack import Gemma4Layers, shared_types
+from oftjax.models.gemma.layers import softcap
+from oftjax.models.gemma.model import attention_masks, default_positions
+
+Array = Any
+
+
+def init_cache(config: Gemma4Config, batch: int, max_len: int, dtype=None):
+  """Zero key/value cache for `Gemma4.decode`.
+
+  Args:
+    config: the model config.
+    batch: batch size.
+    max_len: number of slots (prompt length + tokens to generate).
+    dtype: cache dtype; defaults to the compute dtype.
+
+  Returns:
+    One tuple per segment with one entry per slot: `(k, v)`, each `[repeats, batch,
+    max_len, kv_heads, head_dim]` of the slot's layer type, or None for KV-shared slots
+    (they attend with an earlier layer's cache).
+  """
+  dtype = dtype or config.dtype
+  caches = []
+  for segment in layer_schedule(config):
+    slots = []
+    for kind in segment.kinds:
+      if kind.kv_shared:
+        slots.append(None)
+        continue
+      geom = config.geometry(kind.sliding)
+      shape = (segment.repeats, batch, max_len, geom.num_kv_heads, geom.head_dim)
+      slots.append((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
+    caches.append(tuple(slots))
+  return tuple(caches)
+
+
+def _segments(tokens, segment_ids, attention_mask):
+  """Segment ids `[batch, time]` (0: padding), and whether they are a mere padding mask."""
+  if segment_ids is None and attention_mask is None:
+    return jnp.ones(tokens.shape, jnp.int32), True
+  if segment_ids is None:
+    return (jnp.asarray(attention_mask) != 0).astype(jnp.int32), True
+  seg = jnp.asarray(segment_ids, jnp.int32)
+  if attention_mask is not None:
+    seg = jnp.where(jnp.asarray(attention_mask) != 0, seg, 0)
+  return seg, False
+
+
+class Gemma4(nn.Module):
+  """Gemma 4 text decoder returning fp32 next-token logits.
+
+  Attributes:
+    config: the architecture (see `Gemma4Config`).
+  """
+
+  config: Gemma4Config
+
+  def setup(self):
+    cfg = self.config
+    common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size,
+                                 embedding_init=nn.initializers.normal(0.02), **common)
+    if cfg.per_layer_input_size:
+      packed = cfg.num_layers * cfg.per_layer_input_size
+      self.embed_tokens_per_layer = nn.Embed(
+          cfg.per_layer_vocab_size, packed, embedding_init=nn.initializers.normal(0.02), **common)
+      self.per_layer_model_projection = nn.Dense(packed, use_bias=False, **common)
+      self.per_layer_projection_norm = Gemma4RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
+    self.layers = Gemma4Layers(cfg)
+    self.norm = Gemma4RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, **common)
+
+  def _per_layer_inputs(self, tokens, x):
+    """PLE inputs `[batch, time, num_layers, ple]` (None without PLE)."""
+    cfg = self.config
+    if not cfg.per_layer_input_size:
+      return None
+    shape = tokens.shape + (cfg.num_layers, cfg.per_layer_input_size)
+    by_token = self.embed_tokens_per_layer(tokens)
+    by_token = by_token * jnp.asarray(cfg.per_layer_input_size**0.5, by_token.dtype)
+    projected = self.per_layer_model_projection(x) * (cfg.hidden_size**-0.5)
+    projected = self.per_layer_projection_norm(projected.reshape(shape))
+    return (projected + by_token.reshape(shape)) * (2.0**-0.5)
+
+  def _run(self, tokens, positions, masks, caches=None, cache_index=None):
+    cfg = self.config
+    x = self.embed_tokens(tokens)
+    x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)
+    per_layer_inputs = self._per_layer_inputs(tokens, x)
+    context = {"cache_index": cache_index}
+    for key, geom, mask in (("sliding", cfg.sliding, masks[1]), ("full", cfg.full, masks[0])):
+      if geom is not None:
+        context[key] = (*rope_tables(positions, geom.rope, geom.head_dim, cfg.dtype), mask)
+    batch, kv_len = masks[0].shape[0], masks[0].shape[-1]
+    cache_leaves = jax.tree_util.tree_leaves(caches)
+    kv_dtype = cache_leaves[0].dtype if cache_leaves else cfg.dtype
+    shared = {}
+    for key in shared_types(cfg):
+      geom = cfg.geometry(key == "sliding")
+      zeros = jnp.zeros((batch, kv_len, geom.num_kv_heads, geom.head_dim), kv_dtype)
+      shared[key] = (zeros, zeros)
+    x, new_caches = self.layers(x, per_layer_inputs, context, shared, caches)
+    x = self.norm(x)
+    logits = self.embed_tokens.attend(x) if cfg.tie_word_embeddings else self.lm_head(x)
+    return softcap(logits.astype(jnp.float32), cfg.final_logit_softcapping), new_caches
+
+  def __call__(self, tokens, positions=None, segment_ids=None, attention_mask=None):
+    """Computes logits for every position.
+
+    Args:
+      tokens: `[batch, time]` token ids.
+      positions: `[batch, time]` rope positions; by default a running count of real tokens
+        within each segment, starting at 0.
+      segment_ids: `[batch, time]` packed-sequence ids; tokens attend only within their
+        segment; 0 marks padding.
+      attention_mask: `[batch, time]`, 1 for real tokens and 0 for padding (left or right).
+
+    Returns:
+      `[batch, time, vocab]` fp32 logits (padding positions hold meaningless values).
+    """
+    batch, time = tokens.shape
+    seg, mask_only = _segments(tokens, segment_ids, attention_mask)
+    if positions is None:
+      positions = default_positions(seg, from_mask_only=mask_only)
+    idx = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
+    masks = attention_masks(idx, idx, seg, seg, self.config.sliding_window)
+    return self._run(tokens, positions, masks)[0]
+
+  def decode(self, tokens, positions, cache, cache_index, kv_mask):
+    """Runs new tokens against a key/value cache (prefill or one decode step).
+
+    Slots are sequence indices: the tokens occupy slots `cache_index .. cache_index + time
+    - 1`, and a query in slot `i` sees filled slots `j <= i` (and `i - j < window` on
+    sliding layers). KV-shared layers attend with their source layer's updated cache.
+
+    Args:
+      tokens: `[batch, time]` new token ids.
+      positions: `[batch, time]` their rope positions.
+      cache: from `init_cache` or a previous `decode`.
+      cache_index: scalar int, the first slot written.
+      kv_mask: `[batch, max_len]`, 1 for slots holding real tokens (including these ones).
+
+    Returns:
+      `(logits, cache)`: `[batch, time, vocab]` fp32 logits and the updated cache.
+    """
+    batch, time = tokens.shape
+    max_len = kv_mask.shape[1]
+    q_idx = jnp.broadcast_to(cache_index + jnp.arange(time, dtype=jnp.int32), (batch, time))
+    kv_idx = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
+    q_seg = jnp.ones((batch, time), jnp.int32)
+    masks = attention_masks(q_idx, kv_idx, q_seg, kv_mask.astype(jnp.int32),
+                            self.config.sliding_window)
+    return self._run(tokens, positions, masks, cache, cache_index)
+
+
+def from_hf_config_model(hf_config, dtype=jnp.float32, param_dtype=None,
+                         remat: bool = False) -> Gemma4:
+  """Builds a `Gemma4` module from a `gemma4_text` or `gemma4` transformers config."""
+  return Gemma4(from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat))
