@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
       description="Finetune a Gemma model with OFTv2 (or a baseline) in JAX.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   for field in dataclasses.fields(RunConfig):
-    flag = "--" + field.name.replace("_", "-")
+    flag = flag_of(field.name)
     if field.type in ("bool", bool):
       parser.add_argument(flag, action="store_true", help=_HELP[field.name])
     else:
@@ -207,12 +207,12 @@ def validate(c: RunConfig) -> None:
   for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "save_every",
                "keep_checkpoints", "eval_limit"):
     if getattr(c, name) < 1:
-      raise UsageError(f"--{name.replace('_', '-')} must be a positive integer "
+      raise UsageError(f"{flag_of(name)} must be a positive integer "
                        f"(got {getattr(c, name)})")
   for name in ("lr", "weight_decay", "clip_norm", "lora_alpha"):
     value = getattr(c, name)
     if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-      raise UsageError(f"--{name.replace('_', '-')} must be a finite "
+      raise UsageError(f"{flag_of(name)} must be a finite "
                        f"{'positive' if name == 'lr' else 'non-negative'} number (got {value})")
   if c.warmup_steps < 0 or c.warmup_steps >= c.steps:
     raise UsageError(f"--warmup-steps must be in [0, --steps) (got {c.warmup_steps})")
