@@ -80,3 +80,29 @@ def param_shardings(tree, mesh: Mesh, shard: bool = True):
   fsdp = mesh.shape["fsdp"]
   return jax.tree_util.tree_map(
       lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp) if shard else PS()), tree)
+
+
+def train_state_shardings(init_fn, trainable, mesh: Mesh, shard: bool = True):
+  """Shardings of ``(trainable, init_fn(trainable))`` from their shapes alone.
+
+  The optimizer state is never built to learn its layout: ``jax.eval_shape`` gives its
+  leaves' shapes and :func:`param_shardings`' rule places each, so a moment lies as its
+  parameter does and a scalar (a step count) is replicated. Pass both to ``jax.jit(...,
+  out_shardings=...)``: of ``init_fn`` to build the state in place, of the train step to
+  keep it there.
+
+  Args:
+    init_fn: e.g. ``optimizer.init``.
+    trainable: the trainable tree (arrays or ``jax.ShapeDtypeStruct`` leaves).
+    mesh: the device mesh.
+    shard: FSDP-shard the leaves (full finetuning) or replicate them (adapters).
+
+  Returns:
+    ``(trainable shardings, init_fn(trainable) shardings)``.
+
+  References:
+    flax examples/lm1b ``train.py`` and MaxText ``get_abstract_state``: ``jax.eval_shape``
+    of the init, then ``jit(init, out_shardings=...)``.
+  """
+  abstract = jax.eval_shape(init_fn, trainable)
+  return param_shardings(trainable, mesh, shard), param_shardings(abstract, mesh, shard)

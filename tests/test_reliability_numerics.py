@@ -165,12 +165,14 @@ def _config(**kw):
 def test_weights_that_turn_nonfinite_are_never_saved(bad_step):
   from oftjax import sharding
   from oftjax.train.config import UsageError
-  from oftjax.train.loop import train_loop
+  from oftjax.train.loop import LoopIO, TrainStep, train_loop
+  from oftjax.train.state import RunState
 
   ckpt = _Checkpoints()
   with pytest.raises(UsageError) as err:
-    train_loop(_config(), _Compiled(bad_step), {"w": jnp.zeros((2, 2))}, {}, {}, _Stream(),
-               sharding.make_mesh(""), ckpt, None, 0, {}, types.SimpleNamespace(stop=False))
+    train_loop(_config(), RunState({"w": jnp.zeros((2, 2))}, {}),
+               TrainStep(_Compiled(bad_step), {}, sharding.make_mesh("")),
+               LoopIO(_Stream(), ckpt, None, {}, types.SimpleNamespace(stop=False)))
   first_save = 2 * ((bad_step + 1) // 2)
   assert f"step {first_save}: the trainable weights became NaN or Inf" in str(err.value)
   assert ckpt.saved == ([] if bad_step <= 2 else [2])
@@ -179,11 +181,12 @@ def test_weights_that_turn_nonfinite_are_never_saved(bad_step):
 def test_nonfinite_starting_weights_are_refused_before_training():
   from oftjax import sharding
   from oftjax.train.config import UsageError
-  from oftjax.train.loop import train_loop
+  from oftjax.train.loop import LoopIO, TrainStep, train_loop
+  from oftjax.train.state import RunState
 
   step = _Compiled(99)
   with pytest.raises(UsageError, match="NaN or Inf before training"):
-    train_loop(_config(), step, {"w": jnp.full((2, 2), jnp.nan)}, {}, {}, _Stream(),
-               sharding.make_mesh(""), _Checkpoints(), None, 0, {},
-               types.SimpleNamespace(stop=False))
+    train_loop(_config(), RunState({"w": jnp.full((2, 2), jnp.nan)}, {}),
+               TrainStep(step, {}, sharding.make_mesh("")),
+               LoopIO(_Stream(), _Checkpoints(), None, {}, types.SimpleNamespace(stop=False)))
   assert step.calls == 0
