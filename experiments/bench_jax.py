@@ -27,8 +27,8 @@ import transformers
 
 import oftjax
 from oftjax.models import gemma
+from oftjax.train.config import DEFAULT_TARGETS as TARGETS
 
-TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 TARGET_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+# The shipped defaults (tiny Gemma 3, the task) live with this script, not in the package.
+os.environ.setdefault("OFTJAX_ASSETS", os.path.join(HERE, "assets"))
 
 from oftjax.train.config import UsageError, parse_args  # noqa: E402
 

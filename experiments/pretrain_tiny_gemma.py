@@ -25,12 +25,12 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from oftjax import data  # noqa: E402
 from oftjax.models import gemma  # noqa: E402
+from oftjax.train.objective import next_token_loss  # noqa: E402
 
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
 ARCH = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -46,28 +46,21 @@ def make_config(tokenizer):
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **ARCH)
 
 
-def masked_xent(model, params, batch):
-    """Mean next-token cross-entropy over ``loss_mask`` (see `oftjax.data.batching`)."""
-    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"])
-    xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    return jnp.sum(xent * batch["loss_mask"]) / jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-
-
 def exact_match(model, params, tokenizer, path, batch_size=100, max_new_tokens=10):
     """Greedy exact-match accuracy on a JSONL eval file, overall and per instruction keyword."""
     items = data.load_eval_set(path, tokenizer)
-    hits: dict[str, list[bool]] = {}
-    done = 0
+    generated = []
     for tokens, mask, expected in data.eval_batches(items, batch_size, tokenizer.pad_token_id):
         new = np.asarray(gemma.generate(model, params, tokens, mask, max_new_tokens=max_new_tokens,
                                         eos_token_id=tokenizer.eos_token_id))
-        for row, want, item in zip(new, expected, items[done:]):
-            keyword = tokenizer.decode(item.prompt_tokens[1:]).split(" ")[0]
-            hits.setdefault(keyword, []).append(data.decode_completion(tokenizer, row).strip() == want)
-        done += len(expected)
-    per_skill = {k: float(np.mean(v)) for k, v in sorted(hits.items())}
-    return float(np.mean([h for v in hits.values() for h in v])), per_skill
+        generated += list(new[: len(expected)])
+    skills: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        skills.setdefault(tokenizer.decode(item.prompt_tokens[1:]).split(" ")[0], []).append(i)
+    per_skill = {k: data.exact_match_accuracy(tokenizer, [generated[i] for i in rows],
+                                              [items[i].expected for i in rows])
+                 for k, rows in sorted(skills.items())}
+    return data.exact_match_accuracy(tokenizer, generated, [x.expected for x in items]), per_skill
 
 
 def main() -> None:
@@ -97,7 +90,7 @@ def main() -> None:
 
     @jax.jit
     def train_step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(lambda p: masked_xent(model, p, batch))(params)
+        loss, grads = jax.value_and_grad(lambda p: next_token_loss(model, p, batch)[0])(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

@@ -21,6 +21,9 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from oftjax import atomic  # noqa: E402
 RESULTS = os.path.join(ROOT, "experiments", "results")
 SCRIPT = os.path.join(ROOT, "experiments", "finetune_gemma.py")
 
@@ -74,10 +77,7 @@ def main(argv=None) -> int:
   for name in args.names:
     result = record(name)
     path = os.path.join(RESULTS, f"{name}.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(result, f, indent=1, sort_keys=True)
-      f.write("\n")
-    os.replace(path + ".tmp", path)
+    atomic.write_json(path, result, indent=1, sort_keys=True, trailing_newline=True)
     print(f"{name}: wrote {os.path.relpath(path, ROOT)}", flush=True)
   return 0
 

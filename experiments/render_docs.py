@@ -5,7 +5,7 @@
 
 A generated region is the text between ``<!-- generated:NAME -->`` and
 ``<!-- /generated:NAME -->``; ``RENDERERS[NAME]`` makes it, from committed files only (no
-training, no oftjax import, a second or two):
+training, no oftjax import but to write the files, a second or two):
 
 - the notebooks' committed outputs (``notebooks/*.ipynb``): their ``FINDING:`` lines;
 - ``experiments/benchmark_plots/results_full.json`` (``experiments/benchmark.py``), through
@@ -17,7 +17,7 @@ training, no oftjax import, a second or two):
 - the tests themselves, read as source (``ast``): the bad-input catalogue of RELIABILITY.md
   is the ``CASES`` of ``tests/test_reliability_inputs.py`` and
   ``tests/test_finetune_bad_input.py``; the reliability runs' settings are the constants of
-  ``tests/test_reliability_faults.py``.
+  ``tests/reliability_helpers.py`` and ``tests/test_reliability_faults.py``.
 
 After re-running any of those (``make notebooks``, the benchmark, ``record_runs.py``, a test
 with ``OFTJAX_RECORD_RESULTS=1``), run this script; ``tests/test_docs_agree.py`` runs
@@ -39,6 +39,7 @@ import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
+sys.path.insert(1, ROOT)
 
 import bench_report  # noqa: E402  (experiments/bench_report.py: stdlib only at import)
 
@@ -248,7 +249,7 @@ def render_default_run() -> str:
   c = s["config"]
   model = _json(s["model"], "config.json")
   base_params = s["total_params"] - s["trainable_params"]
-  if c["targets"] != r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)":
+  if c["targets"] != constant(("oftjax", "train", "config.py"), "DEFAULT_TARGETS"):
     raise ValueError("the default run's targets changed; update the README sentence")
   prose = _paragraph(
       f"`make finetune` runs `{' '.join(record['command'])}` with no flags: OFTv2 (block size "
@@ -346,6 +347,8 @@ def render_assets_time() -> str:
 
 
 FAULTS = ("tests", "test_reliability_faults.py")
+SETUP = ("tests", "reliability_helpers.py")  # the shared set-up of the reliability tests
+TINY = ("tests", "finetune_helpers.py")  # the tiny model of the job tests
 INPUTS = ("tests", "test_reliability_inputs.py")
 BAD_INPUT = ("tests", "test_finetune_bad_input.py")
 INPUT_TESTS = ("test_bad_input_is_one_line_error", "test_bad_checkpoint_is_one_line_error")
@@ -375,10 +378,10 @@ def render_bad_input_message(case: str) -> str:
 
 
 def render_reliability_setup() -> str:
-  model = call_keywords(FAULTS, "Gemma3TextConfig")
-  flags = function_flags(FAULTS, "job")
+  model = call_keywords(TINY, "Gemma3TextConfig")
+  flags = function_flags(SETUP, "job")
   counts = {}
-  for node in ast.walk(module_ast(*FAULTS)):  # for name, count in (("train.jsonl", 200), ...)
+  for node in ast.walk(module_ast(*SETUP)):  # for name, count in (("train.jsonl", 200), ...)
     if isinstance(node, ast.For) and isinstance(node.iter, ast.Tuple):
       try:
         counts.update(dict(ast.literal_eval(node.iter)))
@@ -389,8 +392,8 @@ def render_reliability_setup() -> str:
       f"random Gemma 3 ({model['num_hidden_layers']} layers, width {model['hidden_size']}), a "
       f"{counts['train.jsonl']}-record slice of the shipped task, a {counts['eval.jsonl']}-record "
       f"eval set, a JAX persistent compilation cache for the subprocesses, and **one "
-      f"uninterrupted reference run** ({constant(FAULTS, 'STEPS')} steps, checkpoint every "
-      f"{constant(FAULTS, 'SAVE_EVERY')}, keep {flags['--keep-checkpoints']}, `--lr "
+      f"uninterrupted reference run** ({constant(SETUP, 'STEPS')} steps, checkpoint every "
+      f"{constant(SETUP, 'SAVE_EVERY')}, keep {flags['--keep-checkpoints']}, `--lr "
       f"{flags['--lr']}`) that every fault is compared with."))
 
 
@@ -425,7 +428,7 @@ def _numerics(key: str):
 
 
 def render_fault_policy() -> str:
-  steps = constant(FAULTS, "STEPS")
+  steps = constant(SETUP, "STEPS")
   chain = _faults("sigkill_chain")
   half = next(s for r in chain for s in r["half_written"])
   damaged = _faults("damaged_step_warning").replace("…/checkpoints/", "")
@@ -449,7 +452,7 @@ def render_fault_policy() -> str:
 
 
 def render_fault_table() -> str:
-  steps, every = constant(FAULTS, "STEPS"), constant(FAULTS, "SAVE_EVERY")
+  steps, every = constant(SETUP, "STEPS"), constant(SETUP, "SAVE_EVERY")
   (seed,), (lo, hi), (d_lo, d_hi) = (call_args(FAULTS, "Random"), call_args(FAULTS, "randint"),
                                      call_args(FAULTS, "uniform"))
   kinds = constant(FAULTS, "INTERRUPTIONS")
@@ -540,7 +543,7 @@ def render_fault_notes() -> str:
 
 
 def render_reference_lr() -> str:
-  return f"`--lr {function_flags(FAULTS, 'job')['--lr']}`"
+  return f"`--lr {function_flags(SETUP, 'job')['--lr']}`"
 
 
 def render_nonfinite_injected() -> str:
@@ -829,10 +832,10 @@ def main(argv=None) -> int:
       return 1
     print("every generated region is up to date")
     return 0
+  from oftjax import atomic  # only to write: rendering and --check import no oftjax
+
   for doc, text in rendered.items():
-    with open(_path(doc) + ".tmp", "w") as f:
-      f.write(text)
-    os.replace(_path(doc) + ".tmp", _path(doc))
+    atomic.write_text(_path(doc), text)
   print(f"rewrote {len(stale)} region(s)" + "".join(f"\n  {s}" for s in stale))
   return 0
 

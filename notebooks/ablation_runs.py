@@ -18,6 +18,9 @@ import os
 import shutil
 import tempfile
 
+# The job's shipped defaults (tiny Gemma 3, the task), as experiments/finetune_gemma.py sets them.
+os.environ.setdefault("OFTJAX_ASSETS", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "assets"))
 MODE = os.environ.get("OFTJAX_NOTEBOOK_MODE", "full")
 if MODE not in ("quick", "full"):
   raise ValueError(f"OFTJAX_NOTEBOOK_MODE must be quick or full (got {MODE!r})")

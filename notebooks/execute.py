@@ -20,6 +20,9 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from oftjax import atomic  # noqa: E402
 NOTEBOOKS = ("neumann_terms", "block_size", "oft_v1_vs_v2", "forgetting", "qoft_vs_qlora")
 
 
@@ -59,8 +62,8 @@ def main(argv=None) -> int:
       return 1
     if args.mode == "full":  # written whole or not at all
       path = os.path.join(HERE, f"{name}.ipynb")
-      nbformat.write(notebook, path + ".tmp")
-      os.replace(path + ".tmp", path)
+      with atomic.replace_file(path) as f:
+        nbformat.write(notebook, f)
     print(f"{name}: {args.mode} run in {time.time() - t0:.0f}s", flush=True)
   return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +23,6 @@ from oftjax import geometry as geo
 from oftjax import orthogonal
 
 METHODS = ("oft", "oftv1", "lora")
-
-
-class TargetsError(ValueError):
-  """The ``targets`` regex selects no linear layer, or a layer or parameter adapters cannot take."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +61,11 @@ class AdapterConfig:
   precision: str = "highest"
 
   def __post_init__(self):
+    """Checks every value; a message starts with the name of the field it is about.
+
+    Raises:
+      ValueError: one line naming the field, the value and what it must be.
+    """
     if self.method not in METHODS:
       raise ValueError(f"unknown adapter method {self.method!r}; use one of {METHODS}")
     if self.parameterization not in orthogonal.PARAMETERIZATIONS:
@@ -75,13 +77,30 @@ class AdapterConfig:
     if self.num_terms < 2:
       raise ValueError(f"num_terms must be >= 2 (got {self.num_terms})")
     if self.lora_rank < 1:
-      raise ValueError(f"lora_rank must be >= 1 (got {self.lora_rank})")
+      raise ValueError(f"lora_rank must be a positive integer (got {self.lora_rank})")
+    targets_pattern(self.targets)
     orthogonal.check_precision(self.precision)
 
   @property
   def leaf_name(self) -> str:
     """Name of the adapter sub-tree beside the kernel."""
     return "lora" if self.method == "lora" else "oft"
+
+  def is_target(self, path: str) -> bool:
+    """Whether the layer at '/'-joined ``path`` gets an adapter (``targets`` full-matches it)."""
+    return targets_pattern(self.targets).fullmatch(path) is not None
+
+
+def targets_pattern(targets: str) -> re.Pattern:
+  """The compiled ``targets`` regex (``re`` caches it, so calling this per layer is cheap).
+
+  Raises:
+    ValueError: ``targets`` is not a valid regular expression.
+  """
+  try:
+    return re.compile(targets)
+  except re.error as e:
+    raise ValueError(f"targets {targets!r} is not a valid regular expression ({e})") from None
 
 
 # ----------------------------------------------------------------------------- OFT

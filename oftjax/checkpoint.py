@@ -2,7 +2,7 @@
 
 Each step is written by ``ocp.CheckpointManager`` (atomic: a step directory appears only
 once complete); the last ``keep`` steps are kept. A JSON item carries the data-stream
-position and the run's config fingerprint, so ``--resume`` refuses a different config.
+position and the run's config fingerprint, so a resumed run can refuse a different config.
 
 Damage is survived, never loaded (RELIABILITY.md):
 
@@ -13,8 +13,8 @@ Damage is survived, never loaded (RELIABILITY.md):
   step against it; a damaged step (truncated, altered or missing files, unreadable JSON)
   is moved aside to ``<step>.damaged`` with a warning and the previous step is used. A step
   saved without the manifest (killed between orbax's commit and the manifest write) gets
-  structural checks only. If no usable step remains, or a restore fails anyway, a one-line
-  :class:`CheckpointError` names the step.
+  structural checks only. If no usable step remains (:class:`NoUsableStepError`), or a
+  restore fails anyway, a one-line :class:`CheckpointError` names the step.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from oftjax.train.config import UsageError
+from oftjax import atomic
 
 INTEGRITY = "oftjax-integrity.json"
 TMP_MARK = ".orbax-checkpoint-tmp"
@@ -34,8 +34,20 @@ _UNHASHED = ("_CHECKPOINT_METADATA", INTEGRITY)  # orbax may rewrite its own ste
 _warned: set[str] = set()
 
 
-class CheckpointError(UsageError):
-  """An unusable checkpoint: one line naming the step (exit code 2 in the job)."""
+class CheckpointError(ValueError):
+  """An unusable checkpoint: one line naming the step and what to do."""
+
+
+class NoUsableStepError(CheckpointError):
+  """Every saved step is damaged: the run can only start again from scratch.
+
+  Attributes:
+    problem: the message without its remedy (which step, what is wrong with it).
+  """
+
+  def __init__(self, problem: str):
+    super().__init__(f"{problem}; start the run again from scratch")
+    self.problem = problem
 
 
 def _warn(text: str) -> None:
@@ -55,7 +67,7 @@ def _files(step_dir: str) -> list[str]:
   for root, _, names in os.walk(step_dir):
     for name in names:
       rel = os.path.relpath(os.path.join(root, name), step_dir)
-      if rel not in _UNHASHED and not name.startswith(".tmp-"):
+      if rel not in _UNHASHED and not name.startswith(atomic.TMP_PREFIX):
         out.append(rel)
   return sorted(out)
 
@@ -72,12 +84,8 @@ def write_integrity(step_dir: str) -> None:
   """Records size and SHA-256 of every file of a finished step (atomically)."""
   files = {rel: [os.path.getsize(os.path.join(step_dir, rel)),
                  _sha256(os.path.join(step_dir, rel))] for rel in _files(step_dir)}
-  tmp = os.path.join(step_dir, ".tmp-" + INTEGRITY)
-  with open(tmp, "w") as f:
-    json.dump({"format": 1, "files": files}, f, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(step_dir, INTEGRITY))
+  atomic.write_json(os.path.join(step_dir, INTEGRITY), {"format": 1, "files": files},
+                    sort_keys=True)
 
 
 def step_problem(step_dir: str) -> str | None:
@@ -141,8 +149,8 @@ class RunCheckpoints:
     if damaged:
       step, why = damaged[0]
       self.close()  # unusable; callers that stop on the error need not close it
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged ({why}) and "
-                            "no earlier step is usable; start again with --overwrite")
+      raise NoUsableStepError(f"checkpoint step {step} in {self.directory} is damaged ({why}) "
+                              "and no earlier step is usable")
     return None
 
   def _set_aside(self, damaged) -> None:
@@ -181,7 +189,7 @@ class RunCheckpoints:
     return out["state"], out["meta"]
 
   def read_meta(self, step: int) -> dict:
-    """The JSON item of ``step`` alone (cheap; used to vet ``--resume`` before any work)."""
+    """The JSON item of ``step`` alone (cheap; used to vet a resume before any work)."""
     try:
       return self.manager.restore(step, args=ocp.args.Composite(
           meta=ocp.args.JsonRestore()))["meta"]

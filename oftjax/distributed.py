@@ -23,6 +23,9 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int,
     num_processes: number of processes (hosts) in the run; 0 lets JAX detect the cluster.
     process_id: this process's index, 0 ... num_processes - 1.
     timeout_s: how long to wait for every process to join before failing.
+
+  Raises:
+    ValueError: no coordinator for several processes, or ``process_id`` out of range.
   """
   if num_processes == 0:  # cluster auto-detection (TPU pod slices, SLURM, ...)
     jax.distributed.initialize(initialization_timeout=timeout_s)
@@ -30,9 +33,9 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int,
   if num_processes == 1:
     return
   if not coordinator_address:
-    raise ValueError("--num-processes > 1 needs --coordinator-address HOST:PORT (process 0's)")
+    raise ValueError("num_processes > 1 needs coordinator_address HOST:PORT (process 0's)")
   if not 0 <= process_id < num_processes:
-    raise ValueError(f"--process-id {process_id} is not in [0, {num_processes})")
+    raise ValueError(f"process_id {process_id} is not in [0, {num_processes})")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # used only by CPU clients
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id,
@@ -45,10 +48,14 @@ def is_main() -> bool:
 
 
 def local_rows(global_rows: int) -> slice:
-  """This process's rows of a global batch (processes split the batch evenly)."""
+  """This process's rows of a global batch (processes split the batch evenly).
+
+  Raises:
+    ValueError: ``global_rows`` is not a multiple of the process count.
+  """
   count = jax.process_count()
   if global_rows % count:
-    raise ValueError(f"--batch-size {global_rows} is not divisible by the {count} processes")
+    raise ValueError(f"global_rows {global_rows} is not divisible by the {count} processes")
   per = global_rows // count
   return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
 

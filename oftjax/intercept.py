@@ -25,7 +25,6 @@ References:
 from __future__ import annotations
 
 import contextlib
-import re
 
 import flax.linen as nn
 import jax
@@ -49,7 +48,6 @@ class AdapterInterceptor:
 
   def __init__(self, config: adapters.AdapterConfig):
     self.config = config
-    self.pattern = re.compile(config.targets)
     self.geometries: dict[str, geo.LayerGeometry] = {}
     self.seen: list[str] = []
     self.packed: list[str] = []
@@ -60,15 +58,15 @@ class AdapterInterceptor:
       return next_fun(*args, **kwargs)
     path = "/".join(str(p) for p in module.scope.path)
     if not isinstance(module, geo.SUPPORTED_LAYERS):
-      if isinstance(module, _UNSUPPORTED_LINEAR) and self.pattern.fullmatch(path):
-        raise adapters.TargetsError(
+      if isinstance(module, _UNSUPPORTED_LINEAR) and self.config.is_target(path):
+        raise ValueError(
             f"layer '{path}' is an {type(module).__name__}, which adapters do not support; "
             "narrow the targets regex")
       y = next_fun(*args, **kwargs)
       self._refuse_packed_params(module, path)
       return y
     self.seen.append(path)
-    if not self.pattern.fullmatch(path):
+    if not self.config.is_target(path):
       return next_fun(*args, **kwargs)
     x, rest = args[0], args[1:]
     geom = geo.geometry_of(module, path, x, kwargs)
@@ -101,26 +99,26 @@ class AdapterInterceptor:
     own = module.variables.get("params", {})
     packed = [(name, tuple(value.shape)) for name, value in own.items()
               if getattr(value, "ndim", 0) >= 2]
-    if packed and self.pattern.fullmatch(path):
+    if packed and self.config.is_target(path):
       name, shape = packed[0]
-      raise adapters.TargetsError(
+      raise ValueError(
           f"targets regex {self.config.targets!r} selects '{path}', a {type(module).__name__} "
           f"whose '{name}' {list(shape)} is a packed {len(shape)}-D parameter, not a "
           "Dense/DenseGeneral/Einsum layer: OFT and LoRA adapt linear layers only (PEFT's OFT "
           "cannot adapt packed expert kernels either); narrow the targets regex to exclude it")
     self.packed.extend(f"{path}/{name}" for name, _ in packed
-                       if self.pattern.fullmatch(f"{path}/{name}"))
+                       if self.config.is_target(f"{path}/{name}"))
 
   def check_matched(self) -> None:
     """Raises if the targets regex matched no layer (a silent no-op adapter otherwise)."""
     if not self.geometries and self.packed:
-      raise adapters.TargetsError(
+      raise ValueError(
           f"targets regex {self.config.targets!r} matched no Dense/DenseGeneral/Einsum layer, "
           f"only '{self.packed[0]}', a packed parameter of a layer that is not linear, which "
           "OFT and LoRA cannot adapt (nor can PEFT's OFT); target linear layers instead")
     if not self.geometries:
       seen = sorted(set(self.seen))
-      raise adapters.TargetsError(
+      raise ValueError(
           f"targets regex {self.config.targets!r} matched no Dense/DenseGeneral/Einsum layer "
           f"(layer paths: {', '.join(seen[:8]) or 'none'}{' …' if len(seen) > 8 else ''})")
 

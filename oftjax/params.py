@@ -92,6 +92,29 @@ def copy_containers(tree: Params) -> dict:
   return {k: copy_containers(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
 
+def edit_layers(tree: Params, geometries: Mapping[str, geo.LayerGeometry]):
+  """A copy of ``tree`` to edit layer by layer (folds, quantization), and its layers.
+
+  Returns:
+    ``(copy, layers)``: ``copy`` has new containers and shares ``tree``'s leaves;
+    ``layers`` is ``[(path, geometry, node)]`` in the order of ``geometries``, ``node``
+    being the copy's dict of that layer (replacing a leaf in it leaves ``tree`` as it was).
+
+  Raises:
+    KeyError: a layer of ``geometries`` is not in ``tree``.
+  """
+  out = copy_containers(tree)
+  return out, [(path, geom, node_at(out, path)) for path, geom in geometries.items()]
+
+
+def over_stacked_axes(fn, lead: int):
+  """``fn`` of one layer's arrays, mapped over ``lead`` leading stacked axes of every
+  argument (layers stacked by ``nn.scan``); ``fn`` itself when ``lead`` is 0."""
+  for _ in range(lead):
+    fn = jax.vmap(fn)
+  return fn
+
+
 def adapter_nodes(tree: Params, prefix: tuple[str, ...] = ()):
   """Yields ``(layer path, 'oft' | 'lora', leaves)`` for every adapter in ``tree``."""
   for key, value in tree.items():
@@ -99,14 +122,6 @@ def adapter_nodes(tree: Params, prefix: tuple[str, ...] = ()):
       yield "/".join(prefix), key, value
     elif isinstance(value, Mapping):
       yield from adapter_nodes(value, prefix + (key,))
-
-
-def _stacked(fn, kernel, geom, *leaves):
-  """Applies a per-layer fold over leading stacked axes (e.g. from ``nn.scan``)."""
-  lead = kernel.ndim - len(geom.kernel_shape)
-  for _ in range(lead):
-    fn = jax.vmap(fn)
-  return fn(kernel, *leaves)
 
 
 def fold_adapters(params: Params, geometries: Mapping[str, geo.LayerGeometry],
@@ -123,10 +138,9 @@ def fold_adapters(params: Params, geometries: Mapping[str, geo.LayerGeometry],
     A base-shaped tree (no adapter leaves) whose kernels include the adapters.
   """
   base, adapter = split_params(params)
-  base = copy_containers(base)
-  for path, geom in geometries.items():
+  base, layers = edit_layers(base, geometries)
+  for path, geom, node in layers:
     leaves = node_at(adapter, path)[config.leaf_name]
-    node = node_at(base, path)
     if config.method == "lora":
       fold = adapters.unmerge_lora if unfold else adapters.merge_lora
       fn = lambda k, l: fold(k, geom, l, config)  # noqa: E731
@@ -136,7 +150,8 @@ def fold_adapters(params: Params, geometries: Mapping[str, geo.LayerGeometry],
         fn = lambda k, l: adapters.unmerge_oft(k, geom, blocks(l))  # noqa: E731
       else:
         fn = lambda k, l: adapters.merge_oft(k, geom, blocks(l), config.precision)  # noqa: E731
-    node["kernel"] = _stacked(fn, node["kernel"], geom, leaves)
+    lead = node["kernel"].ndim - len(geom.kernel_shape)
+    node["kernel"] = over_stacked_axes(fn, lead)(node["kernel"], leaves)
   return base
 
 
@@ -153,12 +168,6 @@ def project_adapters(tree: Params, config: adapters.AdapterConfig) -> dict:
             for key, value in node.items()}
 
   return walk(tree) if config.coft_eps is not None else dict(tree)
-
-
-def _per_layer(fn, stacked: jax.Array, lead: tuple[int, ...]) -> jax.Array:
-  """``fn`` of each layer's ``[r, ...]`` slice of a ``[*lead, r, ...]`` array: shape ``lead``."""
-  flat = stacked.reshape((math.prod(lead),) + stacked.shape[len(lead):])
-  return jax.vmap(fn)(flat).reshape(lead)
 
 
 def adapter_health(adapter: Params, config: adapters.AdapterConfig) -> dict:
@@ -186,20 +195,20 @@ def adapter_health(adapter: Params, config: adapters.AdapterConfig) -> dict:
     if kind != "oft":
       continue
     stored = leaves["weight"].astype(jnp.float32)
-    lead, r = stored.shape[:-2], stored.shape[-2]
+    lead, r = stored.ndim - 2, stored.shape[-2]  # stacked axes (nn.scan), blocks per layer
     used = adapters.project_oft({"weight": stored}, config)["weight"]  # what the forward uses
     q = orthogonal.skew_symmetric(used, config.block_size)
     blocks = adapters.oft_blocks({"weight": used}, config, path)
     figures = {
-        "q_norm": _per_layer(lambda x: jnp.max(jnp.linalg.norm(x, ord=2, axis=(-2, -1))),
-                             q, lead),
-        "orthogonality_error": _per_layer(orthogonal.orthogonality_error, blocks, lead)}
+        "q_norm": over_stacked_axes(
+            lambda x: jnp.max(jnp.linalg.norm(x, ord=2, axis=(-2, -1))), lead)(q),
+        "orthogonality_error": over_stacked_axes(orthogonal.orthogonality_error, lead)(blocks)}
     if config.coft_eps is not None:
       radius = config.coft_eps / math.sqrt(r)
       figures["coft_radius"] = jnp.asarray(radius, jnp.float32)
-      figures["coft_ratio"] = _per_layer(  # of the stored weight: > 1 if never projected
-          lambda x: jnp.max(jnp.linalg.norm(x, axis=(-2, -1))),
-          orthogonal.skew_symmetric(stored, config.block_size), lead) / radius
+      figures["coft_ratio"] = over_stacked_axes(  # of the stored weight: > 1 if never projected
+          lambda x: jnp.max(jnp.linalg.norm(x, axis=(-2, -1))), lead)(
+              orthogonal.skew_symmetric(stored, config.block_size)) / radius
     layers[path] = figures
   if not layers:
     return {}

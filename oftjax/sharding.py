@@ -1,4 +1,4 @@
-"""Device meshes from ``--mesh`` strings and the shardings of batches and parameters.
+"""Device meshes from ``"data=2,fsdp=4"`` strings and the shardings of batches and parameters.
 
 Axes: ``data`` (batch split, parameters replicated), ``fsdp`` (batch split, frozen
 weights sharded on their largest divisible axis), optional ``tensor``. One device is the
@@ -31,10 +31,10 @@ def make_mesh(spec: str = "", devices=None) -> Mesh:
       name, _, value = part.partition("=")
       name = name.strip()
       if name not in AXES or not value.strip().isdigit() or int(value) < 1:
-        raise ValueError(f"--mesh entry {part!r} is not AXIS=N with AXIS in {AXES} and N >= 1")
+        raise ValueError(f"mesh entry {part!r} is not AXIS=N with AXIS in {AXES} and N >= 1")
       sizes[name] = int(value)
   if math.prod(sizes.values()) != len(devices):
-    raise ValueError(f"--mesh {spec or 'default'} needs {math.prod(sizes.values())} devices "
+    raise ValueError(f"mesh {spec or 'default'} needs {math.prod(sizes.values())} devices "
                      f"but {len(devices)} are available; make the axis sizes multiply to {len(devices)}")
   grid = np.asarray(devices).reshape([sizes[a] for a in AXES])
   return Mesh(grid, AXES)
@@ -80,3 +80,29 @@ def param_shardings(tree, mesh: Mesh, shard: bool = True):
   fsdp = mesh.shape["fsdp"]
   return jax.tree_util.tree_map(
       lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp) if shard else PS()), tree)
+
+
+def train_state_shardings(init_fn, trainable, mesh: Mesh, shard: bool = True):
+  """Shardings of ``(trainable, init_fn(trainable))`` from their shapes alone.
+
+  The optimizer state is never built to learn its layout: ``jax.eval_shape`` gives its
+  leaves' shapes and :func:`param_shardings`' rule places each, so a moment lies as its
+  parameter does and a scalar (a step count) is replicated. Pass both to ``jax.jit(...,
+  out_shardings=...)``: of ``init_fn`` to build the state in place, of the train step to
+  keep it there.
+
+  Args:
+    init_fn: e.g. ``optimizer.init``.
+    trainable: the trainable tree (arrays or ``jax.ShapeDtypeStruct`` leaves).
+    mesh: the device mesh.
+    shard: FSDP-shard the leaves (full finetuning) or replicate them (adapters).
+
+  Returns:
+    ``(trainable shardings, init_fn(trainable) shardings)``.
+
+  References:
+    flax examples/lm1b ``train.py`` and MaxText ``get_abstract_state``: ``jax.eval_shape``
+    of the init, then ``jit(init, out_shardings=...)``.
+  """
+  abstract = jax.eval_shape(init_fn, trainable)
+  return param_shardings(trainable, mesh, shard), param_shardings(abstract, mesh, shard)

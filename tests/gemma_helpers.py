@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
@@ -117,3 +118,34 @@ def padded_batch(rng: np.random.Generator, lengths, total: int, left: bool = Tru
 def forward(model, params, tokens, positions=None, segment_ids=None, attention_mask=None):
     """Jitted `model.apply` (compiled once per model config and input shape)."""
     return model.apply({"params": params}, tokens, positions, segment_ids, attention_mask)
+
+
+def next_token_loss_of(model):
+    """`loss(params, tokens)`: mean cross-entropy of `model` predicting `tokens[:, 1:]`."""
+
+    def loss(params, tokens):
+        logits = model.apply({"params": params}, tokens[:, :-1])
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
+
+    return loss
+
+
+def decode_stepwise(model, params, decode_method, cache, tokens, mask, prefill: int = 6):
+    """Logits of a left-padded batch from one full forward and from a key/value cache: a
+    prefill of `prefill` tokens, then one `decode_method` step per token.
+
+    Returns:
+      `(stepped, full)`: `[batch, time, vocab]` NumPy logits of the cache path and the full pass.
+    """
+    full = np.asarray(forward(model, params, jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
+    kv = jnp.zeros(mask.shape, jnp.int32).at[:, :prefill].set(jnp.asarray(mask[:, :prefill]))
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    decode = jax.jit(lambda *a: model.apply({"params": params}, *a, method=decode_method))
+    logits, cache = decode(jnp.asarray(tokens[:, :prefill]), jnp.asarray(pos[:, :prefill]), cache, 0, kv)
+    steps = [np.asarray(logits)]
+    for t in range(prefill, tokens.shape[1]):
+        kv = kv.at[:, t].set(1)
+        logits, cache = decode(jnp.asarray(tokens[:, t:t + 1]), jnp.asarray(pos[:, t:t + 1]), cache, t, kv)
+        steps.append(np.asarray(logits))
+    return np.concatenate(steps, axis=1), full

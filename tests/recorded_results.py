@@ -18,6 +18,8 @@ import math
 import os
 import re
 
+from oftjax import atomic
+
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "experiments", "results")
 RECORD = os.environ.get("OFTJAX_RECORD_RESULTS") == "1"
@@ -61,10 +63,7 @@ def _write(name: str, key: str, value) -> None:
     data = {}
   data[key] = value
   os.makedirs(RESULTS, exist_ok=True)
-  with open(path_of(name) + ".tmp", "w") as f:
-    json.dump(data, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(path_of(name) + ".tmp", path_of(name))
+  atomic.write_json(path_of(name), data, indent=1, sort_keys=True, trailing_newline=True)
 
 
 def record(name: str, key: str, value) -> None:

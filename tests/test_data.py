@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oftjax import data
+from oftjax.train.config import reword
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "..", "experiments", "assets", "tokenizer")
 
@@ -269,8 +270,10 @@ def test_too_long_example_says_by_how_much_and_which_flag(tmp_path, tok):
     path = write(tmp_path, [{"prompt": "a", "completion": "b"}, {"prompt": "x" * 20, "completion": "yy"}])
     # 1 BOS + 20 + 2 + 1 EOS = 24 tokens -> 23 positions, 7 more than 16
     with pytest.raises(ValueError, match=r"line 2: example is 24 tokens \(23 positions\), 7 more than "
-                                         r"seq_len=16; raise --seq-len to at least 23"):
+                                         r"seq_len=16; raise seq_len to at least 23") as err:
         data.load_dataset(path, tok, 16)
+    # the library names its parameter; the job rewords it as the flag
+    assert "seq_len=16; raise --seq-len to at least 23" in reword(str(err.value), {"seq_len": "seq_len"})
 
 
 def test_truncation_is_counted(tmp_path, tok):

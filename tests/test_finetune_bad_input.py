@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from finetune_helpers import ASSETS, SCRIPT, job_args, tiny_model_dir  # noqa: F401
+from finetune_helpers import SCRIPT, job_args
 
 _spec = importlib.util.spec_from_file_location("finetune_gemma", SCRIPT)
 finetune = importlib.util.module_from_spec(_spec)
@@ -67,7 +67,7 @@ def _broken_model(d):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_one_line_error(case, tiny_model_dir, tmp_path, capsys):  # noqa: F811
+def test_bad_input_is_one_line_error(case, tiny_model_dir, tmp_path, capsys):
   make_args, needle = CASES[case]
   out = tmp_path / "out"
   argv = job_args(tiny_model_dir, out) + make_args(tmp_path)
@@ -79,7 +79,7 @@ def test_bad_input_is_one_line_error(case, tiny_model_dir, tmp_path, capsys):  #
   assert not out.exists(), "a failed pre-check must not create the output directory"
 
 
-def test_existing_run_is_not_overwritten_and_resume_checks_config(tiny_model_dir, tmp_path,  # noqa: F811
+def test_existing_run_is_not_overwritten_and_resume_checks_config(tiny_model_dir, tmp_path,
                                                                   capsys):
   out = tmp_path / "out"
   code, err = run_main(capsys, job_args(tiny_model_dir, out) + ["--steps", "3"])

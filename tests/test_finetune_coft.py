@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from finetune_helpers import job_args, read_jsonl, run_job, tiny_model_dir  # noqa: F401
+from finetune_helpers import job_args, read_jsonl, run_job
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -16,7 +16,7 @@ EPS, BLOCK = 0.5, 16
 
 
 @pytest.mark.slow
-def test_job_keeps_a_coft_adapter_in_its_ball(tiny_model_dir, tmp_path):  # noqa: F811
+def test_job_keeps_a_coft_adapter_in_its_ball(tiny_model_dir, tmp_path):
   hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
   config = peft.OFTConfig(r=0, oft_block_size=BLOCK, coft=True, eps=EPS,
                           num_cayley_neumann_terms=6,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import oftjax
-from finetune_helpers import job_args, run_job, tiny_model_dir, tiny_multimodal_dir  # noqa: F401
+from finetune_helpers import job_args, run_job
 from oftjax import peft_io
 from oftjax.models import gemma
 
@@ -21,7 +21,7 @@ TOKENS = np.array([[2, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]], np.int64)
 
 
 @pytest.mark.parametrize("method", ["oft", "lora"])
-def test_peft_adapter_and_merged_export_match_oftjax(tiny_model_dir, tmp_path, method):  # noqa: F811
+def test_peft_adapter_and_merged_export_match_oftjax(tiny_model_dir, tmp_path, method):
   out, merged_dir = tmp_path / "run", tmp_path / "merged"
   proc = run_job(job_args(tiny_model_dir, out, "--method", method, "--export-merged",
                           str(merged_dir)))
@@ -60,7 +60,7 @@ def test_peft_adapter_and_merged_export_match_oftjax(tiny_model_dir, tmp_path, m
   assert abs(restarted["eval_before"]["loss"] - summary["eval_after"]["loss"]) < 1e-4
 
 
-def test_adapter_peft_cannot_hold_finishes_without_peft_export(tiny_model_dir, tmp_path):  # noqa: F811
+def test_adapter_peft_cannot_hold_finishes_without_peft_export(tiny_model_dir, tmp_path):
   out = tmp_path / "n2"
   proc = run_job(job_args(tiny_model_dir, out, "--neumann-terms", "2", "--steps", "2",
                           "--warmup-steps", "0"))
@@ -76,7 +76,7 @@ def _naming(folder):
 
 
 @pytest.mark.slow
-def test_job_on_a_multimodal_folder_exports_an_adapter_for_it(tiny_multimodal_dir, tmp_path):  # noqa: F811
+def test_job_on_a_multimodal_folder_exports_an_adapter_for_it(tiny_multimodal_dir, tmp_path):
   """gemma-3-4b+ layout: the adapter loads on Gemma3ForConditionalGeneration, tower untouched.
 
   OFT only (the job's default); LoRA on this layout is covered in tests/test_peft_interop.py.

@@ -6,12 +6,12 @@ import shutil
 import numpy as np
 import safetensors.numpy
 
-from finetune_helpers import job_args, read_jsonl, run_job, tiny_model_dir  # noqa: F401
+from finetune_helpers import job_args, read_jsonl, run_job
 
 FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 
 
-def test_checkpoint_from_one_mesh_resumes_on_another(tiny_model_dir, tmp_path):  # noqa: F811
+def test_checkpoint_from_one_mesh_resumes_on_another(tiny_model_dir, tmp_path):
   out = tmp_path / "run"
   args = ["--steps", "6", "--save-every", "3", "--batch-size", "8", "--keep-checkpoints", "3"]
   proc = run_job(job_args(tiny_model_dir, out) + args + ["--mesh", "fsdp=4"], env=FOUR_DEVICES)

@@ -5,11 +5,11 @@ import sys
 
 import numpy as np
 
-from finetune_helpers import SCRIPT, job_args, read_jsonl, run_job, tiny_model_dir  # noqa: F401
+from finetune_helpers import SCRIPT, job_args, read_jsonl, run_job
 from process_group import free_port, run_group
 
 
-def test_two_process_job_matches_single_process(tiny_model_dir, tmp_path):  # noqa: F811
+def test_two_process_job_matches_single_process(tiny_model_dir, tmp_path):
   args = ["--steps", "4", "--batch-size", "8", "--mesh", "data=2,fsdp=2"]
   single = tmp_path / "single"
   proc = run_job(job_args(tiny_model_dir, single) + args,

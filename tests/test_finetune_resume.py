@@ -8,14 +8,14 @@ import time
 
 import safetensors.numpy
 
-from finetune_helpers import SCRIPT, job_args, read_jsonl, run_job, tiny_model_dir  # noqa: F401
+from finetune_helpers import SCRIPT, job_args, read_jsonl, run_job
 
 
 def _adapter(out):
   return safetensors.numpy.load_file(os.path.join(out, "peft_adapter", "adapter_model.safetensors"))
 
 
-def test_kill_and_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):  # noqa: F811
+def test_kill_and_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
   args = ["--steps", "12", "--save-every", "4"]
   first, second, killed = tmp_path / "a", tmp_path / "b", tmp_path / "k"
   for out in (first, second):
@@ -44,7 +44,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):  # 
   assert read_jsonl(killed / "metrics.jsonl") == read_jsonl(first / "metrics.jsonl")
 
 
-def test_sigterm_saves_and_exits_cleanly(tiny_model_dir, tmp_path):  # noqa: F811
+def test_sigterm_saves_and_exits_cleanly(tiny_model_dir, tmp_path):
   out = tmp_path / "t"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen(

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import gemma4_helpers as G
+import gemma_helpers as H
 from oftjax.models import gemma
 from oftjax.models.gemma.gemma4_schedule import LayerKind, layer_schedule
 
@@ -42,19 +43,10 @@ def test_schedule_scans_the_repeating_group(layer_types, shared, expected):
         assert kind == LayerKind(sliding=layer_types[i] == S, kv_shared=i >= first_shared)
 
 
-def _loss_fn(model):
-  def loss(params, tokens):
-    logits = model.apply({"params": params}, tokens[:, :-1])
-    logp = jax.nn.log_softmax(logits)
-    return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
-
-  return loss
-
-
 def _train_step_text(model) -> str:
   params = jax.eval_shape(lambda: gemma.init_params(model, jax.random.key(0)))
   tokens = jax.ShapeDtypeStruct((2, 9), jnp.int32)
-  return jax.jit(jax.value_and_grad(_loss_fn(model))).lower(params, tokens).as_text()
+  return jax.jit(jax.value_and_grad(H.next_token_loss_of(model))).lower(params, tokens).as_text()
 
 
 def test_traced_train_step_does_not_grow_with_depth():
@@ -71,7 +63,7 @@ def test_train_step_gradients_reach_every_layer():
   model = gemma.Gemma4(cfg)
   params = gemma.init_params(model, jax.random.key(0))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, G.VOCAB, (2, 9)))
-  loss, grads = jax.jit(jax.value_and_grad(_loss_fn(model)))(params, tokens)
+  loss, grads = jax.jit(jax.value_and_grad(H.next_token_loss_of(model)))(params, tokens)
   assert np.isfinite(float(loss))
   for index, segment in enumerate(layer_schedule(cfg)):
     for slot in range(len(segment.kinds)):
@@ -89,7 +81,7 @@ def test_remat_flag_checkpoints_the_layer():
   def primitives(remat):
     model = gemma.Gemma4(_config([S, F], remat=remat))
     params = jax.eval_shape(lambda: gemma.init_params(model, jax.random.key(0)))
-    return str(jax.make_jaxpr(jax.grad(_loss_fn(model)))(params, tokens))
+    return str(jax.make_jaxpr(jax.grad(H.next_token_loss_of(model)))(params, tokens))
 
   assert "remat" in primitives(True) or "checkpoint" in primitives(True)
   assert "remat" not in primitives(False) and "checkpoint" not in primitives(False)

@@ -1,7 +1,6 @@
 """Gemma 4 KV-cache generation: greedy equals transformers' `generate`; decode equals the full pass."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -45,18 +44,8 @@ def test_greedy_matches_transformers(loaded, name):
 def test_cache_decode_equals_full_forward(loaded):
   _, model, params = loaded["pattern"]
   tokens, mask = H.padded_batch(np.random.default_rng(8), [10, 6], 10, left=True)
-  full = np.asarray(H.forward(model, params, jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
   cache = gemma.init_cache(model.config, 2, 10)
   assert cache[1] == (None, None)  # the KV-shared segment keeps no cache of its own
-  kv = jnp.zeros((2, 10), jnp.int32).at[:, :6].set(jnp.asarray(mask[:, :6]))
-  pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-  decode = jax.jit(lambda *a: model.apply({"params": params}, *a, method=gemma.Gemma4.decode))
-  logits, cache = decode(jnp.asarray(tokens[:, :6]), jnp.asarray(pos[:, :6]), cache, 0, kv)
-  steps = [np.asarray(logits)]
-  for t in range(6, 10):
-    kv = kv.at[:, t].set(1)
-    logits, cache = decode(jnp.asarray(tokens[:, t:t + 1]), jnp.asarray(pos[:, t:t + 1]), cache, t, kv)
-    steps.append(np.asarray(logits))
-  stepped = np.concatenate(steps, axis=1)
+  stepped, full = H.decode_stepwise(model, params, gemma.Gemma4.decode, cache, tokens, mask)
   real = mask.astype(bool)
   np.testing.assert_allclose(stepped[real], full[real], atol=5e-5)

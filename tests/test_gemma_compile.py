@@ -17,19 +17,10 @@ def _tiny(num_layers: int, remat: bool = False):
     return gemma.from_hf_config(cfg, remat=remat)
 
 
-def _loss_fn(model):
-    def loss(params, tokens):
-        logits = model.apply({"params": params}, tokens[:, :-1])
-        logp = jax.nn.log_softmax(logits)
-        return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
-
-    return loss
-
-
 def _compile_seconds(model) -> float:
     params = jax.eval_shape(lambda: gemma.init_params(model, jax.random.key(0)))
     tokens = jax.ShapeDtypeStruct((2, 17), jnp.int32)
-    step = jax.jit(jax.value_and_grad(_loss_fn(model)))
+    step = jax.jit(jax.value_and_grad(H.next_token_loss_of(model)))
     start = time.perf_counter()
     step.lower(params, tokens).compile()
     return time.perf_counter() - start
@@ -49,7 +40,7 @@ def test_train_step_gradients_reach_every_layer():
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, H.VOCAB, (2, 9)))
     model = _tiny(3)
     params = gemma.init_params(model, jax.random.key(0))
-    loss, grads = jax.jit(jax.value_and_grad(_loss_fn(model)))(params, tokens)
+    loss, grads = jax.jit(jax.value_and_grad(H.next_token_loss_of(model)))(params, tokens)
     assert np.isfinite(float(loss))
     q = np.asarray(grads["layers"]["self_attn"]["q_proj"]["kernel"])
     assert q.shape[0] == 3 and all(np.abs(q[i]).max() > 0 for i in range(3))
@@ -61,7 +52,7 @@ def test_remat_flag_checkpoints_the_layer():
     def primitives(remat):
         model = _tiny(2, remat=remat)
         params = jax.eval_shape(lambda: gemma.init_params(model, jax.random.key(0)))
-        return str(jax.make_jaxpr(jax.grad(_loss_fn(model)))(params, tokens))
+        return str(jax.make_jaxpr(jax.grad(H.next_token_loss_of(model)))(params, tokens))
 
     assert "remat" in primitives(True) or "checkpoint" in primitives(True)
     assert "remat" not in primitives(False) and "checkpoint" not in primitives(False)

@@ -65,18 +65,8 @@ def test_right_padding_and_eos(loaded):
 def test_cache_decode_equals_full_forward(loaded):
     _, model, params = loaded["gemma3"]  # sliding window 4 < sequence
     tokens, mask = H.padded_batch(np.random.default_rng(8), [10, 6], 10, left=True)
-    full = np.asarray(H.forward(model, params, jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
     cache = gemma.init_cache(model.config, 2, 10)
-    kv = jnp.zeros((2, 10), jnp.int32).at[:, :6].set(jnp.asarray(mask[:, :6]))
-    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    decode = jax.jit(lambda *a: model.apply({"params": params}, *a, method=Gemma.decode))
-    logits, cache = decode(jnp.asarray(tokens[:, :6]), jnp.asarray(pos[:, :6]), cache, 0, kv)
-    steps = [np.asarray(logits)]
-    for t in range(6, 10):
-        kv = kv.at[:, t].set(1)
-        logits, cache = decode(jnp.asarray(tokens[:, t:t + 1]), jnp.asarray(pos[:, t:t + 1]), cache, t, kv)
-        steps.append(np.asarray(logits))
-    stepped = np.concatenate(steps, axis=1)
+    stepped, full = H.decode_stepwise(model, params, Gemma.decode, cache, tokens, mask)
     real = mask.astype(bool)
     np.testing.assert_array_less(np.abs(stepped - full)[real].max(), 1e-4)
 

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import oftjax
-from finetune_helpers import job_args, read_jsonl, run_job, tiny_model_dir  # noqa: F401
+from finetune_helpers import job_args, read_jsonl, run_job
 from oftjax.train.objective import masked_xent
 from tiny_models import TinyLM
 
@@ -90,7 +90,7 @@ def test_weight_key_needs_aux():
 
 
 @pytest.mark.slow
-def test_job_grad_accum_equals_big_batch(tiny_model_dir, tmp_path):  # noqa: F811
+def test_job_grad_accum_equals_big_batch(tiny_model_dir, tmp_path):
   """Through the job, on the shipped task (uneven completions): same rows, same run.
 
   The stream hands out packed rows in order whatever the batch size, so two micro-batches

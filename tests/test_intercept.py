@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import oftjax
+from oftjax.train.config import DEFAULT_TARGETS as TARGETS
 from tiny_models import TinyLM
 
-TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 TOKENS = jax.random.randint(jax.random.key(0), (2, 9), 0, 97)
 
 

@@ -15,9 +15,9 @@ import oftjax
 from oftjax import quant
 from oftjax.models import gemma
 import recorded_results
+from oftjax.train.config import DEFAULT_TARGETS as TARGETS
 from tiny_models import TinyLM
 
-TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 TOKENS = jax.random.randint(jax.random.key(0), (2, 9), 0, 64)
 # QLoRA Appendix E (bitsandbytes' NF4 table), for an independent spot check.
 QLORA_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,

@@ -1,8 +1,7 @@
 """Faults survived (RELIABILITY.md): SIGKILL/SIGINT at seeded points, damaged checkpoints.
 
-The shared pieces (a tiny random Gemma 3, a small task, one finished reference run and a
-JAX compilation cache for the subprocesses) live in one session folder, built once and
-reused by ``test_reliability_numerics.py`` and ``test_reliability_inputs.py``.
+The shared set-up (tiny model, small task, reference run, compile cache) is in
+``reliability_helpers.py``; its session folder is the ``rel`` fixture (``conftest.py``).
 """
 
 import glob
@@ -18,82 +17,14 @@ import time
 import jax.numpy as jnp
 import pytest
 
-from finetune_helpers import ASSETS, SCRIPT, read_jsonl
+from finetune_helpers import SCRIPT, read_jsonl
 import recorded_results
-
-STEPS = 24
-SAVE_EVERY = 3
-
-
-# ----------------------------------------------------------------------------- shared set-up
-
-
-def shared_dir(tmp_path_factory):
-  """One folder per pytest session: tiny model, small task, compile cache, reference run."""
-  base = tmp_path_factory.getbasetemp() / "reliability"
-  model = base / "tiny-gemma3"
-  if not (model / "model.safetensors").exists():
-    import torch
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(ASSETS, "tokenizer"))
-    config = transformers.Gemma3TextConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=16,
-        max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    tmp = base / "tiny-gemma3.tmp"
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, model)
-    for name, count in (("train.jsonl", 200), ("eval.jsonl", 4)):  # 200: crosses an epoch
-      with open(os.path.join(ASSETS, "task", name)) as f:
-        (base / name).write_text("".join(f.readlines()[:count]))
-  return base
-
-
-def env_for(base):
-  """Subprocess environment: CPU JAX with a persistent compile cache shared by all runs."""
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
-          "JAX_COMPILATION_CACHE_DIR": str(base / "jax-cache"),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
-
-
-def job(base, out, *extra, steps=STEPS):
-  """Flags of the reliability runs (tiny model, small task, every step logged)."""
-  return ["--model", str(base / "tiny-gemma3"), "--data", str(base / "train.jsonl"),
-          "--eval-data", str(base / "eval.jsonl"), "--retention-data", "",
-          "--output-dir", str(out), "--steps", str(steps), "--batch-size", "4",
-          "--log-every", "1", "--save-every", str(SAVE_EVERY), "--keep-checkpoints", "2",
-          "--eval-limit", "2", "--warmup-steps", "1", "--lr", "0.05", *extra]
-
-
-def run(base, args, timeout=300):
-  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                        timeout=timeout, env=env_for(base))
-
-
-def reference_run(base):
-  """The uninterrupted run every fault is compared with (run once per session)."""
-  out = base / "reference"
-  if not (out / "summary.json").exists():
-    shutil.rmtree(out, ignore_errors=True)
-    proc = run(base, job(base, out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (base / "reference.stdout").write_text(proc.stdout)
-  return out
+from reliability_helpers import SAVE_EVERY, STEPS, env_for, job, reference_run, run
 
 
 def adapter_bytes(out):
   with open(os.path.join(out, "peft_adapter", "adapter_model.safetensors"), "rb") as f:
     return f.read()
-
-
-@pytest.fixture(scope="session")
-def rel(tmp_path_factory):
-  return shared_dir(tmp_path_factory)
 
 
 # ----------------------------------------------------------------------------- SIGKILL chain

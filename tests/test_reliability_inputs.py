@@ -19,7 +19,7 @@ import safetensors.numpy
 
 from finetune_helpers import ROOT, SCRIPT
 import recorded_results
-from test_reliability_faults import STEPS, job, reference_run, rel  # noqa: F401
+from reliability_helpers import STEPS, job, reference_run
 
 _spec = importlib.util.spec_from_file_location("finetune_gemma_rel", SCRIPT)
 finetune = importlib.util.module_from_spec(_spec)
@@ -237,7 +237,7 @@ def _quoted(case, err, base, tmp):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_one_line_error(case, rel, tmp_path, capsys):  # noqa: F811
+def test_bad_input_is_one_line_error(case, rel, tmp_path, capsys):
   make_args, needle = CASES[case]
   out = tmp_path / "out"
   err, _ = _check(job(rel, out, steps=6) + make_args(rel, tmp_path), capsys)
@@ -262,7 +262,7 @@ RESUME_CASES = {
 @pytest.mark.parametrize("case", sorted(RESUME_CASES))
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's failed
 # restore leaves a callback on its closed asyncio loop; harmless in the job's own process
-def test_bad_checkpoint_is_one_line_error(case, rel, tmp_path, capsys):  # noqa: F811
+def test_bad_checkpoint_is_one_line_error(case, rel, tmp_path, capsys):
   make_out, needle, warning = RESUME_CASES[case]
   out = make_out(rel, tmp_path)
   err, stdout = _check(job(rel, out, "--resume"), capsys)
@@ -291,7 +291,7 @@ def test_no_remote_code_and_no_unsafe_unpickling_in_sources():
       assert "weights_only=True" in call, (name, call)
 
 
-def test_remote_code_in_a_model_folder_is_never_run(rel, tmp_path, capsys):  # noqa: F811
+def test_remote_code_in_a_model_folder_is_never_run(rel, tmp_path, capsys):
   marker = tmp_path / "PWNED"
   code = (f"open({str(marker)!r}, 'w').write('ran')\n"
           "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
@@ -314,7 +314,7 @@ def test_remote_code_in_a_model_folder_is_never_run(rel, tmp_path, capsys):  # n
   assert "nope.jsonl" in err and not marker.exists() and not out.exists()
 
 
-def test_outputs_stay_inside_the_output_dir(rel):  # noqa: F811
+def test_outputs_stay_inside_the_output_dir(rel):
   ref = reference_run(rel)
   assert sorted(os.listdir(ref)) == ["checkpoints", "loss.png", "metrics.jsonl", "peft_adapter",
                                      "summary.json"]

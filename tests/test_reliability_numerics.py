@@ -16,7 +16,7 @@ import safetensors.numpy
 from finetune_helpers import read_jsonl
 from oftjax.train.loop import ORTHOGONALITY_TOLERANCE
 import recorded_results
-from test_reliability_faults import job, reference_run, rel, run  # noqa: F401
+from reliability_helpers import job, reference_run, run
 
 HUGE_LR = "1000"  # one step of Adam at this rate takes ‖Q‖ to ~1e4: the next loss is NaN
 
@@ -34,7 +34,7 @@ def _checkpoint_arrays(out):
   return found
 
 
-def test_orthogonality_is_logged_and_warned_when_the_series_breaks(rel):  # noqa: F811
+def test_orthogonality_is_logged_and_warned_when_the_series_breaks(rel):
   ref = reference_run(rel)  # --lr 0.05 drives ‖Q‖ past 1 within a few steps on this model
   rows = read_jsonl(ref / "metrics.jsonl")
   assert all("max_q_norm" in r and "orthogonality_error" in r for r in rows)
@@ -54,7 +54,7 @@ def test_orthogonality_is_logged_and_warned_when_the_series_breaks(rel):  # noqa
                          {"step": first, "max_q_norm": round(warned["max_q_norm"], 3)}, 0.02)
 
 
-def test_nonfinite_steps_are_skipped_counted_and_never_saved(rel, tmp_path):  # noqa: F811
+def test_nonfinite_steps_are_skipped_counted_and_never_saved(rel, tmp_path):
   out = tmp_path / "skip"
   proc = run(rel, job(rel, out, "--lr", HUGE_LR, steps=6))
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -80,7 +80,7 @@ def test_nonfinite_steps_are_skipped_counted_and_never_saved(rel, tmp_path):  # 
     assert all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f"), step
 
 
-def test_on_nonfinite_stop_exits_nonzero_and_saves_nothing_nonfinite(rel, tmp_path):  # noqa: F811
+def test_on_nonfinite_stop_exits_nonzero_and_saves_nothing_nonfinite(rel, tmp_path):
   out = tmp_path / "stop"
   proc = run(rel, job(rel, out, "--lr", HUGE_LR, "--on-nonfinite", "stop", steps=6))
   assert proc.returncode == 2
@@ -98,7 +98,7 @@ def test_on_nonfinite_stop_exits_nonzero_and_saves_nothing_nonfinite(rel, tmp_pa
     assert all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f"), step
 
 
-def test_nan_init_adapter_is_refused(rel, tmp_path):  # noqa: F811
+def test_nan_init_adapter_is_refused(rel, tmp_path):
   ref = reference_run(rel)
   bad = tmp_path / "nan_adapter"
   shutil.copytree(ref / "peft_adapter", bad)
@@ -165,12 +165,14 @@ def _config(**kw):
 def test_weights_that_turn_nonfinite_are_never_saved(bad_step):
   from oftjax import sharding
   from oftjax.train.config import UsageError
-  from oftjax.train.loop import train_loop
+  from oftjax.train.loop import LoopIO, TrainStep, train_loop
+  from oftjax.train.state import RunState
 
   ckpt = _Checkpoints()
   with pytest.raises(UsageError) as err:
-    train_loop(_config(), _Compiled(bad_step), {"w": jnp.zeros((2, 2))}, {}, {}, _Stream(),
-               sharding.make_mesh(""), ckpt, None, 0, {}, types.SimpleNamespace(stop=False))
+    train_loop(_config(), RunState({"w": jnp.zeros((2, 2))}, {}),
+               TrainStep(_Compiled(bad_step), {}, sharding.make_mesh("")),
+               LoopIO(_Stream(), ckpt, None, {}, types.SimpleNamespace(stop=False)))
   first_save = 2 * ((bad_step + 1) // 2)
   assert f"step {first_save}: the trainable weights became NaN or Inf" in str(err.value)
   assert ckpt.saved == ([] if bad_step <= 2 else [2])
@@ -179,11 +181,12 @@ def test_weights_that_turn_nonfinite_are_never_saved(bad_step):
 def test_nonfinite_starting_weights_are_refused_before_training():
   from oftjax import sharding
   from oftjax.train.config import UsageError
-  from oftjax.train.loop import train_loop
+  from oftjax.train.loop import LoopIO, TrainStep, train_loop
+  from oftjax.train.state import RunState
 
   step = _Compiled(99)
   with pytest.raises(UsageError, match="NaN or Inf before training"):
-    train_loop(_config(), step, {"w": jnp.full((2, 2), jnp.nan)}, {}, {}, _Stream(),
-               sharding.make_mesh(""), _Checkpoints(), None, 0, {},
-               types.SimpleNamespace(stop=False))
+    train_loop(_config(), RunState({"w": jnp.full((2, 2), jnp.nan)}, {}),
+               TrainStep(step, {}, sharding.make_mesh("")),
+               LoopIO(_Stream(), _Checkpoints(), None, {}, types.SimpleNamespace(stop=False)))
   assert step.calls == 0

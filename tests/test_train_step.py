@@ -7,9 +7,9 @@ import numpy as np
 import optax
 
 import oftjax
+from oftjax.train.config import DEFAULT_TARGETS as TARGETS
 from tiny_models import TinyLM, next_token_loss
 
-TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def setup(width=256, mlp=1024, depth=2, block_size=16, seq=64):

@@ -166,7 +166,7 @@ def tokenize_records(records: Sequence[jsonl.Record], tokenizer: Any, seq_len: i
       if not truncate:
         raise ValueError(
             f"{where}: example is {len(example.tokens)} tokens ({example.num_positions} positions), "
-            f"{example.num_positions - seq_len} more than seq_len={seq_len}; raise --seq-len to at "
+            f"{example.num_positions - seq_len} more than seq_len={seq_len}; raise seq_len to at "
             f"least {example.num_positions} or enable truncation")
       example = Example(example.tokens[: seq_len + 1], example.loss_mask[: seq_len + 1], example.line)
       num_truncated += 1

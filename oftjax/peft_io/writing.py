@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import safetensors.numpy
 
-from oftjax import adapters
+from oftjax import adapters, atomic
 from oftjax import params as P
 from oftjax.peft_io.fields import PEFT_VERSION
 from oftjax.peft_io.naming import ModuleNaming
@@ -100,16 +98,8 @@ def export_peft(directory: str, adapter: dict, config: adapters.AdapterConfig,
   naming = naming or ModuleNaming()
   tensors, paths = _tensors(adapter, config, naming)
   meta = _config(config, naming.target_pattern(paths), base_model)
-  parent = os.path.dirname(os.path.abspath(directory))
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".peft-", dir=parent)
-  try:
+  with atomic.replace_folder(directory) as staging:
     safetensors.numpy.save_file(tensors, os.path.join(staging, "adapter_model.safetensors"),
                                 metadata={"format": "pt"})
     with open(os.path.join(staging, "adapter_config.json"), "w") as f:
       json.dump(meta, f, indent=2)
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.replace(staging, directory)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)

@@ -65,9 +65,10 @@ def _merge_one(q_leaves, adapter_leaves, config, settings, x):
   return new_leaves, stats
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _merge_stacked(q_leaves, adapter_leaves, x, config, settings):
-  return jax.vmap(lambda q, a: _merge_one(q, a, config, settings, x))(q_leaves, adapter_leaves)
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _merge_stacked(q_leaves, adapter_leaves, x, config, settings, lead):
+  one = lambda q, a: _merge_one(q, a, config, settings, x)  # noqa: E731
+  return P.over_stacked_axes(one, lead)(q_leaves, adapter_leaves)
 
 
 def merge_into_quantized(params, geometries: Mapping[str, geo.LayerGeometry],
@@ -94,20 +95,16 @@ def merge_into_quantized(params, geometries: Mapping[str, geo.LayerGeometry],
     NF4 without double quant: 0).
   """
   base, adapter = P.split_params(params)
-  base = P.copy_containers(base)
+  base, nodes = P.edit_layers(base, geometries)
   layers = {}
-  for i, (path, geom) in enumerate(geometries.items()):
-    node = P.node_at(base, path)
+  for i, (path, geom, node) in enumerate(nodes):
     if QUANT_KEY not in node:
       raise ValueError(f"layer '{path}' has no quantized kernel; quantize the base first")
     q_leaves, a_leaves = node[QUANT_KEY], P.node_at(adapter, path)[config.leaf_name]
     settings = _settings(q_leaves)
-    lead = q_leaves[codes.mode_of(q_leaves)].shape[:-2]
+    lead = q_leaves[codes.mode_of(q_leaves)].ndim - 2
     x = jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), (probe_rows, geom.d_in))
-    flatten = lambda t: jax.tree_util.tree_map(  # noqa: E731
-        lambda a: a.reshape(-1, *a.shape[len(lead):]), t)
-    new_leaves, stats = _merge_stacked(flatten(q_leaves), flatten(a_leaves), x, config, settings)
-    node[QUANT_KEY] = jax.tree_util.tree_map(lambda a: a.reshape(*lead, *a.shape[1:]), new_leaves)
+    node[QUANT_KEY], stats = _merge_stacked(q_leaves, a_leaves, x, config, settings, lead)
     layers[path] = {k: float(jnp.max(v) if "max" in k else jnp.mean(v)) for k, v in stats.items()}
   summary = {k: (max if "max" in k else lambda v: sum(v) / len(v))([s[k] for s in layers.values()])
              for k in next(iter(layers.values()))} if layers else {}

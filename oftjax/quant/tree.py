@@ -49,9 +49,8 @@ def quantize_params(params, geometries: Mapping[str, geo.LayerGeometry], mode: s
   """
   if mode not in codes.MODES:
     raise ValueError(f"unknown quantization {mode!r}; use one of {codes.MODES}")
-  out = P.copy_containers(params)
-  for path, geom in geometries.items():
-    node = P.node_at(out, path)
+  out, layers = P.edit_layers(params, geometries)
+  for path, geom, node in layers:
     if QUANT_KEY in node:
       raise ValueError(f"layer '{path}' is already quantized")
     kernel = node.pop("kernel")
@@ -101,9 +100,8 @@ def _quantized_leaves(kernel, path, geom, mode, block_size, double_quant, free: 
 def dequantize_params(params, geometries: Mapping[str, geo.LayerGeometry],
                       dtype=jnp.float32) -> dict:
   """A tree with every ``kernel_q`` back to a ``dtype`` ``kernel`` (e.g. to export or evaluate)."""
-  out = P.copy_containers(params)
-  for path, geom in geometries.items():
-    node = P.node_at(out, path)
+  out, layers = P.edit_layers(params, geometries)
+  for _, geom, node in layers:
     if QUANT_KEY in node:
       node["kernel"] = _dequantize_kernel(node.pop(QUANT_KEY), geom, jnp.dtype(dtype))
   return out

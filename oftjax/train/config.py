@@ -1,4 +1,13 @@
-"""Command-line configuration of a finetuning run, with one-line validation errors."""
+"""Command-line configuration of a finetuning run, with one-line validation errors.
+
+Each :class:`RunConfig` field is declared once, with its ``--help`` text, its ``choices``
+and whether ``--resume`` needs it unchanged (``resume``) in the field's metadata; the
+parser (:func:`build_parser`) and :meth:`RunConfig.fingerprint` read them from there.
+
+The shipped tiny model and task are not part of the package: their folder comes from
+``$OFTJAX_ASSETS`` (``experiments/finetune_gemma.py`` points it at its own ``assets/``
+folder). Without it ``--model``, ``--data`` and ``--eval-data`` have no default.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +16,9 @@ import dataclasses
 import math
 import os
 import re
+from typing import Mapping
 
-ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "assets")
-_ASSETS = os.path.normpath(ASSETS)
+ASSETS_ENV = "OFTJAX_ASSETS"
 METHODS = ("oft", "oftv1", "lora", "full")
 DEFAULT_TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -18,97 +27,126 @@ class UsageError(ValueError):
   """A user mistake: reported as one line, exit code 2, no traceback."""
 
 
+def flag_of(field: str) -> str:
+  """The command-line flag of a :class:`RunConfig` field: ``seq_len`` -> ``--seq-len``."""
+  return "--" + field.replace("_", "-")
+
+
+def reword(message: str, fields: Mapping[str, str]) -> str:
+  """A library error message in the job's words: its parameter names become flags.
+
+  Args:
+    message: a library error's message, naming the library's parameters.
+    fields: ``{library parameter: RunConfig field}`` of the call that raised it.
+
+  Returns:
+    ``message`` with every whole-word parameter of ``fields`` replaced by its flag, except
+    a ``name=value`` (a value shown) and anything inside single quotes (the user's input).
+  """
+  if not fields:
+    return message
+  name = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, fields)) + r")\b(?!=)")
+  parts = re.split(r"('[^']*')", message)
+  return "".join(part if i % 2 else name.sub(lambda m: flag_of(fields[m.group(1)]), part)
+                 for i, part in enumerate(parts))
+
+
+def shipped_asset(*parts: str) -> str:
+  """Path of a shipped asset under ``$OFTJAX_ASSETS``, or ``''`` when that is not set."""
+  root = os.environ.get(ASSETS_ENV, "")
+  return os.path.join(root, *parts) if root else ""
+
+
+def _field(default, help: str, *, choices: tuple | None = None, resume: bool = False):  # noqa: A002
+  """One :class:`RunConfig` field: its default, ``--help`` text, choices, resume relevance."""
+  return dataclasses.field(default=default,
+                           metadata={"help": help, "choices": choices, "resume": resume})
+
+
 @dataclasses.dataclass
 class RunConfig:
-  """Every knob of a run; field docs double as ``--help`` text (see ``_HELP``)."""
+  """Every knob of a run; each field's metadata holds its ``--help`` text."""
 
-  model: str = os.path.join(_ASSETS, "tiny-gemma3")
-  data: str = os.path.join(_ASSETS, "task", "train.jsonl")
-  eval_data: str = os.path.join(_ASSETS, "task", "eval.jsonl")
-  retention_data: str = os.path.join(_ASSETS, "task", "retention.jsonl")
-  method: str = "oft"
-  block_size: int = 16
-  neumann_terms: int = 6
-  parameterization: str = "cayley_neumann"
-  adapter_precision: str = "highest"
-  lora_rank: int = 16
-  lora_alpha: float = 16.0
-  targets: str = DEFAULT_TARGETS
-  steps: int = 150
-  batch_size: int = 16
-  grad_accum: int = 1
-  seq_len: int = 64
-  lr: float = 5e-3
-  warmup_steps: int = -1
-  weight_decay: float = 0.0
-  clip_norm: float = 1.0
-  on_nonfinite: str = "skip"
-  dtype: str = "auto"
-  seed: int = 0
-  mesh: str = ""
-  coordinator_address: str = ""
-  num_processes: int = 1
-  process_id: int = 0
-  log_every: int = 10
-  save_every: int = 50
-  keep_checkpoints: int = 2
-  eval_limit: int = 64
-  output_dir: str = "runs/finetune"
-  resume: bool = False
-  overwrite: bool = False
-  export_merged: str = ""
-  init_adapter: str = ""
-  truncate: bool = False
-  quantize: str = "none"
+  model: str = _field(shipped_asset("tiny-gemma3"),
+                      "base model: a local Hugging Face folder or a hub id", resume=True)
+  data: str = _field(shipped_asset("task", "train.jsonl"),
+                     "training JSONL: {prompt,completion}, {messages} or {text} records",
+                     resume=True)
+  eval_data: str = _field(shipped_asset("task", "eval.jsonl"),
+                          "held-out JSONL of the task (loss and exact-match accuracy)")
+  retention_data: str = _field(
+      shipped_asset("task", "retention.jsonl"),
+      "held-out JSONL of what the base already does (forgetting); '' to skip")
+  method: str = _field(
+      "oft", "oft (OFTv2, input-centric), oftv1 (original weight-centric OFT), lora, full",
+      choices=METHODS, resume=True)
+  block_size: int = _field(16, "OFT block size b; must divide every targeted input width",
+                           resume=True)
+  neumann_terms: int = _field(
+      6, "Cayley-Neumann terms n (even n is more orthogonal, docs/DESIGN.md §1)", resume=True)
+  parameterization: str = _field("cayley_neumann",
+                                 "cayley_neumann (OFTv2) or cayley (exact inverse)",
+                                 choices=("cayley_neumann", "cayley"), resume=True)
+  adapter_precision: str = _field(
+      "highest",
+      "matmul precision of the adapter's own math (Neumann powers, rotation, LoRA products, "
+      "merge): highest is true float32 on every backend, as PEFT's; default (TF32 on NVIDIA "
+      "GPUs, one bf16 pass on TPU) and high trade exactness for speed",
+      choices=("default", "high", "highest"), resume=True)
+  lora_rank: int = _field(16, "LoRA rank", resume=True)
+  lora_alpha: float = _field(16.0, "LoRA alpha (scale = alpha / rank)", resume=True)
+  targets: str = _field(
+      DEFAULT_TARGETS,
+      "regex full-matched against linear-layer paths, e.g. layers/self_attn/q_proj", resume=True)
+  steps: int = _field(150, "optimizer steps", resume=True)
+  batch_size: int = _field(16, "packed rows per micro-batch", resume=True)
+  grad_accum: int = _field(1, "micro-batches per optimizer step", resume=True)
+  seq_len: int = _field(64, "tokens per packed row", resume=True)
+  lr: float = _field(5e-3, "peak learning rate (AdamW, linear warmup then cosine decay)",
+                     resume=True)
+  warmup_steps: int = _field(-1, "linear warmup steps (-1: min(10, steps // 10))", resume=True)
+  weight_decay: float = _field(0.0, "AdamW weight decay", resume=True)
+  clip_norm: float = _field(1.0, "global gradient-norm clip (0 disables)", resume=True)
+  on_nonfinite: str = _field(
+      "skip",
+      "a step with a non-finite loss or gradient: skip it (weights unchanged, counted in "
+      "metrics.jsonl as skipped_steps) or stop the run (exit 2)", choices=("skip", "stop"))
+  dtype: str = _field(
+      "auto", "compute dtype: auto (float32 on CPU, bfloat16 on GPU/TPU), float32, bfloat16",
+      choices=("auto", "float32", "bfloat16"), resume=True)
+  seed: int = _field(0, "seed of adapter init and data order", resume=True)
+  mesh: str = _field(
+      "", "device mesh over all processes' devices, e.g. data=2,fsdp=4 (default: all on data)")
+  coordinator_address: str = _field(
+      "", "several hosts: HOST:PORT of process 0 (jax.distributed)")
+  num_processes: int = _field(
+      1, "several hosts: number of processes (0: let JAX detect a TPU pod / SLURM)")
+  process_id: int = _field(0, "this process's index")
+  log_every: int = _field(10, "steps between metrics.jsonl lines")
+  save_every: int = _field(50, "steps between checkpoints")
+  keep_checkpoints: int = _field(2, "checkpoints kept")
+  eval_limit: int = _field(64, "max examples per eval set")
+  output_dir: str = _field(
+      "runs/finetune", "where summary.json, metrics.jsonl, checkpoints and peft_adapter/ go")
+  resume: bool = _field(False, "continue from the latest checkpoint in --output-dir")
+  overwrite: bool = _field(False, "replace an existing run in --output-dir")
+  export_merged: str = _field("", "also write a Hugging Face folder with the adapter folded in")
+  init_adapter: str = _field("", "start from a PEFT OFT/LoRA adapter folder", resume=True)
+  truncate: bool = _field(
+      False, "truncate over-long examples (counted and reported) instead of failing", resume=True)
+  quantize: str = _field(
+      "none",
+      "store the targeted frozen kernels as nf4 (QLoRA NormalFloat4, blocks of 64, "
+      "double-quantized scales) or int8 (per output channel); adapters stay float32",
+      choices=("none", "int8", "nf4"), resume=True)
 
   def fingerprint(self) -> dict:
-    """Fields that must match for ``--resume`` to continue the same run."""
-    keep = ("model", "data", "method", "block_size", "neumann_terms", "parameterization",
-            "adapter_precision", "lora_rank", "lora_alpha", "targets", "steps", "batch_size", "grad_accum",
-            "seq_len", "lr", "warmup_steps", "weight_decay", "clip_norm", "dtype", "seed",
-            "init_adapter", "truncate", "quantize")
-    return {k: getattr(self, k) for k in keep}
+    """Fields that must match for ``--resume`` to continue the same run (``resume=True``)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.metadata["resume"]}
 
 
-_HELP = {
-    "model": "base model: a local Hugging Face folder or a hub id",
-    "data": "training JSONL: {prompt,completion}, {messages} or {text} records",
-    "eval_data": "held-out JSONL of the task (loss and exact-match accuracy)",
-    "retention_data": "held-out JSONL of what the base already does (forgetting); '' to skip",
-    "method": "oft (OFTv2, input-centric), oftv1 (original weight-centric OFT), lora, full",
-    "block_size": "OFT block size b; must divide every targeted input width",
-    "neumann_terms": "Cayley-Neumann terms n (even n is more orthogonal, docs/DESIGN.md §1)",
-    "parameterization": "cayley_neumann (OFTv2) or cayley (exact inverse)",
-    "adapter_precision": "matmul precision of the adapter's own math (Neumann powers, "
-                         "rotation, LoRA products, merge): highest is true float32 on every "
-                         "backend, as PEFT's; default (TF32 on NVIDIA GPUs, one bf16 pass on "
-                         "TPU) and high trade exactness for speed",
-    "lora_rank": "LoRA rank", "lora_alpha": "LoRA alpha (scale = alpha / rank)",
-    "targets": "regex full-matched against linear-layer paths, e.g. layers/self_attn/q_proj",
-    "steps": "optimizer steps", "batch_size": "packed rows per micro-batch",
-    "grad_accum": "micro-batches per optimizer step", "seq_len": "tokens per packed row",
-    "lr": "peak learning rate (AdamW, linear warmup then cosine decay)",
-    "warmup_steps": "linear warmup steps (-1: min(10, steps // 10))", "weight_decay": "AdamW weight decay",
-    "clip_norm": "global gradient-norm clip (0 disables)",
-    "on_nonfinite": "a step with a non-finite loss or gradient: skip it (weights unchanged, "
-                    "counted in metrics.jsonl as skipped_steps) or stop the run (exit 2)",
-    "dtype": "compute dtype: auto (float32 on CPU, bfloat16 on GPU/TPU), float32, bfloat16",
-    "seed": "seed of adapter init and data order",
-    "mesh": "device mesh over all processes' devices, e.g. data=2,fsdp=4 (default: all on data)",
-    "coordinator_address": "several hosts: HOST:PORT of process 0 (jax.distributed)",
-    "num_processes": "several hosts: number of processes (0: let JAX detect a TPU pod / SLURM)",
-    "process_id": "this process's index",
-    "log_every": "steps between metrics.jsonl lines", "save_every": "steps between checkpoints",
-    "keep_checkpoints": "checkpoints kept", "eval_limit": "max examples per eval set",
-    "output_dir": "where summary.json, metrics.jsonl, checkpoints and peft_adapter/ go",
-    "resume": "continue from the latest checkpoint in --output-dir",
-    "overwrite": "replace an existing run in --output-dir",
-    "export_merged": "also write a Hugging Face folder with the adapter folded in",
-    "init_adapter": "start from a PEFT OFT/LoRA adapter folder",
-    "truncate": "truncate over-long examples (counted and reported) instead of failing",
-    "quantize": "store the targeted frozen kernels as nf4 (QLoRA NormalFloat4, blocks of 64, "
-                "double-quantized scales) or int8 (per output channel); adapters stay float32",
-}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig)}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,18 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
       description="Finetune a Gemma model with OFTv2 (or a baseline) in JAX.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   for field in dataclasses.fields(RunConfig):
-    flag = "--" + field.name.replace("_", "-")
+    flag = flag_of(field.name)
+    help_text = field.metadata["help"]
     if field.type in ("bool", bool):
-      parser.add_argument(flag, action="store_true", help=_HELP[field.name])
+      parser.add_argument(flag, action="store_true", help=help_text)
     else:
       kind = {"int": int, "float": float}.get(str(field.type), str)
-      choices = {"method": METHODS, "parameterization": ("cayley_neumann", "cayley"),
-                 "adapter_precision": ("default", "high", "highest"),
-                 "dtype": ("auto", "float32", "bfloat16"),
-                 "on_nonfinite": ("skip", "stop"),
-                 "quantize": ("none", "int8", "nf4")}.get(field.name)
-      parser.add_argument(flag, type=kind, default=field.default, choices=choices,
-                          help=_HELP[field.name])
+      parser.add_argument(flag, type=kind, default=field.default,
+                          choices=field.metadata["choices"], help=help_text)
   return parser
 
 
@@ -148,28 +182,69 @@ def finalize(config: RunConfig) -> RunConfig:
   """Resolves derived defaults (``warmup_steps=-1``) and validates ``config``, in place."""
   if config.warmup_steps == -1:
     config.warmup_steps = min(10, max(config.steps, 0) // 10)
+  check_assets(config)
   validate(config)
   return config
+
+
+# AdapterConfig field -> the RunConfig field whose flag sets it (for AdapterConfig's errors;
+# method and parameterization are argparse choices, refused before AdapterConfig sees them).
+_ADAPTER_FIELDS = {"targets": "targets", "block_size": "block_size",
+                   "num_terms": "neumann_terms", "lora_rank": "lora_rank"}
+
+
+def adapter_config(c: RunConfig):
+  """The run's :class:`oftjax.AdapterConfig`; with ``--method full`` one of method ``oft``
+  (no adapter is made, but the adapter flags are checked all the same).
+
+  Raises:
+    UsageError: a value AdapterConfig refuses, worded with its flag.
+  """
+  from oftjax import adapters  # heavy (jax): only once argparse has accepted the flags
+
+  method = c.method if c.method in adapters.METHODS else "oft"
+  try:
+    return adapters.AdapterConfig(
+        method=method, targets=c.targets, block_size=c.block_size, num_terms=c.neumann_terms,
+        parameterization=c.parameterization, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
+        precision=c.adapter_precision)
+  except ValueError as e:
+    raise UsageError(reword(str(e), _ADAPTER_FIELDS)) from None
+
+
+def check_assets(c: RunConfig) -> None:
+  """Paths left at their shipped default must exist; one line naming the flag otherwise.
+
+  Raises:
+    UsageError: ``--model``, ``--data`` or ``--eval-data`` is empty (no shipped default:
+      ``$OFTJAX_ASSETS`` unset, e.g. in an installed wheel), or a shipped default is missing.
+  """
+  root = shipped_asset()
+  for name in ("model", "data", "eval_data", "retention_data"):
+    value, default = getattr(c, name), _DEFAULTS[name]
+    if not value and name != "retention_data":
+      raise UsageError(f"{flag_of(name)} is required: there is no shipped default "
+                       f"(${ASSETS_ENV} is not set); pass {flag_of(name)} PATH")
+    if value and value == default and not os.path.exists(value):
+      raise UsageError(f"{flag_of(name)}: the shipped default {value} is missing (${ASSETS_ENV} "
+                       f"is {root}); pass {flag_of(name)} PATH")
 
 
 def validate(c: RunConfig) -> None:
   """Checks values that need no files; raises :class:`UsageError` with one line."""
   for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "save_every",
-               "keep_checkpoints", "eval_limit", "lora_rank"):
+               "keep_checkpoints", "eval_limit"):
     if getattr(c, name) < 1:
-      raise UsageError(f"--{name.replace('_', '-')} must be a positive integer "
+      raise UsageError(f"{flag_of(name)} must be a positive integer "
                        f"(got {getattr(c, name)})")
   for name in ("lr", "weight_decay", "clip_norm", "lora_alpha"):
     value = getattr(c, name)
     if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-      raise UsageError(f"--{name.replace('_', '-')} must be a finite "
+      raise UsageError(f"{flag_of(name)} must be a finite "
                        f"{'positive' if name == 'lr' else 'non-negative'} number (got {value})")
   if c.warmup_steps < 0 or c.warmup_steps >= c.steps:
     raise UsageError(f"--warmup-steps must be in [0, --steps) (got {c.warmup_steps})")
-  if c.block_size < 2:
-    raise UsageError(f"--block-size must be >= 2 (got {c.block_size})")
-  if c.neumann_terms < 2:
-    raise UsageError(f"--neumann-terms must be >= 2 (got {c.neumann_terms})")
+  adapter_config(c)  # AdapterConfig checks the adapter flags (for every --method)
   if c.num_processes < 0:
     raise UsageError(f"--num-processes must be >= 0 (got {c.num_processes})")
   if not c.output_dir.strip():
@@ -181,10 +256,6 @@ def validate(c: RunConfig) -> None:
     if out == export or out.startswith(export + os.sep):  # the export would replace the run
       raise UsageError(f"--export-merged {c.export_merged} would hold --output-dir "
                        f"{c.output_dir}; choose a folder outside it")
-  try:
-    re.compile(c.targets)
-  except re.error as e:
-    raise UsageError(f"--targets {c.targets!r} is not a valid regular expression ({e})") from None
   if c.resume and c.overwrite:
     raise UsageError("--resume and --overwrite contradict each other; pick one")
   if c.quantize != "none" and c.method == "full":

@@ -9,11 +9,10 @@ materializes a full-precision copy of a model that was quantized to fit.
 from __future__ import annotations
 
 import jax
-import numpy as np
 
 from oftjax import data, distributed
 from oftjax.models import gemma
-from oftjax.train.objective import masked_xent
+from oftjax.train.objective import next_token_loss
 
 
 class Evaluator:
@@ -33,9 +32,7 @@ class Evaluator:
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def forward(params, batch):
-      logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                           segment_ids=batch["segment_ids"])
-      loss, aux = masked_xent(logits, batch)
+      loss, aux = next_token_loss(model, params, batch)
       return loss * aux["tokens"], aux["tokens"]
 
     self._forward = jax.jit(forward)
@@ -49,33 +46,33 @@ class Evaluator:
       total, count = total + distributed.scalar(s), count + distributed.scalar(n)
     return total / max(count, 1.0)
 
-  def generations(self, params, items) -> list[str]:
-    """Greedy completions of ``items``' prompts, decoded up to EOS."""
+  def generations(self, params, items) -> list:
+    """Greedy completions of ``items``' prompts: per item, the generated ids (to EOS or the
+    length limit; :func:`oftjax.data.decode_completion` decodes them)."""
     stop = [self.tokenizer.eos_token_id]
-    outputs = []
+    rows = []
     for tokens, mask, expected in data.eval_batches(items, self.batch_size, self.pad_id):
       new = gemma.generate(self.model, params, tokens, mask, max_new_tokens=self.max_new_tokens,
                            eos_token_id=stop, pad_token_id=self.pad_id)
-      new = distributed.to_host(new)
-      outputs += [data.decode_completion(self.tokenizer, row) for row in new[: len(expected)]]
-    return outputs
+      rows += list(distributed.to_host(new)[: len(expected)])
+    return rows
 
-  def accuracy(self, params, name: str) -> tuple[float, list[str]]:
-    """Exact-match accuracy on one named set, and the completions."""
+  def accuracy(self, params, name: str) -> tuple[float, list]:
+    """Exact-match accuracy (:func:`oftjax.data.exact_match_accuracy`) on one named set,
+    and the generated ids."""
     items = self.accuracy_sets[name]
-    outputs = self.generations(params, items)
-    hits = sum(o.strip() == x.expected.strip() for o, x in zip(outputs, items))
-    return hits / len(items), outputs
+    rows = self.generations(params, items)
+    return data.exact_match_accuracy(self.tokenizer, rows, [x.expected for x in items]), rows
 
   def run(self, params) -> dict:
     """``{'loss', 'accuracy', <set>_accuracy..., 'samples'}`` for the model's ``params``."""
     result = {"loss": self.loss(params)}
     for name in self.accuracy_sets:
-      acc, outputs = self.accuracy(params, name)
+      acc, rows = self.accuracy(params, name)
       result["accuracy" if name == "eval" else f"{name}_accuracy"] = acc
       if name == "eval":
         result["samples"] = [
             {"prompt": self.tokenizer.decode(x.prompt_tokens, skip_special_tokens=True),
-             "expected": x.expected, "generated": o}
-            for x, o in zip(self.accuracy_sets[name][:3], outputs[:3])]
+             "expected": x.expected, "generated": data.decode_completion(self.tokenizer, row)}
+            for x, row in zip(self.accuracy_sets[name][:3], rows[:3])]
     return result

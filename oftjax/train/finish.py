@@ -7,15 +7,19 @@ still holds it), so a finished run never ends in a crash.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from typing import Any
 
 import jax
 import numpy as np
 
-from oftjax import params as P, peft_io, quant
+from oftjax import atomic, params as P, peft_io, quant
 from oftjax.models import gemma
 from oftjax.train import outputs
+from oftjax.train.loop import LoopStats
+from oftjax.train.state import RunState
 
 
 def peft_naming(model) -> peft_io.ModuleNaming:
@@ -25,26 +29,57 @@ def peft_naming(model) -> peft_io.ModuleNaming:
   return peft_io.ModuleNaming.from_layout(gemma.module_layout(hf_config))
 
 
-def write_outputs(c, model, merged, trainable, frozen, acfg, rows, eval_before, eval_after,
-                  train, result, t_start) -> dict:
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+  """What a finished run measured besides its state (``summary.json``, the loss plot).
+
+  Attributes:
+    eval_before: the evaluator's result before training (``Evaluator.run``).
+    eval_after: its result after training.
+    rows: the ``metrics.jsonl`` rows.
+    loop: what the training loop measured (:class:`oftjax.train.loop.LoopStats`).
+    train: the training ``Dataset`` (its example and truncation counts are reported).
+    t_start: ``time.time()`` when the run started.
+  """
+
+  eval_before: dict
+  eval_after: dict
+  rows: list
+  loop: LoopStats
+  train: Any
+  t_start: float
+
+
+def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
   """Writes every output of a finished run; ``summary.json`` last (atomically).
 
-  ``merged`` and ``trainable`` are host (numpy) trees; ``merged`` is only needed with
-  ``--export-merged``. ``result`` is the training loop's :class:`LoopResult`.
+  Args:
+    c: the run's ``RunConfig``.
+    job: the run's model (:mod:`oftjax.train.run_model`): base module, frozen tree,
+      adapter config.
+    state: the final state, its ``trainable`` a host (numpy) tree.
+    merged: the merged host tree, only needed with ``--export-merged`` (else ``None``).
+    record: what the run measured.
+
+  Returns:
+    The summary written.
   """
   out = c.output_dir
+  acfg, frozen, trainable = job.adapter_config, job.frozen, state.trainable
+  eval_before, eval_after = record.eval_before, record.eval_after
   adapter_dir = None
   skipped_export = peft_io.unexportable_reason(acfg) if acfg is not None else None
   if acfg is not None and not skipped_export:
     adapter_dir = os.path.join(out, "peft_adapter")
     peft_io.export_peft(adapter_dir, trainable, acfg, base_model=c.model,
-                        naming=peft_naming(model))
+                        naming=peft_naming(job.model))
   if c.export_merged:
-    gemma.save(c.export_merged, model, merged, tokenizer_dir=c.model, overwrite=c.overwrite)
-  outputs.plot_loss(rows, os.path.join(out, "loss.png"), f"{c.method} on {os.path.basename(c.data)}")
-  times = result.times
+    gemma.save(c.export_merged, job.model, merged, tokenizer_dir=c.model, overwrite=c.overwrite)
+  outputs.plot_loss(record.rows, os.path.join(out, "loss.png"),
+                    f"{c.method} on {os.path.basename(c.data)}")
+  times = record.loop.times
   steady = times[1:] if len(times) > 1 else times
-  tokens_per_step = result.tokens_seen / max(len(times), 1)
+  tokens_per_step = record.loop.tokens / max(len(times), 1)
   retention = {}
   if "retention_accuracy" in eval_before:
     retention = {"retention_before": eval_before["retention_accuracy"],
@@ -58,13 +93,14 @@ def write_outputs(c, model, merged, trainable, frozen, acfg, rows, eval_before, 
       "samples_after": eval_after.get("samples", []),
       "train_tokens_per_s": tokens_per_step / float(np.median(steady)) if steady else None,
       "step_time_s": float(np.median(steady)) if steady else None,
-      "compile_s": result.compile_s, "wall_s": time.time() - t_start,
-      "final_loss": result.final_loss, "processes": jax.process_count(),
+      "compile_s": record.loop.compile_s, "wall_s": time.time() - record.t_start,
+      "final_loss": state.loss, "processes": jax.process_count(),
       "devices": jax.device_count(),
       "frozen_weight_bytes": P.tree_bytes(frozen), "adapter_bytes": P.tree_bytes(trainable),
-      "skipped_steps": result.skipped_steps, "train_examples": len(train.examples), "truncated_examples": train.num_truncated,
+      "skipped_steps": state.skipped_steps, "train_examples": len(record.train.examples),
+      "truncated_examples": record.train.num_truncated,
       "peft_adapter": adapter_dir, "peft_export_skipped": skipped_export,
       "export_merged": c.export_merged or None,
   }
-  outputs.write_json_atomic(os.path.join(out, "summary.json"), summary)
+  atomic.write_json(os.path.join(out, "summary.json"), summary, indent=2, sort_keys=True)
   return summary

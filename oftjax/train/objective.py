@@ -1,4 +1,7 @@
-"""Optimizer schedule and the masked next-token loss used by the finetuning job."""
+"""Optimizer schedule and the masked next-token loss used by the finetuning job.
+
+One loss for training, evaluation and the asset builder: :func:`next_token_loss`.
+"""
 
 from __future__ import annotations
 
@@ -31,3 +34,20 @@ def masked_xent(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
   correct = (jnp.argmax(logits, axis=-1) == batch["targets"]) * mask
   return (nll * mask).sum() / count, {"token_accuracy": correct.sum() / count,
                                       "tokens": mask.sum()}
+
+
+def next_token_loss(module, params, batch: dict) -> tuple[jax.Array, dict]:
+  """:func:`masked_xent` of ``module``'s logits on a packed batch (``oftjax.data.batching``).
+
+  Args:
+    module: a Linen language model called as ``module.apply({'params': params}, inputs,
+      positions=..., segment_ids=...)`` (a Gemma model or an ``Adapted`` one).
+    params: its parameter tree.
+    batch: ``inputs``, ``positions``, ``segment_ids``, ``targets`` and ``loss_mask``.
+
+  Returns:
+    ``(loss, {'token_accuracy', 'tokens'})`` as :func:`masked_xent`.
+  """
+  logits = module.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                        segment_ids=batch["segment_ids"])
+  return masked_xent(logits, batch)

@@ -5,18 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-
-
-def write_json_atomic(path: str, obj) -> None:
-  """Writes JSON to a temporary sibling, fsyncs, then renames over ``path``."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def _parse(line: str) -> dict | None:

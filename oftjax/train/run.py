@@ -6,6 +6,7 @@ Everything a user can get wrong is checked before the output directory is touche
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -15,24 +16,47 @@ import time
 import jax
 import jax.numpy as jnp
 
-from oftjax import adapters, checkpoint, data, distributed, params as P, peft_io, quant, sharding
+from oftjax import checkpoint, data, distributed, peft_io, quant, sharding
 from oftjax.adapted_model import adapt
 from oftjax.models import gemma
 from oftjax.train import outputs
-from oftjax.train.config import RunConfig, UsageError
+from oftjax.train.config import RunConfig, UsageError, adapter_config, reword
 from oftjax.train.evaluate import Evaluator
-from oftjax.train.finish import peft_naming, write_outputs
-from oftjax.train.loop import train_loop
-from oftjax.train.objective import make_optimizer, masked_xent
+from oftjax.train.finish import RunRecord, peft_naming, write_outputs
+from oftjax.train.loop import LoopIO, TrainStep, train_loop
+from oftjax.train.objective import make_optimizer
+from oftjax.train.run_model import build_run_model
+from oftjax.train.state import RunState
 from oftjax.train_step import make_train_step
 
 
-def _user_errors(fn, *args, **kwargs):
-  """Calls ``fn``; turns input problems (bad files, values) into :class:`UsageError`."""
+def _user_errors(fn, *args, flags: dict[str, str] | None = None, **kwargs):
+  """Calls ``fn``; turns input problems (bad files, values) into :class:`UsageError`.
+
+  ``flags`` maps ``fn``'s parameters to the :class:`RunConfig` fields that set them, so
+  that the message names the flag to change (see :func:`~oftjax.train.config.reword`).
+  """
   try:
     return fn(*args, **kwargs)
   except (ValueError, FileNotFoundError, KeyError, OSError) as e:
-    raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    line = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise UsageError(reword(line, flags or {})) from None
+
+
+@contextlib.contextmanager
+def _checkpoint_errors():
+  """Turns an unusable checkpoint (a library :class:`checkpoint.CheckpointError`) into a
+  one-line :class:`UsageError` that says which flag starts over."""
+  try:
+    yield
+  except checkpoint.NoUsableStepError as e:
+    raise UsageError(f"{e.problem}; start again with --overwrite") from None
+  except checkpoint.CheckpointError as e:
+    raise UsageError(str(e)) from None
+
+
+_DISTRIBUTED_FLAGS = {"coordinator_address": "coordinator_address",
+                      "num_processes": "num_processes", "process_id": "process_id"}
 
 
 def _check_resumable(c: RunConfig) -> None:
@@ -41,8 +65,9 @@ def _check_resumable(c: RunConfig) -> None:
   step = None
   if os.path.isdir(directory):
     ckpt = checkpoint.RunCheckpoints(directory, c.keep_checkpoints, c.save_every)
-    step = ckpt.latest_step()
-    meta = ckpt.read_meta(step) if step is not None else None
+    with _checkpoint_errors():
+      step = ckpt.latest_step()
+      meta = ckpt.read_meta(step) if step is not None else None
     ckpt.close()
   if step is None:
     raise UsageError(f"--resume: no checkpoint in {c.output_dir}; start the run again with "
@@ -96,24 +121,12 @@ class _StopFlag:
     print(f"\nreceived {signal.Signals(signum).name}: saving after this step", flush=True)
 
 
-def _adapter_config(c: RunConfig) -> adapters.AdapterConfig:
-  return adapters.AdapterConfig(
-      method=c.method, targets=c.targets, block_size=c.block_size, num_terms=c.neumann_terms,
-      parameterization=c.parameterization, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
-      precision=c.adapter_precision)
-
-
 def _init_adapters(c, model, acfg, example):
   """The adapted model (its layers found by one trace) and its adapter tree."""
   naming = peft_naming(model)
   if c.quantize != "none":  # the adapters see each layer first, the dequantizer runs it
     model = quant.Dequantized(model)
-  try:
-    adapted = adapt(model, acfg, example)
-  except adapters.TargetsError as e:  # the library names no flag
-    raise UsageError(f"--targets: {str(e).splitlines()[0]}") from None
-  except ValueError as e:
-    raise UsageError(str(e).splitlines()[0]) from None
+  adapted = _user_errors(adapt, model, acfg, example, flags={"targets": "targets"})
   adapter = _user_errors(adapted.init, jax.random.key(c.seed))
   if c.init_adapter:
     try:
@@ -147,29 +160,32 @@ def run(c: RunConfig) -> dict:
 
 def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   t_start = time.time()
-  _user_errors(distributed.initialize, c.coordinator_address, c.num_processes, c.process_id)
+  _user_errors(distributed.initialize, c.coordinator_address, c.num_processes, c.process_id,
+               flags=_DISTRIBUTED_FLAGS)
   main = distributed.is_main()
   dtype = _compute_dtype(c)
-  mesh = _user_errors(sharding.make_mesh, c.mesh)
-  _user_errors(distributed.local_rows, c.batch_size)
+  mesh = _user_errors(sharding.make_mesh, c.mesh, flags={"mesh": "mesh"})
+  _user_errors(distributed.local_rows, c.batch_size, flags={"global_rows": "batch_size"})
   tokenizer = _user_errors(data.load_tokenizer, c.model)
   # Frozen weights are stored in the compute dtype; weights that full finetuning trains keep an
   # fp32 master copy (bf16 storage would round away updates below its 8-bit mantissa).
   param_dtype = jnp.float32 if c.method == "full" else dtype
   model = _user_errors(gemma.load_model, c.model, dtype=dtype, param_dtype=param_dtype)
-  train = _user_errors(data.load_dataset, c.data, tokenizer, c.seq_len, truncate=c.truncate)
-  held_out = _user_errors(data.load_dataset, c.eval_data, tokenizer, c.seq_len)
+  train = _user_errors(data.load_dataset, c.data, tokenizer, c.seq_len, truncate=c.truncate,
+                       flags={"seq_len": "seq_len"})
+  held_out = _user_errors(data.load_dataset, c.eval_data, tokenizer, c.seq_len,
+                          flags={"seq_len": "seq_len"})
   sets = {"eval": _user_errors(data.load_eval_set, c.eval_data, tokenizer, c.eval_limit)}
   if c.retention_data:
     sets["retention"] = _user_errors(data.load_eval_set, c.retention_data, tokenizer, c.eval_limit)
   max_new = max(len(tokenizer.encode(x.expected, add_special_tokens=False))
                 for s in sets.values() for x in s) + 2
-  adapted, wrapped, acfg, geoms = None, model, None, {}
+  adapted, geoms = None, {}
   if c.method != "full":  # adapters first: their geometries say which kernels to quantize
-    adapted, trainable = _init_adapters(c, model, _user_errors(_adapter_config, c),
+    adapted, trainable = _init_adapters(c, model, adapter_config(c),
                                         jnp.zeros((1, 8), jnp.int32))
-    wrapped, acfg, geoms = adapted.module, adapted.config, adapted.geometries
-    if reason := peft_io.unexportable_reason(acfg):
+    geoms = adapted.geometries
+    if reason := peft_io.unexportable_reason(adapted.config):
       _say(main, f"note: no peft_adapter/ will be written: {reason}")
   # QOFT / QLoRA: each targeted kernel is quantized as soon as the loader completes it, so
   # at most one parameter (one projection, all layers) is ever held in full precision.
@@ -183,75 +199,53 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   distributed.barrier("output directory ready")
 
   # Host arrays go straight into their shards: no device holds the whole FSDP-sharded model.
-  trainable = distributed.to_host(trainable)
   frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
-  trainable = jax.device_put(trainable, sharding.param_shardings(trainable, mesh,
-                                                                 shard=c.method == "full"))
+  job = build_run_model(model, frozen, adapted, quantized=c.quantize != "none", dtype=dtype)
   optimizer = make_optimizer(c.lr, c.steps, c.warmup_steps, c.weight_decay, c.clip_norm)
-  opt_state = sharding.onto_mesh(jax.jit(optimizer.init)(trainable), mesh)
+  trainable = distributed.to_host(trainable)
+  shardings = sharding.train_state_shardings(optimizer.init, trainable, mesh,
+                                             shard=job.shards_trainable)
+  trainable = jax.device_put(trainable, shardings[0])
+  state = RunState(trainable, jax.jit(optimizer.init, out_shardings=shardings[1])(trainable))
+  step_fn = make_train_step(job.loss, optimizer, has_aux=True, accum_steps=c.grad_accum,
+                            weight_key="tokens", project=job.project, state_shardings=shardings)
 
-  def loss_fn(params, batch):
-    logits = wrapped.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                           segment_ids=batch["segment_ids"])
-    return masked_xent(logits, batch)
-
-  coft = acfg is not None and acfg.coft_eps is not None  # PEFT's write-back after each update
-  step_fn = make_train_step(loss_fn, optimizer, has_aux=True, accum_steps=c.grad_accum,
-                            weight_key="tokens",
-                            project=(lambda t: P.project_adapters(t, acfg)) if coft else None,
-                            state_shardings=jax.tree_util.tree_map(
-                                lambda x: x.sharding, (trainable, opt_state)))
-
-  quantized = c.quantize != "none"
-
-  def merged_model(tr):
-    """The trained function as one full-precision tree, adapters folded in (export)."""
-    base_params = quant.dequantize_params(frozen, geoms, dtype) if quantized else frozen
-    full = P.merge_params(base_params, tr)
-    return full if c.method == "full" else adapted.fold(full)
-
-  def evaluated(tr):
-    """Params for the evaluator: merged, or quantized kernels + unmerged adapters (QOFT)."""
-    return P.merge_params(frozen, tr) if quantized else merged_model(tr)
-
-  evaluator = Evaluator(wrapped if quantized else model, tokenizer, held_out.examples, sets,
+  evaluator = Evaluator(job.eval_module, tokenizer, held_out.examples, sets,
                         c.seq_len, c.batch_size, max_new)
   ckpt = checkpoint.RunCheckpoints(os.path.join(c.output_dir, "checkpoints"),
                                    c.keep_checkpoints, c.save_every)
-  start, data_state, eval_before, resumed = 0, None, None, {}
+  eval_before = None
   if c.resume:
-    start = ckpt.latest_step()
-    state, resumed = ckpt.restore(start, {"trainable": trainable, "opt_state": opt_state})
-    trainable, opt_state = state["trainable"], state["opt_state"]
-    data_state, eval_before = resumed["data_state"], resumed["eval_before"]
-    _say(main, f"resumed from step {start}")
+    with _checkpoint_errors():
+      state, saved = state.restore(ckpt, ckpt.latest_step())
+    eval_before = saved["eval_before"]
+    _say(main, f"resumed from step {state.step}")
   if eval_before is None:
-    eval_before = evaluator.run(evaluated(trainable))
+    eval_before = evaluator.run(job.evaluated(state.trainable))
   _say(main, f"before: eval loss {eval_before['loss']:.4f} accuracy {eval_before['accuracy']:.3f}"
        + (f" retention {eval_before['retention_accuracy']:.3f}" if c.retention_data else ""))
 
   stream = data.PackedBatches(train.examples, batch_size=c.batch_size, seq_len=c.seq_len,
-                              seed=c.seed, state=data_state, pad_id=evaluator.pad_id)
+                              seed=c.seed, state=state.data_state, pad_id=evaluator.pad_id)
   metrics = outputs.MetricsLog(os.path.join(c.output_dir, "metrics.jsonl"),
-                               resume_step=start if c.resume else None) if main else None
+                               resume_step=state.step if c.resume else None) if main else None
   meta = {"fingerprint": c.fingerprint(), "eval_before": eval_before}
-  health = jax.jit(lambda t: P.adapter_health(t, acfg)) if c.method in ("oft", "oftv1") else None
-  result = train_loop(c, step_fn, trainable, opt_state, frozen, stream, mesh, ckpt, metrics,
-                      start, meta, stopper, health, resumed)
+  state, stats = train_loop(c, state, TrainStep(step_fn, frozen, mesh, job.health),
+                            LoopIO(stream, ckpt, metrics, meta, stopper))
   ckpt.close()
-  if result.stopped:
-    _say(main, f"stopped at step {result.step}; rerun with --resume to continue")
-    return {"stopped_at": result.step}
-  final = evaluated(result.trainable)
+  if stats.stopped:
+    _say(main, f"stopped at step {state.step}; rerun with --resume to continue")
+    return {"stopped_at": state.step}
+  final = job.evaluated(state.trainable)
   eval_after = evaluator.run(final)
-  host_trainable = distributed.to_host(result.trainable)
+  host_state = state.replace(trainable=distributed.to_host(state.trainable), opt_state=None)
   host_merged = None
-  if c.export_merged:  # the evaluated tree already is the merged one unless quantized
-    host_merged = distributed.to_host(merged_model(result.trainable) if quantized else final)
+  if c.export_merged:
+    host_merged = distributed.to_host(job.exported(state.trainable, final))
   if not main:
     return {"stopped_at": None, "process": jax.process_index()}
-  return write_outputs(c, model, host_merged, host_trainable, frozen, acfg,
-                       metrics.rows, eval_before, eval_after, train, result, t_start)
+  return write_outputs(c, job, host_state, host_merged,
+                       RunRecord(eval_before, eval_after, metrics.rows, stats, train, t_start))
 
 
 def _say(main: bool, text: str) -> None:

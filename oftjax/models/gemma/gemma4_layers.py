@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from oftjax.models.gemma.gemma4_config import Gemma4Config
 from oftjax.models.gemma.gemma4_schedule import LayerKind
-from oftjax.models.gemma.layers import apply_rope
+from oftjax.models.gemma.layers import MLP, apply_rope, gelu
 
 Array = Any
 
@@ -55,11 +55,6 @@ class Gemma4RMSNorm(nn.Module):
       scale = self.param("scale", nn.initializers.ones_init(), (x.shape[-1],), self.param_dtype)
       normed = normed * scale.astype(jnp.float32)
     return normed.astype(x.dtype)
-
-
-def gelu(x: Array, activation: str) -> Array:
-  """The GeLU a Hugging Face activation name stands for (tanh approximation but 'gelu')."""
-  return jax.nn.gelu(x, approximate=activation != "gelu")
 
 
 def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -144,28 +139,9 @@ class Gemma4Attention(nn.Module):
     return y, (k, v), new_cache
 
 
-class Gemma4MLP(nn.Module):
-  """Gated GeLU MLP: `down_proj(act(gate_proj(x)) * up_proj(x))`.
-
-  Attributes:
-    config: the model config.
-    width: the intermediate width (doubled on KV-shared layers with a double-wide MLP).
-  """
-
-  config: Gemma4Config
-  width: int
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    cfg = self.config
-    dense = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    gate = nn.Dense(self.width, name="gate_proj", **dense)(x)
-    up = nn.Dense(self.width, name="up_proj", **dense)(x)
-    return nn.Dense(cfg.hidden_size, name="down_proj", **dense)(gelu(gate, cfg.activation) * up)
-
-
 def mlp_width(config: Gemma4Config, kind: LayerKind) -> int:
-  """The dense MLP width of a layer of `kind`."""
+  """The dense MLP width of a layer of `kind` (doubled on KV-shared layers with a double-wide
+  MLP)."""
   double = config.use_double_wide_mlp and kind.kv_shared
   return config.intermediate_size * (2 if double else 1)
 
@@ -242,7 +218,7 @@ class Gemma4DecoderLayer(nn.Module):
     h, kv, new_cache = Gemma4Attention(cfg, kind, name="self_attn")(
         h, cos, sin, mask, shared_kv, cache, context["cache_index"])
     x = x + norm("post_attention_layernorm")(h)
-    h = Gemma4MLP(cfg, mlp_width(cfg, kind), name="mlp")(norm("pre_feedforward_layernorm")(x))
+    h = MLP(cfg, mlp_width(cfg, kind), name="mlp")(norm("pre_feedforward_layernorm")(x))
     if cfg.enable_moe_block:
       h = norm("post_feedforward_layernorm_1")(h) + self.moe(x)
     x = x + norm("post_feedforward_layernorm")(h)

@@ -30,7 +30,7 @@ from oftjax.models.gemma.gemma4_rope import rope_tables
 from oftjax.models.gemma.gemma4_schedule import layer_schedule
 from oftjax.models.gemma.gemma4_stack import Gemma4Layers, shared_types
 from oftjax.models.gemma.layers import softcap
-from oftjax.models.gemma.model import attention_masks, default_positions
+from oftjax.models.gemma.model import decode_masks, sequence_masks
 
 Array = Any
 
@@ -62,18 +62,6 @@ def init_cache(config: Gemma4Config, batch: int, max_len: int, dtype=None):
       slots.append((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
     caches.append(tuple(slots))
   return tuple(caches)
-
-
-def _segments(tokens, segment_ids, attention_mask):
-  """Segment ids `[batch, time]` (0: padding), and whether they are a mere padding mask."""
-  if segment_ids is None and attention_mask is None:
-    return jnp.ones(tokens.shape, jnp.int32), True
-  if segment_ids is None:
-    return (jnp.asarray(attention_mask) != 0).astype(jnp.int32), True
-  seg = jnp.asarray(segment_ids, jnp.int32)
-  if attention_mask is not None:
-    seg = jnp.where(jnp.asarray(attention_mask) != 0, seg, 0)
-  return seg, False
 
 
 class Gemma4(nn.Module):
@@ -136,51 +124,20 @@ class Gemma4(nn.Module):
     return softcap(logits.astype(jnp.float32), cfg.final_logit_softcapping), new_caches
 
   def __call__(self, tokens, positions=None, segment_ids=None, attention_mask=None):
-    """Computes logits for every position.
-
-    Args:
-      tokens: `[batch, time]` token ids.
-      positions: `[batch, time]` rope positions; by default a running count of real tokens
-        within each segment, starting at 0.
-      segment_ids: `[batch, time]` packed-sequence ids; tokens attend only within their
-        segment; 0 marks padding.
-      attention_mask: `[batch, time]`, 1 for real tokens and 0 for padding (left or right).
-
-    Returns:
-      `[batch, time, vocab]` fp32 logits (padding positions hold meaningless values).
-    """
-    batch, time = tokens.shape
-    seg, mask_only = _segments(tokens, segment_ids, attention_mask)
-    if positions is None:
-      positions = default_positions(seg, from_mask_only=mask_only)
-    idx = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
-    masks = attention_masks(idx, idx, seg, seg, self.config.sliding_window)
+    """Computes logits for every position: arguments and result as `Gemma.__call__`
+    (`oftjax.models.gemma.model`)."""
+    positions, masks = sequence_masks(tokens, positions, segment_ids, attention_mask,
+                                      self.config.sliding_window)
     return self._run(tokens, positions, masks)[0]
 
   def decode(self, tokens, positions, cache, cache_index, kv_mask):
     """Runs new tokens against a key/value cache (prefill or one decode step).
 
-    Slots are sequence indices: the tokens occupy slots `cache_index .. cache_index + time
-    - 1`, and a query in slot `i` sees filled slots `j <= i` (and `i - j < window` on
-    sliding layers). KV-shared layers attend with their source layer's updated cache.
-
-    Args:
-      tokens: `[batch, time]` new token ids.
-      positions: `[batch, time]` their rope positions.
-      cache: from `init_cache` or a previous `decode`.
-      cache_index: scalar int, the first slot written.
-      kv_mask: `[batch, max_len]`, 1 for slots holding real tokens (including these ones).
-
-    Returns:
-      `(logits, cache)`: `[batch, time, vocab]` fp32 logits and the updated cache.
+    Slots, arguments and result as `Gemma.decode` (`oftjax.models.gemma.model`), with
+    `cache` from this model's `init_cache`; KV-shared layers attend with their source
+    layer's updated cache.
     """
-    batch, time = tokens.shape
-    max_len = kv_mask.shape[1]
-    q_idx = jnp.broadcast_to(cache_index + jnp.arange(time, dtype=jnp.int32), (batch, time))
-    kv_idx = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
-    q_seg = jnp.ones((batch, time), jnp.int32)
-    masks = attention_masks(q_idx, kv_idx, q_seg, kv_mask.astype(jnp.int32),
-                            self.config.sliding_window)
+    masks = decode_masks(tokens.shape[1], cache_index, kv_mask, self.config.sliding_window)
     return self._run(tokens, positions, masks, cache, cache_index)
 
 

@@ -142,23 +142,31 @@ class Attention(nn.Module):
         return y, new_cache
 
 
+def gelu(x: Array, activation: str) -> Array:
+    """The GeLU a Hugging Face activation name stands for (tanh approximation but 'gelu')."""
+    return jax.nn.gelu(x, approximate=activation != "gelu")
+
+
 class MLP(nn.Module):
     """Gated GeLU MLP: `down_proj(act(gate_proj(x)) * up_proj(x))`.
 
     Attributes:
-      config: the model config.
+      config: the model config (a `GemmaConfig` or `Gemma4Config`: its `hidden_size`,
+        `intermediate_size`, `activation`, `dtype` and `param_dtype` are read).
+      width: the intermediate width; `config.intermediate_size` when None.
     """
 
     config: GemmaConfig
+    width: int | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
+        width = self.width or cfg.intermediate_size
         dense = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        gate = nn.Dense(cfg.intermediate_size, name="gate_proj", **dense)(x)
-        up = nn.Dense(cfg.intermediate_size, name="up_proj", **dense)(x)
-        act = jax.nn.gelu(gate, approximate=cfg.activation != "gelu")
-        return nn.Dense(cfg.hidden_size, name="down_proj", **dense)(act * up)
+        gate = nn.Dense(width, name="gate_proj", **dense)(x)
+        up = nn.Dense(width, name="up_proj", **dense)(x)
+        return nn.Dense(cfg.hidden_size, name="down_proj", **dense)(gelu(gate, cfg.activation) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -61,6 +61,46 @@ def attention_masks(q_idx, kv_idx, q_seg, kv_seg, sliding_window):
     return mask, local
 
 
+def segments(tokens, segment_ids, attention_mask):
+    """Segment ids `[batch, time]` (0: padding), and whether they are a mere padding mask."""
+    if segment_ids is None and attention_mask is None:
+        return jnp.ones(tokens.shape, jnp.int32), True
+    if segment_ids is None:
+        return (jnp.asarray(attention_mask) != 0).astype(jnp.int32), True
+    seg = jnp.asarray(segment_ids, jnp.int32)
+    if attention_mask is not None:
+        seg = jnp.where(jnp.asarray(attention_mask) != 0, seg, 0)
+    return seg, False
+
+
+def sequence_masks(tokens, positions, segment_ids, attention_mask, sliding_window):
+    """Rope positions and attention masks of a full-sequence forward (see `Gemma.__call__`).
+
+    Returns:
+      `(positions, (global_mask, local_mask))`; `positions` defaults to a running count of
+      real tokens within each segment.
+    """
+    batch, time = tokens.shape
+    seg, mask_only = segments(tokens, segment_ids, attention_mask)
+    if positions is None:
+        positions = default_positions(seg, from_mask_only=mask_only)
+    idx = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
+    return positions, attention_masks(idx, idx, seg, seg, sliding_window)
+
+
+def decode_masks(time, cache_index, kv_mask, sliding_window):
+    """Attention masks of `time` new tokens in cache slots `cache_index ...` (see `Gemma.decode`).
+
+    Returns:
+      `(global_mask, local_mask)`, each `[batch, time, max_len]` (`kv_mask`: `[batch, max_len]`).
+    """
+    batch, max_len = kv_mask.shape
+    q_idx = jnp.broadcast_to(cache_index + jnp.arange(time, dtype=jnp.int32), (batch, time))
+    kv_idx = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
+    q_seg = jnp.ones((batch, time), jnp.int32)
+    return attention_masks(q_idx, kv_idx, q_seg, kv_mask.astype(jnp.int32), sliding_window)
+
+
 def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype=None):
     """Zero key/value cache for `Gemma.decode`.
 
@@ -144,19 +184,8 @@ class Gemma(nn.Module):
         Returns:
           `[batch, time, vocab]` fp32 logits (padding positions hold meaningless values).
         """
-        batch, time = tokens.shape
-        if segment_ids is None and attention_mask is None:
-            seg = jnp.ones((batch, time), jnp.int32)
-        elif segment_ids is None:
-            seg = (jnp.asarray(attention_mask) != 0).astype(jnp.int32)
-        else:
-            seg = jnp.asarray(segment_ids, jnp.int32)
-            if attention_mask is not None:
-                seg = jnp.where(jnp.asarray(attention_mask) != 0, seg, 0)
-        if positions is None:
-            positions = default_positions(seg, from_mask_only=segment_ids is None)
-        idx = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
-        masks = attention_masks(idx, idx, seg, seg, self.config.sliding_window)
+        positions, masks = sequence_masks(tokens, positions, segment_ids, attention_mask,
+                                          self.config.sliding_window)
         x, _ = self._run_layers(self._embed(tokens), positions, masks)
         return self._logits(x)
 
@@ -176,12 +205,7 @@ class Gemma(nn.Module):
         Returns:
           `(logits, cache)`: `[batch, time, vocab]` fp32 logits and the updated cache.
         """
-        batch, time = tokens.shape
-        max_len = kv_mask.shape[1]
-        q_idx = jnp.broadcast_to(cache_index + jnp.arange(time, dtype=jnp.int32), (batch, time))
-        kv_idx = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
-        q_seg = jnp.ones((batch, time), jnp.int32)
-        masks = attention_masks(q_idx, kv_idx, q_seg, kv_mask.astype(jnp.int32), self.config.sliding_window)
+        masks = decode_masks(tokens.shape[1], cache_index, kv_mask, self.config.sliding_window)
         x, new_cache = self._run_layers(self._embed(tokens), positions, masks, cache, cache_index)
         return self._logits(x), new_cache
 

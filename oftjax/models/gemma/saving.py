@@ -14,6 +14,7 @@ import shutil
 import jax
 import numpy as np
 
+from oftjax import atomic
 from oftjax.models.gemma import gemma4_names, gemma4_saving
 from oftjax.models.gemma.gemma4_config import Gemma4Config
 from oftjax.models.gemma.hf_names import tensor_specs, to_hf
@@ -111,12 +112,7 @@ def save(path, model, params, tokenizer_dir=None, max_shard_bytes: int = 2 * 102
         raise ValueError(f"params miss leaf {missing[0]!r}")
     dtype_name = str(np.dtype(flat[specs[0].path].dtype))
 
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic.replace_folder(path) as tmp:
         (gemma4_saving.write_config if gemma4 else _write_config)(tmp, cfg, dtype_name)
         shards = _shards(specs, flat, max_shard_bytes)
         files = len(shards) + (1 if towers else 0)  # the towers, if any, go in the last file
@@ -142,14 +138,4 @@ def save(path, model, params, tokenizer_dir=None, max_shard_bytes: int = 2 * 102
                 src = os.path.join(source, fname)
                 if os.path.isfile(src):
                     shutil.copy2(src, os.path.join(tmp, fname))
-        if os.path.exists(path):
-            old = tmp + ".old"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

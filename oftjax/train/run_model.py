@@ -1,0 +1,125 @@
+"""What a run trains, built once: full finetuning, adapters, or adapters on a quantized base.
+
+The job asks the same questions of every run (which module the loss applies, which tree
+the evaluator and the merged export see, whether adapters are projected or watched); each
+kind of run answers them in one class, chosen once by :func:`build_run_model`, so no code
+downstream branches on the method or the quantization again.
+
+All three take the train step's view of parameters: ``merge_params(frozen, trainable)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+from oftjax import params as P, quant
+from oftjax.train.objective import next_token_loss
+
+
+class FullFinetune:
+  """``--method full``: every weight is trained; nothing is frozen, nothing to fold.
+
+  Attributes:
+    model: the base Gemma module (its folder names the PEFT modules and the export).
+    frozen: the frozen tree (``{}``).
+    module: the Linen module the loss applies to ``merge_params(frozen, trainable)``.
+    eval_module: the Linen module the evaluator applies to :meth:`evaluated`.
+    adapter_config: the ``AdapterConfig`` trained, or ``None``.
+    shards_trainable: whether the trainable tree is FSDP-sharded (the full model is) or
+      replicated (small adapters).
+    project: maps the trainable tree onto its constraint set after each update (COFT), or
+      ``None``.
+    health: jitted ``trainable -> oftjax.params.adapter_health(...)`` (OFT), or ``None``.
+  """
+
+  adapter_config = None
+  shards_trainable = True
+  project: Callable[[Any], Any] | None = None
+  health: Callable[[Any], dict] | None = None
+
+  def __init__(self, model):
+    self.model = self.module = self.eval_module = model
+    self.frozen = {}
+
+  def loss(self, params, batch: dict):
+    """Masked next-token loss of :attr:`module` on a packed batch (``has_aux`` form)."""
+    return next_token_loss(self.module, params, batch)
+
+  def merged(self, trainable) -> dict:
+    """The trained function as one full-precision base-shaped tree (what an export holds)."""
+    return P.merge_params(self.frozen, trainable)
+
+  def evaluated(self, trainable) -> dict:
+    """The params :attr:`eval_module` evaluates: here the merged tree."""
+    return self.merged(trainable)
+
+  def exported(self, trainable, evaluated) -> dict:
+    """:meth:`merged`, reusing ``evaluated`` (this run's :meth:`evaluated`) where it is that."""
+    del trainable
+    return evaluated
+
+
+class AdapterFinetune(FullFinetune):
+  """OFT, OFTv1 or LoRA adapters over a full-precision frozen base.
+
+  Trains ``adapted.module`` (the adapters see each layer's input); evaluates and exports
+  the merged model (adapters folded into the kernels), the function a user deploys.
+  """
+
+  shards_trainable = False
+
+  def __init__(self, model, adapted, frozen):
+    self.model, self.adapted, self.frozen = model, adapted, frozen
+    self.module, self.eval_module = adapted.module, model
+    config = self.adapter_config = adapted.config
+    if config.coft_eps is not None:  # PEFT's write-back after each update
+      self.project = lambda tree: P.project_adapters(tree, config)
+    if config.leaf_name == "oft":
+      self.health = jax.jit(lambda tree: P.adapter_health(tree, config))
+
+  def merged(self, trainable) -> dict:
+    return self.adapted.fold(P.merge_params(self.frozen, trainable))
+
+
+class QuantizedAdapterFinetune(AdapterFinetune):
+  """QOFT / QLoRA: the targeted frozen kernels are stored quantized.
+
+  Evaluates the adapted model over the quantized kernels with unmerged adapters, so an
+  evaluation never materializes a full-precision copy of a model quantized to fit; only
+  the merged export dequantizes (in ``dtype``).
+  """
+
+  def __init__(self, model, adapted, frozen, dtype):
+    super().__init__(model, adapted, frozen)
+    self.eval_module, self.dtype = adapted.module, dtype
+
+  def merged(self, trainable) -> dict:
+    base = quant.dequantize_params(self.frozen, self.adapted.geometries, self.dtype)
+    return self.adapted.fold(P.merge_params(base, trainable))
+
+  def evaluated(self, trainable) -> dict:
+    return P.merge_params(self.frozen, trainable)
+
+  def exported(self, trainable, evaluated) -> dict:
+    del evaluated
+    return self.merged(trainable)
+
+
+def build_run_model(model, frozen, adapted=None, quantized: bool = False, dtype=None):
+  """The run's model: :class:`FullFinetune` without ``adapted``, else adapters (quantized).
+
+  Args:
+    model: the base Gemma module.
+    frozen: the frozen tree (quantized kernels where ``quantized``); ignored for full.
+    adapted: the ``AdaptedModel`` (its ``model`` is ``quant.Dequantized`` when quantized),
+      or ``None`` for full finetuning.
+    quantized: whether ``frozen`` holds quantized kernels.
+    dtype: the compute dtype a merged export dequantizes into.
+  """
+  if adapted is None:
+    return FullFinetune(model)
+  if quantized:
+    return QuantizedAdapterFinetune(model, adapted, frozen, dtype)
+  return AdapterFinetune(model, adapted, frozen)
