@@ -116,16 +116,15 @@ def test_adapters_reach_every_projection(saved):
   model, params = gemma.load(saved["pattern"][0])
   targets = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
   config = oftjax.AdapterConfig(block_size=4, targets=targets)
-  wrapped = oftjax.Adapted(model, config)
   tokens = jnp.asarray(_batch()[0])
-  with oftjax.record_geometries() as geoms:
-    full = jax.eval_shape(wrapped.init, jax.random.key(0), tokens)["params"]
+  adapted_model = oftjax.adapt(model, config, tokens)
+  wrapped = adapted_model.module
   # 2 segments x 2 slots; KV-shared slots have no k_proj / v_proj.
-  assert sorted(geoms) == sorted(
+  assert sorted(adapted_model.geometries) == sorted(
       f"layers/segment_{s}/slot_{j}/{p}" for s in (0, 1) for j in (0, 1)
       for p in ("self_attn/q_proj", "self_attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
       + (("self_attn/k_proj", "self_attn/v_proj") if s == 0 else ()))
-  _, adapter = oftjax.split_params(full)
-  zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), adapter)
+  zeros = adapted_model.init(jax.random.key(0))
+  assert not any(np.any(x) for x in jax.tree_util.tree_leaves(zeros))
   adapted = jax.jit(wrapped.apply)({"params": oftjax.merge_params(params, zeros)}, tokens)
   np.testing.assert_allclose(np.asarray(adapted), np.asarray(H.forward(model, params, tokens)), atol=1e-5)
