@@ -118,8 +118,8 @@ def test_adapters_reach_every_projection(saved):
   config = oftjax.AdapterConfig(block_size=4, targets=targets)
   wrapped = oftjax.Adapted(model, config)
   tokens = jnp.asarray(_batch()[0])
-  with oftjax.record_geometries() as geoms:
-    full = jax.eval_shape(wrapped.init, jax.random.key(0), tokens)["params"]
+  geoms = oftjax.adapt(model, config, tokens).geometries
+  full = jax.eval_shape(wrapped.init, jax.random.key(0), tokens)["params"]
   # 2 segments x 2 slots; KV-shared slots have no k_proj / v_proj.
   assert sorted(geoms) == sorted(
       f"layers/segment_{s}/slot_{j}/{p}" for s in (0, 1) for j in (0, 1)
