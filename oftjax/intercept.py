@@ -43,28 +43,30 @@ class AdapterInterceptor:
   Attributes:
     geometries: ``{path: LayerGeometry}`` of every layer it adapted so far.
     seen: paths of every linear layer it saw (for the "matched nothing" error).
+    packed: paths of matrix-shaped parameters of non-linear modules the targets match.
   """
 
   def __init__(self, config: adapters.AdapterConfig):
     self.config = config
     self.geometries: dict[str, geo.LayerGeometry] = {}
     self.seen: list[str] = []
+    self.packed: list[str] = []
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__" or module.scope is None or layer.replaying():
       return next_fun(*args, **kwargs)
     path = "/".join(str(p) for p in module.scope.path)
-    linear = isinstance(module, geo.SUPPORTED_LAYERS)
-    if linear:
-      self.seen.append(path)
+    if not isinstance(module, geo.SUPPORTED_LAYERS):
+      if isinstance(module, _UNSUPPORTED_LINEAR) and self.config.is_target(path):
+        raise ValueError(
+            f"layer '{path}' is an {type(module).__name__}, which adapters do not support; "
+            "narrow the targets regex")
+      y = next_fun(*args, **kwargs)
+      self._refuse_packed_params(module, path)
+      return y
+    self.seen.append(path)
     if not self.config.is_target(path):
-      return next_fun(*args, **kwargs)
-    if isinstance(module, _UNSUPPORTED_LINEAR):
-      raise ValueError(
-          f"layer '{path}' is an {type(module).__name__}, which adapters do not support; "
-          "narrow the targets regex")
-    if not linear:
       return next_fun(*args, **kwargs)
     x, rest = args[0], args[1:]
     geom = geo.geometry_of(module, path, x, kwargs)
@@ -83,8 +85,37 @@ class AdapterInterceptor:
       return next_fun(rotated, *rest, **kwargs)
     return _weight_centric_call(module, next_fun, geom, blocks, x, rest, kwargs, config.precision)
 
+  def _refuse_packed_params(self, module: nn.Module, path: str) -> None:
+    """Raises if the targets select a module that is no linear layer but holds matrices.
+
+    Such a module (e.g. a mixture of experts, its kernels packed as ``[experts, out,
+    in]`` parameters) applies them in its own code, which no interceptor can reach:
+    targeting it would silently leave it unadapted. Modules holding only vectors (norm
+    scales) are let through, since a broad regex such as ``.*`` matches them too. A
+    regex that names such a parameter (``experts/gate_up_proj``) is remembered for the
+    message when no layer matched: targets match layer paths, as PEFT's
+    ``target_modules`` match module names.
+    """
+    own = module.variables.get("params", {})
+    packed = [(name, tuple(value.shape)) for name, value in own.items()
+              if getattr(value, "ndim", 0) >= 2]
+    if packed and self.config.is_target(path):
+      name, shape = packed[0]
+      raise ValueError(
+          f"targets regex {self.config.targets!r} selects '{path}', a {type(module).__name__} "
+          f"whose '{name}' {list(shape)} is a packed {len(shape)}-D parameter, not a "
+          "Dense/DenseGeneral/Einsum layer: OFT and LoRA adapt linear layers only (PEFT's OFT "
+          "cannot adapt packed expert kernels either); narrow the targets regex to exclude it")
+    self.packed.extend(f"{path}/{name}" for name, _ in packed
+                       if self.config.is_target(f"{path}/{name}"))
+
   def check_matched(self) -> None:
     """Raises if the targets regex matched no layer (a silent no-op adapter otherwise)."""
+    if not self.geometries and self.packed:
+      raise ValueError(
+          f"targets regex {self.config.targets!r} matched no Dense/DenseGeneral/Einsum layer, "
+          f"only '{self.packed[0]}', a packed parameter of a layer that is not linear, which "
+          "OFT and LoRA cannot adapt (nor can PEFT's OFT); target linear layers instead")
     if not self.geometries:
       seen = sorted(set(self.seen))
       raise ValueError(

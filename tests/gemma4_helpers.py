@@ -78,9 +78,11 @@ def text_config(name: str, **changes) -> transformers.Gemma4TextConfig:
   return transformers.Gemma4TextConfig(**{**_BASE, **CONFIGS[name], **changes})
 
 
-def multimodal_config(name: str) -> transformers.Gemma4Config:
-  """A multimodal config around the text config `name`, with tiny vision and audio towers."""
-  text = {k: v for k, v in {**_BASE, **CONFIGS[name]}.items() if k != "attn_implementation"}
+def multimodal_config(name: str, **changes) -> transformers.Gemma4Config:
+  """A multimodal config around the text config `name` (some fields changed), with tiny
+  vision and audio towers."""
+  text = {k: v for k, v in {**_BASE, **CONFIGS[name], **changes}.items()
+          if k != "attn_implementation"}
   return transformers.Gemma4Config(text_config=text, vision_config=VISION, audio_config=AUDIO,
                                    attn_implementation="eager")
 
@@ -105,20 +107,21 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
         b.copy_(0.5 + torch.rand(b.shape, generator=gen))
 
 
-def make_hf_model(name: str, seed: int = 0, multimodal: bool = False):
-  """A random fp32 eager `Gemma4ForCausalLM` (or `Gemma4ForConditionalGeneration`)."""
+def make_hf_model(name: str, seed: int = 0, multimodal: bool = False, **changes):
+  """A random fp32 eager `Gemma4ForCausalLM` (or `Gemma4ForConditionalGeneration`), its
+  text config `name` with fields `changes`."""
   torch.manual_seed(seed)
   if multimodal:
-    model = transformers.Gemma4ForConditionalGeneration(multimodal_config(name))
+    model = transformers.Gemma4ForConditionalGeneration(multimodal_config(name, **changes))
   else:
-    model = transformers.Gemma4ForCausalLM(text_config(name))
+    model = transformers.Gemma4ForCausalLM(text_config(name, **changes))
   model = model.eval()
   randomize_(model, seed)
   return model
 
 
-def save_hf_model(name: str, folder, seed: int = 0, multimodal: bool = False):
+def save_hf_model(name: str, folder, seed: int = 0, multimodal: bool = False, **changes):
   """Builds and `save_pretrained`s a random model; returns the torch model."""
-  model = make_hf_model(name, seed, multimodal)
+  model = make_hf_model(name, seed, multimodal, **changes)
   model.save_pretrained(folder)
   return model

@@ -258,14 +258,14 @@ def test_unrepresentable_adapter_is_refused_in_one_line(bases, case, tmp_path):
 
 def test_naming_maps_paths_both_ways():
   naming = peft_io.ModuleNaming.from_layout(
-      {"decoder_prefix": "model.language_model.", "stack": "layers", "num_layers": 2,
-       "outside": {"lm_head": "lm_head"}})
+      {"decoder_prefix": "model.language_model.", "module_list": "layers",
+       "stacks": {"layers": range(2)}, "outside": {"lm_head": "lm_head"}})
   assert naming.module_name("layers/mlp/up_proj", 1) == "model.language_model.layers.1.mlp.up_proj"
   assert naming.module_name("lm_head", None) == "lm_head"
   assert naming.path_of("model.language_model.layers.1.mlp.up_proj") == ("layers/mlp/up_proj", 1)
   assert naming.path_of("lm_head") == ("lm_head", None)
   pattern = naming.target_pattern(["layers/mlp/up_proj", "lm_head"])
-  assert re.fullmatch(pattern, "model.language_model.layers.11.mlp.up_proj")
+  assert re.fullmatch(pattern, "model.language_model.layers.1.mlp.up_proj")
   assert re.fullmatch(pattern, "lm_head")
   for other in ("model.vision_tower.encoder.layers.0.mlp.up_proj", "model.language_model.lm_head",
                 "model.language_model.layers.1.mlp.up_proj.x"):

@@ -49,7 +49,7 @@ def import_peft(directory: str, targets: str | None = None,
       adapted layer paths.
     naming: the module layout of the base the adapter is for (text-only or multimodal);
       the text-only Gemma layout, with no layer count, when ``None``. With
-      ``naming.num_layers`` set, layers the adapter skips get identity adapters.
+      ``naming.stacks`` set, layers the adapter skips get identity adapters.
 
   Returns:
     The adapter tree (merge it into the base with ``oftjax.merge_params``) and the config
@@ -111,9 +111,6 @@ def _group(tensors: dict, naming: ModuleNaming, weights: str) -> dict:
       path, layer = naming.path_of(module)
     except ValueError as e:
       raise ValueError(f"{weights}: tensor '{key}': {e}") from None
-    if layer is not None and naming.num_layers is not None and layer >= naming.num_layers:
-      raise ValueError(f"{weights}: tensor '{key}' is for layer {layer} but the model has "
-                       f"{naming.num_layers} layers; use an adapter made for this model")
     by_path.setdefault((path, leaf), {})[layer] = (module, value)
   for module, key in copies.items():
     if module not in adapted:
@@ -124,17 +121,18 @@ def _group(tensors: dict, naming: ModuleNaming, weights: str) -> dict:
 
 def _layers(by_layer: dict, path: str, naming: ModuleNaming, settings: dict,
             cfg_path: str) -> list:
-  """The layer indices a stacked leaf spans (``[None]`` when not stacked)."""
+  """The stacked-axis indices a stacked leaf spans (``[None]`` when not stacked)."""
   if None in by_layer:
     return [None]
   present = sorted(by_layer)
-  if naming.num_layers is not None:
-    return list(range(naming.num_layers))
+  size = naming.stack_size(path)
+  if size is not None:
+    return list(range(size))
   if present != list(range(len(present))):
     cause = (f" (layers_to_transform={settings['layers_to_transform']})"
              if settings["layers_to_transform"] is not None else "")
     raise ValueError(f"{cfg_path}: the adapter covers layers {present} of '{path}'{cause}; "
-                     "give the model's naming with num_layers so the others get identity adapters")
+                     "give the model's naming (its stacks) so the others get identity adapters")
   return present
 
 

@@ -31,9 +31,10 @@ def _tensors(adapter: dict, config: adapters.AdapterConfig, naming: ModuleNaming
     if lead not in (0, 1):
       raise ValueError(f"layer '{path}' has {lead} stacked axes; PEFT export expects 0 or 1")
     count = next(iter(arrays.values())).shape[0] if lead else None
-    if lead and naming.num_layers is not None and count != naming.num_layers:
+    expected = naming.stack_size(path) if lead else None
+    if expected is not None and count != expected:
       raise ValueError(f"layer '{path}' stacks {count} layers but the model has "
-                       f"{naming.num_layers}; export the adapter of this model")
+                       f"{expected} there; export the adapter of this model")
     paths.append(path)
     for i in range(count) if lead else [None]:
       pick = {k: (a[i] if lead else a) for k, a in arrays.items()}

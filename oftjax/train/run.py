@@ -123,14 +123,15 @@ class _StopFlag:
 
 def _init_adapters(c, model, acfg, example):
   """The adapted model (its layers found by one trace) and its adapter tree."""
+  naming = peft_naming(model)
   if c.quantize != "none":  # the adapters see each layer first, the dequantizer runs it
     model = quant.Dequantized(model)
-  adapted = _user_errors(adapt, model, acfg, example)
+  adapted = _user_errors(adapt, model, acfg, example, flags={"targets": "targets"})
   adapter = _user_errors(adapted.init, jax.random.key(c.seed))
   if c.init_adapter:
     try:
       imported, icfg = peft_io.import_peft(c.init_adapter, targets=acfg.targets,
-                                           naming=peft_naming(model))
+                                           naming=naming)
     except (ValueError, FileNotFoundError, OSError) as e:
       raise UsageError(f"--init-adapter {c.init_adapter}: {str(e).splitlines()[0]}") from None
     want = jax.tree_util.tree_map(lambda x: x.shape, adapter)
