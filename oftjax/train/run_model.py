@@ -10,11 +10,13 @@ All three take the train step's view of parameters: ``merge_params(frozen, train
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
-from oftjax import params as P, quant
+from oftjax import params as P
+from oftjax import quant
 from oftjax.train.objective import next_token_loss
 
 
