@@ -161,7 +161,8 @@ def _per_layer(fn, stacked: jax.Array, lead: tuple[int, ...]) -> jax.Array:
   return jax.vmap(fn)(flat).reshape(lead)
 
 
-def adapter_health(adapter: Params, config: adapters.AdapterConfig) -> dict:
+def adapter_health(adapter: Params, config: adapters.AdapterConfig,
+                   per_layer: bool = True) -> dict:
   """How far each OFT layer is from the region where its blocks are rotations.
 
   The Cayley–Neumann series only approximates an orthogonal ``R`` while ``‖Q‖ < 1``,
@@ -169,6 +170,12 @@ def adapter_health(adapter: Params, config: adapters.AdapterConfig) -> dict:
   summaries so a drift is seen, not guessed. Every figure is taken per layer: a layer
   stacked by ``nn.scan`` (``[num_layers, r, b(b-1)/2]`` leaves) counts as
   ``num_layers`` layers, each with its own ``r`` blocks and COFT radius.
+
+  Args:
+    adapter: a tree holding adapter leaves (other leaves are ignored).
+    config: the adapter config the leaves are used with.
+    per_layer: also return the per-layer figures (``'layers'``); the training loop logs
+      the summaries only and leaves them out of its jitted program.
 
   Returns:
     ``{}`` without OFT adapters; otherwise ``{'layers': {path: figures}}`` where
@@ -179,7 +186,8 @@ def adapter_health(adapter: Params, config: adapters.AdapterConfig) -> dict:
     and ``coft_ratio`` (largest stored ``‖Q‖_F`` over that radius: 1 on the sphere,
     above 1 for a weight that was never projected, such as PEFT's saved one), plus the
     summaries over all layers: ``max_q_norm``, ``mean_q_norm``, ``orthogonality_error``
-    (max), ``mean_orthogonality_error`` and with COFT ``max_coft_ratio``.
+    (max), ``mean_orthogonality_error`` and with COFT ``max_coft_ratio``. Without
+    ``per_layer`` the summaries alone.
   """
   layers = {}
   for path, kind, leaves in adapter_nodes(adapter):
@@ -210,4 +218,4 @@ def adapter_health(adapter: Params, config: adapters.AdapterConfig) -> dict:
              "mean_orthogonality_error": jnp.mean(every("orthogonality_error"))}
   if config.coft_eps is not None:
     summary["max_coft_ratio"] = jnp.max(every("coft_ratio"))
-  return {"layers": layers, **summary}
+  return {"layers": layers, **summary} if per_layer else summary

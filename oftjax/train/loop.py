@@ -43,8 +43,8 @@ def train_loop(c, step_fn, trainable, opt_state, frozen, stream, mesh, ckpt, met
 
   Every process runs this; each feeds only its rows of the (identical) global batch.
   ``health_fn(trainable)`` (OFT only, :func:`oftjax.params.adapter_health`) adds its
-  summaries (``max_q_norm``, ``mean_q_norm``, ``orthogonality_error``,
-  ``mean_orthogonality_error``, with COFT ``max_coft_ratio``; not the per-layer figures)
+  summaries (``per_layer=False``: ``max_q_norm``, ``mean_q_norm``,
+  ``orthogonality_error``, ``mean_orthogonality_error``, with COFT ``max_coft_ratio``)
   to each logged line, with a warning the first time the error exceeds
   ``ORTHOGONALITY_TOLERANCE`` (the error is ‖Q‖^10 at the default n=6: ‖Q‖ ≈ 0.63; 2‖Q‖^4 at
   n=5: ‖Q‖ ≈ 0.27; see notebooks/neumann_terms.ipynb).
@@ -114,8 +114,7 @@ def train_loop(c, step_fn, trainable, opt_state, frozen, stream, mesh, ckpt, met
              "grad_norm": distributed.scalar(aux["grad_norm"]), "skipped": skipped,
              "skipped_steps": skipped_total}
       if health_fn is not None:
-        row.update({k: distributed.scalar(v) for k, v in health_fn(trainable).items()
-                    if k != "layers"})
+        row.update({k: distributed.scalar(v) for k, v in health_fn(trainable).items()})
         if row.get("orthogonality_error", 0.0) > ORTHOGONALITY_TOLERANCE and not warned \
             and distributed.is_main():
           warned = True

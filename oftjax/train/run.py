@@ -222,7 +222,8 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   metrics = outputs.MetricsLog(os.path.join(c.output_dir, "metrics.jsonl"),
                                resume_step=start if c.resume else None) if main else None
   meta = {"fingerprint": c.fingerprint(), "eval_before": eval_before}
-  health = jax.jit(lambda t: P.adapter_health(t, acfg)) if c.method in ("oft", "oftv1") else None
+  health = (jax.jit(lambda t: P.adapter_health(t, acfg, per_layer=False))
+            if c.method in ("oft", "oftv1") else None)
   result = train_loop(c, step_fn, trainable, opt_state, frozen, stream, mesh, ckpt, metrics,
                       start, meta, stopper, health, resumed)
   ckpt.close()
