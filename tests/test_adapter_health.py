@@ -85,3 +85,12 @@ def test_project_adapters_is_identity_without_coft_and_keeps_base_leaves():
   projected = P.project_adapters(tree, config)
   assert projected["kernel"] is tree["kernel"]
   assert P.adapter_health({"kernel": jnp.ones(3)}, config) == {}
+
+
+def test_summaries_alone_equal_the_full_figures():
+  config, adapter = scanned_adapters()
+  full = health(adapter, config)
+  alone = jax.jit(lambda a: P.adapter_health(a, config, per_layer=False))(adapter)
+  assert sorted(alone) == sorted(k for k in full if k != "layers")
+  for key, value in alone.items():
+    np.testing.assert_array_equal(value, full[key])

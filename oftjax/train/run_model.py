@@ -79,7 +79,7 @@ class AdapterFinetune(FullFinetune):
     if config.coft_eps is not None:  # PEFT's write-back after each update
       self.project = lambda tree: P.project_adapters(tree, config)
     if config.leaf_name == "oft":
-      self.health = jax.jit(lambda tree: P.adapter_health(tree, config))
+      self.health = jax.jit(lambda tree: P.adapter_health(tree, config, per_layer=False))
 
   def merged(self, trainable) -> dict:
     return self.adapted.fold(P.merge_params(self.frozen, trainable))
