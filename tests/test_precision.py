@@ -20,8 +20,7 @@ from tiny_models import TinyLM, next_token_loss
 
 import oftjax
 from oftjax import intercept
-from oftjax.train.config import UsageError, parse_args
-from oftjax.train.run import _adapter_config
+from oftjax.train.config import UsageError, adapter_config, parse_args
 
 ADAPTER_SHAPES = {
   "oft": r"x8x8xf32>",
@@ -98,8 +97,8 @@ def test_orthogonality_is_measured_at_highest_whatever_the_adapter_precision():
 
 
 def test_job_flag_reaches_the_adapter_config():
-  assert _adapter_config(parse_args([])).precision == "highest"
-  assert _adapter_config(parse_args(["--adapter-precision", "default"])).precision == "default"
+  assert adapter_config(parse_args([])).precision == "highest"
+  assert adapter_config(parse_args(["--adapter-precision", "default"])).precision == "default"
   with pytest.raises(UsageError, match="adapter-precision"):
     parse_args(["--adapter-precision", "tf32"])
 
