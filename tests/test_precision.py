@@ -19,7 +19,6 @@ import pytest
 from tiny_models import TinyLM, next_token_loss
 
 import oftjax
-from oftjax import intercept
 from oftjax.train.config import UsageError, adapter_config, parse_args
 
 ADAPTER_SHAPES = {
@@ -34,10 +33,10 @@ def _setup(method, precision):
   config = oftjax.AdapterConfig(
     method=method, block_size=8, lora_rank=3, targets=r".*_proj", precision=precision
   )
-  wrapped = oftjax.Adapted(TinyLM(vocab=64, width=48, mlp=64, depth=1), config)
-  with intercept.record_geometries() as geometries:
-    params = jax.jit(wrapped.init)(jax.random.key(0), TOKENS)["params"]
-  return config, wrapped, params, dict(geometries)
+  model = TinyLM(vocab=64, width=48, mlp=64, depth=1)
+  wrapped = oftjax.Adapted(model, config)
+  params = jax.jit(wrapped.init)(jax.random.key(0), TOKENS)["params"]
+  return config, wrapped, params, dict(oftjax.adapt(model, config, TOKENS).geometries)
 
 
 def _dots(text, method):
