@@ -5,11 +5,13 @@ import shutil
 
 from finetune_helpers import job_args, read_jsonl, run_job
 import numpy as np
+import pytest
 import safetensors.numpy
 
 FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 
 
+@pytest.mark.slow  # a heavy end-to-end run: CI's second stage
 def test_checkpoint_from_one_mesh_resumes_on_another(tiny_model_dir, tmp_path):
   out = tmp_path / "run"
   args = ["--steps", "6", "--save-every", "3", "--batch-size", "8", "--keep-checkpoints", "3"]

@@ -6,8 +6,10 @@ import sys
 from finetune_helpers import SCRIPT, job_args, read_jsonl, run_job
 import numpy as np
 from process_group import free_port, run_group
+import pytest
 
 
+@pytest.mark.slow  # a heavy end-to-end run: CI's second stage
 def test_two_process_job_matches_single_process(tiny_model_dir, tmp_path):
   args = ["--steps", "4", "--batch-size", "8", "--mesh", "data=2,fsdp=2"]
   single = tmp_path / "single"

@@ -7,6 +7,7 @@ import sys
 import time
 
 from finetune_helpers import SCRIPT, job_args, read_jsonl, run_job
+import pytest
 import safetensors.numpy
 
 
@@ -14,6 +15,7 @@ def _adapter(out):
   return safetensors.numpy.load_file(os.path.join(out, "peft_adapter", "adapter_model.safetensors"))
 
 
+@pytest.mark.slow  # a heavy end-to-end run: CI's second stage
 def test_kill_and_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
   args = ["--steps", "12", "--save-every", "4"]
   first, second, killed = tmp_path / "a", tmp_path / "b", tmp_path / "k"

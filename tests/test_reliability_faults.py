@@ -60,6 +60,7 @@ def _committed(out):
 INTERRUPTIONS = ("step", "save", "step", "sigint", "save", "final")
 
 
+@pytest.mark.slow  # a heavy end-to-end run: CI's second stage
 def test_sigkill_at_seeded_points_then_resume_is_bit_identical(rel, tmp_path):
   ref = reference_run(rel)
   rng = random.Random(9)
