@@ -11,7 +11,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch 2.13.0 is a local CPU wheel here; installing it first keeps peft from pulling a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	touch $@
 
 venv: $(BIN)/.installed
@@ -24,6 +24,14 @@ test: venv  # the suite minus the heaviest end-to-end runs (marked slow; CI runs
 
 test-slow: venv  # the heaviest end-to-end runs: notebooks in quick mode, benchmark smoke, ...
 	$(PYTEST) -m slow tests
+
+lint: venv  # one dialect: ruff's formatter (Google 2-space) and linter, configured in pyproject.toml
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: venv  # rewrite the tree in the house dialect
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 notebooks: venv  # re-run every ablation in full mode; outputs written into notebooks/*.ipynb
 	$(BIN)/python notebooks/execute.py --mode full

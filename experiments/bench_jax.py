@@ -32,18 +32,31 @@ from oftjax.train.config import DEFAULT_TARGETS as TARGETS
 TARGET_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def hf_config(d_model: int, head_dim: int = 128, layers: int = 1, vocab: int = 256,
-              mlp_ratio: int = 4, seq: int = 512) -> transformers.Gemma3TextConfig:
+def hf_config(
+  d_model: int,
+  head_dim: int = 128,
+  layers: int = 1,
+  vocab: int = 256,
+  mlp_ratio: int = 4,
+  seq: int = 512,
+) -> transformers.Gemma3TextConfig:
   """A Gemma-3-shaped text config: GQA (kv = heads / 2), MLP = 4 x width, tiny vocab."""
   head_dim = min(head_dim, d_model)
   heads = d_model // head_dim
   return transformers.Gemma3TextConfig(
-      vocab_size=vocab, hidden_size=d_model, intermediate_size=mlp_ratio * d_model,
-      num_hidden_layers=layers, num_attention_heads=heads,
-      num_key_value_heads=max(1, heads // 2), head_dim=head_dim,
-      query_pre_attn_scalar=head_dim, sliding_window=seq,
-      layer_types=["full_attention"] * layers, max_position_embeddings=max(seq, 1024),
-      tie_word_embeddings=True)
+    vocab_size=vocab,
+    hidden_size=d_model,
+    intermediate_size=mlp_ratio * d_model,
+    num_hidden_layers=layers,
+    num_attention_heads=heads,
+    num_key_value_heads=max(1, heads // 2),
+    head_dim=head_dim,
+    query_pre_attn_scalar=head_dim,
+    sliding_window=seq,
+    layer_types=["full_attention"] * layers,
+    max_position_embeddings=max(seq, 1024),
+    tie_word_embeddings=True,
+  )
 
 
 def next_token_loss(logits, tokens):
@@ -70,17 +83,19 @@ def _peak_temp(compiled) -> dict:
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return {
-      "flops": float(cost.get("flops", float("nan"))),
-      "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
-      "temp_bytes": int(mem.temp_size_in_bytes),
-      "argument_bytes": int(mem.argument_size_in_bytes),
-      "output_bytes": int(mem.output_size_in_bytes),
+    "flops": float(cost.get("flops", float("nan"))),
+    "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
+    "temp_bytes": int(mem.temp_size_in_bytes),
+    "argument_bytes": int(mem.argument_size_in_bytes),
+    "output_bytes": int(mem.output_size_in_bytes),
   }
 
 
 def lora_match_rank(d_model: int, block_size: int, geometries) -> int:
   """Smallest LoRA rank whose trainable params are >= OFTv2's on the same layers."""
-  oft = sum(g.d_in // block_size * oftjax.num_packed(block_size) for g in geometries.values())
+  oft = sum(
+    g.d_in // block_size * oftjax.orthogonal.num_packed(block_size) for g in geometries.values()
+  )
   per_rank = sum(g.d_in + g.d_out for g in geometries.values())
   return int(math.ceil(oft / per_rank))
 
@@ -103,8 +118,9 @@ class JaxRunner:
     self.loss = float("nan")
 
   def step(self):
-    trainable, opt_state, loss, _ = self.compiled(self.state[0], self.state[1], self.frozen,
-                                                  self.tokens)
+    trainable, opt_state, loss, _ = self.compiled(
+      self.state[0], self.state[1], self.frozen, self.tokens
+    )
     jax.block_until_ready((trainable, opt_state, loss))
     self.state = [trainable, opt_state]
     self.loss = float(loss)
@@ -113,8 +129,9 @@ class JaxRunner:
     self.state = self.frozen = self.compiled = None
 
 
-def build_jax_runners(d_model, tokens_per_step, block_size, seq, methods, *, layers=1,
-                      num_terms=6, seed=0, log=print):
+def build_jax_runners(
+  d_model, tokens_per_step, block_size, seq, methods, *, layers=1, num_terms=6, seed=0, log=print
+):
   """Builds a :class:`JaxRunner` per method on one Gemma-shaped config.
 
   Returns:
@@ -132,19 +149,29 @@ def build_jax_runners(d_model, tokens_per_step, block_size, seq, methods, *, lay
   def adapted(config):
     adapted_model = oftjax.adapt(model, config, tokens[:1, :2])
     adapter = adapted_model.init(jax.random.key(seed + 2))
-    loss = lambda p, toks: next_token_loss(adapted_model.apply(p, toks), toks)  # noqa: E731
+    loss = lambda p, toks: next_token_loss(adapted_model.apply(p, toks), toks)
     return loss, adapter, adapted_model.geometries
 
   oft_cfg = dict(targets=TARGETS, block_size=block_size, num_terms=num_terms)
   oft_adapted = adapted(oftjax.AdapterConfig(method="oft", **oft_cfg))
   geoms = oft_adapted[2]
   match_rank = lora_match_rank(d_model, block_size, geoms)
-  info = {"d_model": d_model, "tokens": batch * seq, "batch": batch, "seq": seq,
-          "block_size": block_size, "layers": layers, "head_dim": cfg.head_dim,
-          "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
-          "intermediate": cfg.intermediate_size, "vocab": cfg.vocab_size,
-          "num_terms": num_terms, "lora_match_rank": match_rank,
-          "base_params": oftjax.count_params(base)}
+  info = {
+    "d_model": d_model,
+    "tokens": batch * seq,
+    "batch": batch,
+    "seq": seq,
+    "block_size": block_size,
+    "layers": layers,
+    "head_dim": cfg.head_dim,
+    "heads": cfg.num_attention_heads,
+    "kv_heads": cfg.num_key_value_heads,
+    "intermediate": cfg.intermediate_size,
+    "vocab": cfg.vocab_size,
+    "num_terms": num_terms,
+    "lora_match_rank": match_rank,
+    "base_params": oftjax.count_params(base),
+  }
   if "lora_match" in methods and "lora16" in methods and match_rank <= 16:
     # r=16 already has >= OFTv2's trainable params: the matched rank adds nothing new.
     log(f"  (lora_match rank {match_rank} <= 16: lora16 covers it; skipped)")
@@ -153,30 +180,36 @@ def build_jax_runners(d_model, tokens_per_step, block_size, seq, methods, *, lay
   for name in methods:
     t0 = time.perf_counter()
     if name in ("oft", "oftv1"):
-      loss, adapter, _ = oft_adapted if name == "oft" else adapted(
-          oftjax.AdapterConfig(method=name, **oft_cfg))
+      loss, adapter, _ = (
+        oft_adapted if name == "oft" else adapted(oftjax.AdapterConfig(method=name, **oft_cfg))
+      )
       runners[name] = JaxRunner(name, loss, adapter, base, tokens)
     elif name in ("lora16", "lora_match"):
       rank = 16 if name == "lora16" else match_rank
-      loss, adapter, _ = adapted(oftjax.AdapterConfig(method="lora", targets=TARGETS,
-                                                      lora_rank=rank, lora_alpha=2.0 * rank))
+      loss, adapter, _ = adapted(
+        oftjax.AdapterConfig(method="lora", targets=TARGETS, lora_rank=rank, lora_alpha=2.0 * rank)
+      )
       runners[name] = JaxRunner(name, loss, adapter, base, tokens)
       runners[name].stats["lora_rank"] = rank
     elif name == "full":
       own = jax.tree_util.tree_map(jnp.copy, base)  # donated by the step
       runners[name] = JaxRunner(name, lambda p, t: plain_loss(p, t), own, {}, tokens)
     elif name == "floor":
+
       def floor_loss(p, toks):
         p = dict(p)
         bias = p.pop("input_bias")
         with nn.intercept_methods(_InputBias(bias)):
           return plain_loss(p, toks)
+
       bias = {"input_bias": jnp.zeros((d_model,), jnp.float32)}
       runners[name] = JaxRunner(name, floor_loss, bias, base, tokens)
     else:
       raise ValueError(f"unknown method {name!r}")
-    log(f"  built {name:10s} in {time.perf_counter() - t0:5.1f}s "
-        f"(compile {runners[name].compile_s:.1f}s, {runners[name].stats['flops']/1e9:.1f} GFLOP)")
+    log(
+      f"  built {name:10s} in {time.perf_counter() - t0:5.1f}s "
+      f"(compile {runners[name].compile_s:.1f}s, {runners[name].stats['flops'] / 1e9:.1f} GFLOP)"
+    )
   return runners, info
 
 
@@ -191,9 +224,13 @@ def matmul_peak(n: int = 2048, reps: int = 7) -> dict:
     t0 = time.perf_counter()
     f(a, b).block_until_ready()
     times.append(time.perf_counter() - t0)
-  flops = 2.0 * n ** 3
-  return {"n": n, "median_s": float(np.median(times)), "flops_per_s": flops / float(np.median(times)),
-          "best_flops_per_s": flops / min(times)}
+  flops = 2.0 * n**3
+  return {
+    "n": n,
+    "median_s": float(np.median(times)),
+    "flops_per_s": flops / float(np.median(times)),
+    "best_flops_per_s": flops / min(times),
+  }
 
 
 class PeakRunner:
@@ -204,7 +241,7 @@ class PeakRunner:
     self.args = (a, a + 1.0)
     self.fn = jax.jit(lambda a, b: a @ b)
     self.fn(*self.args).block_until_ready()
-    self.stats = {"n": n, "flops": 2.0 * n ** 3}
+    self.stats = {"n": n, "flops": 2.0 * n**3}
     self.loss = float("nan")
 
   def step(self):

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from bench_jax import TARGET_NAMES, hf_config
+import numpy as np
 
 
 def configure_threads(threads: int) -> dict:
@@ -47,8 +46,9 @@ class TorchRunner:
     self.model = self.optimizer = None
 
 
-def build_peft_runners(d_model, block_size, seq, tokens, methods, *, layers=1, num_terms=6,
-                       seed=0, log=print):
+def build_peft_runners(
+  d_model, block_size, seq, tokens, methods, *, layers=1, num_terms=6, seed=0, log=print
+):
   """PEFT runners on the config ``bench_jax.hf_config`` builds, fed the same ``tokens``."""
   import peft
   import torch
@@ -61,8 +61,13 @@ def build_peft_runners(d_model, block_size, seq, tokens, methods, *, layers=1, n
     torch.manual_seed(seed)
     base = transformers.Gemma3ForCausalLM(cfg).to(torch.float32)
     if name == "peft_oft":
-      pcfg = peft.OFTConfig(target_modules=TARGET_NAMES, r=0, oft_block_size=block_size,
-                            use_cayley_neumann=True, num_cayley_neumann_terms=num_terms)
+      pcfg = peft.OFTConfig(
+        target_modules=TARGET_NAMES,
+        r=0,
+        oft_block_size=block_size,
+        use_cayley_neumann=True,
+        num_cayley_neumann_terms=num_terms,
+      )
     elif name == "peft_lora16":
       pcfg = peft.LoraConfig(target_modules=TARGET_NAMES, r=16, lora_alpha=16)
     else:

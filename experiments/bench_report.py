@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 
 LABELS = {
-    "oft": "OFTv2 (oftjax)", "oftv1": "OFT v1 (weight-centric)", "lora16": "LoRA r=16",
-    "lora_match": "LoRA r=match", "full": "full FT", "floor": "floor (no adapter)",
-    "peft_oft": "PEFT OFT (torch)", "peft_lora16": "PEFT LoRA r=16 (torch)",
+  "oft": "OFTv2 (oftjax)",
+  "oftv1": "OFT v1 (weight-centric)",
+  "lora16": "LoRA r=16",
+  "lora_match": "LoRA r=match",
+  "full": "full FT",
+  "floor": "floor (no adapter)",
+  "peft_oft": "PEFT OFT (torch)",
+  "peft_lora16": "PEFT LoRA r=16 (torch)",
 }
 ORDER = ("oft", "floor", "lora16", "lora_match", "full", "oftv1", "peft_oft", "peft_lora16")
 COLORS = dict(zip(ORDER, ("C0", "C1", "C2", "C8", "C3", "C4", "C5", "C6")))
@@ -21,17 +26,23 @@ def markdown(result: dict) -> str:
   """One row per (config, method), then the targets."""
   peak = result["matmul_peak"]["flops_per_s"]
   per_config = ", ".join(
-      f"{e['config']['d_model']}/{e['config']['tokens']}/{e['config']['block_size']}: "
-      f"{e['matmul_peak']['flops_per_s'] / 1e9:.0f}" for e in result["configs"]
-      if "matmul_peak" in e)
+    f"{e['config']['d_model']}/{e['config']['tokens']}/{e['config']['block_size']}: "
+    f"{e['matmul_peak']['flops_per_s'] / 1e9:.0f}"
+    for e in result["configs"]
+    if "matmul_peak" in e
+  )
   lines = [
-      f"XLA fp32 matmul peak, start/end of run: {peak / 1e9:.1f} GFLOP/s"
-      + (f"; interleaved with each config's steps (d_model/tokens/b: GFLOP/s), used for "
-         f"% peak: {per_config}" if per_config else ""),
-      "",
-      "| sweep | d_model | tokens | b | method | trainable | step s | × OFTv2 | GFLOP "
-      "| flops × OFTv2 | temp MiB | temp × OFTv2 | args MiB | compile s | % peak |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    f"XLA fp32 matmul peak, start/end of run: {peak / 1e9:.1f} GFLOP/s"
+    + (
+      f"; interleaved with each config's steps (d_model/tokens/b: GFLOP/s), used for "
+      f"% peak: {per_config}"
+      if per_config
+      else ""
+    ),
+    "",
+    "| sweep | d_model | tokens | b | method | trainable | step s | × OFTv2 | GFLOP "
+    "| flops × OFTv2 | temp MiB | temp × OFTv2 | args MiB | compile s | % peak |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for entry in result["configs"]:
     c = entry["config"]
@@ -41,29 +52,50 @@ def markdown(result: dict) -> str:
         continue
       label = LABELS[name] + (f" (r={s['lora_rank']})" if name == "lora_match" else "")
       lines.append(
-          f"| {entry['sweep']} | {c['d_model']} | {c['tokens']} | {c['block_size']} | {label} "
-          f"| {s['trainable_params']:,} | {s['step_s']:.3f} | {_f(s.get('time_vs_oft'))} "
-          f"| {_f(s.get('flops') and s['flops'] / 1e9, '{:.1f}')} | {_f(s.get('flops_vs_oft'))} "
-          f"| {_f(s.get('temp_bytes') and s['temp_bytes'] / 2**20, '{:.1f}')} "
-          f"| {_f(s.get('temp_vs_oft'))} "
-          f"| {_f(s.get('argument_bytes') and s['argument_bytes'] / 2**20, '{:.1f}')} "
-          f"| {_f(s.get('compile_s'), '{:.1f}')} "
-          f"| {_f(s.get('fraction_of_peak') and 100 * s['fraction_of_peak'], '{:.0f}')} |")
-  keys = ("oft_over_floor_time", "oft_over_floor_flops", "oft_over_lora16_time",
-          "lora16_over_floor_time", "lora16_over_full_time", "oftv1_over_oft_time",
-          "oftv1_over_oft_flops", "oftv1_over_oft_temp", "peft_oft_over_oft_time",
-          "peft_lora16_over_lora16_time")
-  lines += ["", "Key ratios per config (time ratios: median over rounds of back-to-back steps):",
-            "", "| d_model | tokens | b | " + " | ".join(keys) + " |",
-            "|---|---|---|" + "---|" * len(keys)]
+        f"| {entry['sweep']} | {c['d_model']} | {c['tokens']} | {c['block_size']} | {label} "
+        f"| {s['trainable_params']:,} | {s['step_s']:.3f} | {_f(s.get('time_vs_oft'))} "
+        f"| {_f(s.get('flops') and s['flops'] / 1e9, '{:.1f}')} | {_f(s.get('flops_vs_oft'))} "
+        f"| {_f(s.get('temp_bytes') and s['temp_bytes'] / 2**20, '{:.1f}')} "
+        f"| {_f(s.get('temp_vs_oft'))} "
+        f"| {_f(s.get('argument_bytes') and s['argument_bytes'] / 2**20, '{:.1f}')} "
+        f"| {_f(s.get('compile_s'), '{:.1f}')} "
+        f"| {_f(s.get('fraction_of_peak') and 100 * s['fraction_of_peak'], '{:.0f}')} |"
+      )
+  keys = (
+    "oft_over_floor_time",
+    "oft_over_floor_flops",
+    "oft_over_lora16_time",
+    "lora16_over_floor_time",
+    "lora16_over_full_time",
+    "oftv1_over_oft_time",
+    "oftv1_over_oft_flops",
+    "oftv1_over_oft_temp",
+    "peft_oft_over_oft_time",
+    "peft_lora16_over_lora16_time",
+  )
+  lines += [
+    "",
+    "Key ratios per config (time ratios: median over rounds of back-to-back steps):",
+    "",
+    "| d_model | tokens | b | " + " | ".join(keys) + " |",
+    "|---|---|---|" + "---|" * len(keys),
+  ]
   for entry in result["configs"]:
     c, r = entry["config"], entry.get("ratios", {})
-    lines.append(f"| {c['d_model']} | {c['tokens']} | {c['block_size']} | "
-                 + " | ".join(_f(r.get(k)) for k in keys) + " |")
+    lines.append(
+      f"| {c['d_model']} | {c['tokens']} | {c['block_size']} | "
+      + " | ".join(_f(r.get(k)) for k in keys)
+      + " |"
+    )
   t = result["targets"]
   c = t["config"]
-  lines += ["", f"Targets at d_model={c['d_model']}, tokens={c['tokens']}, "
-            f"b={c['block_size']}:", "", "| target | measured | met |", "|---|---|---|"]
+  lines += [
+    "",
+    f"Targets at d_model={c['d_model']}, tokens={c['tokens']}, b={c['block_size']}:",
+    "",
+    "| target | measured | met |",
+    "|---|---|---|",
+  ]
   for name, v in t["checks"].items():
     met = {True: "yes", False: "**no**", None: "–"}[v["met"]]
     lines.append(f"| {name} {v['target']} | {_f(v['value'])} | {met} |")
@@ -71,13 +103,16 @@ def markdown(result: dict) -> str:
 
 
 def _series(result, sweep, key, methods, fn):
-  entries = [e for e in result["configs"] if e["sweep"] == sweep
-             or (sweep != "d_model" and e["sweep"] == "d_model" and _joins(e, sweep, result))]
+  entries = [
+    e
+    for e in result["configs"]
+    if e["sweep"] == sweep
+    or (sweep != "d_model" and e["sweep"] == "d_model" and _joins(e, sweep, result))
+  ]
   entries.sort(key=lambda e: e["config"][key])
   out = {}
   for name in methods:
-    pts = [(e["config"][key], fn(e["methods"][name], e)) for e in entries
-           if name in e["methods"]]
+    pts = [(e["config"][key], fn(e["methods"][name], e)) for e in entries if name in e["methods"]]
     pts = [(x, y) for x, y in pts if y is not None]
     if pts:
       out[name] = pts
@@ -96,8 +131,8 @@ def _joins(entry, sweep, result):
 
 def plots(result: dict, folder: str) -> list[str]:
   """Writes the benchmark's PNGs; bare ``Figure`` objects leave the matplotlib backend alone."""
-  import matplotlib.ticker
   from matplotlib.figure import Figure
+  import matplotlib.ticker
 
   def subplots(*grid, figsize):
     fig = Figure(figsize=figsize)
@@ -105,8 +140,10 @@ def plots(result: dict, folder: str) -> list[str]:
 
   os.makedirs(folder, exist_ok=True)
   written = []
-  title = (f"1 Gemma-3-shaped layer, fp32, {result['machine']['threads']} CPU threads "
-           f"({result['mode']} run)")
+  title = (
+    f"1 Gemma-3-shaped layer, fp32, {result['machine']['threads']} CPU threads "
+    f"({result['mode']} run)"
+  )
 
   def save(fig, name):
     path = os.path.join(folder, name)
@@ -114,9 +151,11 @@ def plots(result: dict, folder: str) -> list[str]:
     fig.savefig(path, dpi=110)
     written.append(path)
 
-  for sweep, key, xlabel in (("d_model", "d_model", "d_model (tokens/step 512, b=32)"),
-                             ("tokens", "tokens", "tokens per step"),
-                             ("block_size", "block_size", "OFT block size b")):
+  for sweep, key, xlabel in (
+    ("d_model", "d_model", "d_model (tokens/step 512, b=32)"),
+    ("tokens", "tokens", "tokens per step"),
+    ("block_size", "block_size", "OFT block size b"),
+  ):
     series = _series(result, sweep, key, ORDER, lambda s, e: s["step_s"])
     if not series or max(len(v) for v in series.values()) < 2:
       continue
@@ -128,15 +167,19 @@ def plots(result: dict, folder: str) -> list[str]:
     axes[0].set_xticks([x for x, _ in max(series.values(), key=len)])
     axes[0].get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     axes[0].legend(fontsize=8)
-    ratio = _series(result, sweep, key, ORDER,
-                    lambda s, e: s.get("time_vs_oft") if "oft" in e["methods"] else None)
+    ratio = _series(
+      result,
+      sweep,
+      key,
+      ORDER,
+      lambda s, e: s.get("time_vs_oft") if "oft" in e["methods"] else None,
+    )
     for name, pts in ratio.items():
       if name != "oft":
         style = "--" if name.startswith("peft") else "-"
         axes[1].plot(*zip(*pts), style, marker="o", color=COLORS[name], label=LABELS[name])
     axes[1].axhline(1.0, color="k", lw=0.8)
-    axes[1].set(xscale="log", yscale="log", xlabel=xlabel,
-                ylabel="step time / OFTv2 step time")
+    axes[1].set(xscale="log", yscale="log", xlabel=xlabel, ylabel="step time / OFTv2 step time")
     axes[1].set_xticks(axes[0].get_xticks())
     axes[1].get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     axes[1].legend(fontsize=8)
@@ -145,14 +188,22 @@ def plots(result: dict, folder: str) -> list[str]:
     fig.suptitle(title)
     save(fig, f"step_time_vs_{sweep}.png")
 
-  mem = _series(result, "d_model", "d_model", ORDER,
-                lambda s, e: s.get("temp_bytes") and s["temp_bytes"] / 2**20)
-  flops = _series(result, "d_model", "d_model", ORDER,
-                  lambda s, e: s.get("flops") and s["flops"] / 1e9)
+  mem = _series(
+    result,
+    "d_model",
+    "d_model",
+    ORDER,
+    lambda s, e: s.get("temp_bytes") and s["temp_bytes"] / 2**20,
+  )
+  flops = _series(
+    result, "d_model", "d_model", ORDER, lambda s, e: s.get("flops") and s["flops"] / 1e9
+  )
   if mem and max(len(v) for v in mem.values()) >= 2:
     fig, axes = subplots(1, 2, figsize=(12, 4.5))
-    for ax, data, ylabel in ((axes[0], flops, "compiled GFLOP per step"),
-                             (axes[1], mem, "compiled temp memory (MiB)")):
+    for ax, data, ylabel in (
+      (axes[0], flops, "compiled GFLOP per step"),
+      (axes[1], mem, "compiled temp memory (MiB)"),
+    ):
       for name, pts in data.items():
         ax.plot(*zip(*pts), marker="o", color=COLORS[name], label=LABELS[name])
       ax.set(xscale="log", yscale="log", xlabel="d_model (tokens/step 512, b=32)", ylabel=ylabel)
@@ -163,16 +214,21 @@ def plots(result: dict, folder: str) -> list[str]:
     fig.suptitle(title + ": XLA cost and memory analysis")
     save(fig, "flops_and_memory_vs_d_model.png")
 
-  big = max((e for e in result["configs"] if e["sweep"] == "d_model"),
-            key=lambda e: e["config"]["d_model"], default=None)
+  big = max(
+    (e for e in result["configs"] if e["sweep"] == "d_model"),
+    key=lambda e: e["config"]["d_model"],
+    default=None,
+  )
   if big is not None:
     names = [n for n in ORDER if "fraction_of_peak" in big["methods"].get(n, {})]
     fig, ax = subplots(figsize=(8, 4))
     ax.bar([LABELS[n] for n in names], [100 * big["methods"][n]["fraction_of_peak"] for n in names])
     ax.axhline(60, color="r", ls="--", lw=1, label="target 60%")
-    ax.set(ylabel="% of XLA fp32 matmul peak",
-           title=f"achieved FLOP/s at d_model={big['config']['d_model']} "
-                 f"(peak {result['matmul_peak']['flops_per_s'] / 1e9:.0f} GFLOP/s)")
+    ax.set(
+      ylabel="% of XLA fp32 matmul peak",
+      title=f"achieved FLOP/s at d_model={big['config']['d_model']} "
+      f"(peak {result['matmul_peak']['flops_per_s'] / 1e9:.0f} GFLOP/s)",
+    )
     ax.tick_params(axis="x", rotation=25, labelsize=8)
     ax.legend()
     save(fig, "fraction_of_peak.png")

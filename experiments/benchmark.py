@@ -34,18 +34,22 @@ ALL = JAX_METHODS + PEFT_METHODS
 
 def _grid(mode: str) -> list[dict]:
   """Configurations per mode: ``sweep`` names the axis a plot runs along."""
+
   def cfg(sweep, d, tokens, b, methods=ALL, seq=512):
-    return dict(sweep=sweep, d_model=d, tokens=tokens, block_size=b, seq=min(seq, tokens),
-                methods=methods)
+    return dict(
+      sweep=sweep, d_model=d, tokens=tokens, block_size=b, seq=min(seq, tokens), methods=methods
+    )
 
   if mode == "smoke":
     return [cfg("d_model", 256, 64, 16, seq=64)]
   few = ("floor", "oft", "oftv1", "lora16", "lora_match", "peft_oft")
   if mode == "quick":
     return [cfg("d_model", d, 512, 32) for d in (512, 1024, 2048)]
-  return ([cfg("d_model", d, 512, 32) for d in (512, 1024, 2048, 4096)]
-          + [cfg("tokens", 1024, t, 32) for t in (2048, 4096)]
-          + [cfg("block_size", 1024, 512, b, few) for b in (16, 64, 128)])
+  return (
+    [cfg("d_model", d, 512, 32) for d in (512, 1024, 2048, 4096)]
+    + [cfg("tokens", 1024, t, 32) for t in (2048, 4096)]
+    + [cfg("block_size", 1024, 512, b, few) for b in (16, 64, 128)]
+  )
 
 
 def _timing(mode):
@@ -58,19 +62,35 @@ def run_config(spec, mode, args, log):
 
   methods = [m for m in spec["methods"] if m in args.methods]
   jax_methods = [m for m in methods if m in JAX_METHODS]
-  log(f"config {spec['sweep']}: d_model={spec['d_model']} tokens={spec['tokens']} "
-      f"b={spec['block_size']}")
+  log(
+    f"config {spec['sweep']}: d_model={spec['d_model']} tokens={spec['tokens']} "
+    f"b={spec['block_size']}"
+  )
   runners, info = bench_jax.build_jax_runners(
-      spec["d_model"], spec["tokens"], spec["block_size"], spec["seq"], jax_methods,
-      layers=args.layers, log=log)
+    spec["d_model"],
+    spec["tokens"],
+    spec["block_size"],
+    spec["seq"],
+    jax_methods,
+    layers=args.layers,
+    log=log,
+  )
   peft_methods = [m for m in methods if m in PEFT_METHODS]
   if peft_methods:
     import bench_peft
 
     tokens = np.asarray(next(iter(runners.values())).tokens)
-    runners.update(bench_peft.build_peft_runners(
-        spec["d_model"], spec["block_size"], spec["seq"], tokens, peft_methods,
-        layers=args.layers, log=log))
+    runners.update(
+      bench_peft.build_peft_runners(
+        spec["d_model"],
+        spec["block_size"],
+        spec["seq"],
+        tokens,
+        peft_methods,
+        layers=args.layers,
+        log=log,
+      )
+    )
   # The matmul peak takes part in the round-robin too, so it sees the same machine load.
   runners["matmul_peak"] = bench_jax.PeakRunner(256 if mode == "smoke" else 2048)
   budget, min_steps, max_steps = _timing(mode)
@@ -90,13 +110,22 @@ def run_config(spec, mode, args, log):
   results = {}
   for name, r in runners.items():
     stats = dict(r.stats)
-    stats.update(step_s=float(np.median(times[name])), step_times_s=times[name],
-                 steps_timed=len(times[name]), final_loss=r.loss,
-                 framework="torch" if name in PEFT_METHODS else "jax")
+    stats.update(
+      step_s=float(np.median(times[name])),
+      step_times_s=times[name],
+      steps_timed=len(times[name]),
+      final_loss=r.loss,
+      framework="torch" if name in PEFT_METHODS else "jax",
+    )
     results[name] = stats
-    log(f"  {name:11s} {stats['step_s']:8.3f}s/step (x{len(times[name])})"
-        + (f" {stats['flops'] / 1e9:9.1f} GFLOP temp {stats['temp_bytes'] / 2**20:8.1f} MiB"
-           if "temp_bytes" in stats else ""))
+    log(
+      f"  {name:11s} {stats['step_s']:8.3f}s/step (x{len(times[name])})"
+      + (
+        f" {stats['flops'] / 1e9:9.1f} GFLOP temp {stats['temp_bytes'] / 2**20:8.1f} MiB"
+        if "temp_bytes" in stats
+        else ""
+      )
+    )
     r.close()
   del runners
   gc.collect()
@@ -107,8 +136,11 @@ def run_config(spec, mode, args, log):
 
 
 def _time_ratio(a, b):
-  """Median over rounds of ``a``'s step time / ``b``'s in the same round (robust to load
-  drift: both ran back to back); the ratio of medians when a method has one timed step."""
+  """Median over rounds of ``a``'s step time / ``b``'s in the same round.
+
+  Robust to load drift (both ran back to back); the ratio of medians when a method has one
+  timed step.
+  """
   n = min(len(a["step_times_s"]), len(b["step_times_s"]))
   if n < 2:
     return a["step_s"] / b["step_s"]
@@ -116,13 +148,16 @@ def _time_ratio(a, b):
 
 
 def add_ratios(entry, peak_flops):
-  """Ratios to OFTv2; FLOP/s as a fraction of the peak measured round-robin with this
-  config's steps (``peak_flops``, the start/end-of-run peak, only if that is missing)."""
+  """Ratios to OFTv2, and FLOP/s as a fraction of the matmul peak.
+
+  The peak is the one measured round-robin with this config's steps (``peak_flops``, the
+  start/end-of-run peak, only if that is missing).
+  """
   m = entry["methods"]
   if "matmul_peak" in entry:
     peak_flops = entry["matmul_peak"]["flops_per_s"]
   ref = m.get("oft")
-  for name, s in m.items():
+  for s in m.values():
     if "flops" in s:
       s["achieved_flops_per_s"] = s["flops"] / s["step_s"]
       s["fraction_of_peak"] = s["achieved_flops_per_s"] / peak_flops
@@ -133,10 +168,13 @@ def add_ratios(entry, peak_flops):
       s["flops_vs_oft"] = s["flops"] / ref["flops"]
       s["temp_vs_oft"] = s["temp_bytes"] / max(ref["temp_bytes"], 1)
   ratios = {}
+
   def ratio(key, a, b, field="step_s"):
     if a in m and b in m:
-      ratios[key] = (_time_ratio(m[a], m[b]) if field == "step_s"
-                     else m[a][field] / max(m[b][field], 1e-12))
+      ratios[key] = (
+        _time_ratio(m[a], m[b]) if field == "step_s" else m[a][field] / max(m[b][field], 1e-12)
+      )
+
   ratio("oftv1_over_oft_time", "oftv1", "oft")
   ratio("oftv1_over_oft_temp", "oftv1", "oft", "temp_bytes")
   ratio("oftv1_over_oft_flops", "oftv1", "oft", "flops")
@@ -156,17 +194,19 @@ def targets(configs):
   big = max(sweep, key=lambda c: (c["config"]["d_model"], c["config"]["tokens"]))
   r, m = big["ratios"], big["methods"]
   checks = {
-      "oftv1_over_oft_time >= 10": r.get("oftv1_over_oft_time"),
-      "oftv1_over_oft_temp >= 3": r.get("oftv1_over_oft_temp"),
-      "oft_over_lora16_time <= 1.05": r.get("oft_over_lora16_time"),
-      "oft_over_floor_time <= 1.10": r.get("oft_over_floor_time"),
-      "peft_oft_over_oft_time >= 1.5": r.get("peft_oft_over_oft_time"),
-      "oft_fraction_of_peak >= 0.6": m.get("oft", {}).get("fraction_of_peak"),
+    "oftv1_over_oft_time >= 10": r.get("oftv1_over_oft_time"),
+    "oftv1_over_oft_temp >= 3": r.get("oftv1_over_oft_temp"),
+    "oft_over_lora16_time <= 1.05": r.get("oft_over_lora16_time"),
+    "oft_over_floor_time <= 1.10": r.get("oft_over_floor_time"),
+    "peft_oft_over_oft_time >= 1.5": r.get("peft_oft_over_oft_time"),
+    "oft_fraction_of_peak >= 0.6": m.get("oft", {}).get("fraction_of_peak"),
   }
   out = {}
   for key, value in checks.items():
     name, op, bound = key.split()
-    met = None if value is None else (value >= float(bound) if op == ">=" else value <= float(bound))
+    met = (
+      None if value is None else (value >= float(bound) if op == ">=" else value <= float(bound))
+    )
     out[name] = {"value": value, "target": f"{op} {bound}", "met": met}
   return {"config": big["config"], "checks": out}
 
@@ -174,13 +214,20 @@ def targets(configs):
 def machine(threads):
   import jax
 
-  info = {"python": platform.python_version(), "platform": platform.platform(),
-          "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-          "threads": threads, "jax": jax.__version__, "jax_backend": jax.default_backend(),
-          "dtype": "float32", "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  info = {
+    "python": platform.python_version(),
+    "platform": platform.platform(),
+    "processor": platform.processor() or platform.machine(),
+    "cpus": os.cpu_count(),
+    "threads": threads,
+    "jax": jax.__version__,
+    "jax_backend": jax.default_backend(),
+    "dtype": "float32",
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
   try:
     with open("/proc/cpuinfo") as f:
-      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
     info["cpu_model"] = names[0] if names else ""
   except OSError:
     pass
@@ -195,11 +242,16 @@ def main(argv=None):
   mode.add_argument("--smoke", action="store_true", help="one tiny config (seconds; tests)")
   parser.add_argument("--out", default="benchmark_results.json", help="JSON results file")
   parser.add_argument("--plots", default=None, help="folder for PNG plots (none if unset)")
-  parser.add_argument("--methods", default=",".join(ALL),
-                      help=f"comma-separated subset of {','.join(ALL)}")
+  parser.add_argument(
+    "--methods", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}"
+  )
   parser.add_argument("--layers", type=int, default=1, help="decoder layers per stack")
-  parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                      help="torch threads (XLA uses all cores it sees)")
+  parser.add_argument(
+    "--threads",
+    type=int,
+    default=len(os.sched_getaffinity(0)),
+    help="torch threads (XLA uses all cores it sees)",
+  )
   args = parser.parse_args(argv)
   args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   unknown = sorted(set(args.methods) - set(ALL))
@@ -207,7 +259,7 @@ def main(argv=None):
     parser.error(f"unknown methods {unknown}; choose from {','.join(ALL)}")
   mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
   t_start = time.perf_counter()
-  log = lambda *a: print(*a, flush=True)  # noqa: E731
+  log = lambda *a: print(*a, flush=True)
 
   import bench_jax
 
@@ -228,10 +280,14 @@ def main(argv=None):
   for entry in configs:
     add_ratios(entry, peak)
   info["loadavg_end"] = os.getloadavg()
-  result = {"mode": mode_name, "machine": info,
-            "matmul_peak": {"flops_per_s": peak, "measurements": peaks},
-            "configs": configs, "targets": targets(configs),
-            "wall_s": time.perf_counter() - t_start}
+  result = {
+    "mode": mode_name,
+    "machine": info,
+    "matmul_peak": {"flops_per_s": peak, "measurements": peaks},
+    "configs": configs,
+    "targets": targets(configs),
+    "wall_s": time.perf_counter() - t_start,
+  }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)

@@ -32,15 +32,22 @@ def main(argv=None) -> int:
   if "stopped_at" in summary:
     return 0
   before, after = summary["eval_before"], summary["eval_after"]
-  print(f"accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, eval loss "
-        f"{before['loss']:.4f} -> {after['loss']:.4f}"
-        + (f", retention {summary['retention_before']:.3f} -> {summary['retention_after']:.3f}"
-           if "retention_before" in summary else ""))
+  print(
+    f"accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, eval loss "
+    f"{before['loss']:.4f} -> {after['loss']:.4f}"
+    + (
+      f", retention {summary['retention_before']:.3f} -> {summary['retention_after']:.3f}"
+      if "retention_before" in summary
+      else ""
+    )
+  )
   for sample in summary["samples_after"]:
     print(f"  {sample['prompt']!r} -> {sample['generated']!r} (expected {sample['expected']!r})")
   speed = summary["train_tokens_per_s"]
-  print(f"{f'{speed:.0f}' if speed else 'n/a'} tokens/s, compile {summary['compile_s']:.1f}s, "
-        f"wall {summary['wall_s']:.1f}s; outputs in {config.output_dir}")
+  print(
+    f"{f'{speed:.0f}' if speed else 'n/a'} tokens/s, compile {summary['compile_s']:.1f}s, "
+    f"wall {summary['wall_s']:.1f}s; outputs in {config.output_dir}"
+  )
   return 0
 
 

@@ -24,13 +24,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from oftjax import atomic  # noqa: E402
+
 RESULTS = os.path.join(ROOT, "experiments", "results")
 SCRIPT = os.path.join(ROOT, "experiments", "finetune_gemma.py")
 
 # result name -> the job's flags (none: the shipped default run)
 RUNS = {
-    "default_run": [],
-    "default_run_qoft_nf4": ["--quantize", "nf4"],
+  "default_run": [],
+  "default_run_qoft_nf4": ["--quantize", "nf4"],
 }
 
 
@@ -52,17 +53,27 @@ def record(name: str) -> dict:
   flags = RUNS[name]
   with tempfile.TemporaryDirectory(prefix="oftjax_record_") as scratch:
     scratch = os.path.realpath(scratch)
-    proc = subprocess.run([sys.executable, SCRIPT, *flags], cwd=scratch, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    proc = subprocess.run(
+      [sys.executable, SCRIPT, *flags],
+      cwd=scratch,
+      capture_output=True,
+      text=True,
+      env={**os.environ, "PYTHONPATH": ROOT},
+    )
     if proc.returncode != 0:
       raise RuntimeError(f"{name}: the job exited {proc.returncode}: {proc.stderr[-2000:]}")
     with open(os.path.join(scratch, "runs", "finetune", "summary.json")) as f:
       summary = json.load(f)
-    return {"command": ["python", "experiments/finetune_gemma.py", *flags],
-            "machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
-                        "python": platform.python_version()},
-            "stdout": proc.stdout.splitlines(),
-            "summary": _relative(summary, scratch)}
+    return {
+      "command": ["python", "experiments/finetune_gemma.py", *flags],
+      "machine": {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+      },
+      "stdout": proc.stdout.splitlines(),
+      "summary": _relative(summary, scratch),
+    }
 
 
 def main(argv=None) -> int:

@@ -45,15 +45,18 @@ import bench_report  # noqa: E402  (experiments/bench_report.py: stdlib only at 
 
 DOCS = ("README.md", "RELIABILITY.md", "BENCHMARKS.md")
 # NAME, or NAME[ARG] for a renderer that takes an argument (e.g. one table cell per test case)
-REGION = re.compile(r"<!-- generated:(?P<name>(?P<base>[\w.-]+)(?:\[(?P<arg>[^\]]*)\])?) -->"
-                    r"(?P<body>.*?)<!-- /generated:(?P=name) -->", re.S)
+REGION = re.compile(
+  r"<!-- generated:(?P<name>(?P<base>[\w.-]+)(?:\[(?P<arg>[^\]]*)\])?) -->"
+  r"(?P<body>.*?)<!-- /generated:(?P=name) -->",
+  re.S,
+)
 # the ablation table's question per notebook (its answer is the notebook's FINDING line)
 QUESTIONS = {
-    "neumann_terms": "how many Cayley–Neumann terms?",
-    "block_size": "parameters vs accuracy, and LoRA at equal parameters",
-    "oft_v1_vs_v2": "cost against d_model and b",
-    "forgetting": "does OFT forget less?",
-    "qoft_vs_qlora": "QOFT vs QLoRA on NF4",
+  "neumann_terms": "how many Cayley–Neumann terms?",
+  "block_size": "parameters vs accuracy, and LoRA at equal parameters",
+  "oft_v1_vs_v2": "cost against d_model and b",
+  "forgetting": "does OFT forget less?",
+  "qoft_vs_qlora": "QOFT vs QLoRA on NF4",
 }
 
 
@@ -78,8 +81,7 @@ def _block(text: str) -> str:
 
 def _paragraph(text: str) -> str:
   """Prose wrapped at the docs' 100 columns."""
-  return textwrap.fill(" ".join(text.split()), 100, break_long_words=False,
-                       break_on_hyphens=False)
+  return textwrap.fill(" ".join(text.split()), 100, break_long_words=False, break_on_hyphens=False)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -99,8 +101,11 @@ def notebook_text(name: str) -> str:
 
 def notebook_code(name: str) -> str:
   notebook = _json("notebooks", f"{name}.ipynb")
-  return "\n".join("".join(c["source"]) if isinstance(c["source"], list) else c["source"]
-                   for c in notebook["cells"] if c["cell_type"] == "code")
+  return "\n".join(
+    "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+    for c in notebook["cells"]
+    if c["cell_type"] == "code"
+  )
 
 
 @functools.cache
@@ -109,8 +114,9 @@ def finding(name: str) -> str:
   text = notebook_text(name)
   if "mode: full" not in text:
     raise ValueError(f"notebooks/{name}.ipynb does not hold a full run")
-  lines = [line[len("FINDING:"):].strip() for line in text.splitlines()
-           if line.startswith("FINDING:")]
+  lines = [
+    line[len("FINDING:") :].strip() for line in text.splitlines() if line.startswith("FINDING:")
+  ]
   if len(lines) != 1:
     raise ValueError(f"notebooks/{name}.ipynb holds {len(lines)} FINDING lines, expected 1")
   return lines[0]
@@ -120,8 +126,10 @@ def finding_figures(name: str, pattern: str) -> tuple[str, ...]:
   """Groups of ``pattern`` in the FINDING of ``name`` (raises if the sentence changed)."""
   match = re.search(pattern, finding(name))
   if match is None:
-    raise ValueError(f"the FINDING of notebooks/{name}.ipynb no longer matches {pattern!r}; "
-                     "update its renderer in experiments/render_docs.py")
+    raise ValueError(
+      f"the FINDING of notebooks/{name}.ipynb no longer matches {pattern!r}; "
+      "update its renderer in experiments/render_docs.py"
+    )
   return match.groups()
 
 
@@ -132,8 +140,11 @@ def bench() -> dict:
 
 def bench_entry(sweep: str, **config) -> dict:
   """The one benchmark configuration of ``sweep`` whose config has these values."""
-  found = [e for e in bench()["configs"] if e["sweep"] == sweep
-           and all(e["config"][k] == v for k, v in config.items())]
+  found = [
+    e
+    for e in bench()["configs"]
+    if e["sweep"] == sweep and all(e["config"][k] == v for k, v in config.items())
+  ]
   if len(found) != 1:
     raise ValueError(f"results_full.json has {len(found)} {sweep} configs with {config}")
   return found[0]
@@ -174,12 +185,15 @@ def dict_keys(parts: tuple[str, ...], name: str) -> list[str]:
 
 
 def test_functions(parts: tuple[str, ...]) -> dict[str, ast.FunctionDef]:
-  return {n.name: n for n in module_ast(*parts).body
-          if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
+  return {
+    n.name: n
+    for n in module_ast(*parts).body
+    if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
+  }
 
 
 def collected_cases(parts: tuple[str, ...], name: str) -> list[str]:
-  """pytest ids of test ``name``: one per key of ``parametrize("case", sorted(DICT))``, or one."""
+  """Pytest ids of test ``name``: one per key of ``parametrize("case", sorted(DICT))``, or one."""
   fn = test_functions(parts)[name]
   for deco in fn.decorator_list:
     if isinstance(deco, ast.Call) and getattr(deco.func, "attr", "") == "parametrize":
@@ -192,8 +206,12 @@ def collected_cases(parts: tuple[str, ...], name: str) -> list[str]:
 
 def call_keywords(parts: tuple[str, ...], callee: str) -> dict:
   """Literal keyword arguments of the one call of ``callee`` (a name or attribute) in a module."""
-  calls = [n for n in ast.walk(module_ast(*parts)) if isinstance(n, ast.Call)
-           and callee in (getattr(n.func, "id", None), getattr(n.func, "attr", None))]
+  calls = [
+    n
+    for n in ast.walk(module_ast(*parts))
+    if isinstance(n, ast.Call)
+    and callee in (getattr(n.func, "id", None), getattr(n.func, "attr", None))
+  ]
   if len(calls) != 1:
     raise ValueError(f"{'/'.join(parts)} calls {callee} {len(calls)} times, expected once")
   out = {}
@@ -207,13 +225,14 @@ def call_keywords(parts: tuple[str, ...], callee: str) -> dict:
 
 def function_flags(parts: tuple[str, ...], name: str) -> dict[str, str]:
   """``{--flag: value}`` of the literal flag/value pairs in the list function ``name`` returns."""
-  fn = next(n for n in module_ast(*parts).body if isinstance(n, ast.FunctionDef)
-            and n.name == name)
+  fn = next(n for n in module_ast(*parts).body if isinstance(n, ast.FunctionDef) and n.name == name)
   ret = next(n for n in ast.walk(fn) if isinstance(n, ast.Return))
   items = [e.value if isinstance(e, ast.Constant) else None for e in ret.value.elts]
-  return {a: b for a, b in zip(items, items[1:])
-          if isinstance(a, str) and a.startswith("--") and isinstance(b, str)
-          and not b.startswith("--")}
+  return {
+    a: b
+    for a, b in zip(items, items[1:])
+    if isinstance(a, str) and a.startswith("--") and isinstance(b, str) and not b.startswith("--")
+  }
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -252,15 +271,16 @@ def render_default_run() -> str:
   if c["targets"] != constant(("oftjax", "train", "config.py"), "DEFAULT_TARGETS"):
     raise ValueError("the default run's targets changed; update the README sentence")
   prose = _paragraph(
-      f"`make finetune` runs `{' '.join(record['command'])}` with no flags: OFTv2 (block size "
-      f"{c['block_size']}, {c['neumann_terms']} Neumann terms, all attention and MLP projections) "
-      f"teaches a shipped, pretrained {model['num_hidden_layers']}-layer Gemma-3-architecture "
-      f"model ({base_params:,} parameters, char tokenizer) a task it cannot do (`shout abcd:` → "
-      f"`DCBA`), while a held-out set of what it already does (copy / reverse / upper / next) "
-      f"measures forgetting ({c['steps']} steps, eval sets of {c['eval_limit']} examples). On "
-      f"this project's {record['machine']['cpus']}-core CPU machine (fp32), one run printed "
-      f"(`experiments/results/default_run.json`, written by `python "
-      f"experiments/record_runs.py`):")
+    f"`make finetune` runs `{' '.join(record['command'])}` with no flags: OFTv2 (block size "
+    f"{c['block_size']}, {c['neumann_terms']} Neumann terms, all attention and MLP projections) "
+    f"teaches a shipped, pretrained {model['num_hidden_layers']}-layer Gemma-3-architecture "
+    f"model ({base_params:,} parameters, char tokenizer) a task it cannot do (`shout abcd:` → "
+    f"`DCBA`), while a held-out set of what it already does (copy / reverse / upper / next) "
+    f"measures forgetting ({c['steps']} steps, eval sets of {c['eval_limit']} examples). On "
+    f"this project's {record['machine']['cpus']}-core CPU machine (fp32), one run printed "
+    f"(`experiments/results/default_run.json`, written by `python "
+    f"experiments/record_runs.py`):"
+  )
   return _block(prose + "\n\n```\n" + "\n".join(record["stdout"]) + "\n```")
 
 
@@ -268,41 +288,51 @@ def render_benchmark_summary() -> str:
   checks = bench()["targets"]["checks"]
   d = bench()["targets"]["config"]["d_model"]
   v = {k: c["value"] for k, c in checks.items()}
-  return (f"at d_model {d}: OFTv2 {v['oftv1_over_oft_time']:.0f}x faster and "
-          f"{v['oftv1_over_oft_temp']:.1f}x less temp memory than the original OFT, "
-          f"{_x(v['oft_over_floor_time'])} the no-adapter floor, {_x(v['oft_over_lora16_time'])} "
-          f"LoRA r=16, {_x(v['peft_oft_over_oft_time'])} faster than PEFT's OFT")
+  return (
+    f"at d_model {d}: OFTv2 {v['oftv1_over_oft_time']:.0f}x faster and "
+    f"{v['oftv1_over_oft_temp']:.1f}x less temp memory than the original OFT, "
+    f"{_x(v['oft_over_floor_time'])} the no-adapter floor, {_x(v['oft_over_lora16_time'])} "
+    f"LoRA r=16, {_x(v['peft_oft_over_oft_time'])} faster than PEFT's OFT"
+  )
 
 
 def render_quant_storage() -> str:
   q = quant_storage()
   d_in = "–".join(str(x) for x in q["nf4_double_quant"]["d_in"])
-  return (f"NF4 with block-{q['nf4_double_quant']['nf4_block']} absmax and double-quantized "
-          f"scales ({q['nf4_double_quant']['ratio']:.2f}x of bf16 bytes; "
-          f"{q['nf4']['ratio']:.2f}x without double quantization) or int8 per channel "
-          f"({q['int8']['ratio']:.2f}x), tested to the byte on kernels of input width {d_in} "
-          f"(`tests/test_quant.py`; int8's per-channel scale costs less per weight on wider "
-          f"kernels)")
+  return (
+    f"NF4 with block-{q['nf4_double_quant']['nf4_block']} absmax and double-quantized "
+    f"scales ({q['nf4_double_quant']['ratio']:.2f}x of bf16 bytes; "
+    f"{q['nf4']['ratio']:.2f}x without double quantization) or int8 per channel "
+    f"({q['int8']['ratio']:.2f}x), tested to the byte on kernels of input width {d_in} "
+    f"(`tests/test_quant.py`; int8's per-channel scale costs less per weight on wider "
+    f"kernels)"
+  )
 
 
 def render_qoft_accuracy() -> str:
   oft, qoft = _summary("default_run"), _summary("default_run_qoft_nf4")
 
   def fig(s):
-    return (f"accuracy {s['eval_before']['accuracy']:.3f} -> {s['eval_after']['accuracy']:.3f}, "
-            f"retention {s['retention_before']:.3f} -> {s['retention_after']:.3f}")
+    return (
+      f"accuracy {s['eval_before']['accuracy']:.3f} -> {s['eval_after']['accuracy']:.3f}, "
+      f"retention {s['retention_before']:.3f} -> {s['retention_after']:.3f}"
+    )
 
-  return (f"On the shipped default run ({oft['steps']} steps, `--quantize nf4` for QOFT): OFT "
-          f"{fig(oft)}; QOFT-nf4 {fig(qoft)}; frozen weights {oft['frozen_weight_bytes']:,} -> "
-          f"{qoft['frozen_weight_bytes']:,} bytes (`experiments/results/default_run*.json`).")
+  return (
+    f"On the shipped default run ({oft['steps']} steps, `--quantize nf4` for QOFT): OFT "
+    f"{fig(oft)}; QOFT-nf4 {fig(qoft)}; frozen weights {oft['frozen_weight_bytes']:,} -> "
+    f"{qoft['frozen_weight_bytes']:,} bytes (`experiments/results/default_run*.json`)."
+  )
 
 
 def render_peft_logits_tolerance() -> str:
   with open(_path("tests", "test_finetune_interop.py")) as f:
     found = re.findall(r"assert_allclose\(ours, theirs, atol=([0-9.e-]+)\)", f.read())
   if len(found) != 1:
-    raise ValueError("tests/test_finetune_interop.py: the PEFT logits check moved; update "
-                     "render_peft_logits_tolerance")
+    raise ValueError(
+      "tests/test_finetune_interop.py: the PEFT logits check moved; update "
+      "render_peft_logits_tolerance"
+    )
   return found[0]
 
 
@@ -311,8 +341,10 @@ def _eval_sizes() -> list[int]:
   with open(_path("notebooks", "ablation_runs.py")) as f:
     sizes = {int(m) for m in re.findall(r'"eval_limit": pick\(\d+, (\d+)\)', f.read())}
   for name in _notebooks():
-    sizes |= {int(m) for m in re.findall(r"(?:N_EVAL|EVAL_LIMIT)\s*=\s*pick\(\d+, (\d+)\)",
-                                         notebook_code(name))}
+    sizes |= {
+      int(m)
+      for m in re.findall(r"(?:N_EVAL|EVAL_LIMIT)\s*=\s*pick\(\d+, (\d+)\)", notebook_code(name))
+    }
   return sorted(sizes)
 
 
@@ -323,13 +355,17 @@ def render_notebook_count() -> str:
 def render_ablation_eval() -> str:
   sizes = _eval_sizes()
   n = sizes[0]
-  return (f"eval sets of {' or '.join(map(str, sizes))} examples (binomial standard error "
-          f"about {math.sqrt(0.9 * 0.1 / n):.2f} near 0.9)")
+  return (
+    f"eval sets of {' or '.join(map(str, sizes))} examples (binomial standard error "
+    f"about {math.sqrt(0.9 * 0.1 / n):.2f} near 0.9)"
+  )
 
 
 def render_ablation_table() -> str:
-  rows = ["| notebook | question | finding (full run: the notebook's `FINDING:` line) |",
-          "|---|---|---|"]
+  rows = [
+    "| notebook | question | finding (full run: the notebook's `FINDING:` line) |",
+    "|---|---|---|",
+  ]
   missing = [n for n in _notebooks() if n not in QUESTIONS]
   if missing:
     raise ValueError(f"add the question of notebook {missing[0]} to QUESTIONS")
@@ -339,8 +375,10 @@ def render_ablation_table() -> str:
 
 def render_assets_time() -> str:
   s = _json("experiments", "assets", "tiny-gemma3", "pretrain_summary.json")
-  return (f"{s['train_s'] / 60:.0f} minutes of pretraining on {s['cpu_count']} cores "
-          f"(`experiments/assets/tiny-gemma3/pretrain_summary.json`)")
+  return (
+    f"{s['train_s'] / 60:.0f} minutes of pretraining on {s['cpu_count']} cores "
+    f"(`experiments/assets/tiny-gemma3/pretrain_summary.json`)"
+  )
 
 
 # ----------------------------------------------------------------------------- RELIABILITY
@@ -355,25 +393,29 @@ INPUT_TESTS = ("test_bad_input_is_one_line_error", "test_bad_checkpoint_is_one_l
 
 
 def bad_input_catalogue() -> dict[str, list[str]]:
-  """pytest ids of every bad-input case RELIABILITY.md counts, per test file."""
-  return {"inputs": [i for t in INPUT_TESTS for i in collected_cases(INPUTS, t)],
-          "bad_input": [i for t in test_functions(BAD_INPUT)
-                        for i in collected_cases(BAD_INPUT, t)]}
+  """Pytest ids of every bad-input case RELIABILITY.md counts, per test file."""
+  return {
+    "inputs": [i for t in INPUT_TESTS for i in collected_cases(INPUTS, t)],
+    "bad_input": [i for t in test_functions(BAD_INPUT) for i in collected_cases(BAD_INPUT, t)],
+  }
 
 
 def render_bad_input_count() -> str:
   cases = bad_input_catalogue()
   here, there = len(cases["inputs"]), len(cases["bad_input"])
-  return (f"{here} cases here, plus the {there} of `tests/test_finetune_bad_input.py`: "
-          f"**{here + there}**")
+  return (
+    f"{here} cases here, plus the {there} of `tests/test_finetune_bad_input.py`: **{here + there}**"
+  )
 
 
 def render_bad_input_message(case: str) -> str:
   """The error line test case ``case`` recorded (``tests/test_reliability_inputs.py``)."""
   messages = _json("experiments", "results", "reliability_inputs.json")
   if case not in messages:
-    raise ValueError(f"no recorded message for bad-input case {case!r}; run "
-                     "OFTJAX_RECORD_RESULTS=1 pytest tests/test_reliability_inputs.py")
+    raise ValueError(
+      f"no recorded message for bad-input case {case!r}; run "
+      "OFTJAX_RECORD_RESULTS=1 pytest tests/test_reliability_inputs.py"
+    )
   return "`" + messages[case].replace("|", "\\|") + "`"
 
 
@@ -387,14 +429,17 @@ def render_reliability_setup() -> str:
         counts.update(dict(ast.literal_eval(node.iter)))
       except (ValueError, TypeError):
         pass
-  return _block(_paragraph(
+  return _block(
+    _paragraph(
       f"The three files share one session folder (`<pytest basetemp>/reliability/`): a tiny "
       f"random Gemma 3 ({model['num_hidden_layers']} layers, width {model['hidden_size']}), a "
       f"{counts['train.jsonl']}-record slice of the shipped task, a {counts['eval.jsonl']}-record "
       f"eval set, a JAX persistent compilation cache for the subprocesses, and **one "
       f"uninterrupted reference run** ({constant(SETUP, 'STEPS')} steps, checkpoint every "
       f"{constant(SETUP, 'SAVE_EVERY')}, keep {flags['--keep-checkpoints']}, `--lr "
-      f"{flags['--lr']}`) that every fault is compared with."))
+      f"{flags['--lr']}`) that every fault is compared with."
+    )
+  )
 
 
 def render_orthogonality_warning() -> str:
@@ -404,16 +449,21 @@ def render_orthogonality_warning() -> str:
     raise ValueError("the default Neumann terms are odd; the ‖Q‖ law below is for even n")
   # even n: max|RᵀR − I| ≈ ‖Q‖^(2n−2) (notebooks/neumann_terms.ipynb checks the law)
   seen = _numerics("orthogonality_warning")
-  return (f"one `warning: orthogonality error … > {tol:g} at step N (max ‖Q‖ = …)` at the first "
-          f"step where R stops being a rotation to {tol:.0%} (n={n}: at worst from ‖Q‖ = "
-          f"{tol ** (1 / (2 * n - 2)):.2f} on, as the error is at most ‖Q‖^{2 * n - 2}; here step "
-          f"{seen['step']}, ‖Q‖ = {seen['max_q_norm']:.3f})")
+  return (
+    f"one `warning: orthogonality error … > {tol:g} at step N (max ‖Q‖ = …)` at the first "
+    f"step where R stops being a rotation to {tol:.0%} (n={n}: at worst from ‖Q‖ = "
+    f"{tol ** (1 / (2 * n - 2)):.2f} on, as the error is at most ‖Q‖^{2 * n - 2}; here step "
+    f"{seen['step']}, ‖Q‖ = {seen['max_q_norm']:.3f})"
+  )
 
 
 def call_args(parts: tuple[str, ...], attr: str) -> tuple:
   """Literal positional arguments of the one call of ``<something>.attr(...)`` in a module."""
-  calls = [n for n in ast.walk(module_ast(*parts)) if isinstance(n, ast.Call)
-           and getattr(n.func, "attr", None) == attr]
+  calls = [
+    n
+    for n in ast.walk(module_ast(*parts))
+    if isinstance(n, ast.Call) and getattr(n.func, "attr", None) == attr
+  ]
   if len(calls) != 1:
     raise ValueError(f"{'/'.join(parts)} calls .{attr}() {len(calls)} times, expected once")
   return tuple(ast.literal_eval(a) for a in calls[0].args)
@@ -433,88 +483,148 @@ def render_fault_policy() -> str:
   half = next(s for r in chain for s in r["half_written"])
   damaged = _faults("damaged_step_warning").replace("…/checkpoints/", "")
   return _block(
-      "- A save killed midway leaves `<step>.orbax-checkpoint-tmp/`. "
-      "`RunCheckpoints.latest_step()`\n"
-      f"  prints `warning: checkpoint {half}.orbax-checkpoint-tmp in … was half-written …; "
-      "ignored` and never\n  loads it (orbax itself replaces it when that step is saved again).\n"
-      + "- " + _paragraph(
-          "After each save the main process writes `<step>/oftjax-integrity.json` (size + "
-          "SHA-256 of every file). On `--resume` the newest step is verified; a **damaged step "
-          f"is skipped with a warning** (`{damaged}`), renamed to `<step>.damaged` so it is "
-          "never loaded, and the previous step is used. A step without the manifest (killed "
-          "between orbax's commit and the manifest write) gets structural checks only (its "
-          "JSON files must parse).").replace("\n", "\n  ") + "\n"
-      + "- " + _paragraph(
-          "If no step is usable, or a restore fails anyway, the job exits 2 with **one line "
-          f"naming the step** (`error: checkpoint step {steps} in … is damaged (…) and no "
-          "earlier step is usable; start again with --overwrite` / `… cannot be restored (…); "
-          "move it aside to resume from an earlier step`).").replace("\n", "\n  "))
+    "- A save killed midway leaves `<step>.orbax-checkpoint-tmp/`. "
+    "`RunCheckpoints.latest_step()`\n"
+    f"  prints `warning: checkpoint {half}.orbax-checkpoint-tmp in … was half-written …; "
+    "ignored` and never\n  loads it (orbax itself replaces it when that step is saved again).\n"
+    + "- "
+    + _paragraph(
+      "After each save the main process writes `<step>/oftjax-integrity.json` (size + "
+      "SHA-256 of every file). On `--resume` the newest step is verified; a **damaged step "
+      f"is skipped with a warning** (`{damaged}`), renamed to `<step>.damaged` so it is "
+      "never loaded, and the previous step is used. A step without the manifest (killed "
+      "between orbax's commit and the manifest write) gets structural checks only (its "
+      "JSON files must parse)."
+    ).replace("\n", "\n  ")
+    + "\n"
+    + "- "
+    + _paragraph(
+      "If no step is usable, or a restore fails anyway, the job exits 2 with **one line "
+      f"naming the step** (`error: checkpoint step {steps} in … is damaged (…) and no "
+      "earlier step is usable; start again with --overwrite` / `… cannot be restored (…); "
+      "move it aside to resume from an earlier step`)."
+    ).replace("\n", "\n  ")
+  )
 
 
 def render_fault_table() -> str:
   steps, every = constant(SETUP, "STEPS"), constant(SETUP, "SAVE_EVERY")
-  (seed,), (lo, hi), (d_lo, d_hi) = (call_args(FAULTS, "Random"), call_args(FAULTS, "randint"),
-                                     call_args(FAULTS, "uniform"))
+  (seed,), (lo, hi), (d_lo, d_hi) = (
+    call_args(FAULTS, "Random"),
+    call_args(FAULTS, "randint"),
+    call_args(FAULTS, "uniform"),
+  )
   kinds = constant(FAULTS, "INTERRUPTIONS")
   chain = _faults("sigkill_chain")
   if [r["point"] for r in chain] != list(kinds):
     raise ValueError("the recorded SIGKILL chain is not the test's INTERRUPTIONS; record it again")
-  where = {"step": f"step point: metrics line of a step {lo}–{hi} past the first checkpoint or "
-                   f"anything logged, then {d_lo:g}–{d_hi:g} s",
-           "save": "inside a checkpoint write (polled: `<step>.orbax-checkpoint-tmp/` appears)",
-           "sigint": "step point", "final": f"right after the last checkpoint (step {steps}) "
-           "committed, i.e. while the integrity manifest, old-step clean-up, evaluation, "
-           "adapter export and summary are written"}
+  where = {
+    "step": f"step point: metrics line of a step {lo}–{hi} past the first checkpoint or "
+    f"anything logged, then {d_lo:g}–{d_hi:g} s",
+    "save": "inside a checkpoint write (polled: `<step>.orbax-checkpoint-tmp/` appears)",
+    "sigint": "step point",
+    "final": f"right after the last checkpoint (step {steps}) "
+    "committed, i.e. while the integrity manifest, old-step clean-up, evaluation, "
+    "adapter export and summary are written",
+  }
 
   def happened(r):
     last = max(r["committed"]) if r["committed"] else None
-    tmp = "" if not r["half_written"] else (
+    tmp = (
+      ""
+      if not r["half_written"]
+      else (
         f"`{r['half_written'][-1]}.orbax-checkpoint-tmp` left behind; the next start warns "
-        f"\"half-written … ignored\" and resumes from step {last}")
+        f'"half-written … ignored" and resumes from step {last}'
+      )
+    )
     if r["point"] == "sigint":
-      return (f"finished the step ({r['logged_step']}), saved it, printed `stopped at step N; "
-              "rerun with --resume`, **exit 0**")
+      return (
+        f"finished the step ({r['logged_step']}), saved it, printed `stopped at step N; "
+        "rerun with --resume`, **exit 0**"
+      )
     if r["point"] == "final":
-      return (f"steps {', '.join(map(str, r['committed']))} on disk; no `summary.json`; resume "
-              f"at step {steps} trains nothing and writes the outputs")
+      return (
+        f"steps {', '.join(map(str, r['committed']))} on disk; no `summary.json`; resume "
+        f"at step {steps} trains nothing and writes the outputs"
+      )
     if r["point"] == "save":
       return tmp or f"the write had finished; resume from step {last}"
-    return (f"killed after step {r['logged_step']}; "
-            + (f"it landed inside a checkpoint write: {tmp}" if tmp else
-               f"resume from the last committed step ({last})"))
+    return f"killed after step {r['logged_step']}; " + (
+      f"it landed inside a checkpoint write: {tmp}"
+      if tmp
+      else f"resume from the last committed step ({last})"
+    )
 
   test = "`test_sigkill_at_seeded_points_then_resume_is_bit_identical`"
-  rows = [(r["signal"], where[r["point"]], happened(r), test if i == 0 else "same")
-          for i, r in enumerate(chain)]
-  final = ("| — | final `--resume` | — | **`peft_adapter/adapter_model.safetensors` "
-           "byte-identical** to the reference; `metrics.jsonl` identical; `final_loss`, "
-           "`eval_after` identical | same |")
-  damages = ast.literal_eval(next(
-      d.args[1] for d in test_functions(FAULTS)["test_damaged_step_falls_back_to_the_previous_one"]
-      .decorator_list if isinstance(d, ast.Call)))
-  rest = [
-      (f"truncated largest data file of the latest committed step ({steps})",
-       "copy of the reference run, `--resume`",
-       f"warning \"step {steps} is damaged … resuming from step {steps - every}\"; "
-       f"`{steps}.damaged` kept aside; adapter byte-identical, metrics identical",
-       "`test_damaged_latest_checkpoint_is_skipped_and_resume_is_bit_identical`", 1),
-      ("`<step>.orbax-checkpoint-tmp` with orbax's first file only", "unit (RunCheckpoints)",
-       "ignored with a warning; latest = previous step",
-       "`test_half_written_step_is_ignored_with_a_warning`", 1),
-      ("truncated / bit-flipped / deleted data file, unreadable manifest, bad `meta/metadata` "
-       "in a manifest-less step", "unit",
-       "skipped with a warning, previous step restored with its values",
-       "`test_damaged_step_falls_back_to_the_previous_one[*]`", len(damages)),
-      ("every step damaged", "unit", "`CheckpointError`, one line naming the newest step",
-       "`test_every_step_damaged_is_one_line_error_naming_the_step`", 1),
-      ("manifest-less step whose array data is gone", "unit",
-       "restore raises `CheckpointError`, one line naming the step",
-       "`test_restore_failure_is_one_line_error_naming_the_step`", 1),
-      ("SIGTERM mid-run", "existing", "finishes the step, saves, exit 0",
-       "`tests/test_finetune_resume.py::test_sigterm_saves_and_exits_cleanly`", 1),
+  rows = [
+    (r["signal"], where[r["point"]], happened(r), test if i == 0 else "same")
+    for i, r in enumerate(chain)
   ]
-  lines = [f"| # | Injected | Where (seeded, `random.Random({seed})`) | What happened | Test |",
-           "|---|----------|-------------------------------------|---------------|------|"]
+  final = (
+    "| — | final `--resume` | — | **`peft_adapter/adapter_model.safetensors` "
+    "byte-identical** to the reference; `metrics.jsonl` identical; `final_loss`, "
+    "`eval_after` identical | same |"
+  )
+  damages = ast.literal_eval(
+    next(
+      d.args[1]
+      for d in test_functions(FAULTS)[
+        "test_damaged_step_falls_back_to_the_previous_one"
+      ].decorator_list
+      if isinstance(d, ast.Call)
+    )
+  )
+  rest = [
+    (
+      f"truncated largest data file of the latest committed step ({steps})",
+      "copy of the reference run, `--resume`",
+      f'warning "step {steps} is damaged … resuming from step {steps - every}"; '
+      f"`{steps}.damaged` kept aside; adapter byte-identical, metrics identical",
+      "`test_damaged_latest_checkpoint_is_skipped_and_resume_is_bit_identical`",
+      1,
+    ),
+    (
+      "`<step>.orbax-checkpoint-tmp` with orbax's first file only",
+      "unit (RunCheckpoints)",
+      "ignored with a warning; latest = previous step",
+      "`test_half_written_step_is_ignored_with_a_warning`",
+      1,
+    ),
+    (
+      "truncated / bit-flipped / deleted data file, unreadable manifest, bad `meta/metadata` "
+      "in a manifest-less step",
+      "unit",
+      "skipped with a warning, previous step restored with its values",
+      "`test_damaged_step_falls_back_to_the_previous_one[*]`",
+      len(damages),
+    ),
+    (
+      "every step damaged",
+      "unit",
+      "`CheckpointError`, one line naming the newest step",
+      "`test_every_step_damaged_is_one_line_error_naming_the_step`",
+      1,
+    ),
+    (
+      "manifest-less step whose array data is gone",
+      "unit",
+      "restore raises `CheckpointError`, one line naming the step",
+      "`test_restore_failure_is_one_line_error_naming_the_step`",
+      1,
+    ),
+    (
+      "SIGTERM mid-run",
+      "existing",
+      "finishes the step, saves, exit 0",
+      "`tests/test_finetune_resume.py::test_sigterm_saves_and_exits_cleanly`",
+      1,
+    ),
+  ]
+  lines = [
+    f"| # | Injected | Where (seeded, `random.Random({seed})`) | What happened | Test |",
+    "|---|----------|-------------------------------------|---------------|------|",
+  ]
   lines += [f"| {i} | {a} | {b} | {c} | {d} |" for i, (a, b, c, d) in enumerate(rows, 1)]
   lines.append(final)
   number = len(rows) + 1
@@ -529,17 +639,20 @@ def render_fault_notes() -> str:
   (seed,) = call_args(FAULTS, "Random")
   chain = _faults("sigkill_chain")
   inside = sum(bool(r["half_written"]) for r in chain if r["point"] != "final")
-  return _block(_paragraph(
+  return _block(
+    _paragraph(
       f"Triggers and delays are seeded (`random.Random({seed})`); where they land depends on "
       "the machine's speed, so the table shows one recorded run (`OFTJAX_RECORD_RESULTS=1` "
       "writes its kill log to `experiments/results/reliability_faults.json`); another machine "
       "hits other steps. Asserted every time: each process dies as planned (SIGKILL: -9, "
       "SIGINT: 0 with the message), no `summary.json` before the end, each restart reports the "
       "half-written step the previous kill left, at least one kill landed inside a checkpoint "
-      "write, and the final adapter bytes equal the reference's. The \"step\" points are "
+      'write, and the final adapter bytes equal the reference\'s. The "step" points are '
       "metrics lines with a step beyond anything a previous process logged, so a stale line of "
       f"a killed run never triggers a kill early (in the recorded run {_words(inside)} kills "
-      "landed inside a checkpoint write)."))
+      "landed inside a checkpoint write)."
+    )
+  )
 
 
 def render_reference_lr() -> str:
@@ -549,22 +662,28 @@ def render_reference_lr() -> str:
 def render_nonfinite_injected() -> str:
   lr = constant(("tests", "test_reliability_numerics.py"), "HUGE_LR")
   r = _numerics("nonfinite")
-  return (f"`--lr {lr}`: ‖Q‖ = {r['max_q_norm_before']:,} after step "
-          f"{r['first_skipped_step'] - 1}, loss NaN from step {r['first_skipped_step']}")
+  return (
+    f"`--lr {lr}`: ‖Q‖ = {r['max_q_norm_before']:,} after step "
+    f"{r['first_skipped_step'] - 1}, loss NaN from step {r['first_skipped_step']}"
+  )
 
 
 def render_nonfinite_result() -> str:
   r = _numerics("nonfinite")
-  return (f"exit 0, `warning: step {r['first_skipped_step']}: … not finite; step skipped`, "
-          f"`skipped_steps` counts {r['first_skipped_step']}…{r['last_step']}")
+  return (
+    f"exit 0, `warning: step {r['first_skipped_step']}: … not finite; step skipped`, "
+    f"`skipped_steps` counts {r['first_skipped_step']}…{r['last_step']}"
+  )
 
 
 def render_nonfinite_stop() -> str:
   step = _numerics("nonfinite_stop_step")
   if step != _numerics("nonfinite")["first_skipped_step"]:
     raise ValueError("the recorded stop step differs from the first skipped step")
-  return (f"`error: step {step}: the loss or gradient is not finite (loss nan); stopped "
-          "(--on-nonfinite stop) without saving it; last checkpoint: none; …`")
+  return (
+    f"`error: step {step}: the loss or gradient is not finite (loss nan); stopped "
+    "(--on-nonfinite stop) without saving it; last checkpoint: none; …`"
+  )
 
 
 # ----------------------------------------------------------------------------- BENCHMARKS
@@ -572,72 +691,97 @@ def render_nonfinite_stop() -> str:
 
 def render_bench_notebook() -> str:
   d_lo, d_hi, v1, v2, b_lo, b_hi = finding_figures(
-      "oft_v1_vs_v2", r"Against d_model \((\d+)-(\d+),.*?grow as d\^([\d.]+).*?OFTv2's as "
-      r"d\^([\d.]+).*?at b=(\d+) to [\d.]+x at b=(\d+)")
-  return (f"sweep d_model ({d_lo}–{d_hi}) and the block size ({b_lo}–{b_hi}) for OFTv2 against "
-          f"the original OFT, and fits the growth: the original OFT's flops over the floor grow "
-          f"as d^{v1}, OFTv2's as d^{v2}")
+    "oft_v1_vs_v2",
+    r"Against d_model \((\d+)-(\d+),.*?grow as d\^([\d.]+).*?OFTv2's as "
+    r"d\^([\d.]+).*?at b=(\d+) to [\d.]+x at b=(\d+)",
+  )
+  return (
+    f"sweep d_model ({d_lo}–{d_hi}) and the block size ({b_lo}–{b_hi}) for OFTv2 against "
+    f"the original OFT, and fits the growth: the original OFT's flops over the floor grow "
+    f"as d^{v1}, OFTv2's as d^{v2}"
+  )
 
 
 def render_bench_reproduce() -> str:
   r = bench()
-  return (f"The committed full run took {r['wall_s'] / 60:.0f} min on {r['machine']['cpus']} busy "
-          f"cores.")
+  return (
+    f"The committed full run took {r['wall_s'] / 60:.0f} min on {r['machine']['cpus']} busy cores."
+  )
 
 
 def render_bench_model() -> str:
-  shapes = {(e["config"]["layers"], e["config"]["head_dim"],
-             e["config"]["d_model"] // e["config"]["heads"],
-             e["config"]["heads"] // e["config"]["kv_heads"],
-             e["config"]["intermediate"] // e["config"]["d_model"], e["config"]["vocab"],
-             e["config"]["seq"]) for e in bench()["configs"]}
+  shapes = {
+    (
+      e["config"]["layers"],
+      e["config"]["head_dim"],
+      e["config"]["d_model"] // e["config"]["heads"],
+      e["config"]["heads"] // e["config"]["kv_heads"],
+      e["config"]["intermediate"] // e["config"]["d_model"],
+      e["config"]["vocab"],
+      e["config"]["seq"],
+    )
+    for e in bench()["configs"]
+  }
   if len(shapes) != 1:
     raise ValueError(f"the benchmark's configs differ in shape ({shapes}); update the sentence")
   layers, head_dim, per_head, kv, mlp, vocab, seq = shapes.pop()
-  return (f"{layers} decoder layer{'s' * (layers != 1)}, head_dim {head_dim}, heads = "
-          f"d_model/{per_head}, GQA with kv_heads = heads/{kv}, intermediate = {mlp}·d_model, "
-          f"vocab {vocab} (tied embedding; head and embedding cost negligible), sequence {seq}, "
-          f"batch = tokens/{seq}")
+  return (
+    f"{layers} decoder layer{'s' * (layers != 1)}, head_dim {head_dim}, heads = "
+    f"d_model/{per_head}, GQA with kv_heads = heads/{kv}, intermediate = {mlp}·d_model, "
+    f"vocab {vocab} (tied embedding; head and embedding cost negligible), sequence {seq}, "
+    f"batch = tokens/{seq}"
+  )
 
 
 def render_bench_timing() -> str:
-  fn = next(n for n in module_ast("experiments", "benchmark.py").body
-            if isinstance(n, ast.FunctionDef) and n.name == "_timing")
-  budget, _, rounds = ast.literal_eval(next(
-      n for n in ast.walk(fn) if isinstance(n, ast.Return)).value.value)[bench()["mode"]]
+  fn = next(
+    n
+    for n in module_ast("experiments", "benchmark.py").body
+    if isinstance(n, ast.FunctionDef) and n.name == "_timing"
+  )
+  budget, _, rounds = ast.literal_eval(
+    next(n for n in ast.walk(fn) if isinstance(n, ast.Return)).value.value
+  )[bench()["mode"]]
   c = bench()["targets"]["config"]
   v1 = len(bench_entry("d_model", d_model=c["d_model"])["methods"]["oftv1"]["step_times_s"])
-  return (f"up to {rounds} rounds or ~{budget:.0f} s per method; very slow methods get fewer "
-          f"timed steps ({v1} for OFT v1 at d_model {c['d_model']})")
+  return (
+    f"up to {rounds} rounds or ~{budget:.0f} s per method; very slow methods get fewer "
+    f"timed steps ({v1} for OFT v1 at d_model {c['d_model']})"
+  )
 
 
 def render_bench_load() -> str:
   m = bench()["machine"]
-  return (f"load average {m['loadavg_start'][0]:.1f} at the start and "
-          f"{m['loadavg_end'][0]:.1f} at the end of the run")
+  return (
+    f"load average {m['loadavg_start'][0]:.1f} at the start and "
+    f"{m['loadavg_end'][0]:.1f} at the end of the run"
+  )
 
 
 def render_bench_lora_match() -> str:
   e = bench_entry("d_model", d_model=512)
   m = e["methods"]
-  return (f"at b={e['config']['block_size']} it is {e['config']['lora_match_rank']}, so r=16 "
-          f"already has more trainable params than OFTv2: "
-          f"{m['lora16']['trainable_params'] / m['oft']['trainable_params']:.1f}×")
+  return (
+    f"at b={e['config']['block_size']} it is {e['config']['lora_match_rank']}, so r=16 "
+    f"already has more trainable params than OFTv2: "
+    f"{m['lora16']['trainable_params'] / m['oft']['trainable_params']:.1f}×"
+  )
 
 
 def render_bench_machine() -> str:
   r = bench()
   m = r["machine"]
   return _block(
-      f"- CPU: {m['cpu_model']} ({m['processor']}), {m['cpus']} cores visible; shared with other "
-      f"engineers' test runs\n  (load average {m['loadavg_start'][0]:.1f} at start, "
-      f"{m['loadavg_end'][0]:.1f} at end of the run).\n"
-      f"- Threads: XLA CPU default (all {m['threads']} cores); torch "
-      f"`set_num_threads({m['torch_threads']})`. dtype: {m['dtype']} everywhere.\n"
-      f"- Versions: Python {m['python']}, jax {m['jax']} ({m['jax_backend'].upper()} backend), "
-      f"torch {m['torch']}. `XLA_FLAGS` {repr(m['xla_flags']) if m['xla_flags'] else 'unset'}.\n"
-      f"- Full run wall time: {r['wall_s'] / 60:.0f} min (`mode: {r['mode']}`); raw numbers in\n"
-      f"  `experiments/benchmark_plots/results_full.json`.")
+    f"- CPU: {m['cpu_model']} ({m['processor']}), {m['cpus']} cores visible; shared with other "
+    f"engineers' test runs\n  (load average {m['loadavg_start'][0]:.1f} at start, "
+    f"{m['loadavg_end'][0]:.1f} at end of the run).\n"
+    f"- Threads: XLA CPU default (all {m['threads']} cores); torch "
+    f"`set_num_threads({m['torch_threads']})`. dtype: {m['dtype']} everywhere.\n"
+    f"- Versions: Python {m['python']}, jax {m['jax']} ({m['jax_backend'].upper()} backend), "
+    f"torch {m['torch']}. `XLA_FLAGS` {repr(m['xla_flags']) if m['xla_flags'] else 'unset'}.\n"
+    f"- Full run wall time: {r['wall_s'] / 60:.0f} min (`mode: {r['mode']}`); raw numbers in\n"
+    f"  `experiments/benchmark_plots/results_full.json`."
+  )
 
 
 def render_bench_results() -> str:
@@ -651,30 +795,37 @@ def render_bench_targets() -> str:
   big = bench_entry("d_model", d_model=c["d_model"])
   r, m = big["ratios"], big["methods"]
   small = bench_entry("d_model", d_model=2048)["ratios"]
-  low = [e["ratios"]["peft_oft_over_oft_time"] for e in bench()["configs"]
-         if e["sweep"] == "d_model" and e["config"]["d_model"] <= 1024]
-  verdict = lambda k: "met" if t["checks"][k]["met"] else "**not met**"  # noqa: E731
+  low = [
+    e["ratios"]["peft_oft_over_oft_time"]
+    for e in bench()["configs"]
+    if e["sweep"] == "d_model" and e["config"]["d_model"] <= 1024
+  ]
+  verdict = lambda k: "met" if t["checks"][k]["met"] else "**not met**"
   peft = verdict("peft_oft_over_oft_time")
   if t["checks"]["peft_oft_over_oft_time"]["met"] and v["peft_oft_over_oft_time"] < 1.6:
-    peft = (f"met, narrowly ({small['peft_oft_over_oft_time']:.2f}× at d_model 2048, "
-            f"{_range(low, '{:.1f}')}× at d_model ≤ 1024)")
+    peft = (
+      f"met, narrowly ({small['peft_oft_over_oft_time']:.2f}× at d_model 2048, "
+      f"{_range(low, '{:.1f}')}× at d_model ≤ 1024)"
+    )
   rows = [
-      "| target | measured | verdict |", "|---|---|---|",
-      f"| OFTv2 step ≥ 10× faster than OFT v1 | {v['oftv1_over_oft_time']:.1f}× (flops "
-      f"{r['oftv1_over_oft_flops']:.1f}×) | {verdict('oftv1_over_oft_time')} |",
-      f"| OFTv2 temp memory ≥ 3× less than OFT v1 | {v['oftv1_over_oft_temp']:.1f}× "
-      f"({m['oft']['temp_bytes'] / 2**20:.0f} vs {m['oftv1']['temp_bytes'] / 2**20:.0f} MiB) "
-      f"| {verdict('oftv1_over_oft_temp')} |",
-      f"| OFTv2 step ≤ 1.05× LoRA r=16 | {v['oft_over_lora16_time']:.2f}× "
-      f"| {verdict('oft_over_lora16_time')} |",
-      f"| OFTv2 step ≤ 1.10× the floor | {v['oft_over_floor_time']:.2f}× (flops "
-      f"{r['oft_over_floor_flops']:.2f}×) | {verdict('oft_over_floor_time')} |",
-      f"| oftjax OFTv2 ≥ 1.5× faster than PEFT OFT | {v['peft_oft_over_oft_time']:.2f}× "
-      f"| {peft} |",
-      "| ≥ 60% of the matmul peak | see below | **not reliably measurable here** |",
+    "| target | measured | verdict |",
+    "|---|---|---|",
+    f"| OFTv2 step ≥ 10× faster than OFT v1 | {v['oftv1_over_oft_time']:.1f}× (flops "
+    f"{r['oftv1_over_oft_flops']:.1f}×) | {verdict('oftv1_over_oft_time')} |",
+    f"| OFTv2 temp memory ≥ 3× less than OFT v1 | {v['oftv1_over_oft_temp']:.1f}× "
+    f"({m['oft']['temp_bytes'] / 2**20:.0f} vs {m['oftv1']['temp_bytes'] / 2**20:.0f} MiB) "
+    f"| {verdict('oftv1_over_oft_temp')} |",
+    f"| OFTv2 step ≤ 1.05× LoRA r=16 | {v['oft_over_lora16_time']:.2f}× "
+    f"| {verdict('oft_over_lora16_time')} |",
+    f"| OFTv2 step ≤ 1.10× the floor | {v['oft_over_floor_time']:.2f}× (flops "
+    f"{r['oft_over_floor_flops']:.2f}×) | {verdict('oft_over_floor_time')} |",
+    f"| oftjax OFTv2 ≥ 1.5× faster than PEFT OFT | {v['peft_oft_over_oft_time']:.2f}× | {peft} |",
+    "| ≥ 60% of the matmul peak | see below | **not reliably measurable here** |",
   ]
-  return (f"**Targets** (judged at the largest config, d_model {c['d_model']}, {c['tokens']} "
-          f"tokens/step, b={c['block_size']}; full run):\n\n" + "\n".join(rows))
+  return (
+    f"**Targets** (judged at the largest config, d_model {c['d_model']}, {c['tokens']} "
+    f"tokens/step, b={c['block_size']}; full run):\n\n" + "\n".join(rows)
+  )
 
 
 def render_bench_peak() -> str:
@@ -683,9 +834,11 @@ def render_bench_peak() -> str:
 
 def render_bench_small_configs() -> str:
   small = [bench_entry("d_model", d_model=d)["ratios"] for d in (512, 1024)]
-  return (f"At d_model 512/1024 the OFTv2/floor time ratio was "
-          f"{_range([x['oft_over_floor_time'] for x in small])} in the full run (flops ratio "
-          f"{_range([x['oft_over_floor_flops'] for x in small])})")
+  return (
+    f"At d_model 512/1024 the OFTv2/floor time ratio was "
+    f"{_range([x['oft_over_floor_time'] for x in small])} in the full run (flops ratio "
+    f"{_range([x['oft_over_floor_flops'] for x in small])})"
+  )
 
 
 def render_bench_block_ratios() -> str:
@@ -701,16 +854,21 @@ def render_bench_v1_growth() -> str:
   tokens = sorted(e["config"]["tokens"] for e in bench()["configs"] if e["sweep"] == "tokens")
   by_t = [bench_entry("tokens", tokens=t)["ratios"]["oftv1_over_oft_time"] for t in tokens]
   d_tokens = bench_entry("tokens", tokens=tokens[0])["config"]["d_model"]
-  fmt = lambda x: f"{x:.1f}×" if x < 10 else f"{x:.0f}×"  # noqa: E731
-  return (f"({', '.join(fmt(x) for x in by_d)} for d_model {widths[0]}→{widths[-1]} at "
-          f"512 tokens) and shrinks with tokens ("
-          + ", ".join(f"{fmt(x)} at {t}" for x, t in zip(by_t, tokens))
-          + f" tokens, d_model {d_tokens})")
+  fmt = lambda x: f"{x:.1f}×" if x < 10 else f"{x:.0f}×"
+  return (
+    f"({', '.join(fmt(x) for x in by_d)} for d_model {widths[0]}→{widths[-1]} at "
+    f"512 tokens) and shrinks with tokens ("
+    + ", ".join(f"{fmt(x)} at {t}" for x, t in zip(by_t, tokens))
+    + f" tokens, d_model {d_tokens})"
+  )
 
 
 def render_bench_peft_lora() -> str:
-  ratios = [e["ratios"]["peft_lora16_over_lora16_time"] for e in bench()["configs"]
-            if "peft_lora16_over_lora16_time" in e["ratios"]]
+  ratios = [
+    e["ratios"]["peft_lora16_over_lora16_time"]
+    for e in bench()["configs"]
+    if "peft_lora16_over_lora16_time" in e["ratios"]
+  ]
   return f"PEFT LoRA/oftjax LoRA is {_range(ratios, '{:.1f}')}×"
 
 
@@ -723,12 +881,15 @@ def render_bench_skipped() -> str:
   peft = "/".join(str(n) for n in sorted({timed["peft_oft"], timed["peft_lora16"]}))
   tokens = [e["config"] for e in configs if e["sweep"] == "tokens"]
   blocks = [e for e in configs if e["sweep"] == "block_size"]
-  swept = sorted({t["tokens"] for t in tokens} | {bench_entry("d_model", d_model=tokens[0][
-      "d_model"])["config"]["tokens"]})
+  swept = sorted(
+    {t["tokens"] for t in tokens}
+    | {bench_entry("d_model", d_model=tokens[0]["d_model"])["config"]["tokens"]}
+  )
   absent = sorted(set(bench_report.ORDER) - set(blocks[0]["methods"]) - {"lora_match"})
   ran = [e for e in configs if "lora_match" in e["methods"]]
   rest = [e["config"] for e in configs if "lora_match" not in e["methods"]]
-  return _block(_paragraph(
+  return _block(
+    _paragraph(
       f"**What was skipped (full run).** {_words(c['layers']).capitalize()} decoder layer only "
       f"(cost analysis counts a scan body once; more layers scale every method alike). Tokens "
       f"sweep at d_model {tokens[0]['d_model']} only ({', '.join(map(str, swept))} tokens); "
@@ -739,48 +900,51 @@ def render_bench_skipped() -> str:
       f"{m['oftv1']['step_s']:.0f} s per step there and got {v1_timed} (floor {timed['floor']}, "
       f"OFTv2 {timed['oft']}, LoRA {timed['lora16']}, full FT {timed['full']}, PEFT {peft} "
       f"each). `lora_match` (smallest rank with ≥ OFTv2's params) only ran at "
-      + ", ".join(f"b={e['config']['block_size']} (r={e['methods']['lora_match']['lora_rank']})"
-                  for e in ran)
+      + ", ".join(
+        f"b={e['config']['block_size']} (r={e['methods']['lora_match']['lora_rank']})" for e in ran
+      )
       + f"; at b ≤ {max(x['block_size'] for x in rest)} the matched rank is ≤ "
-      f"{max(x['lora_match_rank'] for x in rest)}, so LoRA r=16 already covers it."))
+      f"{max(x['lora_match_rank'] for x in rest)}, so LoRA r=16 already covers it."
+    )
+  )
 
 
 RENDERERS = {
-    "default-run": render_default_run,
-    "benchmark-summary": render_benchmark_summary,
-    "quant-storage": render_quant_storage,
-    "qoft-accuracy": render_qoft_accuracy,
-    "peft-logits-tolerance": render_peft_logits_tolerance,
-    "notebook-count": render_notebook_count,
-    "ablation-eval": render_ablation_eval,
-    "ablation-table": render_ablation_table,
-    "assets-time": render_assets_time,
-    "bad-input-count": render_bad_input_count,
-    "reliability-setup": render_reliability_setup,
-    "bad-input-message": render_bad_input_message,
-    "orthogonality-warning": render_orthogonality_warning,
-    "fault-policy": render_fault_policy,
-    "fault-table": render_fault_table,
-    "fault-notes": render_fault_notes,
-    "reference-lr": render_reference_lr,
-    "nonfinite-injected": render_nonfinite_injected,
-    "nonfinite-result": render_nonfinite_result,
-    "nonfinite-stop": render_nonfinite_stop,
-    "bench-notebook": render_bench_notebook,
-    "bench-reproduce": render_bench_reproduce,
-    "bench-model": render_bench_model,
-    "bench-timing": render_bench_timing,
-    "bench-load": render_bench_load,
-    "bench-lora-match": render_bench_lora_match,
-    "bench-machine": render_bench_machine,
-    "bench-results": render_bench_results,
-    "bench-targets": render_bench_targets,
-    "bench-peak": render_bench_peak,
-    "bench-small-configs": render_bench_small_configs,
-    "bench-block-ratios": render_bench_block_ratios,
-    "bench-v1-growth": render_bench_v1_growth,
-    "bench-peft-lora": render_bench_peft_lora,
-    "bench-skipped": render_bench_skipped,
+  "default-run": render_default_run,
+  "benchmark-summary": render_benchmark_summary,
+  "quant-storage": render_quant_storage,
+  "qoft-accuracy": render_qoft_accuracy,
+  "peft-logits-tolerance": render_peft_logits_tolerance,
+  "notebook-count": render_notebook_count,
+  "ablation-eval": render_ablation_eval,
+  "ablation-table": render_ablation_table,
+  "assets-time": render_assets_time,
+  "bad-input-count": render_bad_input_count,
+  "reliability-setup": render_reliability_setup,
+  "bad-input-message": render_bad_input_message,
+  "orthogonality-warning": render_orthogonality_warning,
+  "fault-policy": render_fault_policy,
+  "fault-table": render_fault_table,
+  "fault-notes": render_fault_notes,
+  "reference-lr": render_reference_lr,
+  "nonfinite-injected": render_nonfinite_injected,
+  "nonfinite-result": render_nonfinite_result,
+  "nonfinite-stop": render_nonfinite_stop,
+  "bench-notebook": render_bench_notebook,
+  "bench-reproduce": render_bench_reproduce,
+  "bench-model": render_bench_model,
+  "bench-timing": render_bench_timing,
+  "bench-load": render_bench_load,
+  "bench-lora-match": render_bench_lora_match,
+  "bench-machine": render_bench_machine,
+  "bench-results": render_bench_results,
+  "bench-targets": render_bench_targets,
+  "bench-peak": render_bench_peak,
+  "bench-small-configs": render_bench_small_configs,
+  "bench-block-ratios": render_bench_block_ratios,
+  "bench-v1-growth": render_bench_v1_growth,
+  "bench-peft-lora": render_bench_peft_lora,
+  "bench-skipped": render_bench_skipped,
 }
 
 
@@ -803,15 +967,18 @@ def render(text: str, doc: str) -> tuple[str, list[str]]:
   new = REGION.sub(one, text)
   opened, closed = text.count("<!-- generated:"), text.count("<!-- /generated:")
   if not opened == closed == len(REGION.findall(text)):
-    raise ValueError(f"{doc}: {opened} opening and {closed} closing generated markers, "
-                     f"{len(REGION.findall(text))} well-formed regions")
+    raise ValueError(
+      f"{doc}: {opened} opening and {closed} closing generated markers, "
+      f"{len(REGION.findall(text))} well-formed regions"
+    )
   return new, stale
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--check", action="store_true",
-                      help="write nothing; exit 1 listing the stale regions")
+  parser.add_argument(
+    "--check", action="store_true", help="write nothing; exit 1 listing the stale regions"
+  )
   args = parser.parse_args(argv)
   rendered, used, stale = {}, set(), []
   for doc in DOCS:
@@ -822,13 +989,16 @@ def main(argv=None) -> int:
     stale += [f"{doc}: {name}" for name in changed]
   unused = sorted(set(RENDERERS) - used)
   if unused:
-    print(f"error: renderers with no region in {', '.join(DOCS)}: {', '.join(unused)}",
-          file=sys.stderr)
+    print(
+      f"error: renderers with no region in {', '.join(DOCS)}: {', '.join(unused)}", file=sys.stderr
+    )
     return 1
   if args.check:
     if stale:
-      print("stale generated regions (run python experiments/render_docs.py):\n  "
-            + "\n  ".join(stale), file=sys.stderr)
+      print(
+        "stale generated regions (run python experiments/render_docs.py):\n  " + "\n  ".join(stale),
+        file=sys.stderr,
+      )
       return 1
     print("every generated region is up to date")
     return 0

@@ -19,8 +19,12 @@ import shutil
 import tempfile
 
 # The job's shipped defaults (tiny Gemma 3, the task), as experiments/finetune_gemma.py sets them.
-os.environ.setdefault("OFTJAX_ASSETS", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "assets"))
+os.environ.setdefault(
+  "OFTJAX_ASSETS",
+  os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "assets"
+  ),
+)
 MODE = os.environ.get("OFTJAX_NOTEBOOK_MODE", "full")
 if MODE not in ("quick", "full"):
   raise ValueError(f"OFTJAX_NOTEBOOK_MODE must be quick or full (got {MODE!r})")
@@ -62,30 +66,34 @@ def finetune(**overrides) -> dict:
   finally:
     shutil.rmtree(out, ignore_errors=True)
   last = curve[-1] if curve else {}
-  row = {**overrides,
-         "accuracy_before": summary["eval_before"]["accuracy"],
-         "accuracy": summary["eval_after"]["accuracy"],
-         "retention_before": summary.get("retention_before"),
-         "retention": summary.get("retention_after"),
-         "eval_loss": summary["eval_after"]["loss"],
-         "trainable_params": summary["trainable_params"],
-         "step_time_s": summary["step_time_s"],
-         "frozen_weight_bytes": summary["frozen_weight_bytes"],
-         "adapter_bytes": summary["adapter_bytes"],
-         "skipped_steps": summary["skipped_steps"],
-         "max_q_norm": last.get("max_q_norm"),
-         "orthogonality_error": last.get("orthogonality_error"),
-         "curve": curve}
+  row = {
+    **overrides,
+    "accuracy_before": summary["eval_before"]["accuracy"],
+    "accuracy": summary["eval_after"]["accuracy"],
+    "retention_before": summary.get("retention_before"),
+    "retention": summary.get("retention_after"),
+    "eval_loss": summary["eval_after"]["loss"],
+    "trainable_params": summary["trainable_params"],
+    "step_time_s": summary["step_time_s"],
+    "frozen_weight_bytes": summary["frozen_weight_bytes"],
+    "adapter_bytes": summary["adapter_bytes"],
+    "skipped_steps": summary["skipped_steps"],
+    "max_q_norm": last.get("max_q_norm"),
+    "orthogonality_error": last.get("orthogonality_error"),
+    "curve": curve,
+  }
   _CACHE[key] = row
   return row
 
 
 def table(rows: list[dict], columns: list[str]):
   """The ``columns`` of ``rows`` as a pandas-free text table (notebook outputs stay small)."""
+
   def fmt(v):
     if isinstance(v, float):
       return f"{v:.4g}"
     return str(v)
+
   cells = [[fmt(r.get(c)) for c in columns] for r in rows]
   widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
   lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]

@@ -15,14 +15,15 @@ import os
 import sys
 import time
 
-import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+import nbformat
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from oftjax import atomic  # noqa: E402
+
 NOTEBOOKS = ("neumann_terms", "block_size", "oft_v1_vs_v2", "forgetting", "qoft_vs_qlora")
 
 
@@ -32,8 +33,9 @@ def execute(name: str, mode: str, cell_timeout: int = 1800):
   previous = os.environ.get("OFTJAX_NOTEBOOK_MODE")
   os.environ["OFTJAX_NOTEBOOK_MODE"] = mode  # the kernel inherits this process's environment
   try:
-    NotebookClient(notebook, timeout=cell_timeout, kernel_name="python3",
-                   resources={"metadata": {"path": HERE}}).execute()
+    NotebookClient(
+      notebook, timeout=cell_timeout, kernel_name="python3", resources={"metadata": {"path": HERE}}
+    ).execute()
   finally:
     if previous is None:
       os.environ.pop("OFTJAX_NOTEBOOK_MODE")
@@ -49,16 +51,19 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   unknown = [n for n in args.names if n not in NOTEBOOKS]
   if unknown:
-    print(f"error: unknown notebook {unknown[0]!r}; choose from {', '.join(NOTEBOOKS)}",
-          file=sys.stderr)
+    print(
+      f"error: unknown notebook {unknown[0]!r}; choose from {', '.join(NOTEBOOKS)}", file=sys.stderr
+    )
     return 2
   for name in args.names:
     t0 = time.time()
     try:
       notebook = execute(name, args.mode)
     except CellExecutionError as e:
-      print(f"error: {name}.ipynb failed ({str(e).strip().splitlines()[-1]}); file unchanged",
-            file=sys.stderr)
+      print(
+        f"error: {name}.ipynb failed ({str(e).strip().splitlines()[-1]}); file unchanged",
+        file=sys.stderr,
+      )
       return 1
     if args.mode == "full":  # written whole or not at all
       path = os.path.join(HERE, f"{name}.ipynb")

@@ -15,17 +15,16 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import types
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 
-from oftjax import adapters
+from oftjax import adapters, intercept, peft_io
 from oftjax import geometry as geo
-from oftjax import intercept
 from oftjax import params as P
-from oftjax import peft_io
 
 
 class AdaptedModel:
@@ -39,8 +38,13 @@ class AdaptedModel:
       ``gemma.generate``); its params are the base tree merged with the adapter tree.
   """
 
-  def __init__(self, model: nn.Module, config: adapters.AdapterConfig,
-               geometries: Mapping[str, geo.LayerGeometry], example: tuple[tuple, dict]):
+  def __init__(
+    self,
+    model: nn.Module,
+    config: adapters.AdapterConfig,
+    geometries: Mapping[str, geo.LayerGeometry],
+    example: tuple[tuple, dict],
+  ):
     self.model = model
     self.config = config
     self.geometries = types.MappingProxyType(dict(geometries))
@@ -48,7 +52,8 @@ class AdaptedModel:
     self._example = example
     args, kwargs = example
     self._init = jax.jit(
-        lambda rng: P.split_params(self.module.init(rng, *args, **kwargs)["params"])[1])
+      lambda rng: P.split_params(self.module.init(rng, *args, **kwargs)["params"])[1]
+    )
 
   def init(self, rng: jax.Array) -> dict:
     """A fresh adapter tree (OFT: zeros, ``R = I``; LoRA: ``B = 0``): adapted = base.
@@ -90,15 +95,17 @@ class AdaptedModel:
     return peft_io.import_peft(directory, *args, **kwargs)
 
 
-def adapt(model: nn.Module, config: adapters.AdapterConfig, *example_args,
-          **example_kwargs) -> AdaptedModel:
+def adapt(
+  model: nn.Module, config: adapters.AdapterConfig, *example_args, **example_kwargs
+) -> AdaptedModel:
   """Attaches adapters to ``model``: finds the targeted layers by tracing it once.
 
   Args:
     model: any Linen module (wrap a quantized base in ``quant.Dequantized`` first).
     config: which adapter, where, and its hyper-parameters.
-    *example_args, **example_kwargs: example inputs of ``model.__call__`` (small: only
-      their shapes matter; :meth:`AdaptedModel.init` reuses them).
+    *example_args: example inputs of ``model.__call__`` (small: only their shapes
+      matter; :meth:`AdaptedModel.init` reuses them).
+    **example_kwargs: example keyword inputs, likewise.
 
   Returns:
     The :class:`AdaptedModel`.

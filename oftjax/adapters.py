@@ -1,4 +1,4 @@
-"""Adapter math on one linear layer: OFT (input- and weight-centric), LoRA, merge, unmerge.
+"""Adapter math on one linear layer: OFT (input- and weight-centric), LoRA, fold, unfold.
 
 A layer is described by its :class:`~oftjax.geometry.LayerGeometry`; adapter leaves
 are plain arrays (``{'weight': [r, b(b-1)/2]}`` for OFT, ``{'a': [d_in, rank],
@@ -42,7 +42,7 @@ class AdapterConfig:
     coft_eps: COFT radius (PEFT's ``eps``); ``None`` disables the constraint.
     lora_rank, lora_alpha: LoRA rank and scale numerator (scale = alpha / rank).
     precision: matmul precision of the adapter's own products (Neumann powers,
-      rotation, LoRA's two products, merge/fold): ``"highest"`` (true float32 on every
+      rotation, LoRA's two products, fold): ``"highest"`` (true float32 on every
       backend, as PEFT's), ``"high"`` or ``"default"`` (the backend's default: TF32 on
       recent NVIDIA GPUs, one bf16 pass on TPU; faster, less exact). See
       :func:`oftjax.orthogonal.rotate` for the cost. The frozen layer's own matmul is
@@ -70,8 +70,9 @@ class AdapterConfig:
       raise ValueError(f"unknown adapter method {self.method!r}; use one of {METHODS}")
     if self.parameterization not in orthogonal.PARAMETERIZATIONS:
       raise ValueError(
-          f"unknown parameterization {self.parameterization!r}; "
-          f"use one of {orthogonal.PARAMETERIZATIONS}")
+        f"unknown parameterization {self.parameterization!r}; "
+        f"use one of {orthogonal.PARAMETERIZATIONS}"
+      )
     if self.block_size < 2:
       raise ValueError(f"block_size must be >= 2 (got {self.block_size})")
     if self.num_terms < 2:
@@ -112,8 +113,9 @@ def check_block_size(d_in: int, config: AdapterConfig, path: str) -> int:
   if d_in % b:
     divisors = [k for k in range(2, min(d_in, 256) + 1) if d_in % k == 0]
     raise ValueError(
-        f"layer '{path}': block size {b} does not divide its input width {d_in}; "
-        f"choose a divisor such as {divisors[-6:]} or exclude the layer from targets")
+      f"layer '{path}': block size {b} does not divide its input width {d_in}; "
+      f"choose a divisor such as {divisors[-6:]} or exclude the layer from targets"
+    )
   return d_in // b
 
 
@@ -130,11 +132,17 @@ def oft_blocks(leaves: dict, config: AdapterConfig, path: str = "?") -> jax.Arra
   expected = orthogonal.num_packed(config.block_size)
   if packed.shape[-1] != expected:
     raise ValueError(
-        f"layer '{path}': OFT weight has {packed.shape[-1]} entries per block but "
-        f"block size {config.block_size} needs {expected}; use the block size it was trained with")
+      f"layer '{path}': OFT weight has {packed.shape[-1]} entries per block but "
+      f"block size {config.block_size} needs {expected}; use the block size it was trained with"
+    )
   return orthogonal.orthogonal_blocks(
-      packed, config.block_size, config.parameterization, config.num_terms, config.coft_eps,
-      config.precision)
+    packed,
+    config.block_size,
+    config.parameterization,
+    config.num_terms,
+    config.coft_eps,
+    config.precision,
+  )
 
 
 def project_oft(leaves: dict, config: AdapterConfig) -> dict:
@@ -148,32 +156,36 @@ def project_oft(leaves: dict, config: AdapterConfig) -> dict:
   if config.coft_eps is None:
     return leaves
   packed = leaves["weight"]
-  projected = orthogonal.project_coft(packed.astype(jnp.float32), config.block_size,
-                                      config.coft_eps)
+  projected = orthogonal.project_coft(
+    packed.astype(jnp.float32), config.block_size, config.coft_eps
+  )
   return {**leaves, "weight": projected.astype(packed.dtype)}
 
 
-def rotate_input(x: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array,
-                 precision: str = "highest") -> jax.Array:
+def rotate_input(
+  x: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array, precision: str = "highest"
+) -> jax.Array:
   """OFTv2: rotates the contracted input axes of ``x``; the kernel is untouched."""
   flat, plan = geo.flatten_input(x, geom)
   return geo.unflatten_input(orthogonal.rotate(flat, blocks, precision), plan)
 
 
-def merge_oft(kernel: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array,
-              precision: str = "highest") -> jax.Array:
+def fold_oft(
+  kernel: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array, precision: str = "highest"
+) -> jax.Array:
   """Folds the rotation into the kernel: ``K' = blockdiag(R) @ K`` (block by block)."""
   mat = geo.kernel_to_matrix(kernel.astype(jnp.float32), geom)
   b = blocks.shape[-1]
   r = mat.shape[0] // b
   chunks = mat.reshape(r, b, -1)
-  merged = jnp.einsum("rij,rjo->rio", jnp.broadcast_to(blocks, (r, b, b)), chunks,
-                      precision=precision)
+  merged = jnp.einsum(
+    "rij,rjo->rio", jnp.broadcast_to(blocks, (r, b, b)), chunks, precision=precision
+  )
   return geo.matrix_to_kernel(merged.reshape(mat.shape), geom).astype(kernel.dtype)
 
 
-def unmerge_oft(kernel: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array) -> jax.Array:
-  """Inverse of :func:`merge_oft` by block-wise solves (exact even for Neumann blocks).
+def unfold_oft(kernel: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array) -> jax.Array:
+  """Inverse of :func:`fold_oft` by block-wise solves (exact even for Neumann blocks).
 
   ``jnp.linalg.solve`` is an LU factorisation at full float32 on every backend (its
   products are lowered at ``HIGHEST``), so it takes no precision.
@@ -186,8 +198,9 @@ def unmerge_oft(kernel: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array) -
   return geo.matrix_to_kernel(restored.reshape(mat.shape), geom).astype(kernel.dtype)
 
 
-def weight_centric_kernel(kernel: jax.Array, geom: geo.LayerGeometry,
-                          blocks: jax.Array, precision: str = "highest") -> jax.Array:
+def weight_centric_kernel(
+  kernel: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array, precision: str = "highest"
+) -> jax.Array:
   """Original OFT: forms the dense ``d_in x d_in`` block-diagonal R and multiplies ``R·K``.
 
   Cubic in the width; kept only as the baseline OFTv2 is measured against.
@@ -205,15 +218,17 @@ def init_lora(rng: jax.Array, geom: geo.LayerGeometry, config: AdapterConfig, pa
   """PEFT's LoRA init: ``a`` Kaiming-uniform (a=sqrt(5)), ``b`` zeros (adapted = base)."""
   if not geom.lora_ok:
     raise ValueError(
-        f"layer '{path}': LoRA needs the kernel's free axes to be the trailing output "
-        "axes; exclude this einsum from the targets regex")
+      f"layer '{path}': LoRA needs the kernel's free axes to be the trailing output "
+      "axes; exclude this einsum from the targets regex"
+    )
   bound = 1.0 / math.sqrt(geom.d_in)
   a = jax.random.uniform(rng, (geom.d_in, config.lora_rank), jnp.float32, -bound, bound)
   return {"a": a, "b": jnp.zeros((config.lora_rank, geom.d_out), jnp.float32)}
 
 
-def lora_delta(x: jax.Array, geom: geo.LayerGeometry, leaves: dict,
-               config: AdapterConfig) -> jax.Array:
+def lora_delta(
+  x: jax.Array, geom: geo.LayerGeometry, leaves: dict, config: AdapterConfig
+) -> jax.Array:
   """LoRA's additive output ``scale · (x A) B`` in the layer's output layout.
 
   The tokens are flattened to one axis so that both products and their backward are
@@ -237,8 +252,9 @@ def lora_delta(x: jax.Array, geom: geo.LayerGeometry, leaves: dict,
   return delta.reshape(*lead, *free)
 
 
-def merge_lora(kernel: jax.Array, geom: geo.LayerGeometry, leaves: dict,
-               config: AdapterConfig) -> jax.Array:
+def fold_lora(
+  kernel: jax.Array, geom: geo.LayerGeometry, leaves: dict, config: AdapterConfig
+) -> jax.Array:
   """``K' = K + scale · A B`` in the kernel's own layout."""
   mat = geo.kernel_to_matrix(kernel.astype(jnp.float32), geom)
   delta = jnp.matmul(leaves["a"], leaves["b"], precision=config.precision)
@@ -246,8 +262,9 @@ def merge_lora(kernel: jax.Array, geom: geo.LayerGeometry, leaves: dict,
   return geo.matrix_to_kernel(mat, geom).astype(kernel.dtype)
 
 
-def unmerge_lora(kernel: jax.Array, geom: geo.LayerGeometry, leaves: dict,
-                 config: AdapterConfig) -> jax.Array:
-  """Inverse of :func:`merge_lora`."""
+def unfold_lora(
+  kernel: jax.Array, geom: geo.LayerGeometry, leaves: dict, config: AdapterConfig
+) -> jax.Array:
+  """Inverse of :func:`fold_lora`."""
   negated = {"a": -leaves["a"], "b": leaves["b"]}
-  return merge_lora(kernel, geom, negated, config)
+  return fold_lora(kernel, geom, negated, config)

@@ -7,12 +7,13 @@ removed when the write fails.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import contextlib
 import json
 import os
 import secrets
 import shutil
-from typing import Any, Iterator
+from typing import Any
 
 TMP_PREFIX = ".tmp-"
 
@@ -32,8 +33,7 @@ def _remove(path: str) -> None:
 
 @contextlib.contextmanager
 def replace_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
-  """Opens a temporary sibling of ``path`` for writing; on success fsyncs it and renames it
-  over ``path``.
+  """Opens a temporary sibling of ``path``; on success fsyncs it and renames it over ``path``.
 
   Args:
     path: the destination file (its folder must exist).
@@ -55,8 +55,9 @@ def replace_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     raise
 
 
-def write_json(path: str | os.PathLike, obj, *, trailing_newline: bool = False,
-               **dump_kwargs) -> None:
+def write_json(
+  path: str | os.PathLike, obj, *, trailing_newline: bool = False, **dump_kwargs
+) -> None:
   """Writes ``json.dump(obj, **dump_kwargs)`` to ``path`` atomically (see :func:`replace_file`)."""
   with replace_file(path) as f:
     json.dump(obj, f, **dump_kwargs)

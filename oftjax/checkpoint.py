@@ -82,10 +82,13 @@ def _sha256(path: str) -> str:
 
 def write_integrity(step_dir: str) -> None:
   """Records size and SHA-256 of every file of a finished step (atomically)."""
-  files = {rel: [os.path.getsize(os.path.join(step_dir, rel)),
-                 _sha256(os.path.join(step_dir, rel))] for rel in _files(step_dir)}
-  atomic.write_json(os.path.join(step_dir, INTEGRITY), {"format": 1, "files": files},
-                    sort_keys=True)
+  files = {
+    rel: [os.path.getsize(os.path.join(step_dir, rel)), _sha256(os.path.join(step_dir, rel))]
+    for rel in _files(step_dir)
+  }
+  atomic.write_json(
+    os.path.join(step_dir, INTEGRITY), {"format": 1, "files": files}, sort_keys=True
+  )
 
 
 def step_problem(step_dir: str) -> str | None:
@@ -121,8 +124,12 @@ class RunCheckpoints:
 
   def __init__(self, directory: str, keep: int, save_every: int):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
-                                           create=True, enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep,
+      save_interval_steps=save_every,
+      create=True,
+      enable_async_checkpointing=False,
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def half_written(self) -> list[str]:
@@ -134,8 +141,10 @@ class RunCheckpoints:
   def latest_step(self) -> int | None:
     """Newest intact step (damaged ones are set aside with a warning); ``None`` if none."""
     for name in self.half_written():
-      _warn(f"checkpoint {name} in {self.directory} was half-written (the run was killed "
-            "while saving); ignored")
+      _warn(
+        f"checkpoint {name} in {self.directory} was half-written (the run was killed "
+        "while saving); ignored"
+      )
     damaged = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       problem = step_problem(os.path.join(self.directory, str(step)))
@@ -149,8 +158,10 @@ class RunCheckpoints:
     if damaged:
       step, why = damaged[0]
       self.close()  # unusable; callers that stop on the error need not close it
-      raise NoUsableStepError(f"checkpoint step {step} in {self.directory} is damaged ({why}) "
-                              "and no earlier step is usable")
+      raise NoUsableStepError(
+        f"checkpoint step {step} in {self.directory} is damaged ({why}) "
+        "and no earlier step is usable"
+      )
     return None
 
   def _set_aside(self, damaged) -> None:
@@ -179,24 +190,33 @@ class RunCheckpoints:
     """Restores ``(state, meta)`` at ``step`` into the structure/shardings of ``like``."""
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+      out = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+        ),
+      )
     except Exception as e:  # orbax/tensorstore raise many kinds; the user needs one line
       self.close()
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be restored "
-                            f"({_first_line(e)}); move it aside to resume from an earlier "
-                            "step") from None
+      raise CheckpointError(
+        f"checkpoint step {step} in {self.directory} cannot be restored "
+        f"({_first_line(e)}); move it aside to resume from an earlier "
+        "step"
+      ) from None
     return out["state"], out["meta"]
 
   def read_meta(self, step: int) -> dict:
     """The JSON item of ``step`` alone (cheap; used to vet a resume before any work)."""
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore()))["meta"]
+      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+        "meta"
+      ]
     except Exception as e:  # see restore()
       self.close()
-      raise CheckpointError(f"checkpoint step {step} in {self.directory}: its metadata cannot "
-                            f"be read ({_first_line(e)})") from None
+      raise CheckpointError(
+        f"checkpoint step {step} in {self.directory}: its metadata cannot "
+        f"be read ({_first_line(e)})"
+      ) from None
 
   def close(self) -> None:
     self.manager.close()

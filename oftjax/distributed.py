@@ -10,12 +10,13 @@ checkpoints (which orbax coordinates across processes).
 from __future__ import annotations
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
+import numpy as np
 
 
-def initialize(coordinator_address: str, num_processes: int, process_id: int,
-               timeout_s: int = 300) -> None:
+def initialize(
+  coordinator_address: str, num_processes: int, process_id: int, timeout_s: int = 300
+) -> None:
   """Joins the run's processes; a no-op for a single process.
 
   Args:
@@ -37,9 +38,12 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int,
   if not 0 <= process_id < num_processes:
     raise ValueError(f"process_id {process_id} is not in [0, {num_processes})")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # used only by CPU clients
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id,
-                             initialization_timeout=timeout_s)
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+    initialization_timeout=timeout_s,
+  )
 
 
 def is_main() -> bool:
@@ -64,13 +68,18 @@ def global_batch(batch: dict, sharding, leading: int = 0) -> dict:
   """Builds global arrays from this process's rows of a host batch (same on every process)."""
   mine = local_rows(next(iter(batch.values())).shape[leading])
   index = (slice(None),) * leading + (mine,)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)[index])
-          for k, v in batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)[index])
+    for k, v in batch.items()
+  }
 
 
 def to_host(tree):
-  """Numpy copies of a tree; global multi-process arrays are gathered (a collective: every
-  process must call this), process-local ones are copied as they are."""
+  """Numpy copies of a tree.
+
+  Global multi-process arrays are gathered (a collective: every process must call this);
+  process-local ones are copied as they are.
+  """
 
   def one(x):
     if getattr(x, "is_fully_addressable", True):

@@ -62,8 +62,9 @@ def geometry_of(module: nn.Module, path: str, x: jax.Array, kwargs: dict) -> Lay
   if isinstance(module, nn.DenseGeneral):
     if module.batch_dims:
       raise ValueError(
-          f"layer '{path}': DenseGeneral with batch_dims={module.batch_dims} is not "
-          "supported by adapters; exclude it from the targets regex")
+        f"layer '{path}': DenseGeneral with batch_dims={module.batch_dims} is not "
+        "supported by adapters; exclude it from the targets regex"
+      )
     axis = _normalize(module.axis, x.ndim)
     features = _normalize(module.features, 1 << 30)
     shape = tuple(x.shape[a] for a in axis) + tuple(features)
@@ -73,8 +74,9 @@ def geometry_of(module: nn.Module, path: str, x: jax.Array, kwargs: dict) -> Lay
     equation = equation.replace(" ", "")
     if "..." in equation or "->" not in equation or equation.count(",") != 1:
       raise ValueError(
-          f"layer '{path}': einsum '{equation}' is not supported (need explicit "
-          "'x,kernel->out' without '...'); exclude it from the targets regex")
+        f"layer '{path}': einsum '{equation}' is not supported (need explicit "
+        "'x,kernel->out' without '...'); exclude it from the targets regex"
+      )
     lhs, out = equation.split("->")
     xs, ks = lhs.split(",")
     contracted = [c for c in xs if c in ks and c not in out]
@@ -82,15 +84,16 @@ def geometry_of(module: nn.Module, path: str, x: jax.Array, kwargs: dict) -> Lay
       raise ValueError(f"layer '{path}': einsum '{equation}' contracts no input axis")
     shared = [c for c in ks if c in xs and c in out]
     return LayerGeometry(
-        tuple(xs.index(c) for c in contracted),
-        tuple(ks.index(c) for c in contracted),
-        tuple(module.shape),
-        lora_ok=not shared and out == "".join(c for c in xs if c not in ks) + "".join(
-            c for c in ks if c not in xs),
+      tuple(xs.index(c) for c in contracted),
+      tuple(ks.index(c) for c in contracted),
+      tuple(module.shape),
+      lora_ok=not shared
+      and out == "".join(c for c in xs if c not in ks) + "".join(c for c in ks if c not in xs),
     )
   raise ValueError(
-      f"layer '{path}' is a {type(module).__name__}; adapters support nn.Dense, "
-      "nn.DenseGeneral and nn.Einsum only: narrow the targets regex")
+    f"layer '{path}' is a {type(module).__name__}; adapters support nn.Dense, "
+    "nn.DenseGeneral and nn.Einsum only: narrow the targets regex"
+  )
 
 
 def flatten_input(x: jax.Array, geom: LayerGeometry) -> tuple[jax.Array, tuple]:

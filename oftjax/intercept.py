@@ -29,9 +29,8 @@ import contextlib
 import flax.linen as nn
 import jax
 
-from oftjax import adapters
+from oftjax import adapters, layer
 from oftjax import geometry as geo
-from oftjax import layer
 from oftjax import params as P
 
 _UNSUPPORTED_LINEAR = (nn.Conv, nn.ConvTranspose, nn.ConvLocal, nn.Embed)
@@ -60,8 +59,9 @@ class AdapterInterceptor:
     if not isinstance(module, geo.SUPPORTED_LAYERS):
       if isinstance(module, _UNSUPPORTED_LINEAR) and self.config.is_target(path):
         raise ValueError(
-            f"layer '{path}' is an {type(module).__name__}, which adapters do not support; "
-            "narrow the targets regex")
+          f"layer '{path}' is an {type(module).__name__}, which adapters do not support; "
+          "narrow the targets regex"
+        )
       y = next_fun(*args, **kwargs)
       self._refuse_packed_params(module, path)
       return y
@@ -73,12 +73,14 @@ class AdapterInterceptor:
     self.geometries[path] = geom
     config = self.config
     if config.method == "lora":
-      leaves = _adapter_leaves(module, path, "lora",
-                               lambda rng: adapters.init_lora(rng, geom, config, path))
+      leaves = _adapter_leaves(
+        module, path, "lora", lambda rng: adapters.init_lora(rng, geom, config, path)
+      )
       y = next_fun(*args, **kwargs)
       return y + adapters.lora_delta(x, geom, leaves, config).astype(y.dtype)
-    leaves = _adapter_leaves(module, path, "oft",
-                             lambda rng: adapters.init_oft(geom.d_in, config, path))
+    leaves = _adapter_leaves(
+      module, path, "oft", lambda rng: adapters.init_oft(geom.d_in, config, path)
+    )
     blocks = adapters.oft_blocks(leaves, config, path)
     if config.method == "oft":
       rotated = adapters.rotate_input(x, geom, blocks, config.precision)
@@ -97,30 +99,35 @@ class AdapterInterceptor:
     ``target_modules`` match module names.
     """
     own = module.variables.get("params", {})
-    packed = [(name, tuple(value.shape)) for name, value in own.items()
-              if getattr(value, "ndim", 0) >= 2]
+    packed = [
+      (name, tuple(value.shape)) for name, value in own.items() if getattr(value, "ndim", 0) >= 2
+    ]
     if packed and self.config.is_target(path):
       name, shape = packed[0]
       raise ValueError(
-          f"targets regex {self.config.targets!r} selects '{path}', a {type(module).__name__} "
-          f"whose '{name}' {list(shape)} is a packed {len(shape)}-D parameter, not a "
-          "Dense/DenseGeneral/Einsum layer: OFT and LoRA adapt linear layers only (PEFT's OFT "
-          "cannot adapt packed expert kernels either); narrow the targets regex to exclude it")
-    self.packed.extend(f"{path}/{name}" for name, _ in packed
-                       if self.config.is_target(f"{path}/{name}"))
+        f"targets regex {self.config.targets!r} selects '{path}', a {type(module).__name__} "
+        f"whose '{name}' {list(shape)} is a packed {len(shape)}-D parameter, not a "
+        "Dense/DenseGeneral/Einsum layer: OFT and LoRA adapt linear layers only (PEFT's OFT "
+        "cannot adapt packed expert kernels either); narrow the targets regex to exclude it"
+      )
+    self.packed.extend(
+      f"{path}/{name}" for name, _ in packed if self.config.is_target(f"{path}/{name}")
+    )
 
   def check_matched(self) -> None:
     """Raises if the targets regex matched no layer (a silent no-op adapter otherwise)."""
     if not self.geometries and self.packed:
       raise ValueError(
-          f"targets regex {self.config.targets!r} matched no Dense/DenseGeneral/Einsum layer, "
-          f"only '{self.packed[0]}', a packed parameter of a layer that is not linear, which "
-          "OFT and LoRA cannot adapt (nor can PEFT's OFT); target linear layers instead")
+        f"targets regex {self.config.targets!r} matched no Dense/DenseGeneral/Einsum layer, "
+        f"only '{self.packed[0]}', a packed parameter of a layer that is not linear, which "
+        "OFT and LoRA cannot adapt (nor can PEFT's OFT); target linear layers instead"
+      )
     if not self.geometries:
       seen = sorted(set(self.seen))
       raise ValueError(
-          f"targets regex {self.config.targets!r} matched no Dense/DenseGeneral/Einsum layer "
-          f"(layer paths: {', '.join(seen[:8]) or 'none'}{' …' if len(seen) > 8 else ''})")
+        f"targets regex {self.config.targets!r} matched no Dense/DenseGeneral/Einsum layer "
+        f"(layer paths: {', '.join(seen[:8]) or 'none'}{' …' if len(seen) > 8 else ''})"
+      )
 
 
 def _weight_centric_call(module, next_fun, geom, blocks, x, rest, kwargs, precision):
@@ -142,8 +149,9 @@ def _adapter_leaves(module: nn.Module, path: str, name: str, init_fn) -> dict:
     got = getattr(leaves.get(key), "shape", None)
     if got != spec.shape:
       raise ValueError(
-          f"layer '{path}': adapter leaf '{name}/{key}' has shape {got}, expected "
-          f"{spec.shape} from the adapter config; load an adapter made with the same config")
+        f"layer '{path}': adapter leaf '{name}/{key}' has shape {got}, expected "
+        f"{spec.shape} from the adapter config; load an adapter made with the same config"
+      )
   return leaves
 
 
@@ -156,8 +164,9 @@ def _adapters_active(config: adapters.AdapterConfig):
   interceptor.check_matched()
 
 
-def find_geometries(model: nn.Module, config: adapters.AdapterConfig, *args,
-                    **kwargs) -> dict[str, geo.LayerGeometry]:
+def find_geometries(
+  model: nn.Module, config: adapters.AdapterConfig, *args, **kwargs
+) -> dict[str, geo.LayerGeometry]:
   """``{path: LayerGeometry}`` of every layer ``config`` adapts in ``model`` on these inputs.
 
   Traces the adapted ``model.init`` once under ``jax.eval_shape`` (shapes only: nothing
@@ -167,7 +176,8 @@ def find_geometries(model: nn.Module, config: adapters.AdapterConfig, *args,
   Args:
     model: the base Linen module (possibly wrapped, e.g. by ``quant.Dequantized``).
     config: the adapter config; its ``targets`` select the layers.
-    *args, **kwargs: example inputs of ``model.__call__`` (only shapes matter).
+    *args: example inputs of ``model.__call__`` (only shapes matter).
+    **kwargs: example keyword inputs of ``model.__call__``.
 
   Raises:
     ValueError: as :class:`Adapted` would (no layer matched, a block size that does

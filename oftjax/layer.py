@@ -24,8 +24,9 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import contextvars
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax

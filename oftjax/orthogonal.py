@@ -54,12 +54,13 @@ def block_size_from_packed(length: int) -> int:
   b = int(round((1 + math.sqrt(1 + 8 * length)) / 2))
   if num_packed(b) != length or b < 2:
     raise ValueError(
-        f"packed length {length} is not b(b-1)/2 for any block size b >= 2; "
-        "check the adapter's block size")
+      f"packed length {length} is not b(b-1)/2 for any block size b >= 2; "
+      "check the adapter's block size"
+    )
   return b
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gather_plan(block_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Index into ``[0, packed...]`` and sign for every entry of the ``b x b`` skew matrix."""
   rows, cols = np.triu_indices(block_size, k=1)
@@ -85,8 +86,9 @@ def skew_symmetric(packed: jax.Array, block_size: int) -> jax.Array:
   n = num_packed(block_size)
   if packed.shape[-1] != n:
     raise ValueError(
-        f"packed vector has length {packed.shape[-1]} but block size {block_size} "
-        f"needs {n} = b(b-1)/2; pass the block size the adapter was made with")
+      f"packed vector has length {packed.shape[-1]} but block size {block_size} "
+      f"needs {n} = b(b-1)/2; pass the block size the adapter was made with"
+    )
   index, sign = _gather_plan(block_size)
   padded = jnp.concatenate([jnp.zeros_like(packed[..., :1]), packed], axis=-1)
   return padded[..., index] * sign.astype(packed.dtype)
@@ -148,12 +150,12 @@ def project_coft(packed: jax.Array, block_size: int, eps: float) -> jax.Array:
 
 
 def orthogonal_blocks(
-    packed: jax.Array,
-    block_size: int,
-    parameterization: str = "cayley_neumann",
-    num_terms: int = 4,
-    coft_eps: float | None = None,
-    precision: str = "highest",
+  packed: jax.Array,
+  block_size: int,
+  parameterization: str = "cayley_neumann",
+  num_terms: int = 4,
+  coft_eps: float | None = None,
+  precision: str = "highest",
 ) -> jax.Array:
   """Packed ``[r, b(b-1)/2]`` parameters -> float32 orthogonal blocks ``[r, b, b]``.
 
@@ -171,15 +173,13 @@ def orthogonal_blocks(
   """
   packed = packed.astype(jnp.float32)
   if coft_eps is not None:
-    packed = packed + jax.lax.stop_gradient(
-        project_coft(packed, block_size, coft_eps) - packed)
+    packed = packed + jax.lax.stop_gradient(project_coft(packed, block_size, coft_eps) - packed)
   q = skew_symmetric(packed, block_size)
   if parameterization == "cayley_neumann":
     return cayley_neumann(q, num_terms, precision)
   if parameterization == "cayley":
     return cayley(q)
-  raise ValueError(
-      f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
+  raise ValueError(f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
 
 
 def rotate(x: jax.Array, blocks: jax.Array, precision: str = "highest") -> jax.Array:
@@ -222,8 +222,7 @@ def rotate(x: jax.Array, blocks: jax.Array, precision: str = "highest") -> jax.A
     # [r, n, b] @ [r, b, b]. XLA CPU runs this (and its backward) ~1.5x faster than the
     # equivalent einsum "nrk,rkc->nrc" over the token-major layout, whose batch axis sits
     # in the middle of both operands (experiments/benchmark.py, BENCHMARKS.md).
-    out = jnp.matmul(jnp.swapaxes(chunks, 0, 1), blocks.astype(jnp.float32),
-                     precision=precision)
+    out = jnp.matmul(jnp.swapaxes(chunks, 0, 1), blocks.astype(jnp.float32), precision=precision)
     out = jnp.swapaxes(out, 0, 1)
   return out.reshape(x.shape).astype(x.dtype)
 

@@ -5,16 +5,16 @@ Adapter sub-trees are the ``'oft'`` and ``'lora'`` entries that sit beside a ker
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from oftjax import adapters
+from oftjax import adapters, orthogonal
 from oftjax import geometry as geo
-from oftjax import orthogonal
 
 ADAPTER_KEYS = ("oft", "lora")
 
@@ -60,8 +60,9 @@ def trainable_mask(params: Params) -> Any:
   return jax.tree_util.tree_map_with_path(lambda p, _: _is_adapter_path(p), params)
 
 
-def adapter_only(optimizer: optax.GradientTransformation,
-                 params: Params) -> optax.GradientTransformation:
+def adapter_only(
+  optimizer: optax.GradientTransformation, params: Params
+) -> optax.GradientTransformation:
   """Optimizer that updates adapter leaves and leaves every other leaf exactly unchanged."""
   labels = jax.tree_util.tree_map(lambda t: "adapter" if t else "frozen", trainable_mask(params))
   return optax.multi_transform({"adapter": optimizer, "frozen": optax.set_to_zero()}, labels)
@@ -108,8 +109,11 @@ def edit_layers(tree: Params, geometries: Mapping[str, geo.LayerGeometry]):
 
 
 def over_stacked_axes(fn, lead: int):
-  """``fn`` of one layer's arrays, mapped over ``lead`` leading stacked axes of every
-  argument (layers stacked by ``nn.scan``); ``fn`` itself when ``lead`` is 0."""
+  """``fn`` of one layer's arrays, mapped over ``lead`` leading stacked axes.
+
+  Every argument carries the same ``lead`` axes (layers stacked by ``nn.scan``); ``fn``
+  itself is returned when ``lead`` is 0.
+  """
   for _ in range(lead):
     fn = jax.vmap(fn)
   return fn
@@ -124,9 +128,13 @@ def adapter_nodes(tree: Params, prefix: tuple[str, ...] = ()):
       yield from adapter_nodes(value, prefix + (key,))
 
 
-def fold_adapters(params: Params, geometries: Mapping[str, geo.LayerGeometry],
-                  config: adapters.AdapterConfig, unfold: bool = False) -> dict:
-  """Merges (or, with ``unfold``, un-merges) every adapter into its kernel.
+def fold_adapters(
+  params: Params,
+  geometries: Mapping[str, geo.LayerGeometry],
+  config: adapters.AdapterConfig,
+  unfold: bool = False,
+) -> dict:
+  """Folds (or, with ``unfold``, unfolds) every adapter into its kernel.
 
   Args:
     params: adapted tree (base + adapter leaves).
@@ -141,18 +149,24 @@ def fold_adapters(params: Params, geometries: Mapping[str, geo.LayerGeometry],
   base, layers = edit_layers(base, geometries)
   for path, geom, node in layers:
     leaves = node_at(adapter, path)[config.leaf_name]
-    if config.method == "lora":
-      fold = adapters.unmerge_lora if unfold else adapters.merge_lora
-      fn = lambda k, l: fold(k, geom, l, config)  # noqa: E731
-    else:
-      blocks = lambda l: adapters.oft_blocks(l, config, path)  # noqa: E731
-      if unfold:
-        fn = lambda k, l: adapters.unmerge_oft(k, geom, blocks(l))  # noqa: E731
-      else:
-        fn = lambda k, l: adapters.merge_oft(k, geom, blocks(l), config.precision)  # noqa: E731
     lead = node["kernel"].ndim - len(geom.kernel_shape)
-    node["kernel"] = over_stacked_axes(fn, lead)(node["kernel"], leaves)
+    fold = _layer_fold(path, geom, config, unfold)
+    node["kernel"] = over_stacked_axes(fold, lead)(node["kernel"], leaves)
   return base
+
+
+def _layer_fold(path: str, geom: geo.LayerGeometry, config: adapters.AdapterConfig, unfold: bool):
+  """``f(kernel, leaves) -> kernel`` that folds (or unfolds) one layer's adapter."""
+  if config.method == "lora":
+    lora = adapters.unfold_lora if unfold else adapters.fold_lora
+    return lambda kernel, leaves: lora(kernel, geom, leaves, config)
+  if unfold:
+    return lambda kernel, leaves: adapters.unfold_oft(
+      kernel, geom, adapters.oft_blocks(leaves, config, path)
+    )
+  return lambda kernel, leaves: adapters.fold_oft(
+    kernel, geom, adapters.oft_blocks(leaves, config, path), config.precision
+  )
 
 
 def project_adapters(tree: Params, config: adapters.AdapterConfig) -> dict:
@@ -162,15 +176,21 @@ def project_adapters(tree: Params, config: adapters.AdapterConfig) -> dict:
   train step applies it after every update so the stored parameter always is the
   projected one. Non-OFT leaves (and every leaf without COFT) are returned unchanged.
   """
+
   def walk(node):
-    return {key: adapters.project_oft(value, config) if key == "oft"
-            else walk(value) if isinstance(value, Mapping) else value
-            for key, value in node.items()}
+    return {
+      key: adapters.project_oft(value, config)
+      if key == "oft"
+      else walk(value)
+      if isinstance(value, Mapping)
+      else value
+      for key, value in node.items()
+    }
 
   return walk(tree) if config.coft_eps is not None else dict(tree)
 
 
-def adapter_health(adapter: Params, config: adapters.AdapterConfig) -> dict:
+def adapter_health(adapter: Params, config: adapters.AdapterConfig, per_layer: bool = True) -> dict:
   """How far each OFT layer is from the region where its blocks are rotations.
 
   The Cayley–Neumann series only approximates an orthogonal ``R`` while ``‖Q‖ < 1``,
@@ -178,6 +198,13 @@ def adapter_health(adapter: Params, config: adapters.AdapterConfig) -> dict:
   summaries so a drift is seen, not guessed. Every figure is taken per layer: a layer
   stacked by ``nn.scan`` (``[num_layers, r, b(b-1)/2]`` leaves) counts as
   ``num_layers`` layers, each with its own ``r`` blocks and COFT radius.
+
+  Args:
+    adapter: a tree holding adapter leaves (other leaves are ignored).
+    config: the adapter config the leaves are used with.
+    per_layer: also return the per-layer figures (``'layers'``). The job logs the
+      summaries only: a jitted health returning every per-layer figure hung on 4 virtual
+      CPU devices with 7 adapted paths (cause not found).
 
   Returns:
     ``{}`` without OFT adapters; otherwise ``{'layers': {path: figures}}`` where
@@ -200,23 +227,30 @@ def adapter_health(adapter: Params, config: adapters.AdapterConfig) -> dict:
     q = orthogonal.skew_symmetric(used, config.block_size)
     blocks = adapters.oft_blocks({"weight": used}, config, path)
     figures = {
-        "q_norm": over_stacked_axes(
-            lambda x: jnp.max(orthogonal.spectral_norm(x)), lead)(q),
-        "orthogonality_error": over_stacked_axes(orthogonal.orthogonality_error, lead)(blocks)}
+      "q_norm": over_stacked_axes(
+        lambda x: jnp.max(orthogonal.spectral_norm(x)), lead
+      )(q),
+      "orthogonality_error": over_stacked_axes(orthogonal.orthogonality_error, lead)(blocks),
+    }
     if config.coft_eps is not None:
       radius = config.coft_eps / math.sqrt(r)
       figures["coft_radius"] = jnp.asarray(radius, jnp.float32)
-      figures["coft_ratio"] = over_stacked_axes(  # of the stored weight: > 1 if never projected
-          lambda x: jnp.max(jnp.linalg.norm(x, axis=(-2, -1))), lead)(
-              orthogonal.skew_symmetric(stored, config.block_size)) / radius
+      figures["coft_ratio"] = (
+        over_stacked_axes(  # of the stored weight: > 1 if never projected
+          lambda x: jnp.max(jnp.linalg.norm(x, axis=(-2, -1))), lead
+        )(orthogonal.skew_symmetric(stored, config.block_size))
+        / radius
+      )
     layers[path] = figures
   if not layers:
     return {}
-  every = lambda name: jnp.concatenate(  # noqa: E731
-      [jnp.ravel(f[name]) for f in layers.values()])
-  summary = {"max_q_norm": jnp.max(every("q_norm")), "mean_q_norm": jnp.mean(every("q_norm")),
-             "orthogonality_error": jnp.max(every("orthogonality_error")),
-             "mean_orthogonality_error": jnp.mean(every("orthogonality_error"))}
+  every = lambda name: jnp.concatenate([jnp.ravel(f[name]) for f in layers.values()])
+  summary = {
+    "max_q_norm": jnp.max(every("q_norm")),
+    "mean_q_norm": jnp.mean(every("q_norm")),
+    "orthogonality_error": jnp.max(every("orthogonality_error")),
+    "mean_orthogonality_error": jnp.mean(every("orthogonality_error")),
+  }
   if config.coft_eps is not None:
     summary["max_coft_ratio"] = jnp.max(every("coft_ratio"))
-  return {"layers": layers, **summary}
+  return {"layers": layers, **summary} if per_layer else summary

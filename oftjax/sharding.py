@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 
 import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as PS
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -34,8 +35,10 @@ def make_mesh(spec: str = "", devices=None) -> Mesh:
         raise ValueError(f"mesh entry {part!r} is not AXIS=N with AXIS in {AXES} and N >= 1")
       sizes[name] = int(value)
   if math.prod(sizes.values()) != len(devices):
-    raise ValueError(f"mesh {spec or 'default'} needs {math.prod(sizes.values())} devices "
-                     f"but {len(devices)} are available; make the axis sizes multiply to {len(devices)}")
+    raise ValueError(
+      f"mesh {spec or 'default'} needs {math.prod(sizes.values())} devices "
+      f"but {len(devices)} are available; make the axis sizes multiply to {len(devices)}"
+    )
   grid = np.asarray(devices).reshape([sizes[a] for a in AXES])
   return Mesh(grid, AXES)
 
@@ -65,8 +68,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def onto_mesh(tree, mesh: Mesh):
-  """Leaves already on ``mesh`` keep their sharding (e.g. Adam moments of sharded params);
-  the others (e.g. a step counter XLA left on one device) are replicated over it."""
+  """Puts a tree on ``mesh``: sharded leaves stay, the others are replicated.
+
+  Leaves already on ``mesh`` keep their sharding (e.g. Adam moments of sharded params);
+  the others (e.g. a step counter XLA left on one device) are replicated over it.
+  """
   devices = set(mesh.devices.flat)
 
   def place(x):
@@ -79,7 +85,8 @@ def param_shardings(tree, mesh: Mesh, shard: bool = True):
   """NamedShardings for a parameter tree: FSDP-sharded when ``shard``, else replicated."""
   fsdp = mesh.shape["fsdp"]
   return jax.tree_util.tree_map(
-      lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp) if shard else PS()), tree)
+    lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp) if shard else PS()), tree
+  )
 
 
 def train_state_shardings(init_fn, trainable, mesh: Mesh, shard: bool = True):

@@ -7,7 +7,8 @@ backward still flows *through* frozen kernels to reach earlier adapters).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,11 +19,16 @@ from oftjax import params as P
 LossFn = Callable[[Any, Any], Any]  # (full params, batch) -> (scalar loss, aux dict)
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    has_aux: bool = False, donate: bool = True, accum_steps: int = 1,
-                    state_shardings: tuple[Any, Any] | None = None,
-                    weight_key: str | None = None,
-                    project: Callable[[Any], Any] | None = None):
+def make_train_step(
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  has_aux: bool = False,
+  donate: bool = True,
+  accum_steps: int = 1,
+  state_shardings: tuple[Any, Any] | None = None,
+  weight_key: str | None = None,
+  project: Callable[[Any], Any] | None = None,
+):
   """Builds ``step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss, aux)``.
 
   Gradient accumulation: with ``accum_steps = k > 1`` every batch leaf has a leading
@@ -72,17 +78,18 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
   def accumulated(trainable, frozen, batch):
     """Loss, aux and gradient of ``accum_steps`` micro-batches as one batch."""
+
     def micro(acc, mb):
-      (l, a), g = grads_of(trainable, frozen, mb)
+      (loss, a), g = grads_of(trainable, frozen, mb)
       n = jnp.asarray(1.0 if weight_key is None else a[weight_key], jnp.float32)
-      return jax.tree_util.tree_map(lambda s, x: s + n * x, acc, g), (n, l, a)
+      return jax.tree_util.tree_map(lambda s, x: s + n * x, acc, g), (n, loss, a)
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
     summed, (counts, losses, auxes) = jax.lax.scan(micro, zeros, batch)
     total = counts.sum()
     total = jnp.where(total > 0, total, 1.0)  # no term in any micro-batch: all weights 0
     weights = counts / total
-    mean = lambda x: jnp.tensordot(weights, x.astype(jnp.float32), axes=1)  # noqa: E731
+    mean = lambda x: jnp.tensordot(weights, x.astype(jnp.float32), axes=1)
     aux = {k: counts.sum() if k == weight_key else mean(v) for k, v in auxes.items()}
     grads = jax.tree_util.tree_map(lambda s: s / total, summed)
     return (mean(losses), aux), grads
@@ -96,12 +103,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     updates, new_state = optimizer.update(grads, opt_state, trainable)
     new_trainable = constrain(optax.apply_updates(trainable, updates))
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-    keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-        lambda n, o: jnp.where(finite, n, o), new, old)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_trainable, new_state = keep(new_trainable, trainable), keep(new_state, opt_state)
     if has_aux:
-      aux = {**aux, "grad_norm": optax.global_norm(grads),
-             "skipped": (~finite).astype(jnp.int32)}
+      aux = {**aux, "grad_norm": optax.global_norm(grads), "skipped": (~finite).astype(jnp.int32)}
     return new_trainable, new_state, loss, (aux if has_aux else None)
 
   out = None if state_shardings is None else (*state_shardings, None, None)

@@ -19,10 +19,19 @@ def tiny_text_config(tok):
   import transformers
 
   return transformers.Gemma3TextConfig(
-      vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=16,
-      max_position_embeddings=256, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-      eos_token_id=tok.eos_token_id)
+    vocab_size=len(tok),
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=16,
+    sliding_window=16,
+    max_position_embeddings=256,
+    pad_token_id=tok.pad_token_id,
+    bos_token_id=tok.bos_token_id,
+    eos_token_id=tok.eos_token_id,
+  )
 
 
 def shipped_tokenizer():
@@ -54,16 +63,35 @@ def save_tiny_multimodal_model(folder):
 
 def job_args(model_dir, out, *extra):
   """Fast flags for the job on the tiny model."""
-  return ["--model", model_dir, "--output-dir", str(out), "--steps", "6", "--batch-size", "4",
-          "--log-every", "1", "--save-every", "3", "--eval-limit", "4", "--warmup-steps", "1",
-          "--lr", "0.05", *extra]
+  return [
+    "--model",
+    model_dir,
+    "--output-dir",
+    str(out),
+    "--steps",
+    "6",
+    "--batch-size",
+    "4",
+    "--log-every",
+    "1",
+    "--save-every",
+    "3",
+    "--eval-limit",
+    "4",
+    "--warmup-steps",
+    "1",
+    "--lr",
+    "0.05",
+    *extra,
+  ]
 
 
 def run_job(args, timeout=300, env=None):
   """Runs the job in a subprocess (extra ``env`` variables allowed); returns CompletedProcess."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                        timeout=timeout, env=env)
+  return subprocess.run(
+    [sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, env=env
+  )
 
 
 def read_jsonl(path):

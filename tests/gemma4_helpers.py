@@ -15,62 +15,118 @@ VOCAB = 128  # as gemma_helpers.VOCAB, so its padded_batch / hf_logits apply
 torch.set_num_threads(1)
 
 _SLIDING, _FULL = "sliding_attention", "full_attention"
-_BASE = dict(vocab_size=VOCAB, pad_token_id=0, eos_token_id=None, bos_token_id=2,
-             attn_implementation="eager")
+_BASE = dict(
+  vocab_size=VOCAB, pad_token_id=0, eos_token_id=None, bos_token_id=2, attn_implementation="eager"
+)
 
 # name -> Gemma4TextConfig kwargs.
 CONFIGS = {
-    # Top-level schema (global_head_dim / num_global_key_value_heads), k_eq_v on full layers,
-    # proportional rope, PLE, KV sharing in the last 3 layers with a double-wide MLP, softcap.
-    "shared": dict(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, global_head_dim=16, num_global_key_value_heads=1,
-        attention_k_eq_v=True, sliding_window=3, layer_types=[_SLIDING, _SLIDING, _FULL] * 2,
-        hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, num_kv_shared_layers=3,
-        use_double_wide_mlp=True, final_logit_softcapping=6.0,
-        rope_parameters={
-            _SLIDING: {"rope_type": "default", "rope_theta": 100.0},
-            _FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1000.0},
-        }),
-    # per_layer_config schema, linear rope on sliding layers, no PLE, untied head, no sharing.
-    "per_layer": dict(
-        hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, sliding_window=4,
-        layer_types=[_SLIDING, _FULL, _SLIDING, _FULL], per_layer_config={
-            "1": {"head_dim": 12, "num_key_value_heads": 4},
-            "3": {"head_dim": 12, "num_key_value_heads": 4}},
-        hidden_size_per_layer_input=0, tie_word_embeddings=False,
-        rope_parameters={
-            _SLIDING: {"rope_type": "linear", "factor": 4.0, "rope_theta": 500.0},
-            _FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e4},
-        }),
-    # A repeating group, scanned: [sliding, full] x 2, then the same group x 2 KV-shared.
-    "pattern": dict(
-        hidden_size=48, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=12, global_head_dim=24, sliding_window=3,
-        layer_types=[_SLIDING, _FULL] * 4, hidden_size_per_layer_input=4,
-        vocab_size_per_layer_input=VOCAB, num_kv_shared_layers=4, use_double_wide_mlp=True,
-        rope_parameters={
-            _SLIDING: {"rope_type": "default", "rope_theta": 100.0},
-            _FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e4},
-        }),
-    # 26B-A4B-like: every layer has the MoE branch beside its dense MLP.
-    "moe": dict(
-        hidden_size=32, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, global_head_dim=16, num_global_key_value_heads=1,
-        attention_k_eq_v=True, sliding_window=3, layer_types=[_SLIDING, _SLIDING, _FULL],
-        hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=4, top_k_experts=2,
-        moe_intermediate_size=16, final_logit_softcapping=8.0,
-        rope_parameters={
-            _SLIDING: {"rope_type": "default", "rope_theta": 100.0},
-            _FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1e4},
-        }),
+  # Top-level schema (global_head_dim / num_global_key_value_heads), k_eq_v on full layers,
+  # proportional rope, PLE, KV sharing in the last 3 layers with a double-wide MLP, softcap.
+  "shared": dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    global_head_dim=16,
+    num_global_key_value_heads=1,
+    attention_k_eq_v=True,
+    sliding_window=3,
+    layer_types=[_SLIDING, _SLIDING, _FULL] * 2,
+    hidden_size_per_layer_input=8,
+    vocab_size_per_layer_input=VOCAB,
+    num_kv_shared_layers=3,
+    use_double_wide_mlp=True,
+    final_logit_softcapping=6.0,
+    rope_parameters={
+      _SLIDING: {"rope_type": "default", "rope_theta": 100.0},
+      _FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1000.0},
+    },
+  ),
+  # per_layer_config schema, linear rope on sliding layers, no PLE, untied head, no sharing.
+  "per_layer": dict(
+    hidden_size=32,
+    intermediate_size=40,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    sliding_window=4,
+    layer_types=[_SLIDING, _FULL, _SLIDING, _FULL],
+    per_layer_config={
+      "1": {"head_dim": 12, "num_key_value_heads": 4},
+      "3": {"head_dim": 12, "num_key_value_heads": 4},
+    },
+    hidden_size_per_layer_input=0,
+    tie_word_embeddings=False,
+    rope_parameters={
+      _SLIDING: {"rope_type": "linear", "factor": 4.0, "rope_theta": 500.0},
+      _FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e4},
+    },
+  ),
+  # A repeating group, scanned: [sliding, full] x 2, then the same group x 2 KV-shared.
+  "pattern": dict(
+    hidden_size=48,
+    intermediate_size=64,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=12,
+    global_head_dim=24,
+    sliding_window=3,
+    layer_types=[_SLIDING, _FULL] * 4,
+    hidden_size_per_layer_input=4,
+    vocab_size_per_layer_input=VOCAB,
+    num_kv_shared_layers=4,
+    use_double_wide_mlp=True,
+    rope_parameters={
+      _SLIDING: {"rope_type": "default", "rope_theta": 100.0},
+      _FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e4},
+    },
+  ),
+  # 26B-A4B-like: every layer has the MoE branch beside its dense MLP.
+  "moe": dict(
+    hidden_size=32,
+    intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    global_head_dim=16,
+    num_global_key_value_heads=1,
+    attention_k_eq_v=True,
+    sliding_window=3,
+    layer_types=[_SLIDING, _SLIDING, _FULL],
+    hidden_size_per_layer_input=0,
+    enable_moe_block=True,
+    num_experts=4,
+    top_k_experts=2,
+    moe_intermediate_size=16,
+    final_logit_softcapping=8.0,
+    rope_parameters={
+      _SLIDING: {"rope_type": "default", "rope_theta": 100.0},
+      _FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1e4},
+    },
+  ),
 }
 # Small vision and audio towers for multimodal folders.
-VISION = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-              num_key_value_heads=2, head_dim=4)
-AUDIO = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, output_proj_dims=8,
-             subsampling_conv_channels=[4, 4])
+VISION = dict(
+  hidden_size=8,
+  intermediate_size=16,
+  num_hidden_layers=1,
+  num_attention_heads=2,
+  num_key_value_heads=2,
+  head_dim=4,
+)
+AUDIO = dict(
+  hidden_size=8,
+  num_hidden_layers=1,
+  num_attention_heads=2,
+  output_proj_dims=8,
+  subsampling_conv_channels=[4, 4],
+)
 
 
 def text_config(name: str, **changes) -> transformers.Gemma4TextConfig:
@@ -81,10 +137,12 @@ def text_config(name: str, **changes) -> transformers.Gemma4TextConfig:
 def multimodal_config(name: str, **changes) -> transformers.Gemma4Config:
   """A multimodal config around the text config `name` (some fields changed), with tiny
   vision and audio towers."""
-  text = {k: v for k, v in {**_BASE, **CONFIGS[name], **changes}.items()
-          if k != "attn_implementation"}
-  return transformers.Gemma4Config(text_config=text, vision_config=VISION, audio_config=AUDIO,
-                                   attn_implementation="eager")
+  text = {
+    k: v for k, v in {**_BASE, **CONFIGS[name], **changes}.items() if k != "attn_implementation"
+  }
+  return transformers.Gemma4Config(
+    text_config=text, vision_config=VISION, audio_config=AUDIO, attn_implementation="eager"
+  )
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> None:

@@ -14,10 +14,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def main(port, num_processes, process_id, spec):
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
-                             process_id=process_id, initialization_timeout=60,
-                             heartbeat_timeout_seconds=10)
+  jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=num_processes,
+    process_id=process_id,
+    initialization_timeout=60,
+    heartbeat_timeout_seconds=10,
+  )
   import sharded_steps
+
   from oftjax import sharding
 
   mesh = sharding.make_mesh(spec)

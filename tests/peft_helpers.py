@@ -8,11 +8,10 @@ import os
 import warnings
 
 import numpy as np
-import safetensors.numpy
-import torch
-
 import peft
 from peft.tuners.tuners_utils import BaseTunerLayer
+import safetensors.numpy
+import torch
 
 _LOGGERS = ("", "peft", "transformers")
 
@@ -57,8 +56,9 @@ def load_peft(base: torch.nn.Module, adapter_dir: str):
   assert not key_messages(messages), key_messages(messages)
   saved = set(safetensors.numpy.load_file(os.path.join(adapter_dir, "adapter_model.safetensors")))
   held = set(peft.get_peft_model_state_dict(model, save_embedding_layers=False))
-  assert saved == held, (f"file-only keys {sorted(saved - held)[:3]}, "
-                         f"model-only keys {sorted(held - saved)[:3]}")
+  assert saved == held, (
+    f"file-only keys {sorted(saved - held)[:3]}, model-only keys {sorted(held - saved)[:3]}"
+  )
   return model
 
 

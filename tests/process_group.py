@@ -20,8 +20,12 @@ def run_group(commands, env, bound, kill_last_after=None):
   running after ``bound`` seconds are killed, so a hung peer fails the caller, never hangs it.
   """
   logs = [tempfile.TemporaryFile("w+") for _ in commands]
-  procs = [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True) for cmd, log in zip(commands, logs)]
+  procs = [
+    subprocess.Popen(
+      cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    for cmd, log in zip(commands, logs)
+  ]
   start = time.time()
   try:
     if kill_last_after is not None:

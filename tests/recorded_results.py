@@ -20,8 +20,9 @@ import re
 
 from oftjax import atomic
 
-RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "experiments", "results")
+RESULTS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "results"
+)
 RECORD = os.environ.get("OFTJAX_RECORD_RESULTS") == "1"
 
 
@@ -37,11 +38,17 @@ def load(name: str) -> dict:
 
 def _close(got, want, rel_tol: float) -> bool:
   if isinstance(want, dict):
-    return isinstance(got, dict) and got.keys() == want.keys() and all(
-        _close(got[k], want[k], rel_tol) for k in want)
+    return (
+      isinstance(got, dict)
+      and got.keys() == want.keys()
+      and all(_close(got[k], want[k], rel_tol) for k in want)
+    )
   if isinstance(want, list):
-    return isinstance(got, list) and len(got) == len(want) and all(
-        _close(g, w, rel_tol) for g, w in zip(got, want))
+    return (
+      isinstance(got, list)
+      and len(got) == len(want)
+      and all(_close(g, w, rel_tol) for g, w in zip(got, want))
+    )
   if isinstance(want, float) and isinstance(got, (int, float)):
     return math.isclose(got, want, rel_tol=rel_tol, abs_tol=0.0)
   return got == want
@@ -88,5 +95,6 @@ def check(name: str, key: str, value, rel_tol: float = 0.0) -> None:
     return
   want = load(name).get(key)
   assert want is not None and _close(value, want, rel_tol), (
-      f"measured {key}={value} but experiments/results/{name}.json holds {want}; if the change "
-      f"is intended, rerun with OFTJAX_RECORD_RESULTS=1 and then experiments/render_docs.py")
+    f"measured {key}={value} but experiments/results/{name}.json holds {want}; if the change "
+    f"is intended, rerun with OFTJAX_RECORD_RESULTS=1 and then experiments/render_docs.py"
+  )

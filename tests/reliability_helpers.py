@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 from finetune_helpers import ASSETS, SCRIPT, save_tiny_model
+
 from oftjax import atomic
 
 STEPS = 24
@@ -33,24 +34,57 @@ def shared_dir(tmp_path_factory):
 
 def env_for(base):
   """Subprocess environment: CPU JAX with a persistent compile cache shared by all runs."""
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
-          "JAX_COMPILATION_CACHE_DIR": str(base / "jax-cache"),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+  return {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "HF_HUB_OFFLINE": "1",
+    "JAX_COMPILATION_CACHE_DIR": str(base / "jax-cache"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+  }
 
 
 def job(base, out, *extra, steps=STEPS):
   """Flags of the reliability runs (tiny model, small task, every step logged)."""
-  return ["--model", str(base / "tiny-gemma3"), "--data", str(base / "train.jsonl"),
-          "--eval-data", str(base / "eval.jsonl"), "--retention-data", "",
-          "--output-dir", str(out), "--steps", str(steps), "--batch-size", "4",
-          "--log-every", "1", "--save-every", str(SAVE_EVERY), "--keep-checkpoints", "2",
-          "--eval-limit", "2", "--warmup-steps", "1", "--lr", "0.05", *extra]
+  return [
+    "--model",
+    str(base / "tiny-gemma3"),
+    "--data",
+    str(base / "train.jsonl"),
+    "--eval-data",
+    str(base / "eval.jsonl"),
+    "--retention-data",
+    "",
+    "--output-dir",
+    str(out),
+    "--steps",
+    str(steps),
+    "--batch-size",
+    "4",
+    "--log-every",
+    "1",
+    "--save-every",
+    str(SAVE_EVERY),
+    "--keep-checkpoints",
+    "2",
+    "--eval-limit",
+    "2",
+    "--warmup-steps",
+    "1",
+    "--lr",
+    "0.05",
+    *extra,
+  ]
 
 
 def run(base, args, timeout=300):
-  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                        timeout=timeout, env=env_for(base))
+  return subprocess.run(
+    [sys.executable, SCRIPT, *args],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env=env_for(base),
+  )
 
 
 def reference_run(base):

@@ -15,8 +15,10 @@ def layer_table():
   rows = {}
   for line in body.strip().splitlines()[2:]:
     name, modules, allowed, _ = [c.strip() for c in line.strip().strip("|").split("|")]
-    rows[name] = (re.findall(r"`([\w.]+)`", modules),
-                  {a.strip() for a in allowed.split(",") if a.strip()})
+    rows[name] = (
+      re.findall(r"`([\w.]+)`", modules),
+      {a.strip() for a in allowed.split(",") if a.strip()},
+    )
   return rows
 
 
@@ -42,8 +44,11 @@ def imports():
       module = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")
       for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("oftjax"):
-          names = [node.module + "." + a.name for a in node.names] if node.module == "oftjax" \
-              else [node.module]
+          names = (
+            [node.module + "." + a.name for a in node.names]
+            if node.module == "oftjax"
+            else [node.module]
+          )
           found += [(module, n) for n in names]
         elif isinstance(node, ast.Import):
           found += [(module, a.name) for a in node.names if a.name.startswith("oftjax")]
@@ -67,4 +72,5 @@ def test_every_row_names_existing_modules_and_rows():
     for prefix in prefixes:
       rel = prefix.replace(".", os.sep)
       assert os.path.isdir(os.path.join(ROOT, rel)) or os.path.isfile(
-          os.path.join(ROOT, rel + ".py")), f"row {name}: {prefix} does not exist"
+        os.path.join(ROOT, rel + ".py")
+      ), f"row {name}: {prefix} does not exist"

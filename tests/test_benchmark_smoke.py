@@ -23,9 +23,22 @@ def result(tmp_path_factory):
   folder = tmp_path_factory.mktemp("bench")
   out, plots = folder / "smoke.json", folder / "plots"
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"), "--smoke",
-       "--out", str(out), "--plots", str(plots), "--threads", "1"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      os.path.join(ROOT, "experiments", "benchmark.py"),
+      "--smoke",
+      "--out",
+      str(out),
+      "--plots",
+      str(plots),
+      "--threads",
+      "1",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   with open(out) as f:
     data = json.load(f)
@@ -47,8 +60,17 @@ def test_every_method_has_its_fields(result):
     assert entry["config"]["lora_match_rank"] <= 16
   for name in JAX_METHODS:
     s = methods[name]
-    for key in ("step_s", "flops", "argument_bytes", "compile_s", "trainable_params",
-                "achieved_flops_per_s", "fraction_of_peak", "time_vs_oft", "flops_vs_oft"):
+    for key in (
+      "step_s",
+      "flops",
+      "argument_bytes",
+      "compile_s",
+      "trainable_params",
+      "achieved_flops_per_s",
+      "fraction_of_peak",
+      "time_vs_oft",
+      "flops_vs_oft",
+    ):
       assert _finite_positive(s[key]), (name, key, s.get(key))
     assert s["temp_bytes"] > 0
     assert math.isfinite(s["final_loss"])
@@ -78,8 +100,13 @@ def test_values_are_sane(result):
   for key, value in entry["ratios"].items():
     assert _finite_positive(value), (key, value)
   checks = result["targets"]["checks"]
-  assert set(checks) == {"oftv1_over_oft_time", "oftv1_over_oft_temp", "oft_over_lora16_time",
-                         "oft_over_floor_time", "peft_oft_over_oft_time",
-                         "oft_fraction_of_peak"}
+  assert set(checks) == {
+    "oftv1_over_oft_time",
+    "oftv1_over_oft_temp",
+    "oft_over_lora16_time",
+    "oft_over_floor_time",
+    "peft_oft_over_oft_time",
+    "oft_fraction_of_peak",
+  }
   assert all(isinstance(c["met"], bool) for c in checks.values())
   assert "fraction_of_peak.png" in result["_plots"]

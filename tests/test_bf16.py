@@ -16,6 +16,8 @@ rope precision counts.
 import json
 import os
 
+from finetune_helpers import ASSETS, read_jsonl, run_job
+import gemma_helpers as H
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -23,9 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-import gemma_helpers as H
-from finetune_helpers import ASSETS, read_jsonl, run_job
-from oftjax import adapters, data, params as P
+from oftjax import adapters, data
+from oftjax import params as P
 from oftjax.intercept import Adapted
 from oftjax.models import gemma
 from oftjax.train.config import DEFAULT_TARGETS
@@ -66,8 +67,10 @@ def bf16_errors(name, folder):
 @pytest.mark.parametrize("name", ["gemma1_mha", "gemma2", "gemma3"])
 def test_bf16_logit_error_is_no_worse_than_transformers(name, tmp_path):
   (ours_max, ours_mean), (hf_max, hf_mean) = bf16_errors(name, tmp_path)
-  print(f"{name}: bf16 |dlogits| ours max {ours_max:.4f} mean {ours_mean:.5f}; "
-        f"transformers max {hf_max:.4f} mean {hf_mean:.5f}")
+  print(
+    f"{name}: bf16 |dlogits| ours max {ours_max:.4f} mean {ours_mean:.5f}; "
+    f"transformers max {hf_max:.4f} mean {hf_mean:.5f}"
+  )
   assert hf_mean > 1e-3  # transformers really ran in bf16
   assert ours_mean <= MEAN_FACTOR * hf_mean
   assert ours_max <= MAX_FACTOR * hf_max
@@ -78,15 +81,21 @@ def test_bf16_logit_error_is_no_worse_than_transformers(name, tmp_path):
 
 def shipped_batch(tok, rows=4, seq_len=64):
   train = data.load_dataset(os.path.join(ASSETS, "task", "train.jsonl"), tok, seq_len)
-  return {k: jnp.asarray(v) for k, v in
-          next(data.PackedBatches(train.examples, batch_size=rows, seq_len=seq_len, seed=0)).items()}
+  return {
+    k: jnp.asarray(v)
+    for k, v in next(
+      data.PackedBatches(train.examples, batch_size=rows, seq_len=seq_len, seed=0)
+    ).items()
+  }
 
 
 def job_loss(wrapped):
   """The job's loss: the adapted model's logits into the masked cross-entropy."""
 
   def loss_fn(p, b):
-    logits = wrapped.apply({"params": p}, b["inputs"], positions=b["positions"], segment_ids=b["segment_ids"])
+    logits = wrapped.apply(
+      {"params": p}, b["inputs"], positions=b["positions"], segment_ids=b["segment_ids"]
+    )
     assert logits.dtype == jnp.float32  # the loss sees fp32 logits, whatever the compute dtype
     return masked_xent(logits, b)
 
@@ -95,8 +104,12 @@ def job_loss(wrapped):
 
 def adapted(model, batch):
   """The job's OFT wrapper and a non-identity adapter tree (so gradients see real rotations)."""
-  wrapped = Adapted(model, adapters.AdapterConfig(block_size=16, num_terms=6, targets=DEFAULT_TARGETS))
-  shapes = P.split_params(jax.eval_shape(wrapped.init, jax.random.key(0), batch["inputs"][:1])["params"])[1]
+  wrapped = Adapted(
+    model, adapters.AdapterConfig(block_size=16, num_terms=6, targets=DEFAULT_TARGETS)
+  )
+  shapes = P.split_params(
+    jax.eval_shape(wrapped.init, jax.random.key(0), batch["inputs"][:1])["params"]
+  )[1]
   leaves, tree = jax.tree_util.tree_flatten(shapes)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   adapter = [0.05 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
@@ -107,7 +120,9 @@ def test_bf16_train_step_keeps_adapters_optimizer_state_and_loss_in_fp32():
   """The job's composition on a bf16 base: traced (not compiled), so the dtypes are the step's own."""
   folder = os.path.join(ASSETS, "tiny-gemma3")
   batch = shipped_batch(data.load_tokenizer(folder))
-  model = gemma.load_model(folder, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)  # as the job builds it
+  model = gemma.load_model(
+    folder, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16
+  )  # as the job builds it
   base = jax.eval_shape(model.init, jax.random.key(0), batch["inputs"][:1])["params"]
   assert {x.dtype for x in jax.tree_util.tree_leaves(base)} == {jnp.dtype(jnp.bfloat16)}
   wrapped, adapter = adapted(model, batch)
@@ -118,7 +133,9 @@ def test_bf16_train_step_keeps_adapters_optimizer_state_and_loss_in_fp32():
   assert loss.dtype == jnp.float32
   for tree in (adapter, new_adapter):
     assert {x.dtype for x in jax.tree_util.tree_leaves(tree)} == {jnp.dtype(jnp.float32)}
-  floats = {x.dtype for x in jax.tree_util.tree_leaves(new_state) if jnp.issubdtype(x.dtype, jnp.floating)}
+  floats = {
+    x.dtype for x in jax.tree_util.tree_leaves(new_state) if jnp.issubdtype(x.dtype, jnp.floating)
+  }
   assert floats == {jnp.dtype(jnp.float32)}
 
 
@@ -131,8 +148,11 @@ def test_bf16_loss_and_adapter_gradients_follow_fp32():
     model, base = gemma.load(folder, dtype=dtype)
     wrapped, adapter = adapted(model, batch)
     loss_fn = job_loss(wrapped)
-    (loss, _), grads = jax.jit(jax.value_and_grad(
-        lambda t, b, loss_fn=loss_fn, base=base: loss_fn(P.merge_params(base, t), b), has_aux=True))(adapter, batch)
+    (loss, _), grads = jax.jit(
+      jax.value_and_grad(
+        lambda t, b, loss_fn=loss_fn, base=base: loss_fn(P.merge_params(base, t), b), has_aux=True
+      )
+    )(adapter, batch)
     assert {x.dtype for x in jax.tree_util.tree_leaves(grads)} == {jnp.dtype(jnp.float32)}
     runs[dtype] = (float(loss), jax.flatten_util.ravel_pytree(grads)[0])
   (loss32, g32), (loss16, g16) = runs[jnp.float32], runs[jnp.bfloat16]
@@ -152,7 +172,9 @@ def checkpoint_dtypes(step_dir):
   meta = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state"))
   tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
   out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "dtype")):
+  for path, leaf in jax.tree_util.tree_leaves_with_path(
+    tree, is_leaf=lambda x: hasattr(x, "dtype")
+  ):
     out.setdefault(path[0].key, set()).add(str(leaf.dtype))
   return out
 
@@ -160,18 +182,40 @@ def checkpoint_dtypes(step_dir):
 @pytest.mark.slow
 def test_bf16_job_learns_the_shipped_task(tmp_path):
   out = tmp_path / "bf16"
-  proc = run_job(["--dtype", "bfloat16", "--steps", "45", "--eval-limit", "16", "--retention-data", "",
-                  "--log-every", "5", "--output-dir", str(out)])
+  proc = run_job(
+    [
+      "--dtype",
+      "bfloat16",
+      "--steps",
+      "45",
+      "--eval-limit",
+      "16",
+      "--retention-data",
+      "",
+      "--log-every",
+      "5",
+      "--output-dir",
+      str(out),
+    ]
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   summary = json.loads((out / "summary.json").read_text())
   assert summary["config"]["dtype"] == "bfloat16"
-  assert summary["frozen_weight_bytes"] == 2 * summary["total_params"] - 2 * summary["trainable_params"]
+  assert (
+    summary["frozen_weight_bytes"] == 2 * summary["total_params"] - 2 * summary["trainable_params"]
+  )
   before, after = summary["eval_before"], summary["eval_after"]
   assert before["accuracy"] == 0.0 and after["accuracy"] >= 0.3, after
   assert after["loss"] < before["loss"] / 5
   rows = read_jsonl(out / "metrics.jsonl")
   assert rows[-1]["step"] == 45 and rows[-1]["loss"] < rows[0]["loss"] / 5
-  assert checkpoint_dtypes(out / "checkpoints" / "45") == {"trainable": {"float32"},
-                                                           "opt_state": {"float32", "int32"}}
-  header = (out / "peft_adapter" / "adapter_model.safetensors").read_bytes()[8:4000].decode(errors="ignore")
+  assert checkpoint_dtypes(out / "checkpoints" / "45") == {
+    "trainable": {"float32"},
+    "opt_state": {"float32", "int32"},
+  }
+  header = (
+    (out / "peft_adapter" / "adapter_model.safetensors")
+    .read_bytes()[8:4000]
+    .decode(errors="ignore")
+  )
   assert '"dtype":"F32"' in header and '"dtype":"BF16"' not in header

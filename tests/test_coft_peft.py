@@ -37,8 +37,15 @@ class _Net(torch.nn.Module):
 def _problem():
   """PEFT's COFT layer with a nonzero init (two blocks inside the ball, two outside) and data."""
   torch.manual_seed(0)
-  config = peft.OFTConfig(target_modules=["lin"], r=0, oft_block_size=BLOCK, coft=True,
-                          eps=EPS, use_cayley_neumann=True, num_cayley_neumann_terms=6)
+  config = peft.OFTConfig(
+    target_modules=["lin"],
+    r=0,
+    oft_block_size=BLOCK,
+    coft=True,
+    eps=EPS,
+    use_cayley_neumann=True,
+    num_cayley_neumann_terms=6,
+  )
   model = peft.get_peft_model(_Net(), config)
   layer = model.base_model.model.lin
   rng = np.random.default_rng(0)
@@ -76,11 +83,14 @@ def _oftjax_run(init, kernel, bias, xs, ys, project):
   config = oftjax.AdapterConfig(block_size=BLOCK, num_terms=6, coft_eps=EPS)
   dense = oftjax.Adapted(nn.Dense(D_OUT), config)
   frozen = {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
-  loss_fn = lambda p, b: jnp.mean((dense.apply({"params": p}, b[0]) - b[1]) ** 2)  # noqa: E731
+  loss_fn = lambda p, b: jnp.mean((dense.apply({"params": p}, b[0]) - b[1]) ** 2)
   optimizer = optax.adam(LR)  # torch's Adam defaults: b1 0.9, b2 0.999, eps 1e-8
   step = oftjax.make_train_step(
-      loss_fn, optimizer, donate=False,
-      project=(lambda t: P.project_adapters(t, config)) if project else None)
+    loss_fn,
+    optimizer,
+    donate=False,
+    project=(lambda t: P.project_adapters(t, config)) if project else None,
+  )
   trainable = {"oft": {"weight": jnp.asarray(init)}}
   state, losses, norms = optimizer.init(trainable), [], []
   for x, y in zip(xs, ys):

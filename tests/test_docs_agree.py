@@ -14,7 +14,8 @@ import re
 from finetune_helpers import ROOT
 
 _spec = importlib.util.spec_from_file_location(
-    "render_docs", os.path.join(ROOT, "experiments", "render_docs.py"))
+  "render_docs", os.path.join(ROOT, "experiments", "render_docs.py")
+)
 render_docs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(render_docs)
 
@@ -38,7 +39,7 @@ def test_a_stale_region_is_reported():
 
 def test_bad_input_table_is_the_test_catalogue():
   text = _read("RELIABILITY.md")
-  section = text[text.index("## Bad input"):text.index("## Security")]
+  section = text[text.index("## Bad input") : text.index("## Security")]
   rows = re.findall(r"^\|.*\| `(?:(test_\w+))?\[([^\]]+)\]` \|$", section, re.M)
   documented, test = set(), None
   for name, case in rows:  # a bare `[case]` continues the test named above it
@@ -47,8 +48,12 @@ def test_bad_input_table_is_the_test_catalogue():
   assert len(rows) == len(documented), "a case is listed twice"
   assert documented == set(render_docs.bad_input_catalogue()["inputs"])
   # each row quotes the message its own case recorded
-  quoted = re.findall(r"^\|.*<!-- generated:bad-input-message\[([^\]]+)\] -->.*\| `(?:test_\w+)?"
-                      r"\[([^\]]+)\]` \|$", section, re.M)
+  quoted = re.findall(
+    r"^\|.*<!-- generated:bad-input-message\[([^\]]+)\] -->.*\| `(?:test_\w+)?"
+    r"\[([^\]]+)\]` \|$",
+    section,
+    re.M,
+  )
   assert len(quoted) == len(rows) and all(a == b for a, b in quoted), quoted
 
 
@@ -65,5 +70,6 @@ def test_recorded_default_run_is_the_jobs_default():
       value = os.path.relpath(value, ROOT)
     assert config[key] == value, (key, config[key], value)
   qoft = render_docs.run_record("default_run_qoft_nf4")["summary"]["config"]
-  assert {k: v for k, v in qoft.items() if k != "quantize"} == \
-      {k: v for k, v in config.items() if k != "quantize"} and qoft["quantize"] == "nf4"
+  assert {k: v for k, v in qoft.items() if k != "quantize"} == {
+    k: v for k, v in config.items() if k != "quantize"
+  } and qoft["quantize"] == "nf4"

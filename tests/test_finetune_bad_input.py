@@ -4,9 +4,8 @@ import importlib.util
 import json
 import os
 
-import pytest
-
 from finetune_helpers import SCRIPT, job_args
+import pytest
 
 _spec = importlib.util.spec_from_file_location("finetune_gemma", SCRIPT)
 finetune = importlib.util.module_from_spec(_spec)
@@ -32,30 +31,38 @@ def run_main(capsys, argv):
 
 
 CASES = {
-    "missing data file": (lambda d: ["--data", str(d / "nope.jsonl")], "nope.jsonl"),
-    "empty data file": (lambda d: ["--data", write(d / "e.jsonl", "")], "empty"),
-    "malformed json": (lambda d: ["--data", write(d / "m.jsonl", lines(GOOD) + "{oops\n")],
-                       "line 2"),
-    "missing field": (lambda d: ["--data", write(d / "f.jsonl", lines(GOOD, {"prompt": "x"}))],
-                      "line 2"),
-    "wrong field type": (lambda d: ["--data", write(d / "t.jsonl", lines({"prompt": 3,
-                                                                          "completion": "a"}))],
-                         "line 1"),
-    "non utf8": (lambda d: ["--data", write(d / "u.jsonl", lines(GOOD).encode() + b"\xff\xfe\n",
-                                            "wb")], "line 2"),
-    "too long": (lambda d: ["--data", write(d / "l.jsonl", lines({"prompt": "copy " + "a" * 300,
-                                                                  "completion": "a"}))],
-                 "seq-len"),
-    "target matches nothing": (lambda d: ["--targets", ".*nothing_here"], "matched no"),
-    "block size": (lambda d: ["--block-size", "24"], "does not divide"),
-    "mesh": (lambda d: ["--mesh", "data=3"], "--mesh"),
-    "missing model": (lambda d: ["--model", str(d / "no_model")], "no_model"),
-    "broken model": (lambda d: ["--model", str(_broken_model(d))], "config.json"),
-    "steps": (lambda d: ["--steps", "0"], "--steps must be a positive"),
-    "missing adapter": (lambda d: ["--init-adapter", str(d / "no_adapter")], "adapter file missing"),
-    "export exists": (lambda d: ["--export-merged", str(d)], "already exists"),
-    "processes": (lambda d: ["--num-processes", "2"], "--coordinator-address"),
-    "lr": (lambda d: ["--lr", "nan"], "--lr must be a finite"),
+  "missing data file": (lambda d: ["--data", str(d / "nope.jsonl")], "nope.jsonl"),
+  "empty data file": (lambda d: ["--data", write(d / "e.jsonl", "")], "empty"),
+  "malformed json": (lambda d: ["--data", write(d / "m.jsonl", lines(GOOD) + "{oops\n")], "line 2"),
+  "missing field": (
+    lambda d: ["--data", write(d / "f.jsonl", lines(GOOD, {"prompt": "x"}))],
+    "line 2",
+  ),
+  "wrong field type": (
+    lambda d: ["--data", write(d / "t.jsonl", lines({"prompt": 3, "completion": "a"}))],
+    "line 1",
+  ),
+  "non utf8": (
+    lambda d: ["--data", write(d / "u.jsonl", lines(GOOD).encode() + b"\xff\xfe\n", "wb")],
+    "line 2",
+  ),
+  "too long": (
+    lambda d: [
+      "--data",
+      write(d / "l.jsonl", lines({"prompt": "copy " + "a" * 300, "completion": "a"})),
+    ],
+    "seq-len",
+  ),
+  "target matches nothing": (lambda d: ["--targets", ".*nothing_here"], "matched no"),
+  "block size": (lambda d: ["--block-size", "24"], "does not divide"),
+  "mesh": (lambda d: ["--mesh", "data=3"], "--mesh"),
+  "missing model": (lambda d: ["--model", str(d / "no_model")], "no_model"),
+  "broken model": (lambda d: ["--model", str(_broken_model(d))], "config.json"),
+  "steps": (lambda d: ["--steps", "0"], "--steps must be a positive"),
+  "missing adapter": (lambda d: ["--init-adapter", str(d / "no_adapter")], "adapter file missing"),
+  "export exists": (lambda d: ["--export-merged", str(d)], "already exists"),
+  "processes": (lambda d: ["--num-processes", "2"], "--coordinator-address"),
+  "lr": (lambda d: ["--lr", "nan"], "--lr must be a finite"),
 }
 
 
@@ -79,8 +86,7 @@ def test_bad_input_is_one_line_error(case, tiny_model_dir, tmp_path, capsys):
   assert not out.exists(), "a failed pre-check must not create the output directory"
 
 
-def test_existing_run_is_not_overwritten_and_resume_checks_config(tiny_model_dir, tmp_path,
-                                                                  capsys):
+def test_existing_run_is_not_overwritten_and_resume_checks_config(tiny_model_dir, tmp_path, capsys):
   out = tmp_path / "out"
   code, err = run_main(capsys, job_args(tiny_model_dir, out) + ["--steps", "3"])
   assert code == 0, err
@@ -89,8 +95,9 @@ def test_existing_run_is_not_overwritten_and_resume_checks_config(tiny_model_dir
   code, err = run_main(capsys, job_args(tiny_model_dir, out) + ["--steps", "3"])
   assert code == 2 and "--resume" in err and "--overwrite" in err
   assert (out / "summary.json").exists()
-  code, err = run_main(capsys, job_args(tiny_model_dir, out) + ["--steps", "3", "--resume",
-                                                                 "--lr", "0.01"])
+  code, err = run_main(
+    capsys, job_args(tiny_model_dir, out) + ["--steps", "3", "--resume", "--lr", "0.01"]
+  )
   assert code == 2 and "different lr" in err, err
   assert len(err.splitlines()) == 1
   assert (out / "summary.json").exists(), "a refused resume must not touch the finished run"

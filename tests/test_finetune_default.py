@@ -14,8 +14,19 @@ def test_default_job_learns_the_shipped_task_quickly(tmp_path):
   assert gain >= 0.4, summary["eval_after"]
   assert summary["retention_before"] >= 0.9 and summary["retention_after"] >= 0.6
   assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"] / 5
-  for key in ("model", "method", "steps", "trainable_params", "total_params", "train_tokens_per_s",
-              "compile_s", "wall_s", "final_loss", "frozen_weight_bytes", "adapter_bytes"):
+  for key in (
+    "model",
+    "method",
+    "steps",
+    "trainable_params",
+    "total_params",
+    "train_tokens_per_s",
+    "compile_s",
+    "wall_s",
+    "final_loss",
+    "frozen_weight_bytes",
+    "adapter_bytes",
+  ):
     assert key in summary, key
   assert summary["trainable_params"] < 0.1 * summary["total_params"]
   rows = read_jsonl(out / "metrics.jsonl")

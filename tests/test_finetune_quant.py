@@ -9,14 +9,17 @@ FP32_FROZEN_BYTES = 1014016  # the shipped tiny Gemma 3's frozen tree in float32
 
 def test_qoft_nf4_learns_the_shipped_task_quickly(tmp_path):
   out = tmp_path / "qoft"
-  proc = run_job(["--quantize", "nf4", "--steps", "80", "--eval-limit", "32",
-                  "--output-dir", str(out)])
+  proc = run_job(
+    ["--quantize", "nf4", "--steps", "80", "--eval-limit", "32", "--output-dir", str(out)]
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   summary = json.loads((out / "summary.json").read_text())
   gain = summary["eval_after"]["accuracy"] - summary["eval_before"]["accuracy"]
-  print(f"QOFT nf4: accuracy {summary['eval_before']['accuracy']:.3f} -> "
-        f"{summary['eval_after']['accuracy']:.3f}, retention {summary['retention_before']:.3f} -> "
-        f"{summary['retention_after']:.3f}, frozen {summary['frozen_weight_bytes']} B")
+  print(
+    f"QOFT nf4: accuracy {summary['eval_before']['accuracy']:.3f} -> "
+    f"{summary['eval_after']['accuracy']:.3f}, retention {summary['retention_before']:.3f} -> "
+    f"{summary['retention_after']:.3f}, frozen {summary['frozen_weight_bytes']} B"
+  )
   assert gain >= 0.4, summary["eval_after"]
   assert summary["retention_before"] >= 0.9 and summary["retention_after"] >= 0.6
   assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"] / 5

@@ -6,15 +6,16 @@ import subprocess
 import sys
 import time
 
-import safetensors.numpy
-
 from finetune_helpers import SCRIPT, job_args, read_jsonl, run_job
+import pytest
+import safetensors.numpy
 
 
 def _adapter(out):
   return safetensors.numpy.load_file(os.path.join(out, "peft_adapter", "adapter_model.safetensors"))
 
 
+@pytest.mark.slow  # a heavy end-to-end run: CI's second stage
 def test_kill_and_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
   args = ["--steps", "12", "--save-every", "4"]
   first, second, killed = tmp_path / "a", tmp_path / "b", tmp_path / "k"
@@ -25,8 +26,12 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
   assert len(read_jsonl(first / "metrics.jsonl")) == 12
 
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  victim = subprocess.Popen([sys.executable, SCRIPT, *job_args(tiny_model_dir, killed), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+  victim = subprocess.Popen(
+    [sys.executable, SCRIPT, *job_args(tiny_model_dir, killed), *args],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    env=env,
+  )
   deadline = time.time() + 240
   while not (killed / "checkpoints" / "4").exists() and time.time() < deadline:
     assert victim.poll() is None, "run ended before it could be killed"
@@ -48,8 +53,20 @@ def test_sigterm_saves_and_exits_cleanly(tiny_model_dir, tmp_path):
   out = tmp_path / "t"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen(
-      [sys.executable, SCRIPT, *job_args(tiny_model_dir, out), "--steps", "400",
-       "--save-every", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    [
+      sys.executable,
+      SCRIPT,
+      *job_args(tiny_model_dir, out),
+      "--steps",
+      "400",
+      "--save-every",
+      "1000",
+    ],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=env,
+  )
   deadline = time.time() + 240
   while not (out / "metrics.jsonl").exists() and time.time() < deadline:
     time.sleep(0.05)

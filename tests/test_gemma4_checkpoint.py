@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import gemma4_helpers as G
 import jax
 import numpy as np
 import pytest
@@ -11,7 +12,6 @@ import safetensors.numpy
 import torch
 import transformers
 
-import gemma4_helpers as G
 from oftjax.models import gemma
 from oftjax.models.gemma import gemma4_names, loading
 from oftjax.models.gemma.gemma4_schedule import layer_schedule
@@ -69,7 +69,9 @@ def test_multimodal_round_trip_keeps_the_towers_byte_identical(folders, tmp_path
   folder, hf = folders["pattern"]
   model, params = gemma.load(folder)
   out = gemma.save(tmp_path / "out", model, params)
-  back = transformers.Gemma4ForConditionalGeneration.from_pretrained(out, attn_implementation="eager")
+  back = transformers.Gemma4ForConditionalGeneration.from_pretrained(
+    out, attn_implementation="eager"
+  )
   _assert_same_state(hf, back)
   with open(os.path.join(out, "config.json")) as fh:
     assert json.load(fh)["architectures"] == ["Gemma4ForConditionalGeneration"]
@@ -88,9 +90,11 @@ def test_loading_never_reads_tower_tensors(folders, monkeypatch):
 
   def recording(path):
     for name, shape, read in iter_tensors(path):
+
       def spy(rows=None, name=name, read=read):
         names_read.append(name)
         return read(rows)
+
       yield name, shape, spy
 
   monkeypatch.setattr(loading, "_iter_tensors", recording)
@@ -115,7 +119,9 @@ def test_parameter_tree_is_stacked_per_segment_and_slot(folders):
     raise AssertionError(i)
 
   sliding, repeats = layer(0)
-  assert params["layers"]["segment_0"]["slot_0"]["self_attn"]["q_proj"]["kernel"].shape[0] == repeats
+  assert (
+    params["layers"]["segment_0"]["slot_0"]["self_attn"]["q_proj"]["kernel"].shape[0] == repeats
+  )
   assert sliding["self_attn"]["q_proj"]["kernel"].shape == (32, 4, 8)
   assert sliding["self_attn"]["k_proj"]["kernel"].shape == (32, 2, 8)
   full = layer(2)[0]["self_attn"]
@@ -155,27 +161,58 @@ def _edited(folder, tmp_path, text_changes=None, remove=()):
   return str(dst)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"rope_parameters": {"sliding_attention": {"rope_type": "foo", "rope_theta": 10.0},
-                          "full_attention": {"rope_type": "default", "rope_theta": 10.0}}},
-     "rope_type 'foo' of sliding_attention layers is not supported"),
-    ({"rope_parameters": {"sliding_attention": {"rope_type": "yarn", "rope_theta": 10.0, "factor": 2.0},
-                          "full_attention": {"rope_type": "default", "rope_theta": 10.0}}},
-     "rope_type 'yarn' of sliding_attention layers is not supported"),
-    ({"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10.0}}},
-     "rope_parameters has no entry for full_attention layers"),
-    ({"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10.0,
-                                                "partial_rotary_factor": 0.5},
-                          "full_attention": {"rope_type": "default", "rope_theta": 10.0}}},
-     "partial_rotary_factor=0.5 with rope_type 'default'"),
+@pytest.mark.parametrize(
+  "changes, message",
+  [
+    (
+      {
+        "rope_parameters": {
+          "sliding_attention": {"rope_type": "foo", "rope_theta": 10.0},
+          "full_attention": {"rope_type": "default", "rope_theta": 10.0},
+        }
+      },
+      "rope_type 'foo' of sliding_attention layers is not supported",
+    ),
+    (
+      {
+        "rope_parameters": {
+          "sliding_attention": {"rope_type": "yarn", "rope_theta": 10.0, "factor": 2.0},
+          "full_attention": {"rope_type": "default", "rope_theta": 10.0},
+        }
+      },
+      "rope_type 'yarn' of sliding_attention layers is not supported",
+    ),
+    (
+      {"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10.0}}},
+      "rope_parameters has no entry for full_attention layers",
+    ),
+    (
+      {
+        "rope_parameters": {
+          "sliding_attention": {
+            "rope_type": "default",
+            "rope_theta": 10.0,
+            "partial_rotary_factor": 0.5,
+          },
+          "full_attention": {"rope_type": "default", "rope_theta": 10.0},
+        }
+      },
+      "partial_rotary_factor=0.5 with rope_type 'default'",
+    ),
     ({"model_type": "gemma3n_text"}, "Gemma 3n"),
     ({"attention_bias": True}, "attention_bias=True is not implemented"),
-    ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention='all' is not implemented"),
-    ({"per_layer_config": {"1": {"intermediate_size": 64}}},
-     "per_layer_config overrides ['intermediate_size']"),
+    (
+      {"use_bidirectional_attention": "all"},
+      "use_bidirectional_attention='all' is not implemented",
+    ),
+    (
+      {"per_layer_config": {"1": {"intermediate_size": 64}}},
+      "per_layer_config overrides ['intermediate_size']",
+    ),
     ({"num_kv_shared_layers": 6}, "num_kv_shared_layers=6 must be in [0, 6)"),
     ({"hidden_activation": "silu"}, "hidden_activation 'silu' is not supported"),
-])
+  ],
+)
 def test_bad_configs_fail_in_one_line(folders, tmp_path, changes, message):
   folder = _edited(folders["shared"][0], tmp_path, changes)
   with pytest.raises(ValueError) as err:
@@ -210,6 +247,7 @@ def test_module_names_map_back_to_checkpoint_names(folders, name):
     assert module + ".weight" == gemma4_names.file_name(spec.hf_name, model.config)
   if model.config.multimodal:
     assert gemma4_names.hf_module_name(model.config, "layers/segment_1/slot_1/mlp/up_proj", 1) == (
-        "model.language_model.layers.7.mlp.up_proj")
+      "model.language_model.layers.7.mlp.up_proj"
+    )
   with pytest.raises(ValueError, match="no layer at index"):
     gemma4_names.hf_module_name(model.config, "layers/segment_0/slot_0/self_attn/q_proj", 99)

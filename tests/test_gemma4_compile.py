@@ -1,12 +1,12 @@
 """Gemma 4's layer schedule, and a traced program that does not grow with depth."""
 
+import gemma4_helpers as G
+import gemma_helpers as H
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import gemma4_helpers as G
-import gemma_helpers as H
 from oftjax.models import gemma
 from oftjax.models.gemma.gemma4_schedule import LayerKind, layer_schedule
 
@@ -14,12 +14,18 @@ S, F = "sliding_attention", "full_attention"
 
 
 def _config(layer_types, shared=0, remat=False):
-  hf = G.text_config("pattern", num_hidden_layers=len(layer_types), layer_types=list(layer_types),
-                     num_kv_shared_layers=shared)
+  hf = G.text_config(
+    "pattern",
+    num_hidden_layers=len(layer_types),
+    layer_types=list(layer_types),
+    num_kv_shared_layers=shared,
+  )
   return gemma.config_from_hf(hf, remat=remat)
 
 
-@pytest.mark.parametrize("layer_types, shared, expected", [
+@pytest.mark.parametrize(
+  "layer_types, shared, expected",
+  [
     # gemma-4-E2B-like: [sliding x4, full] x 7, the last 20 layers KV-shared.
     ([S, S, S, S, F] * 7, 20, [(0, 5, 3, False), (15, 5, 4, True)]),
     # 26B-A4B / 31B-like: [sliding x5, full] repeated, no sharing.
@@ -27,7 +33,8 @@ def _config(layer_types, shared=0, remat=False):
     ([S] * 5 + [F] + [S] * 5 + [F], 0, [(0, 6, 2, False)]),
     # An irregular tail: the repeating part is still one scan.
     ([S, F] * 5 + [F], 0, [(0, 2, 5, False), (10, 1, 1, False)]),
-])
+  ],
+)
 def test_schedule_scans_the_repeating_group(layer_types, shared, expected):
   cfg = _config(layer_types, shared)
   schedule = layer_schedule(cfg)
@@ -52,7 +59,12 @@ def _train_step_text(model) -> str:
 def test_traced_train_step_does_not_grow_with_depth():
   """8 and 32 layers ([sliding, full] repeated, the second half KV-shared) lower to the same ops."""
   texts = [_train_step_text(gemma.Gemma4(_config([S, F] * n, shared=n))) for n in (4, 16)]
-  for op in ("stablehlo.dot_general", "stablehlo.while", "stablehlo.exponential", "stablehlo.rsqrt"):
+  for op in (
+    "stablehlo.dot_general",
+    "stablehlo.while",
+    "stablehlo.exponential",
+    "stablehlo.rsqrt",
+  ):
     counts = [t.count(op) for t in texts]
     assert counts[0] == counts[1] > 0, (op, counts)
 
@@ -69,7 +81,9 @@ def test_train_step_gradients_reach_every_layer():
     for slot in range(len(segment.kinds)):
       node = grads["layers"][f"segment_{index}"][f"slot_{slot}"]
       q = np.asarray(node["self_attn"]["q_proj"]["kernel"])
-      assert q.shape[0] == segment.repeats and all(np.abs(q[r]).max() > 0 for r in range(segment.repeats))
+      assert q.shape[0] == segment.repeats and all(
+        np.abs(q[r]).max() > 0 for r in range(segment.repeats)
+      )
   # The shared layers' keys come from the last unshared layer of their type: it gets their gradient.
   source = np.asarray(grads["layers"]["segment_0"]["slot_1"]["self_attn"]["k_proj"]["kernel"])
   assert np.abs(source[-1]).max() > 0

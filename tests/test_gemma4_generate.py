@@ -1,12 +1,11 @@
 """Gemma 4 KV-cache generation: greedy equals transformers' `generate`; decode equals the full pass."""
 
-import jax
+import gemma4_helpers as G
+import gemma_helpers as H
 import numpy as np
 import pytest
 import torch
 
-import gemma4_helpers as G
-import gemma_helpers as H
 from oftjax.models import gemma
 
 NEW = 14  # prompt 7 + 14 new tokens: far past the sliding window of 3
@@ -24,9 +23,14 @@ def loaded(tmp_path_factory):
 
 def _hf_generate(hf, tokens, mask):
   with torch.no_grad():
-    out = hf.generate(torch.as_tensor(tokens), attention_mask=torch.as_tensor(mask),
-                      max_new_tokens=NEW, do_sample=False, pad_token_id=0)
-  return out[:, tokens.shape[1]:].numpy()
+    out = hf.generate(
+      torch.as_tensor(tokens),
+      attention_mask=torch.as_tensor(mask),
+      max_new_tokens=NEW,
+      do_sample=False,
+      pad_token_id=0,
+    )
+  return out[:, tokens.shape[1] :].numpy()
 
 
 @pytest.mark.parametrize("name", ["pattern", pytest.param("shared", marks=pytest.mark.slow)])

@@ -20,11 +20,23 @@ IMPLEMENTATIONS = ("ragged_dot", "dense")
 def _hf_layer(seed=0):
   """A random fp32 transformers Gemma 4 decoder layer with the MoE block enabled."""
   cfg = transformers.Gemma4TextConfig(
-      vocab_size=32, hidden_size=HIDDEN, intermediate_size=24, num_hidden_layers=1,
-      num_attention_heads=2, num_key_value_heads=1, head_dim=8, global_head_dim=8,
-      hidden_size_per_layer_input=0, layer_types=["full_attention"], enable_moe_block=True,
-      num_experts=EXPERTS, top_k_experts=TOP_K, moe_intermediate_size=MOE_WIDTH,
-      attn_implementation="eager", experts_implementation="eager")  # HF's per-expert loop
+    vocab_size=32,
+    hidden_size=HIDDEN,
+    intermediate_size=24,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    global_head_dim=8,
+    hidden_size_per_layer_input=0,
+    layer_types=["full_attention"],
+    enable_moe_block=True,
+    num_experts=EXPERTS,
+    top_k_experts=TOP_K,
+    moe_intermediate_size=MOE_WIDTH,
+    attn_implementation="eager",
+    experts_implementation="eager",
+  )  # HF's per-expert loop
   layer = modeling_gemma4.Gemma4TextDecoderLayer(cfg, 0).eval()
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
@@ -47,8 +59,14 @@ def _hf_branch(layer, x):
 
 def _model(implementation):
   return gemma4_moe.Gemma4MoE(
-      hidden_size=HIDDEN, num_experts=EXPERTS, top_k=TOP_K, moe_intermediate_size=MOE_WIDTH,
-      activation="gelu_pytorch_tanh", eps=1e-6, implementation=implementation)
+    hidden_size=HIDDEN,
+    num_experts=EXPERTS,
+    top_k=TOP_K,
+    moe_intermediate_size=MOE_WIDTH,
+    activation="gelu_pytorch_tanh",
+    eps=1e-6,
+    implementation=implementation,
+  )
 
 
 def _inputs(case, seed=1):
@@ -61,7 +79,7 @@ def _inputs(case, seed=1):
 
 
 def _assert_no_ties(probs):
-  top = np.sort(probs, axis=-1)[:, ::-1][:, :TOP_K + 1]
+  top = np.sort(probs, axis=-1)[:, ::-1][:, : TOP_K + 1]
   assert np.min(top[:, :-1] - top[:, 1:]) > 1e-4, "routing ties make the comparison ill-posed"
 
 
@@ -82,7 +100,8 @@ def test_matches_transformers(implementation, case):
   params = gemma4_moe.params_from_hf(layer.state_dict())
   got = jax.jit(_model(implementation).apply)({"params": params}, x)
   _, _, got_index = gemma4_moe.Gemma4Router(EXPERTS, TOP_K).apply(
-      {"params": params["router"]}, x.reshape(-1, HIDDEN))
+    {"params": params["router"]}, x.reshape(-1, HIDDEN)
+  )
   np.testing.assert_array_equal(np.asarray(got_index), index)
   assert got.shape == (BATCH, TIME, HIDDEN)
   err = np.max(np.abs(np.asarray(got) - want.numpy()))
@@ -98,8 +117,9 @@ def test_gradients_match_transformers(implementation):
   out, probs, _ = _hf_branch(layer, x_torch)
   _assert_no_ties(probs.detach().numpy())
   (out * torch.from_numpy(cotangent)).sum().backward()
-  want = gemma4_moe.params_from_hf({n: p.grad for n, p in layer.named_parameters()
-                                    if p.grad is not None})
+  want = gemma4_moe.params_from_hf(
+    {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+  )
 
   model = _model(implementation)
   params = gemma4_moe.params_from_hf(layer.state_dict())
@@ -113,8 +133,13 @@ def test_gradients_match_transformers(implementation):
   for path, g in flat_got.items():
     g = np.asarray(g)
     assert np.all(np.isfinite(g)) and np.max(np.abs(g)) > 1e-3, path
-    np.testing.assert_allclose(g, flat_want[path], rtol=0, atol=1e-5 * max(1.0, np.max(np.abs(g))),
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      g,
+      flat_want[path],
+      rtol=0,
+      atol=1e-5 * max(1.0, np.max(np.abs(g))),
+      err_msg=jax.tree_util.keystr(path),
+    )
 
 
 def test_decoder_layer_combination_matches_transformers():
@@ -150,15 +175,16 @@ def test_param_table_matches_module_and_round_trips():
   state = {n: t.numpy() for n, t in layer.state_dict().items()}
   prefix = "model.language_model.layers.3."
   params = gemma4_moe.params_from_hf({prefix + n: t for n, t in state.items()}, prefix=prefix)
-  shapes = jax.eval_shape(_model("ragged_dot").init, jax.random.key(0),
-                          jnp.zeros((1, 3, HIDDEN)))["params"]
+  shapes = jax.eval_shape(_model("ragged_dot").init, jax.random.key(0), jnp.zeros((1, 3, HIDDEN)))[
+    "params"
+  ]
   assert jax.tree.map(np.shape, params) == jax.tree.map(lambda s: s.shape, shapes)
 
   back = gemma4_moe.params_to_hf(params, prefix=prefix)
   entries = gemma4_moe.hf_tensor_entries(HIDDEN, EXPERTS, MOE_WIDTH)
   assert sorted(back) == sorted(prefix + suffix for suffix, *_ in entries)
   for name, array in back.items():
-    np.testing.assert_array_equal(array, state[name[len(prefix):]])
+    np.testing.assert_array_equal(array, state[name[len(prefix) :]])
   assert params["router"]["proj"]["kernel"].shape == (HIDDEN, EXPERTS)  # the one transposed
 
 

@@ -3,13 +3,13 @@
 import json
 import shutil
 
+import gemma4_helpers as G
+import gemma_helpers as H
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import gemma4_helpers as G
-import gemma_helpers as H
 import oftjax
 from oftjax.models import gemma
 
@@ -51,7 +51,11 @@ def test_logits_match_transformers(saved, name):
 
 def test_configs_exercise_the_geometry(saved):
   shared = gemma.load_model(saved["shared"][0]).config
-  assert (shared.sliding.head_dim, shared.sliding.num_kv_heads, shared.sliding.k_eq_v) == (8, 2, False)
+  assert (shared.sliding.head_dim, shared.sliding.num_kv_heads, shared.sliding.k_eq_v) == (
+    8,
+    2,
+    False,
+  )
   assert (shared.full.head_dim, shared.full.num_kv_heads, shared.full.k_eq_v) == (16, 1, True)
   assert (shared.full.rope.kind, shared.full.rope.partial_rotary_factor) == ("proportional", 0.5)
   assert shared.num_kv_shared_layers == 3 and shared.use_double_wide_mlp
@@ -81,8 +85,14 @@ def test_multimodal_folder_loads_the_text_decoder(tmp_path):
   hf = G.save_hf_model("shared", tmp_path, seed=3, multimodal=True)
   model, params = gemma.load(str(tmp_path))
   assert model.config.multimodal
-  assert set(params) == {"embed_tokens", "embed_tokens_per_layer", "per_layer_model_projection",
-                         "per_layer_projection_norm", "layers", "norm"}
+  assert set(params) == {
+    "embed_tokens",
+    "embed_tokens_per_layer",
+    "per_layer_model_projection",
+    "per_layer_projection_norm",
+    "layers",
+    "norm",
+  }
   _assert_logits_match(model, params, hf, *_batch(2))
 
 
@@ -92,7 +102,12 @@ def test_moe_logits_match_transformers(tmp_path):
   model, params = gemma.load(str(tmp_path))
   assert model.config.enable_moe_block
   layer = params["layers"]["segment_0"]["slot_0"]
-  assert {"router", "experts", "pre_feedforward_layernorm_2", "post_feedforward_layernorm_1"} <= set(layer)
+  assert {
+    "router",
+    "experts",
+    "pre_feedforward_layernorm_2",
+    "post_feedforward_layernorm_1",
+  } <= set(layer)
   _assert_logits_match(model, params, hf, *_batch(3))
   dense = model.clone(config=model.config.replace(moe_implementation="dense"))
   _assert_logits_match(dense, params, hf, *_batch(3))
@@ -116,15 +131,27 @@ def test_adapters_reach_every_projection(saved):
   model, params = gemma.load(saved["pattern"][0])
   targets = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
   config = oftjax.AdapterConfig(block_size=4, targets=targets)
+  wrapped = oftjax.Adapted(model, config)
   tokens = jnp.asarray(_batch()[0])
-  adapted_model = oftjax.adapt(model, config, tokens)
-  wrapped = adapted_model.module
+  geoms = oftjax.adapt(model, config, tokens).geometries
+  full = jax.eval_shape(wrapped.init, jax.random.key(0), tokens)["params"]
   # 2 segments x 2 slots; KV-shared slots have no k_proj / v_proj.
-  assert sorted(adapted_model.geometries) == sorted(
-      f"layers/segment_{s}/slot_{j}/{p}" for s in (0, 1) for j in (0, 1)
-      for p in ("self_attn/q_proj", "self_attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
-      + (("self_attn/k_proj", "self_attn/v_proj") if s == 0 else ()))
-  zeros = adapted_model.init(jax.random.key(0))
-  assert not any(np.any(x) for x in jax.tree_util.tree_leaves(zeros))
+  assert sorted(geoms) == sorted(
+    f"layers/segment_{s}/slot_{j}/{p}"
+    for s in (0, 1)
+    for j in (0, 1)
+    for p in (
+      "self_attn/q_proj",
+      "self_attn/o_proj",
+      "mlp/gate_proj",
+      "mlp/up_proj",
+      "mlp/down_proj",
+    )
+    + (("self_attn/k_proj", "self_attn/v_proj") if s == 0 else ())
+  )
+  _, adapter = oftjax.split_params(full)
+  zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), adapter)
   adapted = jax.jit(wrapped.apply)({"params": oftjax.merge_params(params, zeros)}, tokens)
-  np.testing.assert_allclose(np.asarray(adapted), np.asarray(H.forward(model, params, tokens)), atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(adapted), np.asarray(H.forward(model, params, tokens)), atol=1e-5
+  )

@@ -1,12 +1,12 @@
 """KV-cache generation: greedy equals transformers' `generate`; the cache path equals the full pass."""
 
+import gemma_helpers as H
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-import gemma_helpers as H
 from oftjax.models import gemma
 from oftjax.models.gemma.model import Gemma
 
@@ -15,80 +15,101 @@ NEW = 20
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    out = {}
-    for name in ["gemma1_mqa", "gemma2", "gemma3"]:
-        folder = tmp_path_factory.mktemp(name)
-        hf = H.save_hf_model(name, folder)
-        out[name] = (hf, *gemma.load(str(folder)))
-    return out
+  out = {}
+  for name in ["gemma1_mqa", "gemma2", "gemma3"]:
+    folder = tmp_path_factory.mktemp(name)
+    hf = H.save_hf_model(name, folder)
+    out[name] = (hf, *gemma.load(str(folder)))
+  return out
 
 
 def _prompts():
-    return H.padded_batch(np.random.default_rng(7), [7, 3], 7, left=True)
+  return H.padded_batch(np.random.default_rng(7), [7, 3], 7, left=True)
 
 
 def _hf_generate(hf, tokens, mask, **kw):
-    with torch.no_grad():
-        out = hf.generate(
-            torch.as_tensor(tokens), attention_mask=torch.as_tensor(mask), max_new_tokens=NEW,
-            do_sample=False, pad_token_id=0, **kw,
-        )
-    return out[:, tokens.shape[1]:].numpy()
+  with torch.no_grad():
+    out = hf.generate(
+      torch.as_tensor(tokens),
+      attention_mask=torch.as_tensor(mask),
+      max_new_tokens=NEW,
+      do_sample=False,
+      pad_token_id=0,
+      **kw,
+    )
+  return out[:, tokens.shape[1] :].numpy()
 
 
 @pytest.mark.parametrize("name", ["gemma1_mqa", "gemma2", "gemma3"])
 def test_greedy_matches_transformers(loaded, name):
-    hf, model, params = loaded[name]
-    tokens, mask = _prompts()
-    ref = _hf_generate(hf, tokens, mask)
-    ours = np.asarray(gemma.generate(model, params, tokens, mask, max_new_tokens=NEW))
-    assert ours.shape == (2, NEW)
-    np.testing.assert_array_equal(ours, ref)
+  hf, model, params = loaded[name]
+  tokens, mask = _prompts()
+  ref = _hf_generate(hf, tokens, mask)
+  ours = np.asarray(gemma.generate(model, params, tokens, mask, max_new_tokens=NEW))
+  assert ours.shape == (2, NEW)
+  np.testing.assert_array_equal(ours, ref)
 
 
 def test_right_padding_and_eos(loaded):
-    hf, model, params = loaded["gemma3"]
-    tokens, mask = _prompts()
-    free = np.asarray(gemma.generate(model, params, tokens, mask, max_new_tokens=NEW))
-    eos = int(free[0, 4])
-    ref = _hf_generate(hf, tokens, mask, eos_token_id=eos)
-    right = np.zeros_like(tokens)
-    right_mask = np.zeros_like(mask)
-    for i in range(2):
-        n = mask[i].sum()
-        right[i, :n], right_mask[i, :n] = tokens[i, mask[i] == 1], 1
-    ours = np.asarray(gemma.generate(model, params, right, right_mask, max_new_tokens=NEW, eos_token_id=eos))
-    np.testing.assert_array_equal(ours[:, : ref.shape[1]], ref)
-    assert (ours[0, 5:] == 0).all()
+  hf, model, params = loaded["gemma3"]
+  tokens, mask = _prompts()
+  free = np.asarray(gemma.generate(model, params, tokens, mask, max_new_tokens=NEW))
+  eos = int(free[0, 4])
+  ref = _hf_generate(hf, tokens, mask, eos_token_id=eos)
+  right = np.zeros_like(tokens)
+  right_mask = np.zeros_like(mask)
+  for i in range(2):
+    n = mask[i].sum()
+    right[i, :n], right_mask[i, :n] = tokens[i, mask[i] == 1], 1
+  ours = np.asarray(
+    gemma.generate(model, params, right, right_mask, max_new_tokens=NEW, eos_token_id=eos)
+  )
+  np.testing.assert_array_equal(ours[:, : ref.shape[1]], ref)
+  assert (ours[0, 5:] == 0).all()
 
 
 def test_cache_decode_equals_full_forward(loaded):
-    _, model, params = loaded["gemma3"]  # sliding window 4 < sequence
-    tokens, mask = H.padded_batch(np.random.default_rng(8), [10, 6], 10, left=True)
-    cache = gemma.init_cache(model.config, 2, 10)
-    stepped, full = H.decode_stepwise(model, params, Gemma.decode, cache, tokens, mask)
-    real = mask.astype(bool)
-    np.testing.assert_array_less(np.abs(stepped - full)[real].max(), 1e-4)
+  _, model, params = loaded["gemma3"]  # sliding window 4 < sequence
+  tokens, mask = H.padded_batch(np.random.default_rng(8), [10, 6], 10, left=True)
+  cache = gemma.init_cache(model.config, 2, 10)
+  stepped, full = H.decode_stepwise(model, params, Gemma.decode, cache, tokens, mask)
+  real = mask.astype(bool)
+  np.testing.assert_array_less(np.abs(stepped - full)[real].max(), 1e-4)
 
 
 def test_sampling(loaded):
-    _, model, params = loaded["gemma2"]
-    tokens, mask = _prompts()
-    greedy = np.asarray(gemma.generate(model, params, tokens, mask, max_new_tokens=NEW))
-    top1 = gemma.generate(model, params, tokens, mask, max_new_tokens=NEW, temperature=0.7, top_k=1,
-                          rng=jax.random.key(1))
-    np.testing.assert_array_equal(np.asarray(top1), greedy)
+  _, model, params = loaded["gemma2"]
+  tokens, mask = _prompts()
+  greedy = np.asarray(gemma.generate(model, params, tokens, mask, max_new_tokens=NEW))
+  top1 = gemma.generate(
+    model, params, tokens, mask, max_new_tokens=NEW, temperature=0.7, top_k=1, rng=jax.random.key(1)
+  )
+  np.testing.assert_array_equal(np.asarray(top1), greedy)
 
-    def sample(seed, **kw):
-        return gemma.generate(model, params, tokens, mask, max_new_tokens=NEW, temperature=2.0,
-                              rng=jax.random.key(seed), **kw)
+  def sample(seed, **kw):
+    return gemma.generate(
+      model,
+      params,
+      tokens,
+      mask,
+      max_new_tokens=NEW,
+      temperature=2.0,
+      rng=jax.random.key(seed),
+      **kw,
+    )
 
-    a, b, c = sample(3), sample(3), sample(4)
-    top5 = np.asarray(sample(5, top_k=5))
-    full = np.asarray(H.forward(model, params, jnp.asarray(np.concatenate([tokens, top5], 1)),
-                                attention_mask=jnp.asarray(np.concatenate([mask, np.ones_like(top5)], 1))))
-    ranks = (full[:, 6:-1] > np.take_along_axis(full[:, 6:-1], top5[..., None], -1)).sum(-1)
-    assert ranks.max() < 5  # every sampled token was among the 5 most likely
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert not np.array_equal(np.asarray(a), np.asarray(c))
-    assert ((np.asarray(a) >= 0) & (np.asarray(a) < H.VOCAB)).all()
+  a, b, c = sample(3), sample(3), sample(4)
+  top5 = np.asarray(sample(5, top_k=5))
+  full = np.asarray(
+    H.forward(
+      model,
+      params,
+      jnp.asarray(np.concatenate([tokens, top5], 1)),
+      attention_mask=jnp.asarray(np.concatenate([mask, np.ones_like(top5)], 1)),
+    )
+  )
+  ranks = (full[:, 6:-1] > np.take_along_axis(full[:, 6:-1], top5[..., None], -1)).sum(-1)
+  assert ranks.max() < 5  # every sampled token was among the 5 most likely
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.array_equal(np.asarray(a), np.asarray(c))
+  assert ((np.asarray(a) >= 0) & (np.asarray(a) < H.VOCAB)).all()

@@ -3,16 +3,16 @@
 import functools
 
 import chex
+from finetune_helpers import job_args, read_jsonl, run_job
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tiny_models import TinyLM
 
 import oftjax
-from finetune_helpers import job_args, read_jsonl, run_job
 from oftjax.train.objective import masked_xent
-from tiny_models import TinyLM
 
 # Loss tokens per row: the first micro-batch of four rows holds 10 of them, the second 44.
 COMPLETION_LENGTHS = (1, 2, 3, 4, 15, 9, 12, 8)
@@ -24,7 +24,7 @@ def uneven_batches(steps, seed=0):
   rng = np.random.default_rng(seed)
   mask = np.zeros((len(COMPLETION_LENGTHS), SEQ), np.float32)
   for row, n in enumerate(COMPLETION_LENGTHS):
-    mask[row, SEQ - n:] = 1.0
+    mask[row, SEQ - n :] = 1.0
   batches = []
   for _ in range(steps):
     tokens = rng.integers(0, 64, (len(COMPLETION_LENGTHS), SEQ + 1)).astype(np.int32)
@@ -40,8 +40,10 @@ def micro(batch, k):
 @functools.lru_cache(maxsize=1)
 def tiny_adapted():
   """A one-layer scanned TinyLM with OFT on every projection: (wrapped, frozen, adapter)."""
-  wrapped = oftjax.Adapted(TinyLM(vocab=64, width=16, mlp=32, depth=1),
-                           oftjax.AdapterConfig(block_size=4, targets=r".*_proj"))
+  wrapped = oftjax.Adapted(
+    TinyLM(vocab=64, width=16, mlp=32, depth=1),
+    oftjax.AdapterConfig(block_size=4, targets=r".*_proj"),
+  )
   params = jax.jit(wrapped.init)(jax.random.key(0), jnp.zeros((1, SEQ), jnp.int32))["params"]
   return (wrapped, *oftjax.split_params(params))
 
@@ -54,12 +56,14 @@ def loss_fn(params, batch):
 def run_steps(accum, weight_key, batches):
   _, frozen, adapter = tiny_adapted()
   optimizer = optax.adam(3e-2)
-  step = oftjax.make_train_step(loss_fn, optimizer, has_aux=True, donate=False,
-                                accum_steps=accum, weight_key=weight_key)
+  step = oftjax.make_train_step(
+    loss_fn, optimizer, has_aux=True, donate=False, accum_steps=accum, weight_key=weight_key
+  )
   state, rows = optimizer.init(adapter), []
   for batch in batches:
-    adapter, state, loss, aux = step(adapter, state, frozen, micro(batch, accum) if accum > 1
-                                     else batch)
+    adapter, state, loss, aux = step(
+      adapter, state, frozen, micro(batch, accum) if accum > 1 else batch
+    )
     rows.append((float(loss), float(aux["token_accuracy"]), float(aux["tokens"])))
   return np.array(rows), adapter
 
@@ -78,8 +82,10 @@ def test_token_weighted_accumulation_equals_the_big_batch():
   # The data tells the weightings apart: the micro-batches' mean losses differ, so their
   # plain average (the old accumulation) is not the big batch's token mean.
   _, frozen, adapter = tiny_adapted()
-  means = [float(jax.jit(loss_fn)(oftjax.merge_params(frozen, adapter), m)[0])
-           for m in (jax.tree_util.tree_map(lambda x: x[i], micro(batches[0], 2)) for i in (0, 1))]
+  means = [
+    float(jax.jit(loss_fn)(oftjax.merge_params(frozen, adapter), m)[0])
+    for m in (jax.tree_util.tree_map(lambda x: x[i], micro(batches[0], 2)) for i in (0, 1))
+  ]
   assert abs(np.mean(means) - big[0, 0]) > 1e-3, (means, big[0, 0])
   np.testing.assert_allclose((10 * means[0] + 44 * means[1]) / 54, big[0, 0], rtol=2e-6)
 
@@ -99,19 +105,34 @@ def test_job_grad_accum_equals_big_batch(tiny_model_dir, tmp_path):
   from safetensors.numpy import load_file
 
   runs = {}
-  for name, flags in (("big", ["--batch-size", "8"]),
-                      ("accum", ["--batch-size", "4", "--grad-accum", "2"])):
+  for name, flags in (
+    ("big", ["--batch-size", "8"]),
+    ("accum", ["--batch-size", "4", "--grad-accum", "2"]),
+  ):
     runs[name] = tmp_path / name
-    args = job_args(tiny_model_dir, runs[name], "--steps", "3", "--save-every", "3",
-                    "--retention-data", "", "--eval-limit", "2", *flags)  # last flag wins
+    args = job_args(
+      tiny_model_dir,
+      runs[name],
+      "--steps",
+      "3",
+      "--save-every",
+      "3",
+      "--retention-data",
+      "",
+      "--eval-limit",
+      "2",
+      *flags,
+    )  # last flag wins
     proc = run_job(args)
     assert proc.returncode == 0, proc.stderr[-2000:]
   big, accum = (read_jsonl(runs[n] / "metrics.jsonl") for n in ("big", "accum"))
   np.testing.assert_allclose([r["loss"] for r in accum], [r["loss"] for r in big], rtol=1e-5)
-  np.testing.assert_allclose([r["token_accuracy"] for r in accum],
-                             [r["token_accuracy"] for r in big], rtol=1e-5)
-  weights = [load_file(str(runs[n] / "peft_adapter" / "adapter_model.safetensors"))
-             for n in ("big", "accum")]
+  np.testing.assert_allclose(
+    [r["token_accuracy"] for r in accum], [r["token_accuracy"] for r in big], rtol=1e-5
+  )
+  weights = [
+    load_file(str(runs[n] / "peft_adapter" / "adapter_model.safetensors")) for n in ("big", "accum")
+  ]
   assert weights[0].keys() == weights[1].keys() and weights[0]
   for key in weights[0]:
     np.testing.assert_allclose(weights[1][key], weights[0][key], atol=1e-5, err_msg=key)

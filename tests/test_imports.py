@@ -12,8 +12,9 @@ def _imported_after(statement: str) -> list[str]:
   """Which of ``HEAVY`` a fresh interpreter holds in ``sys.modules`` after ``statement``."""
   code = f"{statement}; import sys; print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                        cwd=ROOT, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   return proc.stdout.split()
 

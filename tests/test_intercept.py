@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import TinyLM
 
 import oftjax
 from oftjax.train.config import DEFAULT_TARGETS as TARGETS
-from tiny_models import TinyLM
 
 TOKENS = jax.random.randint(jax.random.key(0), (2, 9), 0, 97)
 
@@ -20,8 +20,7 @@ def adapted_params(model, config, scale=0.2, seed=5):
   adapted = oftjax.adapt(model, config, TOKENS)
   leaves, treedef = jax.tree_util.tree_flatten(jax.eval_shape(adapted.init, jax.random.key(1)))
   keys = jax.random.split(jax.random.key(seed), len(leaves))
-  adapter = treedef.unflatten(
-      [scale * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves)])
+  adapter = treedef.unflatten([scale * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves)])
   return adapted.module, base, oftjax.merge_params(base, adapter), adapted.geometries
 
 
@@ -88,8 +87,9 @@ def test_multi_axis_output_dense_general():
 @pytest.mark.parametrize("method", ["oft", "oftv1", "lora"])
 def test_zero_init_is_bit_identical_to_base(kind, method):
   model = TinyLM(scan=kind != "loop", remat=kind == "remat")
-  wrapped = oftjax.Adapted(model, oftjax.AdapterConfig(method=method, block_size=8,
-                                                       targets=TARGETS))
+  wrapped = oftjax.Adapted(
+    model, oftjax.AdapterConfig(method=method, block_size=8, targets=TARGETS)
+  )
   params = wrapped.init(jax.random.key(1), TOKENS)["params"]
   base, _ = oftjax.split_params(params)
   y_base = jax.jit(model.apply)({"params": base}, TOKENS)
@@ -119,7 +119,9 @@ def test_adapter_gradients_match_finite_differences():
   try:
     adapter64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), adapter)
     frozen = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), frozen)
-    jax.test_util.check_grads(jax.jit(loss), (adapter64,), order=1, modes=["rev"], atol=1e-3, rtol=1e-3)
+    jax.test_util.check_grads(
+      jax.jit(loss), (adapter64,), order=1, modes=["rev"], atol=1e-3, rtol=1e-3
+    )
   finally:
     jax.config.update("jax_enable_x64", False)
 
@@ -152,7 +154,9 @@ def test_packed_vector_of_wrong_length_is_an_error():
   config = oftjax.AdapterConfig(block_size=8, targets=TARGETS)
   wrapped, base, params, _ = adapted_params(TinyLM(), config)
   params["layers"]["q_proj"]["oft"]["weight"] = jnp.zeros((2, 8, 27))
-  with pytest.raises(ValueError, match=r"q_proj': adapter leaf 'oft/weight' has shape \(8, 27\), expected \(8, 28\)"):
+  with pytest.raises(
+    ValueError, match=r"q_proj': adapter leaf 'oft/weight' has shape \(8, 27\), expected \(8, 28\)"
+  ):
     wrapped.apply({"params": params}, TOKENS)
 
 
@@ -178,8 +182,9 @@ def test_adapt_builds_one_object_for_layers_init_fold_and_peft_files(tmp_path):
   _, trained = oftjax.split_params(params)
   merged = adapted.fold(params)
   chex.assert_trees_all_equal(merged, oftjax.fold_adapters(params, adapted.geometries, config))
-  chex.assert_trees_all_close(model.apply({"params": merged}, TOKENS),
-                              adapted.apply(params, TOKENS), atol=2e-5)
+  chex.assert_trees_all_close(
+    model.apply({"params": merged}, TOKENS), adapted.apply(params, TOKENS), atol=2e-5
+  )
   chex.assert_trees_all_close(adapted.unfold(oftjax.merge_params(merged, trained)), base, atol=1e-5)
   adapted.export_peft(str(tmp_path / "peft"), trained)
   imported, imported_config = adapted.import_peft(str(tmp_path / "peft"))

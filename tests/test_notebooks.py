@@ -10,7 +10,7 @@ import nbformat
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "notebooks"))
-import execute  # noqa: E402  (notebooks/execute.py)
+import execute
 
 
 def _outputs(notebook):
@@ -31,8 +31,9 @@ def _images(notebook) -> int:
 def test_committed_notebook_holds_a_full_run(name):
   notebook = nbformat.read(os.path.join(execute.HERE, f"{name}.ipynb"), as_version=4)
   code = [c for c in notebook.cells if c.cell_type == "code"]
-  assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), \
-      "not run top to bottom in one kernel"
+  assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), (
+    "not run top to bottom in one kernel"
+  )
   assert not [o for o in _outputs(notebook) if o.output_type == "error"]
   text = _text(notebook)
   assert "mode: full" in text and "mode: quick" not in text

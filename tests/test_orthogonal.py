@@ -1,12 +1,13 @@
 """Pure math: packing layout, Cayley, Cayley–Neumann error law, rotation, COFT, gradients."""
 
 import chex
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
+from jax.test_util import check_grads
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-from jax.test_util import check_grads
 
 import oftjax
 from oftjax import orthogonal
@@ -31,7 +32,7 @@ def test_packing_is_row_major_upper_triangle():
   np.testing.assert_array_equal(q[rows, cols], np.arange(1, 11))
   np.testing.assert_array_equal(q, -q.T)
   assert q[0, 1] == 1 and q[0, 2] == 2 and q[1, 2] == 5
-  np.testing.assert_array_equal(oftjax.pack_skew_symmetric(jnp.asarray(q)), packed)
+  np.testing.assert_array_equal(oftjax.orthogonal.pack_skew_symmetric(jnp.asarray(q)), packed)
 
 
 def test_wrong_packed_length_names_the_fix():
@@ -48,8 +49,12 @@ def test_cayley_is_orthogonal_up_to_norm_10(b, norm, seed):
 
 
 @SETTINGS
-@given(b=st.sampled_from([2, 4, 8, 16]), norm=st.floats(0.0, 0.95), n=st.integers(2, 8),
-       seed=st.integers(0, 99))
+@given(
+  b=st.sampled_from([2, 4, 8, 16]),
+  norm=st.floats(0.0, 0.95),
+  n=st.integers(2, 8),
+  seed=st.integers(0, 99),
+)
 def test_cayley_neumann_error_follows_even_odd_law(b, norm, n, seed):
   q = random_skew(seed, b, norm)
   err = float(oftjax.orthogonality_error(oftjax.cayley_neumann(q, n)))
@@ -70,12 +75,14 @@ def test_cayley_neumann_converges_to_cayley():
 def test_rotate_equals_block_diagonal_matmul_and_keeps_dtype():
   blocks = oftjax.cayley(random_skew(1, 4, 0.7, batch=6))
   x = jax.random.normal(jax.random.key(0), (2, 3, 24))
-  dense = oftjax.block_diagonal(blocks)
+  dense = oftjax.orthogonal.block_diagonal(blocks)
   chex.assert_trees_all_close(oftjax.rotate(x, blocks), x @ dense, atol=1e-6)
   y16 = oftjax.rotate(x.astype(jnp.bfloat16), blocks)
   chex.assert_type(y16, jnp.bfloat16)
   shared = oftjax.rotate(x, blocks[:1])
-  chex.assert_trees_all_close(shared, x @ oftjax.block_diagonal(blocks[:1], 6), atol=1e-6)
+  chex.assert_trees_all_close(
+    shared, x @ oftjax.orthogonal.block_diagonal(blocks[:1], 6), atol=1e-6
+  )
 
 
 def test_rotate_rejects_width_not_divisible():

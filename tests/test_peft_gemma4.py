@@ -13,14 +13,14 @@ import json
 import os
 import re
 
+import gemma4_helpers as G
+import gemma_helpers as H
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
 
-import gemma4_helpers as G
-import gemma_helpers as H
 import oftjax
 from oftjax import peft_io
 from oftjax.models import gemma
@@ -35,8 +35,10 @@ TOL = 1e-4
 _PROJECTIONS = r"self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj"
 # Every linear layer of the text decoder, per-layer-embedding ones included ("shared" has a
 # PLE width of 8, which block size 8 divides); the multimodal regex names the decoder.
-TEXT_TARGETS = (rf"model\.layers\.\d+\.(?:{_PROJECTIONS}|per_layer_input_gate|per_layer_projection)"
-                r"|model\.per_layer_model_projection")
+TEXT_TARGETS = (
+  rf"model\.layers\.\d+\.(?:{_PROJECTIONS}|per_layer_input_gate|per_layer_projection)"
+  r"|model\.per_layer_model_projection"
+)
 MULTIMODAL_TARGETS = rf"model\.language_model\.layers\.\d+\.(?:{_PROJECTIONS})"
 TOWERS = ("vision_tower", "audio_tower", "embed_vision", "embed_audio")
 
@@ -74,8 +76,10 @@ def _base(tmp_path_factory, name, multimodal, targets, **changes):
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-  return {"text": _base(tmp_path_factory, "shared", False, TEXT_TARGETS),
-          "multimodal": _base(tmp_path_factory, "shared", True, MULTIMODAL_TARGETS)}
+  return {
+    "text": _base(tmp_path_factory, "shared", False, TEXT_TARGETS),
+    "multimodal": _base(tmp_path_factory, "shared", True, MULTIMODAL_TARGETS),
+  }
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +101,9 @@ def _lora(**kw):
 # series is only near-orthogonal for small Q: larger weights make it grow activations layer
 # after layer, which turns fp32 rounding into more than TOL on logits of ~20.
 VARIANTS = {
-    "oft_neumann_default": (_oft(), 0.05),
-    "oft_exact_cayley": (_oft(use_cayley_neumann=False), 0.2),
-    "lora": (_lora(), 0.3),
+  "oft_neumann_default": (_oft(), 0.05),
+  "oft_exact_cayley": (_oft(use_cayley_neumann=False), 0.2),
+  "lora": (_lora(), 0.3),
 }
 
 
@@ -115,12 +119,19 @@ def test_naming_maps_each_stacked_index_to_its_layer(bases, pattern):
   text, mm = bases["text"].naming, pattern.naming
   assert text.decoder_prefix == "model." and mm.decoder_prefix == "model.language_model."
   # "pattern": [sliding, full] x 2, then the group x 2 KV-shared: every other layer per slot.
-  assert dict(mm.stacks) == {"layers/segment_0/slot_0": (0, 2), "layers/segment_0/slot_1": (1, 3),
-                             "layers/segment_1/slot_0": (4, 6), "layers/segment_1/slot_1": (5, 7)}
+  assert dict(mm.stacks) == {
+    "layers/segment_0/slot_0": (0, 2),
+    "layers/segment_0/slot_1": (1, 3),
+    "layers/segment_1/slot_0": (4, 6),
+    "layers/segment_1/slot_1": (5, 7),
+  }
   assert mm.module_name("layers/segment_1/slot_1/mlp/up_proj", 1) == (
-      "model.language_model.layers.7.mlp.up_proj")
+    "model.language_model.layers.7.mlp.up_proj"
+  )
   assert mm.path_of("model.language_model.layers.6.self_attn.q_proj") == (
-      "layers/segment_1/slot_0/self_attn/q_proj", 1)
+    "layers/segment_1/slot_0/self_attn/q_proj",
+    1,
+  )
   assert text.path_of("model.per_layer_model_projection") == ("per_layer_model_projection", None)
   assert (text.num_layers, mm.num_layers) == (6, 8)
   for naming, params in ((text, bases["text"].params), (mm, pattern.params)):
@@ -145,13 +156,18 @@ def test_target_pattern_matches_exactly_the_adapted_modules(pattern):
   base = pattern
   paths = [p for p in base.naming.linear_layers if p.endswith(("k_proj", "q_proj"))]
   pattern = base.naming.target_pattern(paths)
-  expected = {base.naming.module_name(p, i) for p in paths for i in range(base.naming.stack_size(p))}
+  expected = {
+    base.naming.module_name(p, i) for p in paths for i in range(base.naming.stack_size(p))
+  }
   matched = {n for n, _ in base.torch_model().named_modules() if re.fullmatch(pattern, n)}
   assert matched == expected and len(expected) == 12  # q_proj of 8 layers, k_proj of 4
 
 
-ROUND_TRIPS = [("text", v) for v in sorted(VARIANTS)] + [("multimodal", "oft_neumann_default")] + [
-    pytest.param("multimodal", v, marks=pytest.mark.slow) for v in ("lora", "oft_exact_cayley")]
+ROUND_TRIPS = (
+  [("text", v) for v in sorted(VARIANTS)]
+  + [("multimodal", "oft_neumann_default")]
+  + [pytest.param("multimodal", v, marks=pytest.mark.slow) for v in ("lora", "oft_exact_cayley")]
+)
 
 
 @pytest.mark.parametrize("kind, variant", ROUND_TRIPS)
@@ -199,8 +215,9 @@ def test_non_contiguous_stacks_round_trip(pattern, tmp_path):
 def test_layers_to_transform_covers_some_stacked_indices(bases, tmp_path):
   """Layers 1 and 3 of "shared": index 1 of segment_0/slot_0 and all of segment_1/slot_1."""
   base = bases["text"]
-  narrow = lambda targets: dataclasses.replace(  # noqa: E731  (PEFT needs a list here)
-      _oft(use_cayley_neumann=False)(["q_proj", "down_proj"]), layers_to_transform=[1, 3])
+  narrow = lambda targets: dataclasses.replace(
+    _oft(use_cayley_neumann=False)(["q_proj", "down_proj"]), layers_to_transform=[1, 3]
+  )
   theirs_model = _peft_adapter(base, narrow, 0.2, tmp_path / "peft")
   assert len(PH.tuner_modules(theirs_model)) == 2 * 2
   theirs = PH.logits(theirs_model, TOKENS)
@@ -221,11 +238,14 @@ def _add_tensor(folder, key, like):
   safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("module, needle", [
+@pytest.mark.parametrize(
+  "module, needle",
+  [
     ("model.layers.4.self_attn.k_proj", "is not a linear layer of this model"),  # KV-shared
     ("model.layers.5.self_attn.v_proj", "is not a linear layer of this model"),  # k_eq_v
     ("model.layers.7.self_attn.q_proj", "is in layer 7 but the model has 6 layers"),
-])
+  ],
+)
 def test_adapter_for_modules_the_model_lacks_is_refused(bases, tmp_path, module, needle):
   base = bases["text"]
   _peft_adapter(base, _oft(), 0.05, tmp_path)
@@ -239,8 +259,13 @@ def test_adapter_for_modules_the_model_lacks_is_refused(bases, tmp_path, module,
 def test_export_of_a_layer_the_model_lacks_is_refused(bases, tmp_path):
   """An adapter tree for another variant (a v_proj on a k_eq_v full layer) never exports."""
   base = bases["text"]
-  adapter = {"layers": {"segment_1": {"slot_0": {"self_attn": {"v_proj": {
-      "oft": {"weight": np.zeros((1, 4, 28), np.float32)}}}}}}}
+  adapter = {
+    "layers": {
+      "segment_1": {
+        "slot_0": {"self_attn": {"v_proj": {"oft": {"weight": np.zeros((1, 4, 28), np.float32)}}}}
+      }
+    }
+  }
   config = oftjax.AdapterConfig(block_size=8, targets=".*v_proj")
   with pytest.raises(ValueError) as e:
     peft_io.export_peft(str(tmp_path / "out"), adapter, config, naming=base.naming)
@@ -251,7 +276,9 @@ def test_export_of_a_layer_the_model_lacks_is_refused(bases, tmp_path):
 @pytest.fixture(scope="module")
 def moe_base(tmp_path_factory):
   pytest.importorskip("oftjax.models.gemma.gemma4_moe")
-  return _base(tmp_path_factory, "moe", False, rf"model\.layers\.\d+\.(?:{_PROJECTIONS}|router\.proj)")
+  return _base(
+    tmp_path_factory, "moe", False, rf"model\.layers\.\d+\.(?:{_PROJECTIONS}|router\.proj)"
+  )
 
 
 def test_router_projection_adapter_round_trips(moe_base, tmp_path):
@@ -267,7 +294,9 @@ def test_router_projection_adapter_round_trips(moe_base, tmp_path):
   np.testing.assert_allclose(PH.logits(back, TOKENS), theirs, atol=TOL)
 
 
-@pytest.mark.parametrize("targets", [r".*experts", r".*experts/gate_up_proj", r".*(experts|q_proj)"])
+@pytest.mark.parametrize(
+  "targets", [r".*experts", r".*experts/gate_up_proj", r".*(experts|q_proj)"]
+)
 def test_targeting_moe_experts_is_refused_in_one_line(moe_base, targets):
   """Expert kernels are packed 3-D parameters, not linear layers: no silent no-op adapter."""
   config = oftjax.AdapterConfig(block_size=8, targets=targets)

@@ -11,12 +11,12 @@ import json
 import os
 import re
 
+import gemma_helpers as H
 import jax.numpy as jnp
+import multimodal_helpers as M
 import numpy as np
 import pytest
 
-import gemma_helpers as H
-import multimodal_helpers as M
 import oftjax
 from oftjax import peft_io
 from oftjax.models import gemma
@@ -30,8 +30,10 @@ TOKENS = np.random.default_rng(0).integers(3, H.VOCAB, (2, 9))
 TOL = 1e-4
 TOWERS = ("vision_tower", "multi_modal_projector")
 TEXT_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj", "lm_head"]
-MULTIMODAL_TARGETS = (r"(?:model\.language_model\.layers\.\d+\.(?:self_attn\.(?:q_proj|v_proj|o_proj)"
-                      r"|mlp\.down_proj)|lm_head)")
+MULTIMODAL_TARGETS = (
+  r"(?:model\.language_model\.layers\.\d+\.(?:self_attn\.(?:q_proj|v_proj|o_proj)"
+  r"|mlp\.down_proj)|lm_head)"
+)
 
 
 @dataclasses.dataclass
@@ -67,10 +69,13 @@ def bases(tmp_path_factory):
   text_cfg.final_logit_softcapping = None
   M.save_multimodal_model(text_cfg, mm, tie_word_embeddings=False)
   for kind, folder, cls, targets in (
-      ("text", text, transformers.Gemma3ForCausalLM, TEXT_TARGETS),
-      ("multimodal", mm, transformers.Gemma3ForConditionalGeneration, MULTIMODAL_TARGETS)):
+    ("text", text, transformers.Gemma3ForCausalLM, TEXT_TARGETS),
+    ("multimodal", mm, transformers.Gemma3ForConditionalGeneration, MULTIMODAL_TARGETS),
+  ):
     model, params = gemma.load(str(folder))
-    naming = peft_io.ModuleNaming.from_layout(gemma.module_layout(gemma.read_hf_config(str(folder))))
+    naming = peft_io.ModuleNaming.from_layout(
+      gemma.module_layout(gemma.read_hf_config(str(folder)))
+    )
     out[kind] = Base(str(folder), cls, model, params, naming, targets)
   return out
 
@@ -82,8 +87,9 @@ def test_bases_agree_and_naming_follows_the_folder(bases):
   for base in bases.values():
     assert base.naming.num_layers == 4 and "lm_head" in base.params
     assert dict(base.naming.outside) == {"lm_head": "lm_head"}
-    np.testing.assert_allclose(base.ours(None, None), PH.logits(base.torch_model(), TOKENS),
-                               atol=TOL)
+    np.testing.assert_allclose(
+      base.ours(None, None), PH.logits(base.torch_model(), TOKENS), atol=TOL
+    )
 
 
 def _oft(**kw):
@@ -96,16 +102,22 @@ def _lora(**kw):
 
 # name -> (PEFT config from target_modules, std of the random adapter weights)
 VARIANTS = {
-    "oft_neumann_default": (_oft(), 0.1),  # PEFT's defaults: Cayley-Neumann, n = 5
-    "oft_exact_cayley": (_oft(use_cayley_neumann=False), 0.2),
-    "oft_block_share": (_oft(block_share=True, use_cayley_neumann=False), 0.2),
-    "oft_coft": (_oft(coft=True, eps=1.5, num_cayley_neumann_terms=6), 0.2),
-    "lora_plain": (_lora(), 0.3),
-    "lora_rslora": (_lora(use_rslora=True), 0.3),
-    "lora_alpha_pattern": (_lora(alpha_pattern={"v_proj": 32, r"layers\.0\.self_attn\.o_proj": 3}),
-                           0.3),
-    "lora_rank_pattern": (_lora(rank_pattern={"v_proj": 2, r"layers\.1\.mlp\.down_proj": 6},
-                                alpha_pattern={"lm_head": 2}), 0.3),
+  "oft_neumann_default": (_oft(), 0.1),  # PEFT's defaults: Cayley-Neumann, n = 5
+  "oft_exact_cayley": (_oft(use_cayley_neumann=False), 0.2),
+  "oft_block_share": (_oft(block_share=True, use_cayley_neumann=False), 0.2),
+  "oft_coft": (_oft(coft=True, eps=1.5, num_cayley_neumann_terms=6), 0.2),
+  "lora_plain": (_lora(), 0.3),
+  "lora_rslora": (_lora(use_rslora=True), 0.3),
+  "lora_alpha_pattern": (
+    _lora(alpha_pattern={"v_proj": 32, r"layers\.0\.self_attn\.o_proj": 3}),
+    0.3,
+  ),
+  "lora_rank_pattern": (
+    _lora(
+      rank_pattern={"v_proj": 2, r"layers\.1\.mlp\.down_proj": 6}, alpha_pattern={"lm_head": 2}
+    ),
+    0.3,
+  ),
 }
 
 
@@ -155,13 +167,15 @@ def _edited(folder, **changes):
 
 # A field missing from adapter_config.json takes PEFT's default (use_cayley_neumann: True).
 MISSING = {
-    "use_cayley_neumann": (_oft(use_cayley_neumann=False), {"use_cayley_neumann": None}),
-    "num_cayley_neumann_terms": (_oft(num_cayley_neumann_terms=8),
-                                 {"num_cayley_neumann_terms": None}),
-    "eps of coft": (_oft(), {"coft": True, "eps": None}),
-    "block_share": (_oft(block_share=True), {"block_share": None, "r": None}),
-    "lora_alpha": (_lora(lora_alpha=16), {"lora_alpha": None}),
-    "use_rslora": (_lora(use_rslora=True), {"use_rslora": None}),
+  "use_cayley_neumann": (_oft(use_cayley_neumann=False), {"use_cayley_neumann": None}),
+  "num_cayley_neumann_terms": (
+    _oft(num_cayley_neumann_terms=8),
+    {"num_cayley_neumann_terms": None},
+  ),
+  "eps of coft": (_oft(), {"coft": True, "eps": None}),
+  "block_share": (_oft(block_share=True), {"block_share": None, "r": None}),
+  "lora_alpha": (_lora(lora_alpha=16), {"lora_alpha": None}),
+  "use_rslora": (_lora(use_rslora=True), {"use_rslora": None}),
 }
 
 
@@ -187,8 +201,9 @@ def test_missing_fields_take_peft_defaults(bases, case, tmp_path):
 @pytest.mark.parametrize("make_config", [_oft(), _lora()], ids=["oft", "lora"])
 def test_layers_to_transform_leaves_other_layers_as_they_are(bases, make_config, tmp_path):
   base = bases["text"]
-  narrow = lambda targets: dataclasses.replace(  # noqa: E731
-      make_config(["q_proj", "down_proj"]), layers_to_transform=[1, 2])
+  narrow = lambda targets: dataclasses.replace(
+    make_config(["q_proj", "down_proj"]), layers_to_transform=[1, 2]
+  )
   theirs_model = _peft_adapter(base, narrow, 0.2, tmp_path / "peft")
   assert len(PH.tuner_modules(theirs_model)) == 4
   theirs = PH.logits(theirs_model, TOKENS)
@@ -232,18 +247,21 @@ def test_multimodal_adapter_on_text_naming_is_refused(bases, tmp_path):
 
 # adapter_config.json edits that oftjax cannot represent -> a needle of the one-line refusal.
 REFUSED = {
-    "use_dora": (_lora(), {"use_dora": True}, "use_dora"),
-    "lora_bias": (_lora(), {"lora_bias": True}, "lora_bias"),
-    "pissa": (_lora(), {"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
-    "modules_to_save": (_lora(), {"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    "bias": (_oft(), {"bias": "all"}, "bias='all'"),
-    "unknown field": (_oft(), {"new_variant": {"on": True}}, "new_variant"),
-    "fan_in_fan_out": (_lora(), {"fan_in_fan_out": True}, "fan_in_fan_out"),
-    "neumann n=2": (_oft(), {"num_cayley_neumann_terms": 2}, "num_cayley_neumann_terms=2"),
-    "neumann n=1": (_oft(), {"num_cayley_neumann_terms": 1}, "R = I"),
-    "rank_pattern mismatch": (_lora(rank_pattern={"v_proj": 2}), {"rank_pattern": {"v_proj": 3}},
-                              "rank_pattern"),
-    "eps not a number": (_oft(coft=True), {"eps": "small"}, "eps='small'"),
+  "use_dora": (_lora(), {"use_dora": True}, "use_dora"),
+  "lora_bias": (_lora(), {"lora_bias": True}, "lora_bias"),
+  "pissa": (_lora(), {"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+  "modules_to_save": (_lora(), {"modules_to_save": ["lm_head"]}, "modules_to_save"),
+  "bias": (_oft(), {"bias": "all"}, "bias='all'"),
+  "unknown field": (_oft(), {"new_variant": {"on": True}}, "new_variant"),
+  "fan_in_fan_out": (_lora(), {"fan_in_fan_out": True}, "fan_in_fan_out"),
+  "neumann n=2": (_oft(), {"num_cayley_neumann_terms": 2}, "num_cayley_neumann_terms=2"),
+  "neumann n=1": (_oft(), {"num_cayley_neumann_terms": 1}, "R = I"),
+  "rank_pattern mismatch": (
+    _lora(rank_pattern={"v_proj": 2}),
+    {"rank_pattern": {"v_proj": 3}},
+    "rank_pattern",
+  ),
+  "eps not a number": (_oft(coft=True), {"eps": "small"}, "eps='small'"),
 }
 
 
@@ -258,8 +276,13 @@ def test_unrepresentable_adapter_is_refused_in_one_line(bases, case, tmp_path):
 
 def test_naming_maps_paths_both_ways():
   naming = peft_io.ModuleNaming.from_layout(
-      {"decoder_prefix": "model.language_model.", "module_list": "layers",
-       "stacks": {"layers": range(2)}, "outside": {"lm_head": "lm_head"}})
+    {
+      "decoder_prefix": "model.language_model.",
+      "module_list": "layers",
+      "stacks": {"layers": range(2)},
+      "outside": {"lm_head": "lm_head"},
+    }
+  )
   assert naming.module_name("layers/mlp/up_proj", 1) == "model.language_model.layers.1.mlp.up_proj"
   assert naming.module_name("lm_head", None) == "lm_head"
   assert naming.path_of("model.language_model.layers.1.mlp.up_proj") == ("layers/mlp/up_proj", 1)
@@ -267,8 +290,11 @@ def test_naming_maps_paths_both_ways():
   pattern = naming.target_pattern(["layers/mlp/up_proj", "lm_head"])
   assert re.fullmatch(pattern, "model.language_model.layers.1.mlp.up_proj")
   assert re.fullmatch(pattern, "lm_head")
-  for other in ("model.vision_tower.encoder.layers.0.mlp.up_proj", "model.language_model.lm_head",
-                "model.language_model.layers.1.mlp.up_proj.x"):
+  for other in (
+    "model.vision_tower.encoder.layers.0.mlp.up_proj",
+    "model.language_model.lm_head",
+    "model.language_model.layers.1.mlp.up_proj.x",
+  ):
     assert not re.fullmatch(pattern, other), other
   with pytest.raises(ValueError, match="unknown keys"):
     peft_io.ModuleNaming.from_layout({"prefix": "model."})

@@ -23,8 +23,13 @@ class _Net(torch.nn.Module):
 
 def peft_layer(d_in, d_out, block_size, neumann, n_terms, seed=0):
   torch.manual_seed(seed)
-  config = peft.OFTConfig(target_modules=["lin"], r=0, oft_block_size=block_size,
-                          use_cayley_neumann=neumann, num_cayley_neumann_terms=n_terms)
+  config = peft.OFTConfig(
+    target_modules=["lin"],
+    r=0,
+    oft_block_size=block_size,
+    use_cayley_neumann=neumann,
+    num_cayley_neumann_terms=n_terms,
+  )
   model = peft.get_peft_model(_Net(d_in, d_out), config)
   layer = model.base_model.model.lin
   with torch.no_grad():
@@ -62,12 +67,12 @@ def test_adapted_dense_equals_peft_oft_linear(neumann):
   with torch.no_grad():
     expected = model(torch.from_numpy(x)).numpy()
   config = oftjax.AdapterConfig(
-      block_size=16, num_terms=6,
-      parameterization="cayley_neumann" if neumann else "cayley")
+    block_size=16, num_terms=6, parameterization="cayley_neumann" if neumann else "cayley"
+  )
   params = {
-      "kernel": jnp.asarray(base.weight.detach().numpy().T),
-      "bias": jnp.asarray(base.bias.detach().numpy()),
-      "oft": {"weight": jnp.asarray(packed if neumann else -packed)},
+    "kernel": jnp.asarray(base.weight.detach().numpy().T),
+    "bias": jnp.asarray(base.bias.detach().numpy()),
+    "oft": {"weight": jnp.asarray(packed if neumann else -packed)},
   }
   dense = oftjax.Adapted(nn.Dense(24), config)
   ours = dense.apply({"params": params}, jnp.asarray(x))

@@ -16,25 +16,27 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-
-import oftjax
-from oftjax import intercept
-from oftjax.train.config import UsageError, parse_args
-from oftjax.train.run import _adapter_config
 from tiny_models import TinyLM, next_token_loss
 
-ADAPTER_SHAPES = {"oft": r"x8x8xf32>", "oftv1": r"x8x8xf32>|<48x48xf32>|<64x64xf32>",
-                  "lora": r"[<x]3x"}
+import oftjax
+from oftjax.train.config import UsageError, adapter_config, parse_args
+
+ADAPTER_SHAPES = {
+  "oft": r"x8x8xf32>",
+  "oftv1": r"x8x8xf32>|<48x48xf32>|<64x64xf32>",
+  "lora": r"[<x]3x",
+}
 TOKENS = jnp.zeros((2, 16), jnp.int32)
 
 
 def _setup(method, precision):
-  config = oftjax.AdapterConfig(method=method, block_size=8, lora_rank=3, targets=r".*_proj",
-                                precision=precision)
-  wrapped = oftjax.Adapted(TinyLM(vocab=64, width=48, mlp=64, depth=1), config)
-  with intercept.record_geometries() as geometries:
-    params = jax.jit(wrapped.init)(jax.random.key(0), TOKENS)["params"]
-  return config, wrapped, params, dict(geometries)
+  config = oftjax.AdapterConfig(
+    method=method, block_size=8, lora_rank=3, targets=r".*_proj", precision=precision
+  )
+  model = TinyLM(vocab=64, width=48, mlp=64, depth=1)
+  wrapped = oftjax.Adapted(model, config)
+  params = jax.jit(wrapped.init)(jax.random.key(0), TOKENS)["params"]
+  return config, wrapped, params, dict(oftjax.adapt(model, config, TOKENS).geometries)
 
 
 def _dots(text, method):
@@ -45,20 +47,28 @@ def _dots(text, method):
       continue
     found = re.search(r"precision = \[(\w+), (\w+)\]", line)
     names = found.groups() if found else ("DEFAULT", "DEFAULT")
-    types = line[line.rindex(": ("):]
+    types = line[line.rindex(": (") :]
     (adapter if re.search(ADAPTER_SHAPES[method], types) else frozen).append(names)
   return adapter, frozen
 
 
-@pytest.mark.parametrize("method,precision", [
-    ("oft", "highest"), ("oft", "high"), ("oft", "default"), ("oftv1", "highest"),
-    ("lora", "highest")])
+@pytest.mark.parametrize(
+  "method,precision",
+  [
+    ("oft", "highest"),
+    ("oft", "high"),
+    ("oft", "default"),
+    ("oftv1", "highest"),
+    ("lora", "highest"),
+  ],
+)
 def test_lowered_train_step_carries_the_adapter_precision(method, precision):
   _, wrapped, params, _ = _setup(method, precision)
   frozen, adapter = oftjax.split_params(params)
   optimizer = optax.sgd(0.1)
   step = oftjax.make_train_step(
-      lambda p, b: next_token_loss(wrapped.apply({"params": p}, b), b), optimizer)
+    lambda p, b: next_token_loss(wrapped.apply({"params": p}, b), b), optimizer
+  )
   with jax.default_matmul_precision(None):
     text = step.lower(adapter, optimizer.init(adapter), frozen, TOKENS).as_text()
   ours, theirs = _dots(text, method)
@@ -86,8 +96,8 @@ def test_orthogonality_is_measured_at_highest_whatever_the_adapter_precision():
 
 
 def test_job_flag_reaches_the_adapter_config():
-  assert _adapter_config(parse_args([])).precision == "highest"
-  assert _adapter_config(parse_args(["--adapter-precision", "default"])).precision == "default"
+  assert adapter_config(parse_args([])).precision == "highest"
+  assert adapter_config(parse_args(["--adapter-precision", "default"])).precision == "default"
   with pytest.raises(UsageError, match="adapter-precision"):
     parse_args(["--adapter-precision", "tf32"])
 

@@ -14,10 +14,9 @@ import subprocess
 import sys
 import time
 
+from finetune_helpers import SCRIPT, read_jsonl
 import jax.numpy as jnp
 import pytest
-
-from finetune_helpers import SCRIPT, read_jsonl
 import recorded_results
 from reliability_helpers import SAVE_EVERY, STEPS, env_for, job, reference_run, run
 
@@ -61,6 +60,7 @@ def _committed(out):
 INTERRUPTIONS = ("step", "save", "step", "sigint", "save", "final")
 
 
+@pytest.mark.slow  # a heavy end-to-end run: CI's second stage
 def test_sigkill_at_seeded_points_then_resume_is_bit_identical(rel, tmp_path):
   ref = reference_run(rel)
   rng = random.Random(9)
@@ -70,23 +70,24 @@ def test_sigkill_at_seeded_points_then_resume_is_bit_identical(rel, tmp_path):
     stdout, stderr = tmp_path / f"p{i}.out", tmp_path / f"p{i}.err"
     with open(stdout, "w") as fo, open(stderr, "w") as fe:
       resume = ["--resume"] if i else []
-      proc = subprocess.Popen([sys.executable, SCRIPT, *job(rel, out, *resume)],
-                              stdout=fo, stderr=fe, env=env_for(rel))
+      proc = subprocess.Popen(
+        [sys.executable, SCRIPT, *job(rel, out, *resume)], stdout=fo, stderr=fe, env=env_for(rel)
+      )
     if kind in ("step", "sigint"):
       target = max(seen, SAVE_EVERY) + rng.randint(1, 3)  # after the first checkpoint
-      cond = lambda: _logged_step(out) >= target  # noqa: E731
+      cond = lambda: _logged_step(out) >= target
     elif kind == "save":  # a checkpoint being written right now
       target = max(seen, SAVE_EVERY)
-      cond = lambda: any(s > target for s in _tmp_steps(out))  # noqa: E731
+      cond = lambda: any(s > target for s in _tmp_steps(out))
     else:  # the last checkpoint is committed: outputs are being written
       target, last = STEPS, out / "checkpoints" / str(STEPS)
       stale = last.is_dir()  # a previous kill came just after it: wait for this run's restore
-      cond = lambda: last.is_dir() and (  # noqa: E731
-          not stale or "resumed from" in stdout.read_text())
+      cond = lambda: last.is_dir() and (not stale or "resumed from" in stdout.read_text())
     deadline = time.time() + 240
     while not cond():
-      assert proc.poll() is None and time.time() < deadline, \
-          f"run {i} ended before its {kind} point: {stderr.read_text()[-2000:]}"
+      assert proc.poll() is None and time.time() < deadline, (
+        f"run {i} ended before its {kind} point: {stderr.read_text()[-2000:]}"
+      )
       time.sleep(0.003)
     if kind == "step":
       time.sleep(rng.uniform(0.0, 0.2))
@@ -104,13 +105,22 @@ def test_sigkill_at_seeded_points_then_resume_is_bit_identical(rel, tmp_path):
     assert not (out / "summary.json").exists()
     tmp = _tmp_steps(out)
     pending_warning = tmp[-1] if tmp else None
-    log.append({"run": i, "signal": "SIGINT" if kind == "sigint" else "SIGKILL", "point": kind,
-                "trigger": target, "logged_step": _logged_step(out), "half_written": tmp,
-                "committed": _committed(out)})
+    log.append(
+      {
+        "run": i,
+        "signal": "SIGINT" if kind == "sigint" else "SIGKILL",
+        "point": kind,
+        "trigger": target,
+        "logged_step": _logged_step(out),
+        "half_written": tmp,
+        "committed": _committed(out),
+      }
+    )
     seen = max([seen, _logged_step(out), *tmp])
   print("\n" + "\n".join(json.dumps(r) for r in log))
-  assert any(r["half_written"] for r in log if r["point"] == "save"), \
-      f"no kill landed inside a checkpoint write: {log}"
+  assert any(r["half_written"] for r in log if r["point"] == "save"), (
+    f"no kill landed inside a checkpoint write: {log}"
+  )
   proc = run(rel, job(rel, out, "--resume"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   if pending_warning is not None:
@@ -127,8 +137,11 @@ def test_sigkill_at_seeded_points_then_resume_is_bit_identical(rel, tmp_path):
 
 
 def _largest_file(step_dir):
-  files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
-           if os.path.isfile(f)]
+  files = [
+    f
+    for f in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
+    if os.path.isfile(f)
+  ]
   return max(files, key=os.path.getsize)
 
 
@@ -148,8 +161,11 @@ def test_damaged_latest_checkpoint_is_skipped_and_resume_is_bit_identical(rel, t
   assert adapter_bytes(out) == adapter_bytes(ref)
   assert read_jsonl(out / "metrics.jsonl") == read_jsonl(ref / "metrics.jsonl")
   warning = next(line for line in proc.stdout.splitlines() if "is damaged" in line)
-  recorded_results.check("reliability_faults", "damaged_step_warning",
-                         recorded_results.as_quoted(warning.replace(str(out), "…")))
+  recorded_results.check(
+    "reliability_faults",
+    "damaged_step_warning",
+    recorded_results.as_quoted(warning.replace(str(out), "…")),
+  )
 
 
 # ----------------------------------------------------------------------------- RunCheckpoints unit

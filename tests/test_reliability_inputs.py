@@ -14,12 +14,11 @@ import os
 import re
 import shutil
 
-import pytest
-import safetensors.numpy
-
 from finetune_helpers import ROOT, SCRIPT
+import pytest
 import recorded_results
 from reliability_helpers import STEPS, job, reference_run
+import safetensors.numpy
 
 _spec = importlib.util.spec_from_file_location("finetune_gemma_rel", SCRIPT)
 finetune = importlib.util.module_from_spec(_spec)
@@ -111,8 +110,11 @@ def _run_copy(base, d, damage):
 
 def _truncate_all_steps(out):
   for step in (s for s in os.listdir(out / "checkpoints") if s.isdigit()):
-    files = [f for f in glob.glob(str(out / "checkpoints" / step / "state" / "**" / "*"),
-                                  recursive=True) if os.path.isfile(f)]
+    files = [
+      f
+      for f in glob.glob(str(out / "checkpoints" / step / "state" / "**" / "*"), recursive=True)
+      if os.path.isfile(f)
+    ]
     victim = max(files, key=os.path.getsize)
     os.truncate(victim, os.path.getsize(victim) // 2)
 
@@ -120,8 +122,9 @@ def _truncate_all_steps(out):
 def _unverifiable_step_without_data(out):
   for step in (s for s in os.listdir(out / "checkpoints") if s.isdigit()):
     os.remove(out / "checkpoints" / step / "oftjax-integrity.json")
-  for f in glob.glob(str(out / "checkpoints" / str(STEPS) / "state" / "**" / "d" / "*"),
-                     recursive=True):
+  for f in glob.glob(
+    str(out / "checkpoints" / str(STEPS) / "state" / "**" / "d" / "*"), recursive=True
+  ):
     os.remove(f)
 
 
@@ -134,81 +137,159 @@ ROLE = {"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", 
 
 # name -> (extra flags from (base, tmp dir), needle in the error line)
 CASES = {
-    # CLI flags (argparse errors are one line too, not usage text)
-    "unknown method": (lambda b, d: ["--method", "bogus"], "argument --method: invalid choice"),
-    "unknown parameterization": (lambda b, d: ["--parameterization", "exact"],
-                                 "argument --parameterization: invalid choice"),
-    "unknown on-nonfinite": (lambda b, d: ["--on-nonfinite", "ignore"],
-                             "argument --on-nonfinite: invalid choice"),
-    "non-integer steps": (lambda b, d: ["--steps", "ten"], "argument --steps: invalid int value"),
-    "unknown flag": (lambda b, d: ["--stepz", "3"], "unrecognized arguments: --stepz"),
-    "negative block size": (lambda b, d: ["--block-size", "-4"], "--block-size must be >= 2"),
-    "grad-accum 0": (lambda b, d: ["--grad-accum", "0"], "--grad-accum must be a positive"),
-    "neumann terms 1": (lambda b, d: ["--neumann-terms", "1"], "--neumann-terms must be >= 2"),
-    "warmup >= steps": (lambda b, d: ["--warmup-steps", "6"], "--warmup-steps must be in"),
-    "negative weight decay": (lambda b, d: ["--weight-decay", "-0.1"],
-                              "--weight-decay must be a finite non-negative"),
-    "resume and overwrite": (lambda b, d: ["--resume", "--overwrite"], "contradict"),
-    "init-adapter with full": (lambda b, d: ["--method", "full", "--init-adapter", str(d)],
-                               "--init-adapter needs --method"),
-    "mesh malformed": (lambda b, d: ["--mesh", "data"], "--mesh entry 'data' is not AXIS=N"),
-    "mesh unknown axis": (lambda b, d: ["--mesh", "model=1"], "--mesh entry 'model=1'"),
-    "bad targets regex": (lambda b, d: ["--targets", "(q_proj"],
-                          "is not a valid regular expression"),
-    "output dir is a file": (lambda b, d: ["--output-dir", write(d / "f", "x")],
-                             "is a file, not a folder"),
-    "export into output dir": (lambda b, d: ["--export-merged", str(d / "out")],
-                               "would hold --output-dir"),
-    # data files
-    "seq-len too small for any example": (lambda b, d: ["--seq-len", "4"], "raise --seq-len"),
-    "no assistant turn": (lambda b, d: ["--data", write(d / "a.jsonl", records(
-        {"messages": [{"role": "user", "content": "hi"}]}))], "no assistant turn"),
-    "mixed formats": (lambda b, d: ["--data", write(d / "m.jsonl", records(
-        {"prompt": "a", "completion": "b"}, {"text": "abc"}))], "one format per file"),
-    "json array record": (lambda b, d: ["--data", write(d / "r.jsonl", "[1, 2]\n")],
-                          "line 1: expected a JSON object"),
-    "empty completion": (lambda b, d: ["--data", write(d / "c.jsonl", records(
-        {"prompt": "a", "completion": ""}))], "field 'completion' is empty"),
-    "data is a directory": (lambda b, d: ["--data", str(d)], "is a directory"),
-    "missing eval data": (lambda b, d: ["--eval-data", str(d / "nope.jsonl")], "nope.jsonl"),
-    # model folders
-    "only a pickle .bin": (lambda b, d: ["--model", model_copy(b, d, "bin", _only_bin)],
-                           "refusing to unpickle"),
-    "missing tensor": (lambda b, d: ["--model", model_copy(b, d, "mt", lambda f: _tensors(
-        f, lambda t: t.pop(GATE)))], f"missing tensor '{GATE}'"),
-    "tensor of wrong shape": (lambda b, d: ["--model", model_copy(b, d, "ws", lambda f: _tensors(
-        f, lambda t: t.__setitem__(GATE, t[GATE][:-1].copy())))], f"'{GATE}' has shape"),
-    "truncated safetensors": (lambda b, d: ["--model", model_copy(b, d, "tr", lambda f: os.truncate(
-        os.path.join(f, "model.safetensors"), 100_000))], "is truncated"),
-    "not a gemma": (lambda b, d: ["--model", model_copy(b, d, "ll", lambda f: _config(
-        f, model_type="llama"))], "unsupported model_type 'llama'"),
-    "no weight files": (lambda b, d: ["--model", model_copy(b, d, "nw", lambda f: os.remove(
-        os.path.join(f, "model.safetensors")))], "no *.safetensors weight files"),
-    "no config.json": (lambda b, d: ["--model", model_copy(b, d, "nc", lambda f: os.remove(
-        os.path.join(f, "config.json")))], "config.json: missing"),
-    # imported PEFT adapters
-    "adapter for another width": (lambda b, d: ["--init-adapter", adapter_copy(
-        b, d, "aw", tensors=_fewer_q_blocks)], "its layers or shapes differ"),
-    "adapter of another block size": (lambda b, d: ["--init-adapter", adapter_copy(b, d, "ab"),
-                                                    "--block-size", "8"],
-                                      "its block size is 16, not --block-size 8"),
-    "oft adapter with --method lora": (lambda b, d: ["--init-adapter", adapter_copy(b, d, "al"),
-                                                     "--method", "lora"],
-                                       "it is a oft adapter but --method is lora"),
-    "adapter peft_type LOHA": (lambda b, d: ["--init-adapter", adapter_copy(
-        b, d, "at", config={"peft_type": "LOHA"})], "peft_type 'LOHA' is not supported"),
-    "adapter corrupted safetensors": (lambda b, d: ["--init-adapter", adapter_copy(
-        b, d, "ac", raw=b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")],
-                                      "unreadable safetensors file"),
-    "adapter config not json": (lambda b, d: ["--init-adapter", write_into(adapter_copy(
-        b, d, "aj"), "adapter_config.json", "{nope")], "adapter_config.json: not valid JSON"),
-    "adapter path is a file": (lambda b, d: ["--init-adapter", write(d / "ad.txt", "x")],
-                               "PEFT adapter file missing"),
-    "unknown message role": (lambda b, d: ["--data", write(d / "role.jsonl", records(ROLE)),
-                                           "--eval-data", str(d / "nope.jsonl")],
-                             "unknown role 'wizard'"),
-    "adapter layers of different shapes": (lambda b, d: ["--init-adapter", adapter_copy(
-        b, d, "as", tensors=_one_layer_other_shape)], "q_proj"),
+  # CLI flags (argparse errors are one line too, not usage text)
+  "unknown method": (lambda b, d: ["--method", "bogus"], "argument --method: invalid choice"),
+  "unknown parameterization": (
+    lambda b, d: ["--parameterization", "exact"],
+    "argument --parameterization: invalid choice",
+  ),
+  "unknown on-nonfinite": (
+    lambda b, d: ["--on-nonfinite", "ignore"],
+    "argument --on-nonfinite: invalid choice",
+  ),
+  "non-integer steps": (lambda b, d: ["--steps", "ten"], "argument --steps: invalid int value"),
+  "unknown flag": (lambda b, d: ["--stepz", "3"], "unrecognized arguments: --stepz"),
+  "negative block size": (lambda b, d: ["--block-size", "-4"], "--block-size must be >= 2"),
+  "grad-accum 0": (lambda b, d: ["--grad-accum", "0"], "--grad-accum must be a positive"),
+  "neumann terms 1": (lambda b, d: ["--neumann-terms", "1"], "--neumann-terms must be >= 2"),
+  "warmup >= steps": (lambda b, d: ["--warmup-steps", "6"], "--warmup-steps must be in"),
+  "negative weight decay": (
+    lambda b, d: ["--weight-decay", "-0.1"],
+    "--weight-decay must be a finite non-negative",
+  ),
+  "resume and overwrite": (lambda b, d: ["--resume", "--overwrite"], "contradict"),
+  "init-adapter with full": (
+    lambda b, d: ["--method", "full", "--init-adapter", str(d)],
+    "--init-adapter needs --method",
+  ),
+  "mesh malformed": (lambda b, d: ["--mesh", "data"], "--mesh entry 'data' is not AXIS=N"),
+  "mesh unknown axis": (lambda b, d: ["--mesh", "model=1"], "--mesh entry 'model=1'"),
+  "bad targets regex": (lambda b, d: ["--targets", "(q_proj"], "is not a valid regular expression"),
+  "output dir is a file": (
+    lambda b, d: ["--output-dir", write(d / "f", "x")],
+    "is a file, not a folder",
+  ),
+  "export into output dir": (
+    lambda b, d: ["--export-merged", str(d / "out")],
+    "would hold --output-dir",
+  ),
+  # data files
+  "seq-len too small for any example": (lambda b, d: ["--seq-len", "4"], "raise --seq-len"),
+  "no assistant turn": (
+    lambda b, d: [
+      "--data",
+      write(d / "a.jsonl", records({"messages": [{"role": "user", "content": "hi"}]})),
+    ],
+    "no assistant turn",
+  ),
+  "mixed formats": (
+    lambda b, d: [
+      "--data",
+      write(d / "m.jsonl", records({"prompt": "a", "completion": "b"}, {"text": "abc"})),
+    ],
+    "one format per file",
+  ),
+  "json array record": (
+    lambda b, d: ["--data", write(d / "r.jsonl", "[1, 2]\n")],
+    "line 1: expected a JSON object",
+  ),
+  "empty completion": (
+    lambda b, d: ["--data", write(d / "c.jsonl", records({"prompt": "a", "completion": ""}))],
+    "field 'completion' is empty",
+  ),
+  "data is a directory": (lambda b, d: ["--data", str(d)], "is a directory"),
+  "missing eval data": (lambda b, d: ["--eval-data", str(d / "nope.jsonl")], "nope.jsonl"),
+  # model folders
+  "only a pickle .bin": (
+    lambda b, d: ["--model", model_copy(b, d, "bin", _only_bin)],
+    "refusing to unpickle",
+  ),
+  "missing tensor": (
+    lambda b, d: ["--model", model_copy(b, d, "mt", lambda f: _tensors(f, lambda t: t.pop(GATE)))],
+    f"missing tensor '{GATE}'",
+  ),
+  "tensor of wrong shape": (
+    lambda b, d: [
+      "--model",
+      model_copy(
+        b, d, "ws", lambda f: _tensors(f, lambda t: t.__setitem__(GATE, t[GATE][:-1].copy()))
+      ),
+    ],
+    f"'{GATE}' has shape",
+  ),
+  "truncated safetensors": (
+    lambda b, d: [
+      "--model",
+      model_copy(b, d, "tr", lambda f: os.truncate(os.path.join(f, "model.safetensors"), 100_000)),
+    ],
+    "is truncated",
+  ),
+  "not a gemma": (
+    lambda b, d: ["--model", model_copy(b, d, "ll", lambda f: _config(f, model_type="llama"))],
+    "unsupported model_type 'llama'",
+  ),
+  "no weight files": (
+    lambda b, d: [
+      "--model",
+      model_copy(b, d, "nw", lambda f: os.remove(os.path.join(f, "model.safetensors"))),
+    ],
+    "no *.safetensors weight files",
+  ),
+  "no config.json": (
+    lambda b, d: [
+      "--model",
+      model_copy(b, d, "nc", lambda f: os.remove(os.path.join(f, "config.json"))),
+    ],
+    "config.json: missing",
+  ),
+  # imported PEFT adapters
+  "adapter for another width": (
+    lambda b, d: ["--init-adapter", adapter_copy(b, d, "aw", tensors=_fewer_q_blocks)],
+    "its layers or shapes differ",
+  ),
+  "adapter of another block size": (
+    lambda b, d: ["--init-adapter", adapter_copy(b, d, "ab"), "--block-size", "8"],
+    "its block size is 16, not --block-size 8",
+  ),
+  "oft adapter with --method lora": (
+    lambda b, d: ["--init-adapter", adapter_copy(b, d, "al"), "--method", "lora"],
+    "it is a oft adapter but --method is lora",
+  ),
+  "adapter peft_type LOHA": (
+    lambda b, d: ["--init-adapter", adapter_copy(b, d, "at", config={"peft_type": "LOHA"})],
+    "peft_type 'LOHA' is not supported",
+  ),
+  "adapter corrupted safetensors": (
+    lambda b, d: [
+      "--init-adapter",
+      adapter_copy(b, d, "ac", raw=b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage"),
+    ],
+    "unreadable safetensors file",
+  ),
+  "adapter config not json": (
+    lambda b, d: [
+      "--init-adapter",
+      write_into(adapter_copy(b, d, "aj"), "adapter_config.json", "{nope"),
+    ],
+    "adapter_config.json: not valid JSON",
+  ),
+  "adapter path is a file": (
+    lambda b, d: ["--init-adapter", write(d / "ad.txt", "x")],
+    "PEFT adapter file missing",
+  ),
+  "unknown message role": (
+    lambda b, d: [
+      "--data",
+      write(d / "role.jsonl", records(ROLE)),
+      "--eval-data",
+      str(d / "nope.jsonl"),
+    ],
+    "unknown role 'wizard'",
+  ),
+  "adapter layers of different shapes": (
+    lambda b, d: ["--init-adapter", adapter_copy(b, d, "as", tensors=_one_layer_other_shape)],
+    "q_proj",
+  ),
 }
 
 # Cases whose fix lies outside the files of this change (snippets in RELIABILITY.md).
@@ -247,15 +328,26 @@ def test_bad_input_is_one_line_error(case, rel, tmp_path, capsys):
 
 
 RESUME_CASES = {
-    "resume into an empty folder": (lambda b, d: (d / "out").mkdir() or d / "out",
-                                    "--resume: no checkpoint in", None),
-    "resume with only a half-written step": (lambda b, d: _run_copy(b, d, _only_half_written),
-                                             "--resume: no checkpoint in", "half-written"),
-    "resume with every step damaged": (lambda b, d: _run_copy(b, d, _truncate_all_steps),
-                                       f"checkpoint step {STEPS} in", None),
-    "resume from an unreadable unverified step": (
-        lambda b, d: _run_copy(b, d, _unverifiable_step_without_data),
-        f"checkpoint step {STEPS} in", None),
+  "resume into an empty folder": (
+    lambda b, d: (d / "out").mkdir() or d / "out",
+    "--resume: no checkpoint in",
+    None,
+  ),
+  "resume with only a half-written step": (
+    lambda b, d: _run_copy(b, d, _only_half_written),
+    "--resume: no checkpoint in",
+    "half-written",
+  ),
+  "resume with every step damaged": (
+    lambda b, d: _run_copy(b, d, _truncate_all_steps),
+    f"checkpoint step {STEPS} in",
+    None,
+  ),
+  "resume from an unreadable unverified step": (
+    lambda b, d: _run_copy(b, d, _unverifiable_step_without_data),
+    f"checkpoint step {STEPS} in",
+    None,
+  ),
 }
 
 
@@ -293,9 +385,11 @@ def test_no_remote_code_and_no_unsafe_unpickling_in_sources():
 
 def test_remote_code_in_a_model_folder_is_never_run(rel, tmp_path, capsys):
   marker = tmp_path / "PWNED"
-  code = (f"open({str(marker)!r}, 'w').write('ran')\n"
-          "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
-          "from transformers import Gemma3TextConfig as EvilConfig\n")
+  code = (
+    f"open({str(marker)!r}, 'w').write('ran')\n"
+    "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
+    "from transformers import Gemma3TextConfig as EvilConfig\n"
+  )
 
   def plant(folder):
     write(os.path.join(folder, "evil.py"), code)
@@ -303,21 +397,28 @@ def test_remote_code_in_a_model_folder_is_never_run(rel, tmp_path, capsys):
     path = os.path.join(folder, "tokenizer_config.json")
     with open(path) as f:
       tok = json.load(f)
-    tok.update(auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]},
-               tokenizer_class="EvilTokenizer")
+    tok.update(
+      auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]}, tokenizer_class="EvilTokenizer"
+    )
     write(path, json.dumps(tok))
 
   model = model_copy(rel, tmp_path, "evil", plant)
   out = tmp_path / "out"  # a later pre-check stops the run once model and tokenizer are read
-  err, _ = _check(job(rel, out, "--model", model, "--eval-data", str(tmp_path / "nope.jsonl")),
-                  capsys)
+  err, _ = _check(
+    job(rel, out, "--model", model, "--eval-data", str(tmp_path / "nope.jsonl")), capsys
+  )
   assert "nope.jsonl" in err and not marker.exists() and not out.exists()
 
 
 def test_outputs_stay_inside_the_output_dir(rel):
   ref = reference_run(rel)
-  assert sorted(os.listdir(ref)) == ["checkpoints", "loss.png", "metrics.jsonl", "peft_adapter",
-                                     "summary.json"]
+  assert sorted(os.listdir(ref)) == [
+    "checkpoints",
+    "loss.png",
+    "metrics.jsonl",
+    "peft_adapter",
+    "summary.json",
+  ]
   for root, dirs, files in os.walk(ref):
     for name in dirs + files:
       path = os.path.join(root, name)
@@ -326,5 +427,7 @@ def test_outputs_stay_inside_the_output_dir(rel):
   assert not [n for n in os.listdir(rel) if n.startswith((".peft-", ".tmp-"))]
   # checkpoint folders are named by integer step only; adapters by fixed file names
   assert all(re.fullmatch(r"\d+", n) for n in os.listdir(ref / "checkpoints"))
-  assert sorted(os.listdir(ref / "peft_adapter")) == ["adapter_config.json",
-                                                      "adapter_model.safetensors"]
+  assert sorted(os.listdir(ref / "peft_adapter")) == [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+  ]

@@ -7,16 +7,16 @@ import os
 import shutil
 import types
 
+from finetune_helpers import read_jsonl
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.numpy
-
-from finetune_helpers import read_jsonl
-from oftjax.train.loop import ORTHOGONALITY_TOLERANCE
 import recorded_results
 from reliability_helpers import job, reference_run, run
+import safetensors.numpy
+
+from oftjax.train.loop import ORTHOGONALITY_TOLERANCE
 
 HUGE_LR = "1000"  # one step of Adam at this rate takes ‖Q‖ to ~1e4: the next loss is NaN
 
@@ -50,8 +50,12 @@ def test_orthogonality_is_logged_and_warned_when_the_series_breaks(rel):
   after = [r["orthogonality_error"] for r in rows if r["step"] >= first]
   assert all(b > a for a, b in zip(after, after[1:])), after
   warned = next(r for r in rows if r["step"] == first)
-  recorded_results.check("reliability_numerics", "orthogonality_warning",
-                         {"step": first, "max_q_norm": round(warned["max_q_norm"], 3)}, 0.02)
+  recorded_results.check(
+    "reliability_numerics",
+    "orthogonality_warning",
+    {"step": first, "max_q_norm": round(warned["max_q_norm"], 3)},
+    0.02,
+  )
 
 
 def test_nonfinite_steps_are_skipped_counted_and_never_saved(rel, tmp_path):
@@ -66,11 +70,19 @@ def test_nonfinite_steps_are_skipped_counted_and_never_saved(rel, tmp_path):
   before = next(r for r in rows if r["step"] == skipped[0] - 1)
   assert before["max_q_norm"] > 1e3 and math.isfinite(before["loss"]), before
   assert f"warning: step {skipped[0]}: the loss or gradient is not finite" in proc.stdout
-  recorded_results.check("reliability_numerics", "nonfinite",
-                         {"first_skipped_step": skipped[0], "last_step": rows[-1]["step"],
-                          "max_q_norm_before": round(before["max_q_norm"])}, 0.05)
-  assert [r["skipped_steps"] for r in rows] == [sum(1 for s in skipped if s <= r["step"])
-                                                for r in rows]
+  recorded_results.check(
+    "reliability_numerics",
+    "nonfinite",
+    {
+      "first_skipped_step": skipped[0],
+      "last_step": rows[-1]["step"],
+      "max_q_norm_before": round(before["max_q_norm"]),
+    },
+    0.05,
+  )
+  assert [r["skipped_steps"] for r in rows] == [
+    sum(1 for s in skipped if s <= r["step"]) for r in rows
+  ]
   assert all(math.isfinite(r["loss"]) for r in rows if not r["skipped"])
   summary = json.loads((out / "summary.json").read_text())
   assert math.isfinite(summary["final_loss"])  # the last applied step's loss, not NaN
@@ -115,7 +127,8 @@ def test_nan_init_adapter_is_refused(rel, tmp_path):
   assert last.startswith("error: ") and "NaN" in last and "Traceback" not in proc.stderr
   assert not (out / "summary.json").exists() and not (out / "peft_adapter").exists()
   assert not (out / "checkpoints").exists() or not any(
-      n.isdigit() for n in os.listdir(out / "checkpoints"))
+    n.isdigit() for n in os.listdir(out / "checkpoints")
+  )
 
 
 # ----------------------------------------------------------------------------- loop unit test
@@ -134,8 +147,7 @@ class _Compiled:
     self.calls += 1
     value = jnp.inf if self.calls >= self.bad_step else float(self.calls)
     trainable = {"w": jnp.full((2, 2), value, jnp.float32)}
-    aux = {"token_accuracy": jnp.float32(0), "grad_norm": jnp.float32(1),
-           "skipped": jnp.int32(0)}
+    aux = {"token_accuracy": jnp.float32(0), "grad_norm": jnp.float32(1), "skipped": jnp.int32(0)}
     return trainable, opt_state, jnp.float32(1.0), aux
 
 
@@ -156,8 +168,15 @@ class _Stream:
 
 
 def _config(**kw):
-  base = dict(steps=6, grad_accum=1, log_every=1, save_every=2, method="oft",
-              parameterization="cayley_neumann", on_nonfinite="skip")
+  base = dict(
+    steps=6,
+    grad_accum=1,
+    log_every=1,
+    save_every=2,
+    method="oft",
+    parameterization="cayley_neumann",
+    on_nonfinite="skip",
+  )
   return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -170,9 +189,12 @@ def test_weights_that_turn_nonfinite_are_never_saved(bad_step):
 
   ckpt = _Checkpoints()
   with pytest.raises(UsageError) as err:
-    train_loop(_config(), RunState({"w": jnp.zeros((2, 2))}, {}),
-               TrainStep(_Compiled(bad_step), {}, sharding.make_mesh("")),
-               LoopIO(_Stream(), ckpt, None, {}, types.SimpleNamespace(stop=False)))
+    train_loop(
+      _config(),
+      RunState({"w": jnp.zeros((2, 2))}, {}),
+      TrainStep(_Compiled(bad_step), {}, sharding.make_mesh("")),
+      LoopIO(_Stream(), ckpt, None, {}, types.SimpleNamespace(stop=False)),
+    )
   first_save = 2 * ((bad_step + 1) // 2)
   assert f"step {first_save}: the trainable weights became NaN or Inf" in str(err.value)
   assert ckpt.saved == ([] if bad_step <= 2 else [2])
@@ -186,7 +208,10 @@ def test_nonfinite_starting_weights_are_refused_before_training():
 
   step = _Compiled(99)
   with pytest.raises(UsageError, match="NaN or Inf before training"):
-    train_loop(_config(), RunState({"w": jnp.full((2, 2), jnp.nan)}, {}),
-               TrainStep(step, {}, sharding.make_mesh("")),
-               LoopIO(_Stream(), _Checkpoints(), None, {}, types.SimpleNamespace(stop=False)))
+    train_loop(
+      _config(),
+      RunState({"w": jnp.full((2, 2), jnp.nan)}, {}),
+      TrainStep(step, {}, sharding.make_mesh("")),
+      LoopIO(_Stream(), _Checkpoints(), None, {}, types.SimpleNamespace(stop=False)),
+    )
   assert step.calls == 0

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import numpy as np
+from process_group import free_port, run_group
 import pytest
 
 from oftjax import sharding
-from process_group import free_port, run_group
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -25,11 +25,20 @@ def test_mesh_spec_errors():
 
 
 def test_meshes_match_single_device_and_fsdp_shards_weights():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  }
   meshes = ["single", "data=8", "fsdp=8", "data=2,fsdp=4"]
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_steps.py"), *meshes],
-                        capture_output=True, text=True, timeout=600, env=env)
+  proc = subprocess.run(
+    [sys.executable, os.path.join(HERE, "sharded_steps.py"), *meshes],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(proc.stdout.strip().splitlines()[-1])
   ref = results["single"]
@@ -44,11 +53,17 @@ def test_meshes_match_single_device_and_fsdp_shards_weights():
 
 def _start_processes(spec, kill_one_after=None, bound=240):
   """2 processes x 2 simulated devices running multihost_steps.py on one mesh."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  }
   port = free_port()
-  commands = [[sys.executable, os.path.join(HERE, "multihost_steps.py"), str(port), "2", str(i),
-               spec] for i in range(2)]
+  commands = [
+    [sys.executable, os.path.join(HERE, "multihost_steps.py"), str(port), "2", str(i), spec]
+    for i in range(2)
+  ]
   return run_group(commands, env, bound, kill_last_after=kill_one_after)
 
 
@@ -56,10 +71,18 @@ def test_two_processes_on_loopback_equal_single_process():
   codes, out, _ = _start_processes("data=2,fsdp=2")
   assert codes == [0, 0], codes
   multi = json.loads(out.strip().splitlines()[-1])
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_steps.py"), "single"],
-                        capture_output=True, text=True, timeout=300, env=env)
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  }
+  proc = subprocess.run(
+    [sys.executable, os.path.join(HERE, "sharded_steps.py"), "single"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=env,
+  )
   single = json.loads(proc.stdout.strip().splitlines()[-1])["single"]
   np.testing.assert_allclose(multi["losses"], single["losses"], atol=1e-5)
   for got, want in zip(multi["adapter"], single["adapter"]):

@@ -5,11 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tiny_models import TinyLM, next_token_loss
 
 import oftjax
 from oftjax.train.config import DEFAULT_TARGETS as TARGETS
-from tiny_models import TinyLM, next_token_loss
-
 
 
 def setup(width=256, mlp=1024, depth=2, block_size=16, seq=64):
@@ -24,7 +23,7 @@ def test_only_adapters_change_and_loss_drops():
   _, wrapped, params, tokens = setup(width=64, mlp=128, block_size=8, seq=16)
   frozen, adapter = oftjax.split_params(params)
   frozen_copy = jax.tree_util.tree_map(np.array, frozen)
-  loss_fn = lambda p, batch: next_token_loss(wrapped.apply({"params": p}, batch), batch)  # noqa: E731
+  loss_fn = lambda p, batch: next_token_loss(wrapped.apply({"params": p}, batch), batch)
   optimizer = optax.adam(3e-2)
   step = oftjax.make_train_step(loss_fn, optimizer)
   opt_state = optimizer.init(adapter)
@@ -50,8 +49,10 @@ def test_optax_mask_freezes_base_leaves_exactly():
   base_new, adapter_new = oftjax.split_params(new)
   base_old, adapter_old = oftjax.split_params(params)
   chex.assert_trees_all_equal(base_new, base_old)
-  assert not np.allclose(adapter_new["layers"]["q_proj"]["oft"]["weight"],
-                         adapter_old["layers"]["q_proj"]["oft"]["weight"])
+  assert not np.allclose(
+    adapter_new["layers"]["q_proj"]["oft"]["weight"],
+    adapter_old["layers"]["q_proj"]["oft"]["weight"],
+  )
 
 
 def _compiled_flops(fn, *args):
@@ -63,8 +64,11 @@ def test_oft_step_costs_at_most_three_quarters_of_full_finetuning():
   frozen, adapter = oftjax.split_params(params)
 
   def oft_grad(a, f):
-    return jax.grad(lambda a: next_token_loss(
-        wrapped.apply({"params": oftjax.merge_params(f, a)}, tokens), tokens))(a)
+    return jax.grad(
+      lambda a: next_token_loss(
+        wrapped.apply({"params": oftjax.merge_params(f, a)}, tokens), tokens
+      )
+    )(a)
 
   def full_grad(p):
     return jax.grad(lambda p: next_token_loss(model.apply({"params": p}, tokens), tokens))(p)
@@ -78,7 +82,7 @@ def test_oft_step_costs_at_most_three_quarters_of_full_finetuning():
 def test_gradient_accumulation_equals_one_big_batch():
   _, wrapped, params, tokens = setup(width=64, mlp=128, block_size=8, seq=16)
   frozen, adapter = oftjax.split_params(params)
-  loss_fn = lambda p, batch: next_token_loss(wrapped.apply({"params": p}, batch), batch)  # noqa: E731
+  loss_fn = lambda p, batch: next_token_loss(wrapped.apply({"params": p}, batch), batch)
   optimizer = optax.sgd(0.5)
   big = oftjax.make_train_step(loss_fn, optimizer, donate=False)
   accum = oftjax.make_train_step(loss_fn, optimizer, donate=False, accum_steps=2)
@@ -92,8 +96,10 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_non_finite_loss_skips_the_update():
   _, wrapped, params, tokens = setup(width=64, mlp=128, block_size=8, seq=16)
   frozen, adapter = oftjax.split_params(params)
-  loss_fn = lambda p, batch: (jnp.nan * next_token_loss(  # noqa: E731
-      wrapped.apply({"params": p}, batch), batch), {})
+  loss_fn = lambda p, batch: (
+    jnp.nan * next_token_loss(wrapped.apply({"params": p}, batch), batch),
+    {},
+  )
   optimizer = optax.adam(1e-2)
   step = oftjax.make_train_step(loss_fn, optimizer, has_aux=True, donate=False)
   state = optimizer.init(adapter)

@@ -53,8 +53,9 @@ class TinyLM(nn.Module):
     block = nn.remat(Block) if self.remat else Block
     kwargs = dict(width=self.width, mlp=self.mlp, use_einsum=self.use_einsum)
     if self.scan:
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                      length=self.depth)
+      stack = nn.scan(
+        block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth
+      )
       x, _ = stack(name="layers", **kwargs)(x, None)
     else:
       for i in range(self.depth):

@@ -12,18 +12,62 @@ Typical use::
     for prompts, mask, expected in data.eval_batches(items, 64): ...
 """
 
-from oftjax.data.batching import BATCH_KEYS, PackedBatches, make_batch, pack_rows, padding_fraction, sequential_batches
+from oftjax.data.batching import (
+  BATCH_KEYS,
+  PackedBatches,
+  make_batch,
+  pack_rows,
+  padding_fraction,
+  sequential_batches,
+)
 from oftjax.data.chat import ChatSpan, control_tokens, encode_chat, render_chat
-from oftjax.data.evaluation import (EvalExample, decode_completion, eval_batches, exact_match_accuracy,
-                                    load_eval_set, make_eval_example, pad_prompts)
+from oftjax.data.evaluation import (
+  EvalExample,
+  decode_completion,
+  eval_batches,
+  exact_match_accuracy,
+  load_eval_set,
+  make_eval_example,
+  pad_prompts,
+)
 from oftjax.data.jsonl import FORMATS, MESSAGES, PROMPT_COMPLETION, TEXT, Record, read_jsonl
-from oftjax.data.tokenize import Dataset, Example, load_dataset, load_tokenizer, tokenize_record, tokenize_records
+from oftjax.data.tokenize import (
+  Dataset,
+  Example,
+  load_dataset,
+  load_tokenizer,
+  tokenize_record,
+  tokenize_records,
+)
 
 __all__ = [
-    "BATCH_KEYS", "ChatSpan", "Dataset", "EvalExample", "Example", "FORMATS", "MESSAGES",
-    "PROMPT_COMPLETION", "PackedBatches", "Record", "TEXT", "control_tokens", "decode_completion",
-    "encode_chat", "eval_batches", "exact_match_accuracy", "load_dataset", "load_eval_set",
-    "load_tokenizer", "make_batch", "make_eval_example", "pack_rows", "pad_prompts",
-    "padding_fraction", "read_jsonl", "render_chat", "sequential_batches", "tokenize_record",
-    "tokenize_records",
+  "BATCH_KEYS",
+  "ChatSpan",
+  "Dataset",
+  "EvalExample",
+  "Example",
+  "FORMATS",
+  "MESSAGES",
+  "PROMPT_COMPLETION",
+  "PackedBatches",
+  "Record",
+  "TEXT",
+  "control_tokens",
+  "decode_completion",
+  "encode_chat",
+  "eval_batches",
+  "exact_match_accuracy",
+  "load_dataset",
+  "load_eval_set",
+  "load_tokenizer",
+  "make_batch",
+  "make_eval_example",
+  "pack_rows",
+  "pad_prompts",
+  "padding_fraction",
+  "read_jsonl",
+  "render_chat",
+  "sequential_batches",
+  "tokenize_record",
+  "tokenize_records",
 ]

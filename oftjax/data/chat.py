@@ -25,10 +25,11 @@ history, and its targets start at its content.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import functools
 import re
-from typing import Any, Callable, Sequence
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +49,17 @@ class ChatSpan:
 
 def control_tokens(tokenizer: Any) -> dict[str, int]:
   """The tokenizer's control tokens, text to id: its special tokens and special added tokens."""
-  found = {tok.content: int(i) for i, tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
-           if getattr(tok, "special", False)}
+  found = {
+    tok.content: int(i)
+    for i, tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+    if getattr(tok, "special", False)
+  }
   unk = getattr(tokenizer, "unk_token_id", None)
   for text in getattr(tokenizer, "all_special_tokens", []):
     token_id = tokenizer.convert_tokens_to_ids(text)
-    if isinstance(token_id, int) and (token_id != unk or text == getattr(tokenizer, "unk_token", None)):
+    if isinstance(token_id, int) and (
+      token_id != unk or text == getattr(tokenizer, "unk_token", None)
+    ):
       found.setdefault(text, token_id)
   return found
 
@@ -93,7 +99,9 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], *, as_text: bool = False)
     finally:
       backend.encode_special_tokens = previous
   else:
-    ids = tokenizer(list(texts), add_special_tokens=False, split_special_tokens=as_text)["input_ids"]
+    ids = tokenizer(list(texts), add_special_tokens=False, split_special_tokens=as_text)[
+      "input_ids"
+    ]
   return [list(x) if t else [] for x, t in zip(ids, texts)]
 
 
@@ -104,7 +112,9 @@ def _markers(messages: list[dict[str, str]]) -> tuple[str, str]:
   return next(free), next(free)
 
 
-def _fit_layout(full: str, template: list[str], contents: list[str]) -> list[tuple[int, int]] | None:
+def _fit_layout(
+  full: str, template: list[str], contents: list[str]
+) -> list[tuple[int, int]] | None:
   """Places contents (verbatim or stripped) between template pieces so they spell ``full``."""
   if not full.startswith(template[0]):
     return None
@@ -120,8 +130,13 @@ def _fit_layout(full: str, template: list[str], contents: list[str]) -> list[tup
   return places if at == len(full) else None
 
 
-def _locate_contents(render: Callable, messages: list[dict[str, str]], full: str, pattern: re.Pattern | None,
-                     where: str) -> list[tuple[int, int, int]]:
+def _locate_contents(
+  render: Callable,
+  messages: list[dict[str, str]],
+  full: str,
+  pattern: re.Pattern | None,
+  where: str,
+) -> list[tuple[int, int, int]]:
   """Where each message's content lies in ``full``: sorted ``(start, end, message index)``.
 
   Raises:
@@ -135,13 +150,16 @@ def _locate_contents(render: Callable, messages: list[dict[str, str]], full: str
   for i, mark in enumerate(marks):
     count = layout.count(mark)
     if count > 1:
-      raise ValueError(f"{where}: chat template writes messages[{i}] content more than once; "
-                       "cannot mask its turn")
+      raise ValueError(
+        f"{where}: chat template writes messages[{i}] content more than once; cannot mask its turn"
+      )
     if count == 1:
       placed.append((layout.index(mark), i))
     elif messages[i]["role"] == "assistant":
-      raise ValueError(f"{where}: chat template does not write the content of messages[{i}] "
-                       "(assistant); cannot learn from it")
+      raise ValueError(
+        f"{where}: chat template does not write the content of messages[{i}] "
+        "(assistant); cannot learn from it"
+      )
   placed.sort()
   order = [i for _, i in placed]
   template, at = [], 0
@@ -154,24 +172,39 @@ def _locate_contents(render: Callable, messages: list[dict[str, str]], full: str
     written = []
     for pos, i in placed:
       alone = render([m if j == i else {**m, "content": marks[j]} for j, m in enumerate(messages)])
-      before, after = layout[:pos], layout[pos + len(marks[i]):]
-      if not (alone.startswith(before) and alone.endswith(after)
-              and len(alone) >= len(before) + len(after)):
-        raise ValueError(f"{where}: chat template lays out messages[{i}] differently depending "
-                         "on its content; cannot tell content from template text")
-      written.append(alone[len(before): len(alone) - len(after)])
-      if pattern and len(pattern.findall(written[-1])) > len(pattern.findall(messages[i]["content"])):
-        raise ValueError(f"{where}: chat template writes control tokens in the place of messages[{i}] "
-                         "content; cannot tell content from template text")
+      before, after = layout[:pos], layout[pos + len(marks[i]) :]
+      if not (
+        alone.startswith(before)
+        and alone.endswith(after)
+        and len(alone) >= len(before) + len(after)
+      ):
+        raise ValueError(
+          f"{where}: chat template lays out messages[{i}] differently depending "
+          "on its content; cannot tell content from template text"
+        )
+      written.append(alone[len(before) : len(alone) - len(after)])
+      if pattern and len(pattern.findall(written[-1])) > len(
+        pattern.findall(messages[i]["content"])
+      ):
+        raise ValueError(
+          f"{where}: chat template writes control tokens in the place of messages[{i}] "
+          "content; cannot tell content from template text"
+        )
     spots = _fit_layout(full, template, written)
     if spots is None or any(full[a:b] != w for (a, b), w in zip(spots, written)):
-      raise ValueError(f"{where}: chat template output depends on message content beyond "
-                       "writing it; cannot tell content from template text")
+      raise ValueError(
+        f"{where}: chat template output depends on message content beyond "
+        "writing it; cannot tell content from template text"
+      )
   return [(a, b, i) for (a, b), i in zip(spots, order)]
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str = "",
-                control: dict[str, int] | None = None) -> list[ChatSpan]:
+def render_chat(
+  tokenizer: Any,
+  messages: list[dict[str, str]],
+  where: str = "",
+  control: dict[str, int] | None = None,
+) -> list[ChatSpan]:
   """Renders a conversation into spans of content and template text, marking the targets.
 
   Args:
@@ -223,13 +256,19 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str = "",
   cuts = sorted({0, len(full)} | {x for a, b, _ in contents + targets for x in (a, b)})
   spans = []
   for a, b in zip(cuts[:-1], cuts[1:]):
-    spans.append(ChatSpan(full[a:b], any(s <= a and b <= e for s, e, _ in contents),
-                          next((i for s, e, i in targets if s <= a and b <= e), None)))
+    spans.append(
+      ChatSpan(
+        full[a:b],
+        any(s <= a and b <= e for s, e, _ in contents),
+        next((i for s, e, i in targets if s <= a and b <= e), None),
+      )
+    )
   return spans
 
 
-def encode_chat(tokenizer: Any, spans: Sequence[ChatSpan], control: dict[str, int] | None = None,
-                where: str = "") -> tuple[list[int], list[int]]:
+def encode_chat(
+  tokenizer: Any, spans: Sequence[ChatSpan], control: dict[str, int] | None = None, where: str = ""
+) -> tuple[list[int], list[int]]:
   """Token ids and loss mask of rendered spans; only template text yields control tokens.
 
   Plain text is encoded in runs that break at control tokens (as the tokenizer itself does) and
@@ -266,7 +305,7 @@ def encode_chat(tokenizer: Any, spans: Sequence[ChatSpan], control: dict[str, in
       continue
     at = 0
     for match in pattern.finditer(span.text):
-      add_text(span.text[at:match.start()], flag)
+      add_text(span.text[at : match.start()], flag)
       items.append([None, control[match.group()], flag])
       at = match.end()
     add_text(span.text[at:], flag)
@@ -275,8 +314,10 @@ def encode_chat(tokenizer: Any, spans: Sequence[ChatSpan], control: dict[str, in
   for text, token_id, flag in items:
     piece = [token_id] if text is None else next(encoded)
     if text is not None and control_ids.intersection(piece):
-      raise ValueError(f"{where}: the tokenizer encodes the plain text {text!r} with a control token; "
-                       "cannot keep message content apart from control tokens")
+      raise ValueError(
+        f"{where}: the tokenizer encodes the plain text {text!r} with a control token; "
+        "cannot keep message content apart from control tokens"
+      )
     ids += piece
     mask += [flag] * len(piece)
   return ids, mask

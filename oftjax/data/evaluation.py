@@ -7,9 +7,10 @@ the generation prompt, and that turn's content. ``{"text"}`` records have no pro
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 import dataclasses
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -31,8 +32,9 @@ class EvalExample:
   line: int
 
 
-def make_eval_example(record: jsonl.Record, tokenizer: Any, where: str = "",
-                      control: dict[str, int] | None = None) -> EvalExample:
+def make_eval_example(
+  record: jsonl.Record, tokenizer: Any, where: str = "", control: dict[str, int] | None = None
+) -> EvalExample:
   """Builds the prompt and expected completion of one record.
 
   Args:
@@ -62,7 +64,9 @@ def make_eval_example(record: jsonl.Record, tokenizer: Any, where: str = "",
   raise ValueError(f"{where}: 'text' records have no prompt/completion to evaluate exact match on")
 
 
-def load_eval_set(path: str | os.PathLike, tokenizer: Any, limit: int | None = None) -> list[EvalExample]:
+def load_eval_set(
+  path: str | os.PathLike, tokenizer: Any, limit: int | None = None
+) -> list[EvalExample]:
   """Reads a JSONL file into exact-match items (the first ``limit`` records if given)."""
   name = os.fspath(path)
   records = jsonl.read_jsonl(name)[:limit]
@@ -70,8 +74,9 @@ def load_eval_set(path: str | os.PathLike, tokenizer: Any, limit: int | None = N
   return [make_eval_example(r, tokenizer, f"{name} line {r.line}", control) for r in records]
 
 
-def pad_prompts(prompts: Sequence[np.ndarray], pad_id: int = 0, side: str = "left",
-                length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(
+  prompts: Sequence[np.ndarray], pad_id: int = 0, side: str = "left", length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """Pads prompts into one ``[batch, length]`` array.
 
   Args:
@@ -97,8 +102,13 @@ def pad_prompts(prompts: Sequence[np.ndarray], pad_id: int = 0, side: str = "lef
   return tokens, mask
 
 
-def eval_batches(items: Sequence[EvalExample], batch_size: int, pad_id: int = 0, side: str = "left",
-                 length: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+def eval_batches(
+  items: Sequence[EvalExample],
+  batch_size: int,
+  pad_id: int = 0,
+  side: str = "left",
+  length: int | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
   """Yields ``(prompt_tokens, prompt_mask, expected_texts)`` batches for greedy generation.
 
   All batches share one shape, ``[batch_size, length]`` (``length`` defaults to the longest
@@ -107,14 +117,16 @@ def eval_batches(items: Sequence[EvalExample], batch_size: int, pad_id: int = 0,
   """
   length = max(len(x.prompt_tokens) for x in items) if length is None else length
   for start in range(0, len(items), batch_size):
-    chunk = list(items[start: start + batch_size])
+    chunk = list(items[start : start + batch_size])
     prompts = [x.prompt_tokens for x in chunk]
     prompts += [prompts[0]] * (batch_size - len(prompts))
     tokens, mask = pad_prompts(prompts, pad_id, side, length)
     yield tokens, mask, [x.expected for x in chunk]
 
 
-def decode_completion(tokenizer: Any, generated: Sequence[int], stop_ids: Sequence[int] | None = None) -> str:
+def decode_completion(
+  tokenizer: Any, generated: Sequence[int], stop_ids: Sequence[int] | None = None
+) -> str:
   """Decodes generated ids up to (excluding) the first stop id (default: EOS and ``<end_of_turn>``)."""
   if stop_ids is None:
     stop_ids = [tokenizer.eos_token_id]
@@ -129,7 +141,9 @@ def decode_completion(tokenizer: Any, generated: Sequence[int], stop_ids: Sequen
   return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def exact_match_accuracy(tokenizer: Any, generated: Sequence[Sequence[int]], expected: Sequence[str]) -> float:
+def exact_match_accuracy(
+  tokenizer: Any, generated: Sequence[Sequence[int]], expected: Sequence[str]
+) -> float:
   """Fraction of rows whose decoded completion equals the expected text (both ``strip()``-ed).
 
   Args:
@@ -142,5 +156,7 @@ def exact_match_accuracy(tokenizer: Any, generated: Sequence[Sequence[int]], exp
   """
   if not expected:
     raise ValueError("no expected completions")
-  hits = sum(decode_completion(tokenizer, g).strip() == e.strip() for g, e in zip(generated, expected))
+  hits = sum(
+    decode_completion(tokenizer, g).strip() == e.strip() for g, e in zip(generated, expected)
+  )
   return hits / len(expected)

@@ -16,9 +16,10 @@ tokenized as written, so a prompt already laid out with ``<start_of_turn>`` gets
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -74,8 +75,10 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
   try:
     tokenizer = AutoTokenizer.from_pretrained(os.fspath(path))
   except Exception as e:  # transformers raises many kinds; the user needs one line.
-    raise ValueError(f"{os.fspath(path)}: cannot load a tokenizer ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    raise ValueError(
+      f"{os.fspath(path)}: cannot load a tokenizer ({type(e).__name__}: "
+      f"{str(e).splitlines()[0] if str(e) else ''})"
+    ) from None
   for name in ("bos_token_id", "eos_token_id"):
     if getattr(tokenizer, name, None) is None:
       raise ValueError(f"{os.fspath(path)}: tokenizer has no {name[:-3]}")
@@ -92,9 +95,13 @@ def _pieces_to_example(pieces: Sequence[tuple[list[int], int]], line: int) -> Ex
   return Example(tokens, mask, line)
 
 
-def tokenize_record(record: jsonl.Record, tokenizer: Any, where: str = "",
-                    encoded: tuple[list[int], list[int]] | None = None,
-                    control: dict[str, int] | None = None) -> Example:
+def tokenize_record(
+  record: jsonl.Record,
+  tokenizer: Any,
+  where: str = "",
+  encoded: tuple[list[int], list[int]] | None = None,
+  control: dict[str, int] | None = None,
+) -> Example:
   """Tokenizes one record (see the module docstring for the BOS/EOS and mask conventions).
 
   Args:
@@ -110,7 +117,10 @@ def tokenize_record(record: jsonl.Record, tokenizer: Any, where: str = "",
   bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
   data = record.data
   if record.format == jsonl.PROMPT_COMPLETION:
-    prompt, completion = encoded or (_encode(tokenizer, data["prompt"]), _encode(tokenizer, data["completion"]))
+    prompt, completion = encoded or (
+      _encode(tokenizer, data["prompt"]),
+      _encode(tokenizer, data["completion"]),
+    )
     example = _pieces_to_example([([bos] + prompt, 0), (completion + [eos], 1)], record.line)
   elif record.format == jsonl.TEXT:
     text = encoded[0] if encoded else _encode(tokenizer, data["text"])
@@ -127,8 +137,14 @@ def tokenize_record(record: jsonl.Record, tokenizer: Any, where: str = "",
   return example
 
 
-def tokenize_records(records: Sequence[jsonl.Record], tokenizer: Any, seq_len: int, *,
-                     truncate: bool = False, path: str = "<records>") -> Dataset:
+def tokenize_records(
+  records: Sequence[jsonl.Record],
+  tokenizer: Any,
+  seq_len: int,
+  *,
+  truncate: bool = False,
+  path: str = "<records>",
+) -> Dataset:
   """Tokenizes records and checks that each fits ``seq_len`` model positions.
 
   An example of ``n`` tokens needs ``n - 1`` positions (inputs ``tokens[:-1]``, targets
@@ -155,8 +171,12 @@ def tokenize_records(records: Sequence[jsonl.Record], tokenizer: Any, seq_len: i
   encoded: list[Any] = [None] * len(records)
   control = chat.control_tokens(tokenizer) if fmt == jsonl.MESSAGES else None
   if fmt == jsonl.PROMPT_COMPLETION:
-    encoded = list(zip(chat.encode_texts(tokenizer, [r.data["prompt"] for r in records]),
-                       chat.encode_texts(tokenizer, [r.data["completion"] for r in records])))
+    encoded = list(
+      zip(
+        chat.encode_texts(tokenizer, [r.data["prompt"] for r in records]),
+        chat.encode_texts(tokenizer, [r.data["completion"] for r in records]),
+      )
+    )
   elif fmt == jsonl.TEXT:
     encoded = [(ids, []) for ids in chat.encode_texts(tokenizer, [r.data["text"] for r in records])]
   for record, enc in zip(records, encoded):
@@ -165,16 +185,21 @@ def tokenize_records(records: Sequence[jsonl.Record], tokenizer: Any, seq_len: i
     if example.num_positions > seq_len:
       if not truncate:
         raise ValueError(
-            f"{where}: example is {len(example.tokens)} tokens ({example.num_positions} positions), "
-            f"{example.num_positions - seq_len} more than seq_len={seq_len}; raise seq_len to at "
-            f"least {example.num_positions} or enable truncation")
-      example = Example(example.tokens[: seq_len + 1], example.loss_mask[: seq_len + 1], example.line)
+          f"{where}: example is {len(example.tokens)} tokens ({example.num_positions} positions), "
+          f"{example.num_positions - seq_len} more than seq_len={seq_len}; raise seq_len to at "
+          f"least {example.num_positions} or enable truncation"
+        )
+      example = Example(
+        example.tokens[: seq_len + 1], example.loss_mask[: seq_len + 1], example.line
+      )
       num_truncated += 1
     examples.append(example)
   return Dataset(path, fmt, examples, num_truncated)
 
 
-def load_dataset(path: str | os.PathLike, tokenizer: Any, seq_len: int, *, truncate: bool = False) -> Dataset:
+def load_dataset(
+  path: str | os.PathLike, tokenizer: Any, seq_len: int, *, truncate: bool = False
+) -> Dataset:
   """Reads, validates and tokenizes a JSONL file (see ``read_jsonl`` and ``tokenize_records``)."""
   records = jsonl.read_jsonl(path)
   return tokenize_records(records, tokenizer, seq_len, truncate=truncate, path=os.fspath(path))

@@ -19,25 +19,54 @@ import re
 PEFT_VERSION = "0.21.2"  # the release whose format (and defaults) this package follows
 
 OFT_DEFAULTS = {
-    "r": 0, "oft_block_size": 32, "use_cayley_neumann": True, "num_cayley_neumann_terms": 5,
-    "coft": False, "eps": 6e-5, "block_share": False, "bias": "none", "fan_in_fan_out": False,
-    "layers_to_transform": None,
+  "r": 0,
+  "oft_block_size": 32,
+  "use_cayley_neumann": True,
+  "num_cayley_neumann_terms": 5,
+  "coft": False,
+  "eps": 6e-5,
+  "block_share": False,
+  "bias": "none",
+  "fan_in_fan_out": False,
+  "layers_to_transform": None,
 }
 LORA_DEFAULTS = {
-    "r": 8, "lora_alpha": 8, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
-    "init_lora_weights": True, "bias": "none", "fan_in_fan_out": False, "layers_to_transform": None,
+  "r": 8,
+  "lora_alpha": 8,
+  "use_rslora": False,
+  "rank_pattern": {},
+  "alpha_pattern": {},
+  "init_lora_weights": True,
+  "bias": "none",
+  "fan_in_fan_out": False,
+  "layers_to_transform": None,
 }
 
 # Fields that never change the adapted function once the weights are trained.
 _INERT = {
-    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
-    "auto_mapping", "peft_version", "target_modules", "exclude_modules", "layers_pattern",
-    "modules_to_save",  # a set value is refused in resolve()
+  "peft_type",
+  "task_type",
+  "base_model_name_or_path",
+  "revision",
+  "inference_mode",
+  "auto_mapping",
+  "peft_version",
+  "target_modules",
+  "exclude_modules",
+  "layers_pattern",
+  "modules_to_save",  # a set value is refused in resolve()
 }
 _INERT_OFT = {"module_dropout", "init_weights"}
 _INERT_LORA = {
-    "lora_dropout", "megatron_core", "qalora_group_size", "runtime_config", "loftq_config",
-    "eva_config", "corda_config", "lora_ga_config", "ensure_weight_tying",
+  "lora_dropout",
+  "megatron_core",
+  "qalora_group_size",
+  "runtime_config",
+  "loftq_config",
+  "eva_config",
+  "corda_config",
+  "lora_ga_config",
+  "ensure_weight_tying",
 }
 # init_lora_weights values that only choose how A and B start (the base weight is untouched).
 _PLAIN_LORA_INITS = (True, False, "gaussian", "orthogonal", "eva")
@@ -61,18 +90,26 @@ def resolve(meta: dict, kind: str, source: str) -> dict:
   known = set(defaults) | _INERT | (_INERT_OFT if kind == "OFT" else _INERT_LORA)
   for key, value in meta.items():
     if key not in known and value not in (None, False, {}, [], ""):
-      raise ValueError(f"{source}: field '{key}' = {value!r} changes what the adapter computes "
-                       "and oftjax cannot represent it; use an adapter without it")
+      raise ValueError(
+        f"{source}: field '{key}' = {value!r} changes what the adapter computes "
+        "and oftjax cannot represent it; use an adapter without it"
+      )
   if meta.get("modules_to_save"):
-    raise ValueError(f"{source}: modules_to_save={meta['modules_to_save']!r} stores whole "
-                     "modules, which oftjax cannot represent; use an adapter without it")
+    raise ValueError(
+      f"{source}: modules_to_save={meta['modules_to_save']!r} stores whole "
+      "modules, which oftjax cannot represent; use an adapter without it"
+    )
   settings = {**defaults, **{k: meta[k] for k in defaults if k in meta}}
   if settings["bias"] != "none":
-    raise ValueError(f"{source}: bias={settings['bias']!r} trains biases, which oftjax "
-                     "adapters do not hold; use an adapter made with bias='none'")
+    raise ValueError(
+      f"{source}: bias={settings['bias']!r} trains biases, which oftjax "
+      "adapters do not hold; use an adapter made with bias='none'"
+    )
   if settings["fan_in_fan_out"]:
-    raise ValueError(f"{source}: fan_in_fan_out=true is for Conv1D (GPT-2 style) weights, "
-                     "not this model's linear layers; use an adapter made for this model")
+    raise ValueError(
+      f"{source}: fan_in_fan_out=true is for Conv1D (GPT-2 style) weights, "
+      "not this model's linear layers; use an adapter made for this model"
+    )
   for key in ("r", "num_cayley_neumann_terms") if kind == "OFT" else ("r",):
     value = settings[key]
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
@@ -92,9 +129,11 @@ def _finite_number(x) -> bool:
 def _check_lora(settings: dict, source: str) -> None:
   init = settings["init_lora_weights"]
   if not any(init is v or (isinstance(v, str) and init == v) for v in _PLAIN_LORA_INITS):
-    raise ValueError(f"{source}: init_lora_weights={init!r} changes the base weights or the "
-                     "LoRA forward (PiSSA/OLoRA/CorDA/LoftQ/MiCA...), which oftjax cannot "
-                     "represent; convert the adapter to a plain LoRA first")
+    raise ValueError(
+      f"{source}: init_lora_weights={init!r} changes the base weights or the "
+      "LoRA forward (PiSSA/OLoRA/CorDA/LoftQ/MiCA...), which oftjax cannot "
+      "represent; convert the adapter to a plain LoRA first"
+    )
   for key in ("rank_pattern", "alpha_pattern"):
     pattern = settings[key] if settings[key] is not None else {}
     if not isinstance(pattern, dict):
@@ -106,18 +145,20 @@ def _check_lora(settings: dict, source: str) -> None:
         raise ValueError(f"{source}: {key} key {name!r} is not a valid regex ({e})") from None
       is_rank = _finite_number(value) and float(value).is_integer() and value >= 1
       if not (is_rank if key == "rank_pattern" else _finite_number(value)):
-        raise ValueError(f"{source}: {key}[{name!r}]={value!r} is not a valid "
-                         f"{'rank' if key == 'rank_pattern' else 'alpha'}")
+        raise ValueError(
+          f"{source}: {key}[{name!r}]={value!r} is not a valid "
+          f"{'rank' if key == 'rank_pattern' else 'alpha'}"
+        )
     settings[key] = pattern
   if settings["r"] < 1:
     raise ValueError(f"{source}: r={settings['r']} (LoRA needs a rank >= 1)")
 
 
 def pattern_value(pattern: dict, module: str, default):
-  """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup for one module (first key wins).
+  r"""PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup for one module (first key wins).
 
   A key matches when it matches a dot-separated suffix of the module name
-  (``re.match(rf"(.*\\.)?({key})$", module)``, as ``peft.utils.other.get_pattern_key``).
+  (``re.match(rf"(.*\.)?({key})$", module)``, as ``peft.utils.other.get_pattern_key``).
   """
   for key, value in pattern.items():
     if re.match(rf"(.*\.)?({key})$", module):

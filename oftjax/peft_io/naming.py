@@ -14,9 +14,9 @@ describes all this as plain data (e.g. ``oftjax.models.gemma.module_layout``) an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
 import re
-from typing import Mapping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ class ModuleNaming:
       object.__setattr__(self, "linear_layers", tuple(sorted(set(self.linear_layers))))
 
   @classmethod
-  def from_layout(cls, layout: Mapping) -> "ModuleNaming":
+  def from_layout(cls, layout: Mapping) -> ModuleNaming:
     """Builds the naming from a model family's plain-data layout (same keys as the fields).
 
     Raises:
@@ -92,9 +92,11 @@ class ModuleNaming:
     stacks = [self.module_list] if self.stacks is None else [s for s, _ in self.stacks]
     for stack in sorted(stacks, key=len, reverse=True):
       if path.startswith(stack + "/") and len(path) > len(stack) + 1:
-        return stack, path[len(stack) + 1:]
-    raise ValueError(f"layer '{path}' has a stacked axis but is under none of the stacked "
-                     f"paths {', '.join(repr(s) for s in stacks)}")
+        return stack, path[len(stack) + 1 :]
+    raise ValueError(
+      f"layer '{path}' has a stacked axis but is under none of the stacked "
+      f"paths {', '.join(repr(s) for s in stacks)}"
+    )
 
   def _is_stacked(self, path: str) -> bool:
     try:
@@ -109,12 +111,16 @@ class ModuleNaming:
       return
     if self._is_stacked(path):
       stack = self._split(path)[0]
-      have = sorted(p[len(stack) + 1:] for p in self.linear_layers if p.startswith(stack + "/"))
-      raise ValueError(f"module '{module}' is not a linear layer of this model (the layer has "
-                       f"only {', '.join(have) or 'none'}); the adapter was made on another "
-                       "base or another version of it")
-    raise ValueError(f"module '{module}' is not a linear layer of this model's text decoder; "
-                     "the adapter was made on another base or another version of it")
+      have = sorted(p[len(stack) + 1 :] for p in self.linear_layers if p.startswith(stack + "/"))
+      raise ValueError(
+        f"module '{module}' is not a linear layer of this model (the layer has "
+        f"only {', '.join(have) or 'none'}); the adapter was made on another "
+        "base or another version of it"
+      )
+    raise ValueError(
+      f"module '{module}' is not a linear layer of this model's text decoder; "
+      "the adapter was made on another base or another version of it"
+    )
 
   def module_name(self, path: str, layer: int | None) -> str:
     """The PyTorch module name of index ``layer`` (``None``: not stacked) of ``path``.
@@ -137,8 +143,9 @@ class ModuleNaming:
       if self.stacks is not None:
         numbers = dict(self.stacks)[stack]
         if not 0 <= layer < len(numbers):
-          raise ValueError(f"layer '{path}' has no index {layer}: its stacked axis holds "
-                           f"{len(numbers)} layers")
+          raise ValueError(
+            f"layer '{path}' has no index {layer}: its stacked axis holds {len(numbers)} layers"
+          )
         number = numbers[layer]
       name = self.decoder_prefix + ".".join([self.module_list, str(number)] + rest.split("/"))
     self._check_exists(path, name)
@@ -154,11 +161,11 @@ class ModuleNaming:
     """
     for ours, theirs in self.outside:
       if module == theirs or module.startswith(theirs + "."):
-        path = ours + module[len(theirs):].replace(".", "/")
+        path = ours + module[len(theirs) :].replace(".", "/")
         self._check_exists(path, module)
         return path, None
     if module.startswith(self.decoder_prefix):
-      rest = module[len(self.decoder_prefix):]
+      rest = module[len(self.decoder_prefix) :]
       stacked = re.fullmatch(re.escape(self.module_list) + r"\.(\d+)\.(.+)", rest)
       if stacked:
         number, tail = int(stacked.group(1)), stacked.group(2).replace(".", "/")
@@ -171,9 +178,11 @@ class ModuleNaming:
         self._check_exists(path, module)
         return path, None
     where = [f"'{self.decoder_prefix}{self.module_list}.N.…'"] + [f"'{t}'" for _, t in self.outside]
-    raise ValueError(f"module '{module}' is not an adaptable layer of this model's text "
-                     f"decoder (those are {' or '.join(where)}); the adapter adapts a "
-                     "vision/audio tower or a tied lm_head, or was made on another base")
+    raise ValueError(
+      f"module '{module}' is not an adaptable layer of this model's text "
+      f"decoder (those are {' or '.join(where)}); the adapter adapts a "
+      "vision/audio tower or a tied lm_head, or was made on another base"
+    )
 
   def _locate(self, number: int, module: str) -> tuple[str, int]:
     """``(stacked path, index)`` of PyTorch layer ``number``."""
@@ -182,13 +191,15 @@ class ModuleNaming:
     for stack, numbers in self.stacks:
       if number in numbers:
         return stack, numbers.index(number)
-    raise ValueError(f"module '{module}' is in layer {number} but the model has "
-                     f"{self.num_layers} layers; use an adapter made for this model")
+    raise ValueError(
+      f"module '{module}' is in layer {number} but the model has "
+      f"{self.num_layers} layers; use an adapter made for this model"
+    )
 
   def target_pattern(self, paths) -> str:
-    """A regex that PEFT ``fullmatch``-es against exactly the modules of ``paths``.
+    r"""A regex that PEFT ``fullmatch``-es against exactly the modules of ``paths``.
 
-    A stacked path's modules are those of its layer numbers (every number, ``\\d+``, when
+    A stacked path's modules are those of its layer numbers (every number, ``\d+``, when
     the paths cover all layers); nothing outside the decoder and the listed outside
     modules can match (no vision or audio tower module is ever wrapped).
     """
@@ -207,8 +218,14 @@ class ModuleNaming:
         alternatives.append(re.escape(self.module_name(path, None)))
     every = None if self.stacks is None else {n for _, ns in self.stacks for n in ns}
     for rest, numbers in sorted(numbers_of.items()):
-      layer = (r"\d+" if numbers is None or numbers == every
-               else "(?:" + "|".join(str(n) for n in sorted(numbers)) + ")")
-      alternatives.append(re.escape(f"{self.decoder_prefix}{self.module_list}.") + layer
-                          + re.escape("." + rest.replace("/", ".")))
+      layer = (
+        r"\d+"
+        if numbers is None or numbers == every
+        else "(?:" + "|".join(str(n) for n in sorted(numbers)) + ")"
+      )
+      alternatives.append(
+        re.escape(f"{self.decoder_prefix}{self.module_list}.")
+        + layer
+        + re.escape("." + rest.replace("/", "."))
+      )
     return "(?:" + "|".join(sorted(alternatives)) + ")"

@@ -28,8 +28,7 @@ import re
 import numpy as np
 import safetensors.numpy
 
-from oftjax import adapters
-from oftjax import orthogonal
+from oftjax import adapters, orthogonal
 from oftjax.peft_io import fields
 from oftjax.peft_io.naming import ModuleNaming
 
@@ -39,8 +38,9 @@ _KEY = re.compile(r"^base_model\.model\.(.+)\.(oft_R|lora_A|lora_B)\.weight$")
 _BASE_COPY = re.compile(r"^base_model\.model\.(.+)\.base_layer\.weight$")
 
 
-def import_peft(directory: str, targets: str | None = None,
-                naming: ModuleNaming | None = None) -> tuple[dict, adapters.AdapterConfig]:
+def import_peft(
+  directory: str, targets: str | None = None, naming: ModuleNaming | None = None
+) -> tuple[dict, adapters.AdapterConfig]:
   """Reads a PEFT OFT or LoRA adapter folder into ``(adapter tree, AdapterConfig)``.
 
   Args:
@@ -74,7 +74,9 @@ def import_peft(directory: str, targets: str | None = None,
     raise ValueError(f"{cfg_path}: not a JSON object")
   kind = meta.get("peft_type")
   if kind not in ("OFT", "LORA"):
-    raise ValueError(f"{cfg_path}: peft_type {kind!r} is not supported (use an OFT or LORA adapter)")
+    raise ValueError(
+      f"{cfg_path}: peft_type {kind!r} is not supported (use an OFT or LORA adapter)"
+    )
   settings = fields.resolve(meta, kind, cfg_path)
   try:
     tensors = safetensors.numpy.load_file(weights)
@@ -114,13 +116,14 @@ def _group(tensors: dict, naming: ModuleNaming, weights: str) -> dict:
     by_path.setdefault((path, leaf), {})[layer] = (module, value)
   for module, key in copies.items():
     if module not in adapted:
-      raise ValueError(f"{weights}: tensor '{key}' replaces a base weight of a module the "
-                       "adapter does not adapt; oftjax imports adapters, not base weights")
+      raise ValueError(
+        f"{weights}: tensor '{key}' replaces a base weight of a module the "
+        "adapter does not adapt; oftjax imports adapters, not base weights"
+      )
   return by_path
 
 
-def _layers(by_layer: dict, path: str, naming: ModuleNaming, settings: dict,
-            cfg_path: str) -> list:
+def _layers(by_layer: dict, path: str, naming: ModuleNaming, settings: dict, cfg_path: str) -> list:
   """The stacked-axis indices a stacked leaf spans (``[None]`` when not stacked)."""
   if None in by_layer:
     return [None]
@@ -129,10 +132,15 @@ def _layers(by_layer: dict, path: str, naming: ModuleNaming, settings: dict,
   if size is not None:
     return list(range(size))
   if present != list(range(len(present))):
-    cause = (f" (layers_to_transform={settings['layers_to_transform']})"
-             if settings["layers_to_transform"] is not None else "")
-    raise ValueError(f"{cfg_path}: the adapter covers layers {present} of '{path}'{cause}; "
-                     "give the model's naming (its stacks) so the others get identity adapters")
+    cause = (
+      f" (layers_to_transform={settings['layers_to_transform']})"
+      if settings["layers_to_transform"] is not None
+      else ""
+    )
+    raise ValueError(
+      f"{cfg_path}: the adapter covers layers {present} of '{path}'{cause}; "
+      "give the model's naming (its stacks) so the others get identity adapters"
+    )
   return present
 
 
@@ -144,9 +152,11 @@ def _stack(by_layer: dict, layers: list, convert, cfg_path: str) -> np.ndarray:
   first = min(parts)
   for i, part in parts.items():
     if part.shape != parts[first].shape:
-      raise ValueError(f"{cfg_path}: '{by_layer[i][0]}' has shape {list(by_layer[i][1].shape)}, "
-                       f"'{by_layer[first][0]}' has {list(by_layer[first][1].shape)}; "
-                       "oftjax stacks layers and needs one shape")
+      raise ValueError(
+        f"{cfg_path}: '{by_layer[i][0]}' has shape {list(by_layer[i][1].shape)}, "
+        f"'{by_layer[first][0]}' has {list(by_layer[first][1].shape)}; "
+        "oftjax stacks layers and needs one shape"
+      )
   zeros = np.zeros_like(parts[first])
   return np.stack([parts.get(i, zeros) for i in layers])
 
@@ -160,30 +170,40 @@ def _import_oft(settings, by_path, naming, cfg_path):
   terms = int(settings["num_cayley_neumann_terms"])
   if neumann and terms < 3:
     same = "R = I (no adaptation)" if terms < 2 else "I + 2Q"
-    raise ValueError(f"{cfg_path}: num_cayley_neumann_terms={terms} (PEFT's {same}) has no "
-                     "oftjax equivalent; use an adapter trained with >= 3 terms")
+    raise ValueError(
+      f"{cfg_path}: num_cayley_neumann_terms={terms} (PEFT's {same}) has no "
+      "oftjax equivalent; use an adapter trained with >= 3 terms"
+    )
   tree, block = {}, None
   for (path, leaf), by_layer in by_path.items():
     if leaf != "oft_R":
       raise ValueError(f"{cfg_path}: OFT adapter holds a LoRA tensor for '{path}'")
     for module, value in by_layer.values():
       if value.ndim != 2:
-        raise ValueError(f"{cfg_path}: OFT tensor of '{module}' has shape {list(value.shape)}, "
-                         "expected [blocks, b(b-1)/2]")
+        raise ValueError(
+          f"{cfg_path}: OFT tensor of '{module}' has shape {list(value.shape)}, "
+          "expected [blocks, b(b-1)/2]"
+        )
       b = orthogonal.block_size_from_packed(value.shape[-1])
       if block not in (None, b):
-        raise ValueError(f"{cfg_path}: modules use different block sizes ({block} and {b}); "
-                         "oftjax holds one block size per adapter")
+        raise ValueError(
+          f"{cfg_path}: modules use different block sizes ({block} and {b}); "
+          "oftjax holds one block size per adapter"
+        )
       block = b
     layers = _layers(by_layer, path, naming, settings, cfg_path)
     weight = _stack(by_layer, layers, lambda mv: mv[1].astype(np.float32), cfg_path)
     _insert(tree, path, "oft", {"weight": weight if neumann else -weight})
   coft = bool(settings["coft"])
   config = adapters.AdapterConfig(
-      method="oft", targets=_targets_regex(p for p, _ in by_path), block_size=block,
-      num_terms=max(terms, 4), parameterization="cayley_neumann" if neumann else "cayley",
-      block_share=bool(settings["block_share"]),
-      coft_eps=float(settings["eps"]) if coft else None)
+    method="oft",
+    targets=_targets_regex(p for p, _ in by_path),
+    block_size=block,
+    num_terms=max(terms, 4),
+    parameterization="cayley_neumann" if neumann else "cayley",
+    block_share=bool(settings["block_share"]),
+    coft_eps=float(settings["eps"]) if coft else None,
+  )
   return tree, config
 
 
@@ -202,8 +222,10 @@ def _import_lora(settings, by_path, naming, cfg_path):
       rank = int(fields.pattern_value(settings["rank_pattern"], module, r))
       alpha_m = float(fields.pattern_value(settings["alpha_pattern"], module, alpha))
       if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
-        raise ValueError(f"{cfg_path}: '{module}' has lora_A {list(a.shape)} and lora_B "
-                         f"{list(b.shape)}, but r / rank_pattern give it rank {rank}")
+        raise ValueError(
+          f"{cfg_path}: '{module}' has lora_A {list(a.shape)} and lora_B "
+          f"{list(b.shape)}, but r / rank_pattern give it rank {rank}"
+        )
       ranks[module] = rank
       scales[module] = fields.lora_scale(rank, alpha_m, rslora)
   top = max(ranks.values())
@@ -227,8 +249,9 @@ def _import_lora(settings, by_path, naming, cfg_path):
     a = _stack(by_path[(path, "lora_A")], layers, a_of, cfg_path)
     b = _stack(by_path[(path, "lora_B")], layers, b_of, cfg_path)
     _insert(tree, path, "lora", {"a": a.astype(np.float32), "b": b.astype(np.float32)})
-  config = adapters.AdapterConfig(method="lora", targets=_targets_regex(paths), lora_rank=top,
-                                  lora_alpha=float(lora_alpha))
+  config = adapters.AdapterConfig(
+    method="lora", targets=_targets_regex(paths), lora_rank=top, lora_alpha=float(lora_alpha)
+  )
   return tree, config
 
 

@@ -17,8 +17,10 @@ from oftjax.peft_io.naming import ModuleNaming
 def unexportable_reason(config: adapters.AdapterConfig) -> str | None:
   """Why an adapter of ``config`` has no PEFT equivalent, or ``None`` when it exports."""
   if config.parameterization == "cayley_neumann" and config.num_terms < 4:
-    return (f"num_terms={config.num_terms} has no PEFT equivalent (PEFT's n<=3 series "
-            "differ); train with num_terms >= 4 or parameterization 'cayley' to export")
+    return (
+      f"num_terms={config.num_terms} has no PEFT equivalent (PEFT's n<=3 series "
+      "differ); train with num_terms >= 4 or parameterization 'cayley' to export"
+    )
   return None
 
 
@@ -33,15 +35,19 @@ def _tensors(adapter: dict, config: adapters.AdapterConfig, naming: ModuleNaming
     count = next(iter(arrays.values())).shape[0] if lead else None
     expected = naming.stack_size(path) if lead else None
     if expected is not None and count != expected:
-      raise ValueError(f"layer '{path}' stacks {count} layers but the model has "
-                       f"{expected} there; export the adapter of this model")
+      raise ValueError(
+        f"layer '{path}' stacks {count} layers but the model has "
+        f"{expected} there; export the adapter of this model"
+      )
     paths.append(path)
     for i in range(count) if lead else [None]:
       pick = {k: (a[i] if lead else a) for k, a in arrays.items()}
       module = "base_model.model." + naming.module_name(path, i)
       if kind == "oft":  # PEFT's exact Cayley is cayley(-Q): negate (docs/DESIGN.md §1)
         weight = pick["weight"]
-        tensors[f"{module}.oft_R.weight"] = -weight if config.parameterization == "cayley" else weight
+        tensors[f"{module}.oft_R.weight"] = (
+          -weight if config.parameterization == "cayley" else weight
+        )
       else:
         tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(pick["a"].T)
         tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(pick["b"].T)
@@ -52,27 +58,56 @@ def _tensors(adapter: dict, config: adapters.AdapterConfig, naming: ModuleNaming
 
 def _config(config: adapters.AdapterConfig, target_modules: str, base_model: str | None) -> dict:
   """``adapter_config.json``: every field PEFT reads for this adapter, written explicitly."""
-  common = {"base_model_name_or_path": base_model, "task_type": "CAUSAL_LM",
-            "peft_version": PEFT_VERSION, "target_modules": target_modules,
-            "exclude_modules": None, "bias": "none", "inference_mode": True,
-            "modules_to_save": None, "fan_in_fan_out": False, "layers_to_transform": None,
-            "layers_pattern": None}
+  common = {
+    "base_model_name_or_path": base_model,
+    "task_type": "CAUSAL_LM",
+    "peft_version": PEFT_VERSION,
+    "target_modules": target_modules,
+    "exclude_modules": None,
+    "bias": "none",
+    "inference_mode": True,
+    "modules_to_save": None,
+    "fan_in_fan_out": False,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+  }
   if config.method == "lora":
-    return {**common, "peft_type": "LORA", "r": config.lora_rank,
-            "lora_alpha": config.lora_alpha, "use_rslora": False, "rank_pattern": {},
-            "alpha_pattern": {}, "lora_dropout": 0.0, "init_lora_weights": True,
-            "use_dora": False, "lora_bias": False}
+    return {
+      **common,
+      "peft_type": "LORA",
+      "r": config.lora_rank,
+      "lora_alpha": config.lora_alpha,
+      "use_rslora": False,
+      "rank_pattern": {},
+      "alpha_pattern": {},
+      "lora_dropout": 0.0,
+      "init_lora_weights": True,
+      "use_dora": False,
+      "lora_bias": False,
+    }
   neumann = config.parameterization == "cayley_neumann"
-  return {**common, "peft_type": "OFT", "r": 0, "oft_block_size": config.block_size,
-          "module_dropout": 0.0, "coft": config.coft_eps is not None,
-          "eps": config.coft_eps if config.coft_eps is not None else 6e-5,
-          "block_share": config.block_share, "init_weights": True,
-          "use_cayley_neumann": neumann,
-          "num_cayley_neumann_terms": config.num_terms if neumann else 5}
+  return {
+    **common,
+    "peft_type": "OFT",
+    "r": 0,
+    "oft_block_size": config.block_size,
+    "module_dropout": 0.0,
+    "coft": config.coft_eps is not None,
+    "eps": config.coft_eps if config.coft_eps is not None else 6e-5,
+    "block_share": config.block_share,
+    "init_weights": True,
+    "use_cayley_neumann": neumann,
+    "num_cayley_neumann_terms": config.num_terms if neumann else 5,
+  }
 
 
-def export_peft(directory: str, adapter: dict, config: adapters.AdapterConfig,
-                base_model: str | None = None, naming: ModuleNaming | None = None) -> None:
+def export_peft(
+  directory: str,
+  adapter: dict,
+  config: adapters.AdapterConfig,
+  base_model: str | None = None,
+  naming: ModuleNaming | None = None,
+) -> None:
   """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` atomically.
 
   The tensor names and ``target_modules`` follow ``naming``, the module layout of the base
@@ -99,7 +134,8 @@ def export_peft(directory: str, adapter: dict, config: adapters.AdapterConfig,
   tensors, paths = _tensors(adapter, config, naming)
   meta = _config(config, naming.target_pattern(paths), base_model)
   with atomic.replace_folder(directory) as staging:
-    safetensors.numpy.save_file(tensors, os.path.join(staging, "adapter_model.safetensors"),
-                                metadata={"format": "pt"})
+    safetensors.numpy.save_file(
+      tensors, os.path.join(staging, "adapter_model.safetensors"), metadata={"format": "pt"}
+    )
     with open(os.path.join(staging, "adapter_config.json"), "w") as f:
       json.dump(meta, f, indent=2)

@@ -103,8 +103,9 @@ def _absmax_of(leaves: dict, d_in: int, d_out: int) -> jax.Array:
   return flat.reshape(*q.shape[:-2], -1, d_out)
 
 
-def quantize_matrix(mat: jax.Array, mode: str, block_size: int = NF4_BLOCK,
-                    double_quant: bool = True) -> dict:
+def quantize_matrix(
+  mat: jax.Array, mode: str, block_size: int = NF4_BLOCK, double_quant: bool = True
+) -> dict:
   """Quantizes ``mat`` ``[..., d_in, d_out]`` (computed in float32).
 
   Args:
@@ -128,8 +129,10 @@ def quantize_matrix(mat: jax.Array, mode: str, block_size: int = NF4_BLOCK,
     raise ValueError(f"unknown quantization {mode!r}; use one of {MODES}")
   d_in = mat.shape[-2]
   if d_in % block_size or block_size % 2:
-    raise ValueError(f"NF4 block size {block_size} must be even and divide the input width "
-                     f"{d_in}; exclude the layer from the targets or change the block size")
+    raise ValueError(
+      f"NF4 block size {block_size} must be even and divide the input width "
+      f"{d_in}; exclude the layer from the targets or change the block size"
+    )
   q = qwix.quantize(mat, "nf4", tiled_axes={mat.ndim - 2: block_size}, channelwise_axes=channel)
   leaves = {"nf4": _pack_nibbles(q.qvalue)}
   leaves.update(_double_quantize(q.scale) if double_quant else {"absmax": q.scale})

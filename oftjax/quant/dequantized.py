@@ -33,8 +33,12 @@ def dequantizing_interceptor(next_fun, args, kwargs, context):
   ``memory_analysis()``: QOFT temp bytes = OFT's + the fp32 kernel bytes).
   """
   module = context.module
-  if (context.method_name != "__call__" or layer.replaying()
-      or not isinstance(module, geo.SUPPORTED_LAYERS) or not is_quantized(module)):
+  if (
+    context.method_name != "__call__"
+    or layer.replaying()
+    or not isinstance(module, geo.SUPPORTED_LAYERS)
+    or not is_quantized(module)
+  ):
     return next_fun(*args, **kwargs)
   x, rest = args[0], args[1:]
   geom = geo.geometry_of(module, "/".join(str(p) for p in module.scope.path), x, kwargs)
@@ -77,6 +81,7 @@ class Dequantized(layer.InterceptingWrapper):
     """
     if isinstance(self.base, layer.InterceptingWrapper):
       raise ValueError(
-          f"quant.Dequantized wraps a {type(self.base).__name__}; it must wrap the base model "
-          "itself, inside the adapters: Adapted(quant.Dequantized(model), config)")
+        f"quant.Dequantized wraps a {type(self.base).__name__}; it must wrap the base model "
+        "itself, inside the adapters: Adapted(quant.Dequantized(model), config)"
+      )
     return nn.intercept_methods(dequantizing_interceptor)

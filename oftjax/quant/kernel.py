@@ -33,8 +33,9 @@ QUANT_KEY = "kernel_q"
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def quantize_kernel(kernel: jax.Array, geom: geo.LayerGeometry, mode: str, block_size: int,
-                    double_quant: bool) -> dict:
+def quantize_kernel(
+  kernel: jax.Array, geom: geo.LayerGeometry, mode: str, block_size: int, double_quant: bool
+) -> dict:
   """``kernel_q`` leaves of a (possibly stacked) kernel (one compilation per shape)."""
   return codes.quantize_matrix(geo.kernel_to_matrix(kernel, geom), mode, block_size, double_quant)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import math
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -41,5 +41,8 @@ def storage_report(frozen, reference_dtype=jnp.bfloat16) -> dict:
         visit(value)
 
   visit(frozen)
-  return {"stored_bytes": stored, "reference_bytes": reference,
-          "ratio": stored / reference if reference else None}
+  return {
+    "stored_bytes": stored,
+    "reference_bytes": reference,
+    "ratio": stored / reference if reference else None,
+  }

@@ -11,7 +11,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +24,14 @@ from oftjax.quant.kernel import QUANT_KEY, dequantize_kernel, quantize_kernel
 _dequantize_kernel = jax.jit(dequantize_kernel, static_argnums=(1, 2))  # whole trees, eagerly
 
 
-def quantize_params(params, geometries: Mapping[str, geo.LayerGeometry], mode: str,
-                    block_size: int = codes.NF4_BLOCK, double_quant: bool = True,
-                    consume: bool = False) -> dict:
+def quantize_params(
+  params,
+  geometries: Mapping[str, geo.LayerGeometry],
+  mode: str,
+  block_size: int = codes.NF4_BLOCK,
+  double_quant: bool = True,
+  consume: bool = False,
+) -> dict:
   """Replaces the kernel of every layer in ``geometries`` by its quantized ``kernel_q``.
 
   Works tensor by tensor: one kernel is converted (one jitted call per shape) before
@@ -37,7 +42,8 @@ def quantize_params(params, geometries: Mapping[str, geo.LayerGeometry], mode: s
     geometries: ``{path: LayerGeometry}`` (``oftjax.adapt(...).geometries``);
       exactly these layers are quantized (use ``.*`` targets for all).
     mode: ``'nf4'`` or ``'int8'``.
-    block_size, double_quant: NF4 block and double quantization (QLoRA: 64, True).
+    block_size: NF4 block (QLoRA: 64).
+    double_quant: quantize NF4's absmax constants too (QLoRA: True).
     consume: take each kernel out of ``params`` itself (in place) and free it
       (device buffers are deleted) as soon as it is quantized, so the full-precision
       weights shrink while the quantized ones grow (``params`` loses its kernels).
@@ -56,14 +62,19 @@ def quantize_params(params, geometries: Mapping[str, geo.LayerGeometry], mode: s
     kernel = node.pop("kernel")
     if consume:
       del P.node_at(params, path)["kernel"]
-    node[QUANT_KEY] = _quantized_leaves(kernel, path, geom, mode, block_size, double_quant,
-                                        free=consume)
+    node[QUANT_KEY] = _quantized_leaves(
+      kernel, path, geom, mode, block_size, double_quant, free=consume
+    )
     del kernel
   return out
 
 
-def quantize_on_load(geometries: Mapping[str, geo.LayerGeometry], mode: str,
-                     block_size: int = codes.NF4_BLOCK, double_quant: bool = True):
+def quantize_on_load(
+  geometries: Mapping[str, geo.LayerGeometry],
+  mode: str,
+  block_size: int = codes.NF4_BLOCK,
+  double_quant: bool = True,
+):
   """An ``on_param`` hook for ``gemma.load``: quantizes each targeted kernel as it arrives.
 
   The loader reads one parameter at a time, so with this hook at most one full-precision
@@ -77,8 +88,11 @@ def quantize_on_load(geometries: Mapping[str, geo.LayerGeometry], mode: str,
     layer = "/".join(path[:-1])
     if path[-1] != "kernel" or layer not in geometries:
       return {path[-1]: value}
-    return {QUANT_KEY: _quantized_leaves(value, layer, geometries[layer], mode, block_size,
-                                         double_quant, free=True)}
+    return {
+      QUANT_KEY: _quantized_leaves(
+        value, layer, geometries[layer], mode, block_size, double_quant, free=True
+      )
+    }
 
   return on_param
 
@@ -97,8 +111,9 @@ def _quantized_leaves(kernel, path, geom, mode, block_size, double_quant, free: 
   return leaves
 
 
-def dequantize_params(params, geometries: Mapping[str, geo.LayerGeometry],
-                      dtype=jnp.float32) -> dict:
+def dequantize_params(
+  params, geometries: Mapping[str, geo.LayerGeometry], dtype=jnp.float32
+) -> dict:
   """A tree with every ``kernel_q`` back to a ``dtype`` ``kernel`` (e.g. to export or evaluate)."""
   out, layers = P.edit_layers(params, geometries)
   for _, geom, node in layers:

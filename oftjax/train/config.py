@@ -12,11 +12,11 @@ folder). Without it ``--model``, ``--data`` and ``--eval-data`` have no default.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 import dataclasses
 import math
 import os
 import re
-from typing import Mapping
 
 ASSETS_ENV = "OFTJAX_ASSETS"
 METHODS = ("oft", "oftv1", "lora", "full")
@@ -47,8 +47,10 @@ def reword(message: str, fields: Mapping[str, str]) -> str:
     return message
   name = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, fields)) + r")\b(?!=)")
   parts = re.split(r"('[^']*')", message)
-  return "".join(part if i % 2 else name.sub(lambda m: flag_of(fields[m.group(1)]), part)
-                 for i, part in enumerate(parts))
+  return "".join(
+    part if i % 2 else name.sub(lambda m: flag_of(fields[m.group(1)]), part)
+    for i, part in enumerate(parts)
+  )
 
 
 def shipped_asset(*parts: str) -> str:
@@ -57,93 +59,122 @@ def shipped_asset(*parts: str) -> str:
   return os.path.join(root, *parts) if root else ""
 
 
-def _field(default, help: str, *, choices: tuple | None = None, resume: bool = False):  # noqa: A002
+def _field(default, help: str, *, choices: tuple | None = None, resume: bool = False):
   """One :class:`RunConfig` field: its default, ``--help`` text, choices, resume relevance."""
-  return dataclasses.field(default=default,
-                           metadata={"help": help, "choices": choices, "resume": resume})
+  return dataclasses.field(
+    default=default, metadata={"help": help, "choices": choices, "resume": resume}
+  )
 
 
 @dataclasses.dataclass
 class RunConfig:
   """Every knob of a run; each field's metadata holds its ``--help`` text."""
 
-  model: str = _field(shipped_asset("tiny-gemma3"),
-                      "base model: a local Hugging Face folder or a hub id", resume=True)
-  data: str = _field(shipped_asset("task", "train.jsonl"),
-                     "training JSONL: {prompt,completion}, {messages} or {text} records",
-                     resume=True)
-  eval_data: str = _field(shipped_asset("task", "eval.jsonl"),
-                          "held-out JSONL of the task (loss and exact-match accuracy)")
+  model: str = _field(
+    shipped_asset("tiny-gemma3"), "base model: a local Hugging Face folder or a hub id", resume=True
+  )
+  data: str = _field(
+    shipped_asset("task", "train.jsonl"),
+    "training JSONL: {prompt,completion}, {messages} or {text} records",
+    resume=True,
+  )
+  eval_data: str = _field(
+    shipped_asset("task", "eval.jsonl"),
+    "held-out JSONL of the task (loss and exact-match accuracy)",
+  )
   retention_data: str = _field(
-      shipped_asset("task", "retention.jsonl"),
-      "held-out JSONL of what the base already does (forgetting); '' to skip")
+    shipped_asset("task", "retention.jsonl"),
+    "held-out JSONL of what the base already does (forgetting); '' to skip",
+  )
   method: str = _field(
-      "oft", "oft (OFTv2, input-centric), oftv1 (original weight-centric OFT), lora, full",
-      choices=METHODS, resume=True)
-  block_size: int = _field(16, "OFT block size b; must divide every targeted input width",
-                           resume=True)
+    "oft",
+    "oft (OFTv2, input-centric), oftv1 (original weight-centric OFT), lora, full",
+    choices=METHODS,
+    resume=True,
+  )
+  block_size: int = _field(
+    16, "OFT block size b; must divide every targeted input width", resume=True
+  )
   neumann_terms: int = _field(
-      6, "Cayley-Neumann terms n (even n is more orthogonal, docs/DESIGN.md §1)", resume=True)
-  parameterization: str = _field("cayley_neumann",
-                                 "cayley_neumann (OFTv2) or cayley (exact inverse)",
-                                 choices=("cayley_neumann", "cayley"), resume=True)
+    6, "Cayley-Neumann terms n (even n is more orthogonal, docs/DESIGN.md §1)", resume=True
+  )
+  parameterization: str = _field(
+    "cayley_neumann",
+    "cayley_neumann (OFTv2) or cayley (exact inverse)",
+    choices=("cayley_neumann", "cayley"),
+    resume=True,
+  )
   adapter_precision: str = _field(
-      "highest",
-      "matmul precision of the adapter's own math (Neumann powers, rotation, LoRA products, "
-      "merge): highest is true float32 on every backend, as PEFT's; default (TF32 on NVIDIA "
-      "GPUs, one bf16 pass on TPU) and high trade exactness for speed",
-      choices=("default", "high", "highest"), resume=True)
+    "highest",
+    "matmul precision of the adapter's own math (Neumann powers, rotation, LoRA products, "
+    "merge): highest is true float32 on every backend, as PEFT's; default (TF32 on NVIDIA "
+    "GPUs, one bf16 pass on TPU) and high trade exactness for speed",
+    choices=("default", "high", "highest"),
+    resume=True,
+  )
   lora_rank: int = _field(16, "LoRA rank", resume=True)
   lora_alpha: float = _field(16.0, "LoRA alpha (scale = alpha / rank)", resume=True)
   targets: str = _field(
-      DEFAULT_TARGETS,
-      "regex full-matched against linear-layer paths, e.g. layers/self_attn/q_proj", resume=True)
+    DEFAULT_TARGETS,
+    "regex full-matched against linear-layer paths, e.g. layers/self_attn/q_proj",
+    resume=True,
+  )
   steps: int = _field(150, "optimizer steps", resume=True)
   batch_size: int = _field(16, "packed rows per micro-batch", resume=True)
   grad_accum: int = _field(1, "micro-batches per optimizer step", resume=True)
   seq_len: int = _field(64, "tokens per packed row", resume=True)
-  lr: float = _field(5e-3, "peak learning rate (AdamW, linear warmup then cosine decay)",
-                     resume=True)
+  lr: float = _field(
+    5e-3, "peak learning rate (AdamW, linear warmup then cosine decay)", resume=True
+  )
   warmup_steps: int = _field(-1, "linear warmup steps (-1: min(10, steps // 10))", resume=True)
   weight_decay: float = _field(0.0, "AdamW weight decay", resume=True)
   clip_norm: float = _field(1.0, "global gradient-norm clip (0 disables)", resume=True)
   on_nonfinite: str = _field(
-      "skip",
-      "a step with a non-finite loss or gradient: skip it (weights unchanged, counted in "
-      "metrics.jsonl as skipped_steps) or stop the run (exit 2)", choices=("skip", "stop"))
+    "skip",
+    "a step with a non-finite loss or gradient: skip it (weights unchanged, counted in "
+    "metrics.jsonl as skipped_steps) or stop the run (exit 2)",
+    choices=("skip", "stop"),
+  )
   dtype: str = _field(
-      "auto", "compute dtype: auto (float32 on CPU, bfloat16 on GPU/TPU), float32, bfloat16",
-      choices=("auto", "float32", "bfloat16"), resume=True)
+    "auto",
+    "compute dtype: auto (float32 on CPU, bfloat16 on GPU/TPU), float32, bfloat16",
+    choices=("auto", "float32", "bfloat16"),
+    resume=True,
+  )
   seed: int = _field(0, "seed of adapter init and data order", resume=True)
   mesh: str = _field(
-      "", "device mesh over all processes' devices, e.g. data=2,fsdp=4 (default: all on data)")
-  coordinator_address: str = _field(
-      "", "several hosts: HOST:PORT of process 0 (jax.distributed)")
+    "", "device mesh over all processes' devices, e.g. data=2,fsdp=4 (default: all on data)"
+  )
+  coordinator_address: str = _field("", "several hosts: HOST:PORT of process 0 (jax.distributed)")
   num_processes: int = _field(
-      1, "several hosts: number of processes (0: let JAX detect a TPU pod / SLURM)")
+    1, "several hosts: number of processes (0: let JAX detect a TPU pod / SLURM)"
+  )
   process_id: int = _field(0, "this process's index")
   log_every: int = _field(10, "steps between metrics.jsonl lines")
   save_every: int = _field(50, "steps between checkpoints")
   keep_checkpoints: int = _field(2, "checkpoints kept")
   eval_limit: int = _field(64, "max examples per eval set")
   output_dir: str = _field(
-      "runs/finetune", "where summary.json, metrics.jsonl, checkpoints and peft_adapter/ go")
+    "runs/finetune", "where summary.json, metrics.jsonl, checkpoints and peft_adapter/ go"
+  )
   resume: bool = _field(False, "continue from the latest checkpoint in --output-dir")
   overwrite: bool = _field(False, "replace an existing run in --output-dir")
   export_merged: str = _field("", "also write a Hugging Face folder with the adapter folded in")
   init_adapter: str = _field("", "start from a PEFT OFT/LoRA adapter folder", resume=True)
   truncate: bool = _field(
-      False, "truncate over-long examples (counted and reported) instead of failing", resume=True)
+    False, "truncate over-long examples (counted and reported) instead of failing", resume=True
+  )
   quantize: str = _field(
-      "none",
-      "store the targeted frozen kernels as nf4 (QLoRA NormalFloat4, blocks of 64, "
-      "double-quantized scales) or int8 (per output channel); adapters stay float32",
-      choices=("none", "int8", "nf4"), resume=True)
+    "none",
+    "store the targeted frozen kernels as nf4 (QLoRA NormalFloat4, blocks of 64, "
+    "double-quantized scales) or int8 (per output channel); adapters stay float32",
+    choices=("none", "int8", "nf4"),
+    resume=True,
+  )
 
   def fingerprint(self) -> dict:
     """Fields that must match for ``--resume`` to continue the same run (``resume=True``)."""
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-            if f.metadata["resume"]}
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["resume"]}
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig)}
@@ -159,8 +190,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
   """The ``finetune_gemma.py`` argument parser; every flag shows its default."""
   parser = _Parser(
-      description="Finetune a Gemma model with OFTv2 (or a baseline) in JAX.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    description="Finetune a Gemma model with OFTv2 (or a baseline) in JAX.",
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
   for field in dataclasses.fields(RunConfig):
     flag = flag_of(field.name)
     help_text = field.metadata["help"]
@@ -168,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
       parser.add_argument(flag, action="store_true", help=help_text)
     else:
       kind = {"int": int, "float": float}.get(str(field.type), str)
-      parser.add_argument(flag, type=kind, default=field.default,
-                          choices=field.metadata["choices"], help=help_text)
+      parser.add_argument(
+        flag, type=kind, default=field.default, choices=field.metadata["choices"], help=help_text
+      )
   return parser
 
 
@@ -189,13 +222,19 @@ def finalize(config: RunConfig) -> RunConfig:
 
 # AdapterConfig field -> the RunConfig field whose flag sets it (for AdapterConfig's errors;
 # method and parameterization are argparse choices, refused before AdapterConfig sees them).
-_ADAPTER_FIELDS = {"targets": "targets", "block_size": "block_size",
-                   "num_terms": "neumann_terms", "lora_rank": "lora_rank"}
+_ADAPTER_FIELDS = {
+  "targets": "targets",
+  "block_size": "block_size",
+  "num_terms": "neumann_terms",
+  "lora_rank": "lora_rank",
+}
 
 
 def adapter_config(c: RunConfig):
-  """The run's :class:`oftjax.AdapterConfig`; with ``--method full`` one of method ``oft``
-  (no adapter is made, but the adapter flags are checked all the same).
+  """The run's :class:`oftjax.AdapterConfig`.
+
+  With ``--method full`` one of method ``oft`` (no adapter is made, but the adapter flags
+  are checked all the same).
 
   Raises:
     UsageError: a value AdapterConfig refuses, worded with its flag.
@@ -205,9 +244,15 @@ def adapter_config(c: RunConfig):
   method = c.method if c.method in adapters.METHODS else "oft"
   try:
     return adapters.AdapterConfig(
-        method=method, targets=c.targets, block_size=c.block_size, num_terms=c.neumann_terms,
-        parameterization=c.parameterization, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
-        precision=c.adapter_precision)
+      method=method,
+      targets=c.targets,
+      block_size=c.block_size,
+      num_terms=c.neumann_terms,
+      parameterization=c.parameterization,
+      lora_rank=c.lora_rank,
+      lora_alpha=c.lora_alpha,
+      precision=c.adapter_precision,
+    )
   except ValueError as e:
     raise UsageError(reword(str(e), _ADAPTER_FIELDS)) from None
 
@@ -223,25 +268,38 @@ def check_assets(c: RunConfig) -> None:
   for name in ("model", "data", "eval_data", "retention_data"):
     value, default = getattr(c, name), _DEFAULTS[name]
     if not value and name != "retention_data":
-      raise UsageError(f"{flag_of(name)} is required: there is no shipped default "
-                       f"(${ASSETS_ENV} is not set); pass {flag_of(name)} PATH")
+      raise UsageError(
+        f"{flag_of(name)} is required: there is no shipped default "
+        f"(${ASSETS_ENV} is not set); pass {flag_of(name)} PATH"
+      )
     if value and value == default and not os.path.exists(value):
-      raise UsageError(f"{flag_of(name)}: the shipped default {value} is missing (${ASSETS_ENV} "
-                       f"is {root}); pass {flag_of(name)} PATH")
+      raise UsageError(
+        f"{flag_of(name)}: the shipped default {value} is missing (${ASSETS_ENV} "
+        f"is {root}); pass {flag_of(name)} PATH"
+      )
 
 
 def validate(c: RunConfig) -> None:
   """Checks values that need no files; raises :class:`UsageError` with one line."""
-  for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "save_every",
-               "keep_checkpoints", "eval_limit"):
+  for name in (
+    "steps",
+    "batch_size",
+    "grad_accum",
+    "seq_len",
+    "log_every",
+    "save_every",
+    "keep_checkpoints",
+    "eval_limit",
+  ):
     if getattr(c, name) < 1:
-      raise UsageError(f"{flag_of(name)} must be a positive integer "
-                       f"(got {getattr(c, name)})")
+      raise UsageError(f"{flag_of(name)} must be a positive integer (got {getattr(c, name)})")
   for name in ("lr", "weight_decay", "clip_norm", "lora_alpha"):
     value = getattr(c, name)
     if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-      raise UsageError(f"{flag_of(name)} must be a finite "
-                       f"{'positive' if name == 'lr' else 'non-negative'} number (got {value})")
+      raise UsageError(
+        f"{flag_of(name)} must be a finite "
+        f"{'positive' if name == 'lr' else 'non-negative'} number (got {value})"
+      )
   if c.warmup_steps < 0 or c.warmup_steps >= c.steps:
     raise UsageError(f"--warmup-steps must be in [0, --steps) (got {c.warmup_steps})")
   adapter_config(c)  # AdapterConfig checks the adapter flags (for every --method)
@@ -254,12 +312,15 @@ def validate(c: RunConfig) -> None:
   if c.export_merged and (c.overwrite or not os.path.exists(c.export_merged)):
     export, out = os.path.realpath(c.export_merged), os.path.realpath(c.output_dir)
     if out == export or out.startswith(export + os.sep):  # the export would replace the run
-      raise UsageError(f"--export-merged {c.export_merged} would hold --output-dir "
-                       f"{c.output_dir}; choose a folder outside it")
+      raise UsageError(
+        f"--export-merged {c.export_merged} would hold --output-dir "
+        f"{c.output_dir}; choose a folder outside it"
+      )
   if c.resume and c.overwrite:
     raise UsageError("--resume and --overwrite contradict each other; pick one")
   if c.quantize != "none" and c.method == "full":
-    raise UsageError("--quantize needs --method oft, oftv1 or lora (full finetuning updates the "
-                     "kernels)")
+    raise UsageError(
+      "--quantize needs --method oft, oftv1 or lora (full finetuning updates the kernels)"
+    )
   if c.init_adapter and c.method not in ("oft", "oftv1", "lora"):
     raise UsageError("--init-adapter needs --method oft, oftv1 or lora")

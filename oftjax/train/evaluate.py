@@ -22,8 +22,16 @@ class Evaluator:
   merged with the adapter tree, see ``oftjax.merge_params``).
   """
 
-  def __init__(self, model, tokenizer, loss_examples, accuracy_sets: dict, seq_len: int,
-               batch_size: int, max_new_tokens: int):
+  def __init__(
+    self,
+    model,
+    tokenizer,
+    loss_examples,
+    accuracy_sets: dict,
+    seq_len: int,
+    batch_size: int,
+    max_new_tokens: int,
+  ):
     self.model, self.tokenizer = model, tokenizer
     self.loss_examples = loss_examples
     self.accuracy_sets = accuracy_sets
@@ -40,26 +48,39 @@ class Evaluator:
   def loss(self, params) -> float:
     """Token-weighted mean cross-entropy over the loss examples' completion tokens."""
     total, count = 0.0, 0.0
-    for batch in data.sequential_batches(self.loss_examples, batch_size=self.batch_size,
-                                         seq_len=self.seq_len, pad_id=self.pad_id):
+    for batch in data.sequential_batches(
+      self.loss_examples, batch_size=self.batch_size, seq_len=self.seq_len, pad_id=self.pad_id
+    ):
       s, n = self._forward(params, batch)
       total, count = total + distributed.scalar(s), count + distributed.scalar(n)
     return total / max(count, 1.0)
 
   def generations(self, params, items) -> list:
-    """Greedy completions of ``items``' prompts: per item, the generated ids (to EOS or the
-    length limit; :func:`oftjax.data.decode_completion` decodes them)."""
+    """Greedy completions of ``items``' prompts.
+
+    Per item, the generated ids (to EOS or the length limit;
+    :func:`oftjax.data.decode_completion` decodes them).
+    """
     stop = [self.tokenizer.eos_token_id]
     rows = []
     for tokens, mask, expected in data.eval_batches(items, self.batch_size, self.pad_id):
-      new = gemma.generate(self.model, params, tokens, mask, max_new_tokens=self.max_new_tokens,
-                           eos_token_id=stop, pad_token_id=self.pad_id)
+      new = gemma.generate(
+        self.model,
+        params,
+        tokens,
+        mask,
+        max_new_tokens=self.max_new_tokens,
+        eos_token_id=stop,
+        pad_token_id=self.pad_id,
+      )
       rows += list(distributed.to_host(new)[: len(expected)])
     return rows
 
   def accuracy(self, params, name: str) -> tuple[float, list]:
-    """Exact-match accuracy (:func:`oftjax.data.exact_match_accuracy`) on one named set,
-    and the generated ids."""
+    """Exact-match accuracy on one named set, and the generated ids.
+
+    The accuracy is :func:`oftjax.data.exact_match_accuracy`.
+    """
     items = self.accuracy_sets[name]
     rows = self.generations(params, items)
     return data.exact_match_accuracy(self.tokenizer, rows, [x.expected for x in items]), rows
@@ -72,7 +93,11 @@ class Evaluator:
       result["accuracy" if name == "eval" else f"{name}_accuracy"] = acc
       if name == "eval":
         result["samples"] = [
-            {"prompt": self.tokenizer.decode(x.prompt_tokens, skip_special_tokens=True),
-             "expected": x.expected, "generated": data.decode_completion(self.tokenizer, row)}
-            for x, row in zip(self.accuracy_sets[name][:3], rows[:3])]
+          {
+            "prompt": self.tokenizer.decode(x.prompt_tokens, skip_special_tokens=True),
+            "expected": x.expected,
+            "generated": data.decode_completion(self.tokenizer, row),
+          }
+          for x, row in zip(self.accuracy_sets[name][:3], rows[:3])
+        ]
     return result

@@ -15,7 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from oftjax import atomic, params as P, peft_io, quant
+from oftjax import atomic, peft_io, quant
+from oftjax import params as P
 from oftjax.models import gemma
 from oftjax.train import outputs
 from oftjax.train.loop import LoopStats
@@ -71,36 +72,50 @@ def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
   skipped_export = peft_io.unexportable_reason(acfg) if acfg is not None else None
   if acfg is not None and not skipped_export:
     adapter_dir = os.path.join(out, "peft_adapter")
-    peft_io.export_peft(adapter_dir, trainable, acfg, base_model=c.model,
-                        naming=peft_naming(job.model))
+    peft_io.export_peft(
+      adapter_dir, trainable, acfg, base_model=c.model, naming=peft_naming(job.model)
+    )
   if c.export_merged:
     gemma.save(c.export_merged, job.model, merged, tokenizer_dir=c.model, overwrite=c.overwrite)
-  outputs.plot_loss(record.rows, os.path.join(out, "loss.png"),
-                    f"{c.method} on {os.path.basename(c.data)}")
+  outputs.plot_loss(
+    record.rows, os.path.join(out, "loss.png"), f"{c.method} on {os.path.basename(c.data)}"
+  )
   times = record.loop.times
   steady = times[1:] if len(times) > 1 else times
   tokens_per_step = record.loop.tokens / max(len(times), 1)
   retention = {}
   if "retention_accuracy" in eval_before:
-    retention = {"retention_before": eval_before["retention_accuracy"],
-                 "retention_after": eval_after["retention_accuracy"]}
-  strip = lambda e: {k: v for k, v in e.items() if k != "samples"}  # noqa: E731
+    retention = {
+      "retention_before": eval_before["retention_accuracy"],
+      "retention_after": eval_after["retention_accuracy"],
+    }
+  strip = lambda e: {k: v for k, v in e.items() if k != "samples"}
   summary = {
-      "model": c.model, "method": c.method, "steps": c.steps, "config": vars(c),
-      "trainable_params": P.count_params(trainable),
-      "total_params": quant.logical_count(frozen) + P.count_params(trainable),
-      "eval_before": strip(eval_before), "eval_after": strip(eval_after), **retention,
-      "samples_after": eval_after.get("samples", []),
-      "train_tokens_per_s": tokens_per_step / float(np.median(steady)) if steady else None,
-      "step_time_s": float(np.median(steady)) if steady else None,
-      "compile_s": record.loop.compile_s, "wall_s": time.time() - record.t_start,
-      "final_loss": state.loss, "processes": jax.process_count(),
-      "devices": jax.device_count(),
-      "frozen_weight_bytes": P.tree_bytes(frozen), "adapter_bytes": P.tree_bytes(trainable),
-      "skipped_steps": state.skipped_steps, "train_examples": len(record.train.examples),
-      "truncated_examples": record.train.num_truncated,
-      "peft_adapter": adapter_dir, "peft_export_skipped": skipped_export,
-      "export_merged": c.export_merged or None,
+    "model": c.model,
+    "method": c.method,
+    "steps": c.steps,
+    "config": vars(c),
+    "trainable_params": P.count_params(trainable),
+    "total_params": quant.logical_count(frozen) + P.count_params(trainable),
+    "eval_before": strip(eval_before),
+    "eval_after": strip(eval_after),
+    **retention,
+    "samples_after": eval_after.get("samples", []),
+    "train_tokens_per_s": tokens_per_step / float(np.median(steady)) if steady else None,
+    "step_time_s": float(np.median(steady)) if steady else None,
+    "compile_s": record.loop.compile_s,
+    "wall_s": time.time() - record.t_start,
+    "final_loss": state.loss,
+    "processes": jax.process_count(),
+    "devices": jax.device_count(),
+    "frozen_weight_bytes": P.tree_bytes(frozen),
+    "adapter_bytes": P.tree_bytes(trainable),
+    "skipped_steps": state.skipped_steps,
+    "train_examples": len(record.train.examples),
+    "truncated_examples": record.train.num_truncated,
+    "peft_adapter": adapter_dir,
+    "peft_export_skipped": skipped_export,
+    "export_merged": c.export_merged or None,
   }
   atomic.write_json(os.path.join(out, "summary.json"), summary, indent=2, sort_keys=True)
   return summary

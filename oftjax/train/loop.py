@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,6 @@ from tqdm import tqdm
 from oftjax import distributed, sharding
 from oftjax.train.config import UsageError
 from oftjax.train.state import RunState
-
 
 ORTHOGONALITY_TOLERANCE = 1e-2  # max|RᵀR−I| beyond which R visibly stops being a rotation
 
@@ -75,8 +75,11 @@ class LoopStats:
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree_util.tree_leaves(tree)
+    if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
@@ -102,16 +105,20 @@ def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunStat
   warned = False
   on_nonfinite = c.on_nonfinite
   if not bool(_all_finite(state.trainable)):
-    raise UsageError("the trainable weights hold NaN or Inf before training (check "
-                     "--init-adapter); nothing was trained or saved")
+    raise UsageError(
+      "the trainable weights hold NaN or Inf before training (check "
+      "--init-adapter); nothing was trained or saved"
+    )
   lead = 1 if c.grad_accum > 1 else 0
   batch_sharding = sharding.batch_sharding(step.mesh, 2 + lead, lead)
 
   def next_batch():
     rows = [next(io.stream) for _ in range(c.grad_accum)]
     host = {k: np.stack([r[k] for r in rows]) if lead else rows[0][k] for k in rows[0]}
-    return (distributed.global_batch(host, batch_sharding, lead),
-            int(sum((r["segment_ids"] > 0).sum() for r in rows)))
+    return (
+      distributed.global_batch(host, batch_sharding, lead),
+      int(sum((r["segment_ids"] > 0).sum() for r in rows)),
+    )
 
   batch, ntok = next_batch()
   t0 = time.time()
@@ -121,61 +128,91 @@ def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunStat
   last_saved = state.step or None
   if state.step >= c.steps:  # resumed after the last step (killed while writing outputs):
     copies = jax.tree_util.tree_map(  # time one discarded step on copies, for the speed
-        lambda x: jax.device_put(x, x.sharding, may_alias=False),
-        (state.trainable, state.opt_state))
+      lambda x: jax.device_put(x, x.sharding, may_alias=False), (state.trainable, state.opt_state)
+    )
     t0 = time.time()
     jax.block_until_ready(compiled(*copies, step.frozen, batch))
     times.append(time.time() - t0)
     tokens_seen += ntok
-  bar = tqdm(total=c.steps, initial=state.step, desc=c.method, unit="step", dynamic_ncols=True,
-             disable=not distributed.is_main())
+  bar = tqdm(
+    total=c.steps,
+    initial=state.step,
+    desc=c.method,
+    unit="step",
+    dynamic_ncols=True,
+    disable=not distributed.is_main(),
+  )
   while state.step < c.steps:
     t0 = time.time()
-    trainable, opt_state, loss_arr, aux = compiled(state.trainable, state.opt_state,
-                                                   step.frozen, batch)
+    trainable, opt_state, loss_arr, aux = compiled(
+      state.trainable, state.opt_state, step.frozen, batch
+    )
     loss = distributed.scalar(loss_arr)
     times.append(time.time() - t0)
     tokens_seen += ntok
     skipped = int(distributed.scalar(aux["skipped"]))
-    state = state.replace(trainable=trainable, opt_state=opt_state, step=state.step + 1,
-                          data_state=io.stream.state,
-                          skipped_steps=state.skipped_steps + skipped,
-                          loss=state.loss if skipped else loss)
+    state = state.replace(
+      trainable=trainable,
+      opt_state=opt_state,
+      step=state.step + 1,
+      data_state=io.stream.state,
+      skipped_steps=state.skipped_steps + skipped,
+      loss=state.loss if skipped else loss,
+    )
     if skipped:
       if on_nonfinite == "stop":
         bar.close()
         raise UsageError(
-            f"step {state.step}: the loss or gradient is not finite (loss {loss}); stopped "
-            f"(--on-nonfinite stop) without saving it; last checkpoint: "
-            f"{'step ' + str(last_saved) if last_saved else 'none'}; lower --lr or check the "
-            "data")
+          f"step {state.step}: the loss or gradient is not finite (loss {loss}); stopped "
+          f"(--on-nonfinite stop) without saving it; last checkpoint: "
+          f"{'step ' + str(last_saved) if last_saved else 'none'}; lower --lr or check the "
+          "data"
+        )
       if state.skipped_steps == 1 and distributed.is_main():
-        tqdm.write(f"warning: step {state.step}: the loss or gradient is not finite; step "
-                   "skipped (weights unchanged), counted as skipped_steps in metrics.jsonl")
+        tqdm.write(
+          f"warning: step {state.step}: the loss or gradient is not finite; step "
+          "skipped (weights unchanged), counted as skipped_steps in metrics.jsonl"
+        )
     if state.step % c.log_every == 0 or state.step == c.steps:
-      row = {"step": state.step, "loss": loss,
-             "token_accuracy": distributed.scalar(aux["token_accuracy"]),
-             "grad_norm": distributed.scalar(aux["grad_norm"]), "skipped": skipped,
-             "skipped_steps": state.skipped_steps}
+      row = {
+        "step": state.step,
+        "loss": loss,
+        "token_accuracy": distributed.scalar(aux["token_accuracy"]),
+        "grad_norm": distributed.scalar(aux["grad_norm"]),
+        "skipped": skipped,
+        "skipped_steps": state.skipped_steps,
+      }
       if step.health is not None:
-        row.update({k: distributed.scalar(v) for k, v in step.health(state.trainable).items()
-                    if k != "layers"})
-        if row.get("orthogonality_error", 0.0) > ORTHOGONALITY_TOLERANCE and not warned \
-            and distributed.is_main():
+        row.update(
+          {
+            k: distributed.scalar(v)
+            for k, v in step.health(state.trainable).items()
+            if k != "layers"
+          }
+        )
+        if (
+          row.get("orthogonality_error", 0.0) > ORTHOGONALITY_TOLERANCE
+          and not warned
+          and distributed.is_main()
+        ):
           warned = True
-          tqdm.write(f"warning: orthogonality error {row['orthogonality_error']:.2g} > "
-                     f"{ORTHOGONALITY_TOLERANCE} at step {state.step} (max ‖Q‖ = "
-                     f"{row['max_q_norm']:.3f}): the Cayley-Neumann series with "
-                     f"{c.neumann_terms} terms no longer approximates a rotation; lower --lr, "
-                     "use more (even) --neumann-terms or --parameterization cayley")
+          tqdm.write(
+            f"warning: orthogonality error {row['orthogonality_error']:.2g} > "
+            f"{ORTHOGONALITY_TOLERANCE} at step {state.step} (max ‖Q‖ = "
+            f"{row['max_q_norm']:.3f}): the Cayley-Neumann series with "
+            f"{c.neumann_terms} terms no longer approximates a rotation; lower --lr, "
+            "use more (even) --neumann-terms or --parameterization cayley"
+          )
       if io.metrics is not None:
         io.metrics.append(row)
     if state.step % c.save_every == 0 or state.step == c.steps or io.stopper.stop:
       if not bool(_all_finite(state.trainable)):
         bar.close()
-        raise UsageError(f"step {state.step}: the trainable weights became NaN or Inf; "
-                         f"nothing non-finite was saved (last checkpoint: "
-                         f"{'step ' + str(last_saved) if last_saved else 'none'}); lower --lr")
+        raise UsageError(
+          f"step {state.step}: the trainable weights became NaN or Inf; "
+          f"nothing non-finite was saved (last checkpoint: "
+          f"{'step ' + str(last_saved) if last_saved else 'none'}); lower --lr"
+        )
       state.save(io.checkpoints, io.checkpoint_meta)
       last_saved = state.step
     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{ntok / np.median(times[-20:]):.0f}")
@@ -185,5 +222,6 @@ def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunStat
     if state.step < c.steps:
       batch, ntok = next_batch()
   bar.close()
-  return state, LoopStats(times, tokens_seen, compile_s,
-                          stopped=io.stopper.stop and state.step < c.steps)
+  return state, LoopStats(
+    times, tokens_seen, compile_s, stopped=io.stopper.stop and state.step < c.steps
+  )

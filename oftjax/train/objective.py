@@ -10,12 +10,13 @@ import jax.numpy as jnp
 import optax
 
 
-def make_optimizer(lr: float, steps: int, warmup_steps: int, weight_decay: float,
-                   clip_norm: float) -> optax.GradientTransformation:
+def make_optimizer(
+  lr: float, steps: int, warmup_steps: int, weight_decay: float, clip_norm: float
+) -> optax.GradientTransformation:
   """AdamW with linear warmup then cosine decay to 10% of ``lr``, after global-norm clipping."""
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=lr, warmup_steps=warmup_steps, decay_steps=steps,
-      end_value=lr * 0.1)
+    init_value=0.0, peak_value=lr, warmup_steps=warmup_steps, decay_steps=steps, end_value=lr * 0.1
+  )
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
   return optax.chain(*parts, optax.adamw(schedule, weight_decay=weight_decay))
 
@@ -32,8 +33,7 @@ def masked_xent(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
   mask = batch["loss_mask"].astype(jnp.float32)
   count = jnp.maximum(mask.sum(), 1.0)
   correct = (jnp.argmax(logits, axis=-1) == batch["targets"]) * mask
-  return (nll * mask).sum() / count, {"token_accuracy": correct.sum() / count,
-                                      "tokens": mask.sum()}
+  return (nll * mask).sum() / count, {"token_accuracy": correct.sum() / count, "tokens": mask.sum()}
 
 
 def next_token_loss(module, params, batch: dict) -> tuple[jax.Array, dict]:
@@ -48,6 +48,10 @@ def next_token_loss(module, params, batch: dict) -> tuple[jax.Array, dict]:
   Returns:
     ``(loss, {'token_accuracy', 'tokens'})`` as :func:`masked_xent`.
   """
-  logits = module.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                        segment_ids=batch["segment_ids"])
+  logits = module.apply(
+    {"params": params},
+    batch["inputs"],
+    positions=batch["positions"],
+    segment_ids=batch["segment_ids"],
+  )
   return masked_xent(logits, batch)

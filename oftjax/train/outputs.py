@@ -30,8 +30,9 @@ class MetricsLog:
     self.rows = rows
 
   def append(self, row: dict) -> None:
-    clean = {k: (float(v) if isinstance(v, float) or hasattr(v, "dtype") else v)
-             for k, v in row.items()}
+    clean = {
+      k: (float(v) if isinstance(v, float) or hasattr(v, "dtype") else v) for k, v in row.items()
+    }
     self.rows.append(clean)
     with open(self.path, "a") as f:
       f.write(json.dumps(clean, sort_keys=True) + "\n")

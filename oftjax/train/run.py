@@ -45,8 +45,11 @@ def _user_errors(fn, *args, flags: dict[str, str] | None = None, **kwargs):
 
 @contextlib.contextmanager
 def _checkpoint_errors():
-  """Turns an unusable checkpoint (a library :class:`checkpoint.CheckpointError`) into a
-  one-line :class:`UsageError` that says which flag starts over."""
+  """Turns an unusable checkpoint into a one-line :class:`UsageError`.
+
+  A library :class:`checkpoint.CheckpointError` becomes a line that says which flag starts
+  over.
+  """
   try:
     yield
   except checkpoint.NoUsableStepError as e:
@@ -55,8 +58,11 @@ def _checkpoint_errors():
     raise UsageError(str(e)) from None
 
 
-_DISTRIBUTED_FLAGS = {"coordinator_address": "coordinator_address",
-                      "num_processes": "num_processes", "process_id": "process_id"}
+_DISTRIBUTED_FLAGS = {
+  "coordinator_address": "coordinator_address",
+  "num_processes": "num_processes",
+  "process_id": "process_id",
+}
 
 
 def _check_resumable(c: RunConfig) -> None:
@@ -70,25 +76,31 @@ def _check_resumable(c: RunConfig) -> None:
       meta = ckpt.read_meta(step) if step is not None else None
     ckpt.close()
   if step is None:
-    raise UsageError(f"--resume: no checkpoint in {c.output_dir}; start the run again with "
-                     "--overwrite")
+    raise UsageError(
+      f"--resume: no checkpoint in {c.output_dir}; start the run again with --overwrite"
+    )
   saved, now, defaults = meta["fingerprint"], c.fingerprint(), RunConfig().fingerprint()
   diff = [k for k in now if saved.get(k, defaults[k]) != now[k]]
   if diff:
-    raise UsageError(f"--resume: the checkpoint was made with different {', '.join(diff)}; "
-                     "rerun with the original flags")
+    raise UsageError(
+      f"--resume: the checkpoint was made with different {', '.join(diff)}; "
+      "rerun with the original flags"
+    )
 
 
 def _prepare_output_dir(c: RunConfig) -> None:
   if c.export_merged and os.path.exists(c.export_merged) and not c.overwrite:
-    raise UsageError(f"--export-merged {c.export_merged} already exists; choose a new folder "
-                     "or pass --overwrite")
+    raise UsageError(
+      f"--export-merged {c.export_merged} already exists; choose a new folder or pass --overwrite"
+    )
   has_run = os.path.isdir(c.output_dir) and bool(os.listdir(c.output_dir))
   if c.resume:
     _check_resumable(c)
   elif has_run and not c.overwrite:
-    raise UsageError(f"{c.output_dir} already holds a run; pass --resume to continue it or "
-                     "--overwrite to replace it")
+    raise UsageError(
+      f"{c.output_dir} already holds a run; pass --resume to continue it or "
+      "--overwrite to replace it"
+    )
   elif has_run:
     shutil.rmtree(c.output_dir)
   os.makedirs(c.output_dir, exist_ok=True)
@@ -108,7 +120,9 @@ class _StopFlag:
 
   def __enter__(self):
     self.stop = False
-    self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    self.previous = {
+      sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     return self
 
   def __exit__(self, *exc):
@@ -130,8 +144,7 @@ def _init_adapters(c, model, acfg, example):
   adapter = _user_errors(adapted.init, jax.random.key(c.seed))
   if c.init_adapter:
     try:
-      imported, icfg = peft_io.import_peft(c.init_adapter, targets=acfg.targets,
-                                           naming=naming)
+      imported, icfg = peft_io.import_peft(c.init_adapter, targets=acfg.targets, naming=naming)
     except (ValueError, FileNotFoundError, OSError) as e:
       raise UsageError(f"--init-adapter {c.init_adapter}: {str(e).splitlines()[0]}") from None
     want = jax.tree_util.tree_map(lambda x: x.shape, adapter)
@@ -160,8 +173,13 @@ def run(c: RunConfig) -> dict:
 
 def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   t_start = time.time()
-  _user_errors(distributed.initialize, c.coordinator_address, c.num_processes, c.process_id,
-               flags=_DISTRIBUTED_FLAGS)
+  _user_errors(
+    distributed.initialize,
+    c.coordinator_address,
+    c.num_processes,
+    c.process_id,
+    flags=_DISTRIBUTED_FLAGS,
+  )
   main = distributed.is_main()
   dtype = _compute_dtype(c)
   mesh = _user_errors(sharding.make_mesh, c.mesh, flags={"mesh": "mesh"})
@@ -171,28 +189,43 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   # fp32 master copy (bf16 storage would round away updates below its 8-bit mantissa).
   param_dtype = jnp.float32 if c.method == "full" else dtype
   model = _user_errors(gemma.load_model, c.model, dtype=dtype, param_dtype=param_dtype)
-  train = _user_errors(data.load_dataset, c.data, tokenizer, c.seq_len, truncate=c.truncate,
-                       flags={"seq_len": "seq_len"})
-  held_out = _user_errors(data.load_dataset, c.eval_data, tokenizer, c.seq_len,
-                          flags={"seq_len": "seq_len"})
+  train = _user_errors(
+    data.load_dataset,
+    c.data,
+    tokenizer,
+    c.seq_len,
+    truncate=c.truncate,
+    flags={"seq_len": "seq_len"},
+  )
+  held_out = _user_errors(
+    data.load_dataset, c.eval_data, tokenizer, c.seq_len, flags={"seq_len": "seq_len"}
+  )
   sets = {"eval": _user_errors(data.load_eval_set, c.eval_data, tokenizer, c.eval_limit)}
   if c.retention_data:
     sets["retention"] = _user_errors(data.load_eval_set, c.retention_data, tokenizer, c.eval_limit)
-  max_new = max(len(tokenizer.encode(x.expected, add_special_tokens=False))
-                for s in sets.values() for x in s) + 2
+  max_new = (
+    max(
+      len(tokenizer.encode(x.expected, add_special_tokens=False)) for s in sets.values() for x in s
+    )
+    + 2
+  )
   adapted, geoms = None, {}
   if c.method != "full":  # adapters first: their geometries say which kernels to quantize
-    adapted, trainable = _init_adapters(c, model, adapter_config(c),
-                                        jnp.zeros((1, 8), jnp.int32))
+    adapted, trainable = _init_adapters(c, model, adapter_config(c), jnp.zeros((1, 8), jnp.int32))
     geoms = adapted.geometries
     if reason := peft_io.unexportable_reason(adapted.config):
       _say(main, f"note: no peft_adapter/ will be written: {reason}")
   # QOFT / QLoRA: each targeted kernel is quantized as soon as the loader completes it, so
   # at most one parameter (one projection, all layers) is ever held in full precision.
   on_param = quant.quantize_on_load(geoms, c.quantize) if c.quantize != "none" else None
-  _, base = _user_errors(gemma.load, model.config.source_dir, dtype=dtype,
-                         param_dtype=param_dtype, on_param=on_param,
-                         on_host=jax.default_backend() != "cpu" or jax.process_count() > 1)
+  _, base = _user_errors(
+    gemma.load,
+    model.config.source_dir,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    on_param=on_param,
+    on_host=jax.default_backend() != "cpu" or jax.process_count() > 1,
+  )
   trainable, frozen = (base, {}) if c.method == "full" else (trainable, base)
   if main:
     _prepare_output_dir(c)
@@ -203,17 +236,27 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   job = build_run_model(model, frozen, adapted, quantized=c.quantize != "none", dtype=dtype)
   optimizer = make_optimizer(c.lr, c.steps, c.warmup_steps, c.weight_decay, c.clip_norm)
   trainable = distributed.to_host(trainable)
-  shardings = sharding.train_state_shardings(optimizer.init, trainable, mesh,
-                                             shard=job.shards_trainable)
+  shardings = sharding.train_state_shardings(
+    optimizer.init, trainable, mesh, shard=job.shards_trainable
+  )
   trainable = jax.device_put(trainable, shardings[0])
   state = RunState(trainable, jax.jit(optimizer.init, out_shardings=shardings[1])(trainable))
-  step_fn = make_train_step(job.loss, optimizer, has_aux=True, accum_steps=c.grad_accum,
-                            weight_key="tokens", project=job.project, state_shardings=shardings)
+  step_fn = make_train_step(
+    job.loss,
+    optimizer,
+    has_aux=True,
+    accum_steps=c.grad_accum,
+    weight_key="tokens",
+    project=job.project,
+    state_shardings=shardings,
+  )
 
-  evaluator = Evaluator(job.eval_module, tokenizer, held_out.examples, sets,
-                        c.seq_len, c.batch_size, max_new)
-  ckpt = checkpoint.RunCheckpoints(os.path.join(c.output_dir, "checkpoints"),
-                                   c.keep_checkpoints, c.save_every)
+  evaluator = Evaluator(
+    job.eval_module, tokenizer, held_out.examples, sets, c.seq_len, c.batch_size, max_new
+  )
+  ckpt = checkpoint.RunCheckpoints(
+    os.path.join(c.output_dir, "checkpoints"), c.keep_checkpoints, c.save_every
+  )
   eval_before = None
   if c.resume:
     with _checkpoint_errors():
@@ -222,16 +265,34 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     _say(main, f"resumed from step {state.step}")
   if eval_before is None:
     eval_before = evaluator.run(job.evaluated(state.trainable))
-  _say(main, f"before: eval loss {eval_before['loss']:.4f} accuracy {eval_before['accuracy']:.3f}"
-       + (f" retention {eval_before['retention_accuracy']:.3f}" if c.retention_data else ""))
+  _say(
+    main,
+    f"before: eval loss {eval_before['loss']:.4f} accuracy {eval_before['accuracy']:.3f}"
+    + (f" retention {eval_before['retention_accuracy']:.3f}" if c.retention_data else ""),
+  )
 
-  stream = data.PackedBatches(train.examples, batch_size=c.batch_size, seq_len=c.seq_len,
-                              seed=c.seed, state=state.data_state, pad_id=evaluator.pad_id)
-  metrics = outputs.MetricsLog(os.path.join(c.output_dir, "metrics.jsonl"),
-                               resume_step=state.step if c.resume else None) if main else None
+  stream = data.PackedBatches(
+    train.examples,
+    batch_size=c.batch_size,
+    seq_len=c.seq_len,
+    seed=c.seed,
+    state=state.data_state,
+    pad_id=evaluator.pad_id,
+  )
+  metrics = (
+    outputs.MetricsLog(
+      os.path.join(c.output_dir, "metrics.jsonl"), resume_step=state.step if c.resume else None
+    )
+    if main
+    else None
+  )
   meta = {"fingerprint": c.fingerprint(), "eval_before": eval_before}
-  state, stats = train_loop(c, state, TrainStep(step_fn, frozen, mesh, job.health),
-                            LoopIO(stream, ckpt, metrics, meta, stopper))
+  state, stats = train_loop(
+    c,
+    state,
+    TrainStep(step_fn, frozen, mesh, job.health),
+    LoopIO(stream, ckpt, metrics, meta, stopper),
+  )
   ckpt.close()
   if stats.stopped:
     _say(main, f"stopped at step {state.step}; rerun with --resume to continue")
@@ -244,8 +305,13 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     host_merged = distributed.to_host(job.exported(state.trainable, final))
   if not main:
     return {"stopped_at": None, "process": jax.process_index()}
-  return write_outputs(c, job, host_state, host_merged,
-                       RunRecord(eval_before, eval_after, metrics.rows, stats, train, t_start))
+  return write_outputs(
+    c,
+    job,
+    host_state,
+    host_merged,
+    RunRecord(eval_before, eval_after, metrics.rows, stats, train, t_start),
+  )
 
 
 def _say(main: bool, text: str) -> None:

@@ -10,11 +10,13 @@ All three take the train step's view of parameters: ``merge_params(frozen, train
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
-from oftjax import params as P, quant
+from oftjax import params as P
+from oftjax import quant
 from oftjax.train.objective import next_token_loss
 
 
@@ -77,7 +79,7 @@ class AdapterFinetune(FullFinetune):
     if config.coft_eps is not None:  # PEFT's write-back after each update
       self.project = lambda tree: P.project_adapters(tree, config)
     if config.leaf_name == "oft":
-      self.health = jax.jit(lambda tree: P.adapter_health(tree, config))
+      self.health = jax.jit(lambda tree: P.adapter_health(tree, config, per_layer=False))
 
   def merged(self, trainable) -> dict:
     return self.adapted.fold(P.merge_params(self.frozen, trainable))

@@ -43,8 +43,12 @@ class RunState:
 
   def counters(self) -> dict:
     """The JSON part, as a checkpoint's ``meta`` item stores it."""
-    return {"step": self.step, "data_state": self.data_state,
-            "skipped_steps": self.skipped_steps, "loss": self.loss}
+    return {
+      "step": self.step,
+      "data_state": self.data_state,
+      "skipped_steps": self.skipped_steps,
+      "loss": self.loss,
+    }
 
   def save(self, checkpoints, meta: dict) -> None:
     """Saves this state at its step into ``checkpoints`` (a ``RunCheckpoints``), with ``meta``."""
@@ -53,8 +57,12 @@ class RunState:
   def restore(self, checkpoints, step: int) -> tuple[RunState, dict]:
     """The state saved at ``step``, placed as this one's arrays are; and the saved ``meta``."""
     arrays, meta = checkpoints.restore(step, self.arrays())
-    state = RunState(arrays["trainable"], arrays["opt_state"], step=step,
-                     data_state=meta["data_state"],
-                     skipped_steps=int(meta.get("skipped_steps", 0)),
-                     loss=meta.get("loss", math.nan))
+    state = RunState(
+      arrays["trainable"],
+      arrays["opt_state"],
+      step=step,
+      data_state=meta["data_state"],
+      skipped_steps=int(meta.get("skipped_steps", 0)),
+      loss=meta.get("loss", math.nan),
+    )
     return state, meta

@@ -137,12 +137,10 @@ class Gemma4Config:
   param_dtype: Any = jnp.float32
   remat: bool = False
   hf_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
-  hf_multimodal_config: Any = dataclasses.field(
-      default=None, compare=False, hash=False, repr=False)
-  source_dir: str | None = dataclasses.field(
-      default=None, compare=False, hash=False, repr=False)
+  hf_multimodal_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+  source_dir: str | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
-  def replace(self, **changes) -> "Gemma4Config":
+  def replace(self, **changes) -> Gemma4Config:
     """Returns a copy with some fields changed (e.g. `remat=True`)."""
     return dataclasses.replace(self, **changes)
 
@@ -167,8 +165,11 @@ def _rope_kind(params: dict, layer_type: str, model_type: str) -> str:
   """The rope type of one layer type's parameters, refusing those not implemented."""
   kind = params.get("rope_type", params.get("type", "default"))
   if kind not in ROPE_TYPES:
-    raise _fail(model_type, f"rope_type {kind!r} of {layer_type} layers is not supported "
-                f"(supported: {', '.join(ROPE_TYPES)})")
+    raise _fail(
+      model_type,
+      f"rope_type {kind!r} of {layer_type} layers is not supported "
+      f"(supported: {', '.join(ROPE_TYPES)})",
+    )
   return kind
 
 
@@ -180,16 +181,21 @@ def _rope_of(params, layer_type: str, model_type: str) -> Gemma4Rope:
   kind = _rope_kind(params, layer_type, model_type)
   partial = float(params.get("partial_rotary_factor", 1.0) or 1.0)
   if kind != "proportional" and partial != 1.0:
-    raise _fail(model_type, f"partial_rotary_factor={partial} with rope_type {kind!r} on "
-                f"{layer_type} layers is not implemented (use rope_type 'proportional')")
+    raise _fail(
+      model_type,
+      f"partial_rotary_factor={partial} with rope_type {kind!r} on "
+      f"{layer_type} layers is not implemented (use rope_type 'proportional')",
+    )
   if not 0.0 <= partial <= 1.0:
-    raise _fail(model_type, f"partial_rotary_factor={partial} of {layer_type} layers is "
-                "outside [0, 1]")
+    raise _fail(
+      model_type, f"partial_rotary_factor={partial} of {layer_type} layers is outside [0, 1]"
+    )
   if kind == "linear" and "factor" not in params:
     raise _fail(model_type, f"linear rope of {layer_type} layers has no 'factor'")
   factor = float(params.get("factor", 1.0)) if kind != "default" else 1.0
-  return Gemma4Rope(kind=kind, theta=float(params["rope_theta"]), factor=factor,
-                    partial_rotary_factor=partial)
+  return Gemma4Rope(
+    kind=kind, theta=float(params["rope_theta"]), factor=factor, partial_rotary_factor=partial
+  )
 
 
 def check_raw_config(raw: dict) -> None:
@@ -218,7 +224,9 @@ def text_config_of(hf_config):
     return hf_config.text_config
   if model_type == TEXT_MODEL_TYPE:
     return hf_config
-  raise ValueError(f"unsupported model_type {model_type!r}: expected one of {', '.join(MODEL_TYPES)}")
+  raise ValueError(
+    f"unsupported model_type {model_type!r}: expected one of {', '.join(MODEL_TYPES)}"
+  )
 
 
 def _layer_geometry(cfg, layer: int, model_type: str) -> tuple[int, int]:
@@ -234,40 +242,56 @@ def _geometries(cfg, layer_types, model_type: str):
   overridden = set(cfg.per_layer_attributes or ())
   unknown = sorted(overridden - set(_PER_LAYER_FIELDS))
   if unknown:
-    raise _fail(model_type, f"per_layer_config overrides {unknown}; only "
-                f"{list(_PER_LAYER_FIELDS)} may vary by layer")
+    raise _fail(
+      model_type,
+      f"per_layer_config overrides {unknown}; only {list(_PER_LAYER_FIELDS)} may vary by layer",
+    )
   found: dict[str, tuple[int, int]] = {}
   for layer, layer_type in enumerate(layer_types):
     geom = _layer_geometry(cfg, layer, model_type)
     if found.setdefault(layer_type, geom) != geom:
-      raise _fail(model_type, f"{layer_type} layers differ in (head_dim, num_key_value_heads): "
-                  f"{found[layer_type]} vs {geom} on layer {layer}")
+      raise _fail(
+        model_type,
+        f"{layer_type} layers differ in (head_dim, num_key_value_heads): "
+        f"{found[layer_type]} vs {geom} on layer {layer}",
+      )
   return found
 
 
 def _check_kv_sharing(layer_types, shared: int, model_type: str) -> None:
   num_layers = len(layer_types)
   if not 0 <= shared < num_layers:
-    raise _fail(model_type, f"num_kv_shared_layers={shared} must be in [0, {num_layers}) "
-                "(some layer has to compute the keys and values that others reuse)")
+    raise _fail(
+      model_type,
+      f"num_kv_shared_layers={shared} must be in [0, {num_layers}) "
+      "(some layer has to compute the keys and values that others reuse)",
+    )
   producers = set(layer_types[: num_layers - shared])
-  consumers = set(layer_types[num_layers - shared:])
+  consumers = set(layer_types[num_layers - shared :])
   if consumers - producers:
-    raise _fail(model_type, f"KV-shared {sorted(consumers - producers)} layers have no earlier "
-                "layer of their type to share keys and values with")
+    raise _fail(
+      model_type,
+      f"KV-shared {sorted(consumers - producers)} layers have no earlier "
+      "layer of their type to share keys and values with",
+    )
 
 
 def _check_unimplemented(cfg, model_type: str) -> None:
   if getattr(cfg, "attention_bias", False):
     raise _fail(model_type, "attention_bias=True is not implemented")
   if getattr(cfg, "use_bidirectional_attention", None) == "all":
-    raise _fail(model_type, "use_bidirectional_attention='all' is not implemented "
-                "(only causal attention; 'vision' is causal on text)")
+    raise _fail(
+      model_type,
+      "use_bidirectional_attention='all' is not implemented "
+      "(only causal attention; 'vision' is causal on text)",
+    )
   if float(getattr(cfg, "attention_dropout", 0.0) or 0.0) != 0.0:
     raise _fail(model_type, f"attention_dropout={cfg.attention_dropout} is not implemented")
 
 
-def from_hf_config(hf_config, dtype=jnp.float32, param_dtype=None, remat: bool = False) -> Gemma4Config:
+def from_hf_config(
+  hf_config, dtype=jnp.float32, param_dtype=None, remat: bool = False
+) -> Gemma4Config:
   """Builds a `Gemma4Config` from a transformers `Gemma4TextConfig` or `Gemma4Config`.
 
   Args:
@@ -306,46 +330,52 @@ def from_hf_config(hf_config, dtype=jnp.float32, param_dtype=None, remat: bool =
   by_type = {}
   for layer_type, (head_dim, kv_heads) in geoms.items():
     if num_heads % kv_heads:
-      raise _fail(model_type, f"{num_heads} attention heads are not a multiple of the "
-                  f"{kv_heads} key/value heads of {layer_type} layers")
+      raise _fail(
+        model_type,
+        f"{num_heads} attention heads are not a multiple of the "
+        f"{kv_heads} key/value heads of {layer_type} layers",
+      )
     by_type[layer_type] = AttentionGeometry(
-        head_dim=head_dim, num_kv_heads=kv_heads,
-        k_eq_v=bool(cfg.attention_k_eq_v) and layer_type == FULL,
-        rope=_rope_of(ropes.get(layer_type), layer_type, model_type))
+      head_dim=head_dim,
+      num_kv_heads=kv_heads,
+      k_eq_v=bool(cfg.attention_k_eq_v) and layer_type == FULL,
+      rope=_rope_of(ropes.get(layer_type), layer_type, model_type),
+    )
   moe = bool(cfg.enable_moe_block)
   if moe and not (cfg.num_experts and cfg.top_k_experts and cfg.moe_intermediate_size):
-    raise _fail(model_type, "enable_moe_block needs num_experts, top_k_experts and "
-                "moe_intermediate_size")
+    raise _fail(
+      model_type, "enable_moe_block needs num_experts, top_k_experts and moe_intermediate_size"
+    )
   ple = int(cfg.hidden_size_per_layer_input or 0)
   softcap = cfg.final_logit_softcapping
   tie = (hf_config if multimodal else cfg).tie_word_embeddings
   return Gemma4Config(
-      vocab_size=int(cfg.vocab_size),
-      hidden_size=int(cfg.hidden_size),
-      intermediate_size=int(cfg.intermediate_size),
-      num_layers=num_layers,
-      num_heads=num_heads,
-      sliding=by_type.get(SLIDING),
-      full=by_type.get(FULL),
-      layer_is_sliding=tuple(t == SLIDING for t in layer_types),
-      sliding_window=int(cfg.sliding_window),
-      num_kv_shared_layers=shared,
-      use_double_wide_mlp=bool(cfg.use_double_wide_mlp),
-      per_layer_input_size=ple,
-      per_layer_vocab_size=int(cfg.vocab_size_per_layer_input) if ple else 0,
-      enable_moe_block=moe,
-      num_experts=int(cfg.num_experts) if moe else None,
-      top_k_experts=int(cfg.top_k_experts) if moe else None,
-      moe_intermediate_size=int(cfg.moe_intermediate_size) if moe else None,
-      rms_norm_eps=float(cfg.rms_norm_eps),
-      activation=activation,
-      final_logit_softcapping=float(softcap) if softcap else None,
-      tie_word_embeddings=bool(tie),
-      pad_token_id=int(cfg.pad_token_id if cfg.pad_token_id is not None else 0),
-      multimodal=multimodal,
-      dtype=dtype,
-      param_dtype=param_dtype if param_dtype is not None else dtype,
-      remat=remat,
-      hf_config=cfg,
-      hf_multimodal_config=hf_config if multimodal else None,
+    vocab_size=int(cfg.vocab_size),
+    hidden_size=int(cfg.hidden_size),
+    intermediate_size=int(cfg.intermediate_size),
+    num_layers=num_layers,
+    num_heads=num_heads,
+    sliding=by_type.get(SLIDING),
+    full=by_type.get(FULL),
+    layer_is_sliding=tuple(t == SLIDING for t in layer_types),
+    sliding_window=int(cfg.sliding_window),
+    num_kv_shared_layers=shared,
+    use_double_wide_mlp=bool(cfg.use_double_wide_mlp),
+    per_layer_input_size=ple,
+    per_layer_vocab_size=int(cfg.vocab_size_per_layer_input) if ple else 0,
+    enable_moe_block=moe,
+    num_experts=int(cfg.num_experts) if moe else None,
+    top_k_experts=int(cfg.top_k_experts) if moe else None,
+    moe_intermediate_size=int(cfg.moe_intermediate_size) if moe else None,
+    rms_norm_eps=float(cfg.rms_norm_eps),
+    activation=activation,
+    final_logit_softcapping=float(softcap) if softcap else None,
+    tie_word_embeddings=bool(tie),
+    pad_token_id=int(cfg.pad_token_id if cfg.pad_token_id is not None else 0),
+    multimodal=multimodal,
+    dtype=dtype,
+    param_dtype=param_dtype if param_dtype is not None else dtype,
+    remat=remat,
+    hf_config=cfg,
+    hf_multimodal_config=hf_config if multimodal else None,
   )

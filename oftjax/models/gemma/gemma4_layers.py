@@ -131,8 +131,12 @@ class Gemma4Attention(nn.Module):
       v = norm("v_norm", with_scale=False)(v)
       if cache is not None:
         k_cache, v_cache = cache
-        k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+        k = jax.lax.dynamic_update_slice_in_dim(
+          k_cache, k.astype(k_cache.dtype), cache_index, axis=1
+        )
+        v = jax.lax.dynamic_update_slice_in_dim(
+          v_cache, v.astype(v_cache.dtype), cache_index, axis=1
+        )
         new_cache = (k, v)
     out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
     y = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), name="o_proj", **dense)(out)
@@ -140,8 +144,7 @@ class Gemma4Attention(nn.Module):
 
 
 def mlp_width(config: Gemma4Config, kind: LayerKind) -> int:
-  """The dense MLP width of a layer of `kind` (doubled on KV-shared layers with a double-wide
-  MLP)."""
+  """The dense MLP width of a layer of `kind` (doubled on KV-shared double-wide layers)."""
   double = config.use_double_wide_mlp and kind.kv_shared
   return config.intermediate_size * (2 if double else 1)
 
@@ -155,8 +158,9 @@ def moe_module():
   try:
     from oftjax.models.gemma import gemma4_moe
   except ImportError:  # the MoE branch lives in its own module, added separately
-    raise ValueError("enable_moe_block=True needs oftjax.models.gemma.gemma4_moe, which this "
-                     "installation lacks") from None
+    raise ValueError(
+      "enable_moe_block=True needs oftjax.models.gemma.gemma4_moe, which this installation lacks"
+    ) from None
   return gemma4_moe
 
 
@@ -165,10 +169,16 @@ def _moe_block(config: Gemma4Config):
   if not config.enable_moe_block:
     return None
   return moe_module().Gemma4MoE(
-      hidden_size=config.hidden_size, num_experts=config.num_experts,
-      top_k=config.top_k_experts, moe_intermediate_size=config.moe_intermediate_size,
-      activation=config.activation, eps=config.rms_norm_eps,
-      implementation=config.moe_implementation, dtype=config.dtype, param_dtype=config.param_dtype)
+    hidden_size=config.hidden_size,
+    num_experts=config.num_experts,
+    top_k=config.top_k_experts,
+    moe_intermediate_size=config.moe_intermediate_size,
+    activation=config.activation,
+    eps=config.rms_norm_eps,
+    implementation=config.moe_implementation,
+    dtype=config.dtype,
+    param_dtype=config.param_dtype,
+  )
 
 
 class Gemma4DecoderLayer(nn.Module):
@@ -216,7 +226,8 @@ class Gemma4DecoderLayer(nn.Module):
 
     h = norm("input_layernorm")(x)
     h, kv, new_cache = Gemma4Attention(cfg, kind, name="self_attn")(
-        h, cos, sin, mask, shared_kv, cache, context["cache_index"])
+      h, cos, sin, mask, shared_kv, cache, context["cache_index"]
+    )
     x = x + norm("post_attention_layernorm")(h)
     h = MLP(cfg, mlp_width(cfg, kind), name="mlp")(norm("pre_feedforward_layernorm")(x))
     if cfg.enable_moe_block:

@@ -76,12 +76,14 @@ class Gemma4(nn.Module):
   def setup(self):
     cfg = self.config
     common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size,
-                                 embedding_init=nn.initializers.normal(0.02), **common)
+    self.embed_tokens = nn.Embed(
+      cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02), **common
+    )
     if cfg.per_layer_input_size:
       packed = cfg.num_layers * cfg.per_layer_input_size
       self.embed_tokens_per_layer = nn.Embed(
-          cfg.per_layer_vocab_size, packed, embedding_init=nn.initializers.normal(0.02), **common)
+        cfg.per_layer_vocab_size, packed, embedding_init=nn.initializers.normal(0.02), **common
+      )
       self.per_layer_model_projection = nn.Dense(packed, use_bias=False, **common)
       self.per_layer_projection_norm = Gemma4RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
     self.layers = Gemma4Layers(cfg)
@@ -124,10 +126,13 @@ class Gemma4(nn.Module):
     return softcap(logits.astype(jnp.float32), cfg.final_logit_softcapping), new_caches
 
   def __call__(self, tokens, positions=None, segment_ids=None, attention_mask=None):
-    """Computes logits for every position: arguments and result as `Gemma.__call__`
-    (`oftjax.models.gemma.model`)."""
-    positions, masks = sequence_masks(tokens, positions, segment_ids, attention_mask,
-                                      self.config.sliding_window)
+    """Computes logits for every position.
+
+    Arguments and result as `Gemma.__call__` (`oftjax.models.gemma.model`).
+    """
+    positions, masks = sequence_masks(
+      tokens, positions, segment_ids, attention_mask, self.config.sliding_window
+    )
     return self._run(tokens, positions, masks)[0]
 
   def decode(self, tokens, positions, cache, cache_index, kv_mask):
@@ -141,7 +146,8 @@ class Gemma4(nn.Module):
     return self._run(tokens, positions, masks, cache, cache_index)
 
 
-def from_hf_config_model(hf_config, dtype=jnp.float32, param_dtype=None,
-                         remat: bool = False) -> Gemma4:
+def from_hf_config_model(
+  hf_config, dtype=jnp.float32, param_dtype=None, remat: bool = False
+) -> Gemma4:
   """Builds a `Gemma4` module from a `gemma4_text` or `gemma4` transformers config."""
   return Gemma4(from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat))

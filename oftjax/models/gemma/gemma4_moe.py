@@ -92,7 +92,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -102,18 +103,18 @@ import numpy as np
 Array = Any
 
 _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "silu": jax.nn.silu,
+  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "silu": jax.nn.silu,
 }
 _IMPLEMENTATIONS = ("ragged_dot", "dense")
 
 # Contract x [tokens, D] with w [E, out, D] on D; tokens are grouped by expert along axis 0.
 _RAGGED_DIMS = jax.lax.RaggedDotDimensionNumbers(
-    dot_dimension_numbers=(([1], [2]), ([], [])),
-    lhs_ragged_dimensions=[0],
-    rhs_group_dimensions=[0],
+  dot_dimension_numbers=(([1], [2]), ([], [])),
+  lhs_ragged_dimensions=[0],
+  rhs_group_dimensions=[0],
 )
 
 
@@ -188,12 +189,18 @@ class Gemma4Router(nn.Module):
     hidden = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones_init(), (hidden,), self.param_dtype)
     per_expert_scale = self.param(
-        "per_expert_scale", nn.initializers.ones_init(), (self.num_experts,), self.param_dtype)
+      "per_expert_scale", nn.initializers.ones_init(), (self.num_experts,), self.param_dtype
+    )
     normed = rms_normalize(x, self.eps).astype(x.dtype)
     normed = normed * scale.astype(x.dtype) * (hidden**-0.5)
     scores = nn.Dense(
-        self.num_experts, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.normal(self.initializer_range), name="proj")(normed)
+      self.num_experts,
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.initializers.normal(self.initializer_range),
+      name="proj",
+    )(normed)
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
     weights, index = jax.lax.top_k(probs, self.top_k)
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
@@ -251,8 +258,9 @@ class Gemma4Experts(nn.Module):
       out = _dense_experts(x, index, weights, gate_up, down, act, e)
     else:
       raise ValueError(
-          f"unknown MoE implementation {self.implementation!r}; "
-          f"expected one of {', '.join(_IMPLEMENTATIONS)}")
+        f"unknown MoE implementation {self.implementation!r}; "
+        f"expected one of {', '.join(_IMPLEMENTATIONS)}"
+      )
     return out.astype(self.dtype)
 
 
@@ -260,11 +268,12 @@ def _ragged_experts(x, index, weights, gate_up, down, act, num_experts):
   """Sort-by-expert grouped matmul; returns the fp32 weighted sum ``[tokens, hidden]``."""
   tokens, k = index.shape
   flat_expert = index.reshape(-1)
-  order = jnp.argsort(flat_expert, stable=True)            # pair slots grouped by expert
+  order = jnp.argsort(flat_expert, stable=True)  # pair slots grouped by expert
   group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
-  sorted_x = jnp.take(x, order // k, axis=0)               # [tokens * k, hidden]
-  gate, up = jnp.split(jax.lax.ragged_dot_general(sorted_x, gate_up, group_sizes, _RAGGED_DIMS),
-                       2, axis=-1)
+  sorted_x = jnp.take(x, order // k, axis=0)  # [tokens * k, hidden]
+  gate, up = jnp.split(
+    jax.lax.ragged_dot_general(sorted_x, gate_up, group_sizes, _RAGGED_DIMS), 2, axis=-1
+  )
   sorted_y = jax.lax.ragged_dot_general(act(gate) * up, down, group_sizes, _RAGGED_DIMS)
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
   y = jnp.take(sorted_y, inverse, axis=0).reshape(tokens, k, -1)
@@ -275,8 +284,10 @@ def _dense_experts(x, index, weights, gate_up, down, act, num_experts):
   """Every expert on every token, combined by the routing; returns fp32 ``[tokens, hidden]``."""
   gate, up = jnp.split(jnp.einsum("td,efd->tef", x, gate_up), 2, axis=-1)
   y = jnp.einsum("tef,edf->ted", act(gate) * up, down)
-  combine = jnp.sum(jax.nn.one_hot(index, num_experts, dtype=jnp.float32)
-                    * weights.astype(jnp.float32)[..., None], axis=1)    # [tokens, E]
+  combine = jnp.sum(
+    jax.nn.one_hot(index, num_experts, dtype=jnp.float32) * weights.astype(jnp.float32)[..., None],
+    axis=1,
+  )  # [tokens, E]
   return jnp.einsum("ted,te->td", y.astype(jnp.float32), combine)
 
 
@@ -329,18 +340,32 @@ class Gemma4MoE(nn.Module):
       raise ValueError(f"top_k {self.top_k} must be between 1 and num_experts {self.num_experts}")
     flat = x.astype(self.dtype).reshape(-1, self.hidden_size)
     _, weights, index = Gemma4Router(
-        self.num_experts, self.top_k, self.eps, self.initializer_range, self.dtype,
-        self.param_dtype, name="router")(flat)
+      self.num_experts,
+      self.top_k,
+      self.eps,
+      self.initializer_range,
+      self.dtype,
+      self.param_dtype,
+      name="router",
+    )(flat)
     h = Gemma4RMSNorm(self.eps, self.param_dtype, name="pre_feedforward_layernorm_2")(flat)
     y = Gemma4Experts(
-        self.num_experts, self.moe_intermediate_size, self.activation, self.implementation,
-        self.initializer_range, self.dtype, self.param_dtype, name="experts")(h, index, weights)
+      self.num_experts,
+      self.moe_intermediate_size,
+      self.activation,
+      self.implementation,
+      self.initializer_range,
+      self.dtype,
+      self.param_dtype,
+      name="experts",
+    )(h, index, weights)
     y = Gemma4RMSNorm(self.eps, self.param_dtype, name="post_feedforward_layernorm_2")(y)
     return y.reshape(x.shape)
 
 
-def hf_tensor_entries(hidden_size: int, num_experts: int,
-                      moe_intermediate_size: int) -> list[tuple[str, tuple[str, ...], str, tuple]]:
+def hf_tensor_entries(
+  hidden_size: int, num_experts: int, moe_intermediate_size: int
+) -> list[tuple[str, tuple[str, ...], str, tuple]]:
   """The Hugging Face <-> Linen table of one MoE branch.
 
   Args:
@@ -355,13 +380,13 @@ def hf_tensor_entries(hidden_size: int, num_experts: int,
   """
   d, e, f = hidden_size, num_experts, moe_intermediate_size
   return [
-      ("router.proj.weight", ("router", "proj", "kernel"), "T", (e, d)),
-      ("router.scale", ("router", "scale"), "id", (d,)),
-      ("router.per_expert_scale", ("router", "per_expert_scale"), "id", (e,)),
-      ("experts.gate_up_proj", ("experts", "gate_up_proj"), "id", (e, 2 * f, d)),
-      ("experts.down_proj", ("experts", "down_proj"), "id", (e, d, f)),
-      ("pre_feedforward_layernorm_2.weight", ("pre_feedforward_layernorm_2", "scale"), "id", (d,)),
-      ("post_feedforward_layernorm_2.weight", ("post_feedforward_layernorm_2", "scale"), "id", (d,)),
+    ("router.proj.weight", ("router", "proj", "kernel"), "T", (e, d)),
+    ("router.scale", ("router", "scale"), "id", (d,)),
+    ("router.per_expert_scale", ("router", "per_expert_scale"), "id", (e,)),
+    ("experts.gate_up_proj", ("experts", "gate_up_proj"), "id", (e, 2 * f, d)),
+    ("experts.down_proj", ("experts", "down_proj"), "id", (e, d, f)),
+    ("pre_feedforward_layernorm_2.weight", ("pre_feedforward_layernorm_2", "scale"), "id", (d,)),
+    ("post_feedforward_layernorm_2.weight", ("post_feedforward_layernorm_2", "scale"), "id", (d,)),
   ]
 
 
@@ -391,6 +416,7 @@ def params_from_hf(state_dict: Mapping[str, Any], prefix: str = "") -> dict:
     ValueError: a tensor's shape disagrees with the others (the dims are read from
       ``router.proj.weight`` and ``experts.down_proj``).
   """
+
   def get(suffix):
     name = prefix + suffix
     if name not in state_dict:

@@ -45,13 +45,15 @@ def _attention_entries(cfg: Gemma4Config, kind: LayerKind):
   geom = cfg.geometry(kind.sliding)
   d, n, h, k = cfg.hidden_size, cfg.num_heads, geom.head_dim, geom.num_kv_heads
   entries = [
-      ("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), "q", (n * h, d)),
-      ("self_attn.q_norm.weight", ("self_attn", "q_norm", "scale"), "id", (h,)),
+    ("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), "q", (n * h, d)),
+    ("self_attn.q_norm.weight", ("self_attn", "q_norm", "scale"), "id", (h,)),
   ]
   if not kind.kv_shared:
     entries.append(("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), "kv", (k * h, d)))
     if not geom.k_eq_v:
-      entries.append(("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), "kv", (k * h, d)))
+      entries.append(
+        ("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), "kv", (k * h, d))
+      )
     entries.append(("self_attn.k_norm.weight", ("self_attn", "k_norm", "scale"), "id", (h,)))
   entries.append(("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), "o", (d, n * h)))
   return entries
@@ -59,7 +61,9 @@ def _attention_entries(cfg: Gemma4Config, kind: LayerKind):
 
 def _moe_entries(cfg: Gemma4Config):
   d = cfg.hidden_size
-  entries = [("post_feedforward_layernorm_1.weight", ("post_feedforward_layernorm_1", "scale"), "id", (d,))]
+  entries = [
+    ("post_feedforward_layernorm_1.weight", ("post_feedforward_layernorm_1", "scale"), "id", (d,))
+  ]
   return entries + moe_module().hf_tensor_entries(d, cfg.num_experts, cfg.moe_intermediate_size)
 
 
@@ -67,21 +71,25 @@ def _layer_entries(cfg: Gemma4Config, kind: LayerKind):
   """`(hf_suffix, path in the layer, kind, hf_shape)` of one layer of `kind`."""
   d, f = cfg.hidden_size, mlp_width(cfg, kind)
   entries = _attention_entries(cfg, kind) + [
-      ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), "T", (f, d)),
-      ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), "T", (f, d)),
-      ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), "T", (d, f)),
+    ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), "T", (f, d)),
+    ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), "T", (f, d)),
+    ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), "T", (d, f)),
   ]
-  for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-               "post_feedforward_layernorm"):
+  for norm in (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+  ):
     entries.append((f"{norm}.weight", (norm, "scale"), "id", (d,)))
   if cfg.enable_moe_block:
     entries += _moe_entries(cfg)
   if cfg.per_layer_input_size:
     p = cfg.per_layer_input_size
     entries += [
-        ("per_layer_input_gate.weight", ("per_layer_input_gate", "kernel"), "T", (p, d)),
-        ("per_layer_projection.weight", ("per_layer_projection", "kernel"), "T", (d, p)),
-        ("post_per_layer_input_norm.weight", ("post_per_layer_input_norm", "scale"), "id", (d,)),
+      ("per_layer_input_gate.weight", ("per_layer_input_gate", "kernel"), "T", (p, d)),
+      ("per_layer_projection.weight", ("per_layer_projection", "kernel"), "T", (d, p)),
+      ("post_per_layer_input_norm.weight", ("post_per_layer_input_norm", "scale"), "id", (d,)),
     ]
   entries.append(("layer_scalar", ("layer_scalar",), "id", (1,)))
   return entries
@@ -97,16 +105,33 @@ def tensor_specs(cfg: Gemma4Config) -> list[Gemma4TensorSpec]:
     One spec per HF tensor (no `lm_head.weight` when embeddings are tied).
   """
   v, d = cfg.vocab_size, cfg.hidden_size
-  specs = [Gemma4TensorSpec("model.embed_tokens.weight", ("embed_tokens", "embedding"), None, "id", (v, d))]
+  specs = [
+    Gemma4TensorSpec("model.embed_tokens.weight", ("embed_tokens", "embedding"), None, "id", (v, d))
+  ]
   if cfg.per_layer_input_size:
     packed = cfg.num_layers * cfg.per_layer_input_size
     specs += [
-        Gemma4TensorSpec("model.embed_tokens_per_layer.weight", ("embed_tokens_per_layer", "embedding"),
-                         None, "id", (cfg.per_layer_vocab_size, packed)),
-        Gemma4TensorSpec("model.per_layer_model_projection.weight", ("per_layer_model_projection", "kernel"),
-                         None, "T", (packed, d)),
-        Gemma4TensorSpec("model.per_layer_projection_norm.weight", ("per_layer_projection_norm", "scale"),
-                         None, "id", (cfg.per_layer_input_size,)),
+      Gemma4TensorSpec(
+        "model.embed_tokens_per_layer.weight",
+        ("embed_tokens_per_layer", "embedding"),
+        None,
+        "id",
+        (cfg.per_layer_vocab_size, packed),
+      ),
+      Gemma4TensorSpec(
+        "model.per_layer_model_projection.weight",
+        ("per_layer_model_projection", "kernel"),
+        None,
+        "T",
+        (packed, d),
+      ),
+      Gemma4TensorSpec(
+        "model.per_layer_projection_norm.weight",
+        ("per_layer_projection_norm", "scale"),
+        None,
+        "id",
+        (cfg.per_layer_input_size,),
+      ),
     ]
   by_layer = {}
   for s, segment in enumerate(layer_schedule(cfg)):
@@ -116,9 +141,16 @@ def tensor_specs(cfg: Gemma4Config) -> list[Gemma4TensorSpec]:
       for repeat in range(segment.repeats):
         layer = segment.layer(repeat, slot)
         by_layer[layer] = [
-            Gemma4TensorSpec(f"model.layers.{layer}.{suffix}", scope + path, repeat, code, shape,
-                             head_dim if code in ("q", "kv", "o") else 0)
-            for suffix, path, code, shape in _layer_entries(cfg, kind)]
+          Gemma4TensorSpec(
+            f"model.layers.{layer}.{suffix}",
+            scope + path,
+            repeat,
+            code,
+            shape,
+            head_dim if code in ("q", "kv", "o") else 0,
+          )
+          for suffix, path, code, shape in _layer_entries(cfg, kind)
+        ]
   for layer in sorted(by_layer):
     specs += by_layer[layer]
   specs.append(Gemma4TensorSpec("model.norm.weight", ("norm", "scale"), None, "id", (d,)))
@@ -141,9 +173,13 @@ def canonical_name(name: str, cfg: Gemma4Config) -> str | None:
   if is_tower_tensor(name, cfg) or name.endswith("rotary_emb.inv_freq"):
     return None
   if cfg.multimodal and name.startswith(MULTIMODAL_TEXT_PREFIX):
-    name = TEXT_PREFIX + name[len(MULTIMODAL_TEXT_PREFIX):]
+    name = TEXT_PREFIX + name[len(MULTIMODAL_TEXT_PREFIX) :]
   match = _SHARED_KV_TENSOR.match(name)
-  if match and int(match.group(1)) < cfg.num_layers and layer_kinds(cfg)[int(match.group(1))].kv_shared:
+  if (
+    match
+    and int(match.group(1)) < cfg.num_layers
+    and layer_kinds(cfg)[int(match.group(1))].kv_shared
+  ):
     return None
   return name
 
@@ -151,7 +187,7 @@ def canonical_name(name: str, cfg: Gemma4Config) -> str | None:
 def file_name(name: str, cfg: Gemma4Config) -> str:
   """Inverse of `canonical_name` for text tensors: the name `save` writes."""
   if cfg.multimodal and name.startswith(TEXT_PREFIX):
-    return MULTIMODAL_TEXT_PREFIX + name[len(TEXT_PREFIX):]
+    return MULTIMODAL_TEXT_PREFIX + name[len(TEXT_PREFIX) :]
   return name
 
 
@@ -180,7 +216,9 @@ def hf_module_name(cfg: Gemma4Config, path: str, index: int | None = None) -> st
   segment, slot = schedule[int(where.group(1))], int(where.group(2))
   if not (0 <= index < segment.repeats and slot < len(segment.kinds)):
     raise ValueError(f"'{path}' has no layer at index {index}")
-  return file_name(TEXT_PREFIX + ".".join([f"layers.{segment.layer(index, slot)}"] + parts[3:]), cfg)
+  return file_name(
+    TEXT_PREFIX + ".".join([f"layers.{segment.layer(index, slot)}"] + parts[3:]), cfg
+  )
 
 
 def to_flax(x: np.ndarray, spec: Gemma4TensorSpec, cfg: Gemma4Config) -> np.ndarray:

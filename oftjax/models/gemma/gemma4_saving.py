@@ -55,19 +55,26 @@ def tower_tensors(cfg: Gemma4Config) -> list[tuple[str, str, dict, int]]:
   if not cfg.multimodal:
     return []
   if not cfg.source_dir or not os.path.isdir(cfg.source_dir):
-    raise ValueError("saving a multimodal Gemma 4 needs its source folder for the vision and "
-                     "audio tensors; load the model with gemma.load(folder)")
+    raise ValueError(
+      "saving a multimodal Gemma 4 needs its source folder for the vision and "
+      "audio tensors; load the model with gemma.load(folder)"
+    )
   found = []
   for path in _weight_files(cfg.source_dir, allow_pickle=False):
     with open(path, "rb") as fh:
       header, data_start = _safetensors_header(path, fh)
     entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-    found += [(name, path, entry, data_start) for name, entry in entries
-              if gemma4_names.is_tower_tensor(name, cfg)]
+    found += [
+      (name, path, entry, data_start)
+      for name, entry in entries
+      if gemma4_names.is_tower_tensor(name, cfg)
+    ]
   return found
 
 
-def copy_towers(folder: str, file_name: str, towers: list[tuple[str, str, dict, int]]) -> dict[str, str]:
+def copy_towers(
+  folder: str, file_name: str, towers: list[tuple[str, str, dict, int]]
+) -> dict[str, str]:
   """Writes the tower tensors, bytes unchanged, into the safetensors file `folder/file_name`.
 
   Args:
@@ -81,8 +88,11 @@ def copy_towers(folder: str, file_name: str, towers: list[tuple[str, str, dict, 
   header, offset = {"__metadata__": {"format": "pt"}}, 0
   for name, _, entry, _ in towers:
     begin, end = entry["data_offsets"]
-    header[name] = {"dtype": entry["dtype"], "shape": entry["shape"],
-                    "data_offsets": [offset, offset + end - begin]}
+    header[name] = {
+      "dtype": entry["dtype"],
+      "shape": entry["shape"],
+      "data_offsets": [offset, offset + end - begin],
+    }
     offset += end - begin
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it

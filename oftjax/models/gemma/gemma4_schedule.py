@@ -59,8 +59,9 @@ class Segment:
 def layer_kinds(config: Gemma4Config) -> tuple[LayerKind, ...]:
   """The kind of every layer, in order."""
   first_shared = config.first_kv_shared_layer
-  return tuple(LayerKind(sliding=s, kv_shared=i >= first_shared)
-               for i, s in enumerate(config.layer_is_sliding))
+  return tuple(
+    LayerKind(sliding=s, kv_shared=i >= first_shared) for i, s in enumerate(config.layer_is_sliding)
+  )
 
 
 @functools.lru_cache(maxsize=64)
@@ -71,9 +72,9 @@ def _cut(kinds: tuple[LayerKind, ...]) -> tuple[Segment, ...]:
   best[n] = ((0, 0), None)
   for i in range(n - 1, -1, -1):
     for size in range(1, n - i + 1):
-      group = kinds[i:i + size]
+      group = kinds[i : i + size]
       repeats = 1
-      while kinds[i + repeats * size:i + (repeats + 1) * size] == group:
+      while kinds[i + repeats * size : i + (repeats + 1) * size] == group:
         repeats += 1
       for r in range(1, repeats + 1):
         rest = best[i + r * size][0]
@@ -83,7 +84,7 @@ def _cut(kinds: tuple[LayerKind, ...]) -> tuple[Segment, ...]:
   segments, i = [], 0
   while i < n:
     size, repeats = best[i][1]
-    segments.append(Segment(start=i, kinds=kinds[i:i + size], repeats=repeats))
+    segments.append(Segment(start=i, kinds=kinds[i : i + size], repeats=repeats))
     i += size * repeats
   return tuple(segments)
 

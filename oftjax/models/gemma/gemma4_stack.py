@@ -68,7 +68,8 @@ class LayerGroup(nn.Module):
       key = type_key(kind)
       ple = None if per_layer_inputs is None else per_layer_inputs[:, :, slot]
       x, kv, cache = layer_cls(cfg, kind, name=f"slot_{slot}")(
-          x, ple, context, shared[key] if kind.kv_shared else None, caches[slot])
+        x, ple, context, shared[key] if kind.kv_shared else None, caches[slot]
+      )
       if not kind.kv_shared and key in shared:
         shared = {**shared, key: tuple(a.astype(s.dtype) for a, s in zip(kv, shared[key]))}
       new_caches.append(cache)
@@ -80,7 +81,7 @@ def _segment_inputs(per_layer_inputs, segment: Segment):
   if per_layer_inputs is None:
     return None
   batch, time = per_layer_inputs.shape[:2]
-  part = per_layer_inputs[:, :, segment.start:segment.stop]
+  part = per_layer_inputs[:, :, segment.start : segment.stop]
   part = part.reshape(batch, time, segment.repeats, len(segment.kinds), -1)
   return jnp.moveaxis(part, 2, 0)
 
@@ -113,14 +114,15 @@ class Gemma4Layers(nn.Module):
     new_caches = []
     for index, segment in enumerate(layer_schedule(cfg)):
       scan = nn.scan(
-          LayerGroup,
-          variable_axes={"params": 0},
-          split_rngs={"params": True},
-          in_axes=(0, nn.broadcast),
-          length=segment.repeats,
+        LayerGroup,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast),
+        length=segment.repeats,
       )
       seg_caches = caches[index] if caches is not None else (None,) * len(segment.kinds)
       (x, shared), seg_caches = scan(cfg, segment.kinds, name=f"segment_{index}")(
-          (x, shared), (_segment_inputs(per_layer_inputs, segment), seg_caches), context)
+        (x, shared), (_segment_inputs(per_layer_inputs, segment), seg_caches), context
+      )
       new_caches.append(seg_caches)
     return x, tuple(new_caches)

@@ -26,132 +26,139 @@ _DECODERS = (Gemma, gemma4_model.Gemma4)
 
 
 def _select(logits, rng, temperature, top_k):
-    """Greedy when `temperature == 0`, else samples among the `top_k` best (all when top_k <= 0)."""
-    def greedy(_):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  """Greedy when `temperature == 0`, else samples among the `top_k` best (all when top_k <= 0)."""
 
-    def sample(_):  # the vocabulary sort runs only when sampling (temperature stays traced)
-        vocab = logits.shape[-1]
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-        kth = jnp.take_along_axis(jnp.sort(logits, axis=-1), (vocab - k)[None, None], axis=-1)
-        scaled = jnp.where(logits < kth, -jnp.inf, logits / temperature)
-        return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+  def greedy(_):
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    return jax.lax.cond(temperature > 0, sample, greedy, None)
+  def sample(_):  # the vocabulary sort runs only when sampling (temperature stays traced)
+    vocab = logits.shape[-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(jnp.sort(logits, axis=-1), (vocab - k)[None, None], axis=-1)
+    scaled = jnp.where(logits < kth, -jnp.inf, logits / temperature)
+    return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+
+  return jax.lax.cond(temperature > 0, sample, greedy, None)
 
 
 def init_cache(config, batch: int, max_len: int, dtype=None):
-    """Zero key/value cache for the `decode` of a `Gemma` or `Gemma4` with this config."""
-    if isinstance(config, Gemma4Config):
-        return gemma4_model.init_cache(config, batch, max_len, dtype)
-    return _gemma_init_cache(config, batch, max_len, dtype)
+  """Zero key/value cache for the `decode` of a `Gemma` or `Gemma4` with this config."""
+  if isinstance(config, Gemma4Config):
+    return gemma4_model.init_cache(config, batch, max_len, dtype)
+  return _gemma_init_cache(config, batch, max_len, dtype)
 
 
 def _gemma_of(model):
-    """The Gemma module itself, under any wrappers around it (each exposes its ``wrapped``)."""
-    while not isinstance(model, _DECODERS):
-        model = model.wrapped
-    return model
+  """The Gemma module itself, under any wrappers around it (each exposes its ``wrapped``)."""
+  while not isinstance(model, _DECODERS):
+    model = model.wrapped
+  return model
 
 
 def _decode(model, params, *args):
-    """One ``decode`` call; through the wrapper's interceptor when adapters are attached."""
-    if isinstance(model, _DECODERS):
-        return model.apply({"params": params}, *args, method=type(model).decode)
-    return model.apply({"params": params}, *args, method=lambda m, *a: m.call_method("decode", *a))
+  """One ``decode`` call; through the wrapper's interceptor when adapters are attached."""
+  if isinstance(model, _DECODERS):
+    return model.apply({"params": params}, *args, method=type(model).decode)
+  return model.apply({"params": params}, *args, method=lambda m, *a: m.call_method("decode", *a))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
-def _generate(params, tokens, mask, temperature, top_k, rng, eos_ids, pad, *, model, max_new_tokens):
-    batch, prompt_len = tokens.shape
-    total = prompt_len + max_new_tokens
-    cache = init_cache(_gemma_of(model).config, batch, total)
-    kv_mask = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(mask)
-    positions = default_positions(mask, from_mask_only=True)
-    logits, cache = _decode(model, params, tokens, positions, cache, 0, kv_mask)
+def _generate(
+  params, tokens, mask, temperature, top_k, rng, eos_ids, pad, *, model, max_new_tokens
+):
+  batch, prompt_len = tokens.shape
+  total = prompt_len + max_new_tokens
+  cache = init_cache(_gemma_of(model).config, batch, total)
+  kv_mask = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(mask)
+  positions = default_positions(mask, from_mask_only=True)
+  logits, cache = _decode(model, params, tokens, positions, cache, 0, kv_mask)
+  rng, sub = jax.random.split(rng)
+  first = _select(logits[:, -1], sub, temperature, top_k)
+  out = jnp.full((batch, max_new_tokens), pad, jnp.int32)
+  done = jnp.zeros((batch,), bool)
+
+  def cond(state):
+    step, _, _, _, _, _, done, _ = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    step, tok, pos, cache, kv_mask, out, done, rng = state
+    out = out.at[:, step].set(jnp.where(done, pad, tok))
+    done = done | jnp.isin(tok, eos_ids)
+    slot = prompt_len + step
+    kv_mask = kv_mask.at[:, slot].set(1)
+    pos = pos + 1
+    logits, cache = _decode(model, params, tok[:, None], pos[:, None], cache, slot, kv_mask)
     rng, sub = jax.random.split(rng)
-    first = _select(logits[:, -1], sub, temperature, top_k)
-    out = jnp.full((batch, max_new_tokens), pad, jnp.int32)
-    done = jnp.zeros((batch,), bool)
+    tok = _select(logits[:, -1], sub, temperature, top_k)
+    return step + 1, tok, pos, cache, kv_mask, out, done, rng
 
-    def cond(state):
-        step, _, _, _, _, _, done, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        step, tok, pos, cache, kv_mask, out, done, rng = state
-        out = out.at[:, step].set(jnp.where(done, pad, tok))
-        done = done | jnp.isin(tok, eos_ids)
-        slot = prompt_len + step
-        kv_mask = kv_mask.at[:, slot].set(1)
-        pos = pos + 1
-        logits, cache = _decode(model, params, tok[:, None], pos[:, None], cache, slot, kv_mask)
-        rng, sub = jax.random.split(rng)
-        tok = _select(logits[:, -1], sub, temperature, top_k)
-        return step + 1, tok, pos, cache, kv_mask, out, done, rng
-
-    state = (jnp.int32(0), first, positions[:, -1], cache, kv_mask, out, done, rng)
-    return jax.lax.while_loop(cond, body, state)[5]
+  state = (jnp.int32(0), first, positions[:, -1], cache, kv_mask, out, done, rng)
+  return jax.lax.while_loop(cond, body, state)[5]
 
 
 def generate(
-    model,
-    params,
-    prompt_tokens,
-    prompt_mask=None,
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    rng=None,
-    eos_token_id=None,
-    pad_token_id: int | None = None,
+  model,
+  params,
+  prompt_tokens,
+  prompt_mask=None,
+  max_new_tokens: int = 32,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  rng=None,
+  eos_token_id=None,
+  pad_token_id: int | None = None,
 ):
-    """Generates continuations of a batch of prompts.
+  """Generates continuations of a batch of prompts.
 
-    Args:
-      model: a `Gemma` or `Gemma4` module, or an `oftjax.Adapted` wrapping one (adapters
-        unmerged).
-      params: its parameters (with adapter leaves for a wrapped model).
-      prompt_tokens: `[batch, prompt_len]` token ids; prompts of different lengths are padded
-        (left or right; right-padded rows are moved to the left).
-      prompt_mask: `[batch, prompt_len]`, 1 for real prompt tokens; default all ones.
-      max_new_tokens: number of tokens to generate.
-      temperature: 0 for greedy decoding, else the sampling temperature.
-      top_k: sample among the `top_k` most likely tokens only (None: all).
-      rng: `jax.random` key for sampling (default `jax.random.key(0)`).
-      eos_token_id: an id or list of ids; a row stops after emitting one, and is padded after.
-      pad_token_id: filler after EOS; defaults to `model.config.pad_token_id`.
+  Args:
+    model: a `Gemma` or `Gemma4` module, or an `oftjax.Adapted` wrapping one (adapters
+      unmerged).
+    params: its parameters (with adapter leaves for a wrapped model).
+    prompt_tokens: `[batch, prompt_len]` token ids; prompts of different lengths are padded
+      (left or right; right-padded rows are moved to the left).
+    prompt_mask: `[batch, prompt_len]`, 1 for real prompt tokens; default all ones.
+    max_new_tokens: number of tokens to generate.
+    temperature: 0 for greedy decoding, else the sampling temperature.
+    top_k: sample among the `top_k` most likely tokens only (None: all).
+    rng: `jax.random` key for sampling (default `jax.random.key(0)`).
+    eos_token_id: an id or list of ids; a row stops after emitting one, and is padded after.
+    pad_token_id: filler after EOS; defaults to `model.config.pad_token_id`.
 
-    Returns:
-      `[batch, max_new_tokens]` int32 new tokens.
-    """
-    tokens = jnp.asarray(prompt_tokens, jnp.int32)
-    if tokens.ndim != 2:
-        raise ValueError(f"prompt_tokens must be [batch, time], got shape {tokens.shape}")
-    mask = jnp.ones_like(tokens) if prompt_mask is None else (jnp.asarray(prompt_mask) != 0).astype(jnp.int32)
-    order = jnp.argsort(mask, axis=1, stable=True)  # padding first, real tokens keep their order
-    tokens = jnp.take_along_axis(tokens, order, axis=1)
-    mask = jnp.take_along_axis(mask, order, axis=1)
-    if eos_token_id is None:
-        eos = [-1]
-    elif isinstance(eos_token_id, (int, np.integer)):
-        eos = [int(eos_token_id)]
-    else:
-        eos = [int(e) for e in eos_token_id] or [-1]
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    pad = _gemma_of(model).config.pad_token_id if pad_token_id is None else pad_token_id
-    return _generate(
-        params,
-        tokens,
-        mask,
-        jnp.float32(temperature),
-        jnp.int32(0 if top_k is None else top_k),
-        jax.random.key(0) if rng is None else rng,
-        jnp.asarray(eos, jnp.int32),
-        jnp.int32(pad),
-        model=model,
-        max_new_tokens=int(max_new_tokens),
-    )
+  Returns:
+    `[batch, max_new_tokens]` int32 new tokens.
+  """
+  tokens = jnp.asarray(prompt_tokens, jnp.int32)
+  if tokens.ndim != 2:
+    raise ValueError(f"prompt_tokens must be [batch, time], got shape {tokens.shape}")
+  mask = (
+    jnp.ones_like(tokens)
+    if prompt_mask is None
+    else (jnp.asarray(prompt_mask) != 0).astype(jnp.int32)
+  )
+  order = jnp.argsort(mask, axis=1, stable=True)  # padding first, real tokens keep their order
+  tokens = jnp.take_along_axis(tokens, order, axis=1)
+  mask = jnp.take_along_axis(mask, order, axis=1)
+  if eos_token_id is None:
+    eos = [-1]
+  elif isinstance(eos_token_id, (int, np.integer)):
+    eos = [int(eos_token_id)]
+  else:
+    eos = [int(e) for e in eos_token_id] or [-1]
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if top_k is not None and top_k < 1:
+    raise ValueError(f"top_k must be >= 1, got {top_k}")
+  pad = _gemma_of(model).config.pad_token_id if pad_token_id is None else pad_token_id
+  return _generate(
+    params,
+    tokens,
+    mask,
+    jnp.float32(temperature),
+    jnp.int32(0 if top_k is None else top_k),
+    jax.random.key(0) if rng is None else rng,
+    jnp.asarray(eos, jnp.int32),
+    jnp.int32(pad),
+    model=model,
+    max_new_tokens=int(max_new_tokens),
+  )

@@ -21,223 +21,228 @@ Array = Any
 
 
 def default_positions(segment_ids: Array, from_mask_only: bool) -> Array:
-    """Positions of tokens: a running count of real tokens within each segment, from 0.
+  """Positions of tokens: a running count of real tokens within each segment, from 0.
 
-    Args:
-      segment_ids: `[batch, time]` integers, 0 for padding.
-      from_mask_only: True when `segment_ids` is just a padding mask; positions are then
-        `cumsum(mask) - 1` (as transformers' `generate` computes them), clipped at 0.
+  Args:
+    segment_ids: `[batch, time]` integers, 0 for padding.
+    from_mask_only: True when `segment_ids` is just a padding mask; positions are then
+      `cumsum(mask) - 1` (as transformers' `generate` computes them), clipped at 0.
 
-    Returns:
-      `[batch, time]` int32 positions.
-    """
-    segment_ids = segment_ids.astype(jnp.int32)
-    if from_mask_only:
-        real = (segment_ids != 0).astype(jnp.int32)
-        return jnp.maximum(jnp.cumsum(real, axis=-1) - 1, 0)
-    time = segment_ids.shape[-1]
-    idx = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), segment_ids.shape)
-    prev = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-    start = jnp.where(segment_ids != prev, idx, 0)
-    return idx - jax.lax.cummax(start, axis=1)
+  Returns:
+    `[batch, time]` int32 positions.
+  """
+  segment_ids = segment_ids.astype(jnp.int32)
+  if from_mask_only:
+    real = (segment_ids != 0).astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(real, axis=-1) - 1, 0)
+  time = segment_ids.shape[-1]
+  idx = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), segment_ids.shape)
+  prev = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  start = jnp.where(segment_ids != prev, idx, 0)
+  return idx - jax.lax.cummax(start, axis=1)
 
 
 def attention_masks(q_idx, kv_idx, q_seg, kv_seg, sliding_window):
-    """Causal (+ segment, + padding) masks for global and sliding-window layers.
+  """Causal (+ segment, + padding) masks for global and sliding-window layers.
 
-    Args:
-      q_idx: `[batch, time]` sequence index of each query.
-      kv_idx: `[batch, kv_len]` sequence index of each key.
-      q_seg: `[batch, time]` segment of each query.
-      kv_seg: `[batch, kv_len]` segment of each key; 0 marks padding (never attended).
-      sliding_window: window of local layers (`q - k < window`), or None.
+  Args:
+    q_idx: `[batch, time]` sequence index of each query.
+    kv_idx: `[batch, kv_len]` sequence index of each key.
+    q_seg: `[batch, time]` segment of each query.
+    kv_seg: `[batch, kv_len]` segment of each key; 0 marks padding (never attended).
+    sliding_window: window of local layers (`q - k < window`), or None.
 
-    Returns:
-      `(global_mask, local_mask)`, each `[batch, time, kv_len]` boolean.
-    """
-    q_i, k_i = q_idx[:, :, None], kv_idx[:, None, :]
-    mask = (k_i <= q_i) & (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
-    local = mask & (k_i > q_i - sliding_window) if sliding_window else mask
-    return mask, local
+  Returns:
+    `(global_mask, local_mask)`, each `[batch, time, kv_len]` boolean.
+  """
+  q_i, k_i = q_idx[:, :, None], kv_idx[:, None, :]
+  mask = (k_i <= q_i) & (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
+  local = mask & (k_i > q_i - sliding_window) if sliding_window else mask
+  return mask, local
 
 
 def segments(tokens, segment_ids, attention_mask):
-    """Segment ids `[batch, time]` (0: padding), and whether they are a mere padding mask."""
-    if segment_ids is None and attention_mask is None:
-        return jnp.ones(tokens.shape, jnp.int32), True
-    if segment_ids is None:
-        return (jnp.asarray(attention_mask) != 0).astype(jnp.int32), True
-    seg = jnp.asarray(segment_ids, jnp.int32)
-    if attention_mask is not None:
-        seg = jnp.where(jnp.asarray(attention_mask) != 0, seg, 0)
-    return seg, False
+  """Segment ids `[batch, time]` (0: padding), and whether they are a mere padding mask."""
+  if segment_ids is None and attention_mask is None:
+    return jnp.ones(tokens.shape, jnp.int32), True
+  if segment_ids is None:
+    return (jnp.asarray(attention_mask) != 0).astype(jnp.int32), True
+  seg = jnp.asarray(segment_ids, jnp.int32)
+  if attention_mask is not None:
+    seg = jnp.where(jnp.asarray(attention_mask) != 0, seg, 0)
+  return seg, False
 
 
 def sequence_masks(tokens, positions, segment_ids, attention_mask, sliding_window):
-    """Rope positions and attention masks of a full-sequence forward (see `Gemma.__call__`).
+  """Rope positions and attention masks of a full-sequence forward (see `Gemma.__call__`).
 
-    Returns:
-      `(positions, (global_mask, local_mask))`; `positions` defaults to a running count of
-      real tokens within each segment.
-    """
-    batch, time = tokens.shape
-    seg, mask_only = segments(tokens, segment_ids, attention_mask)
-    if positions is None:
-        positions = default_positions(seg, from_mask_only=mask_only)
-    idx = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
-    return positions, attention_masks(idx, idx, seg, seg, sliding_window)
+  Returns:
+    `(positions, (global_mask, local_mask))`; `positions` defaults to a running count of
+    real tokens within each segment.
+  """
+  batch, time = tokens.shape
+  seg, mask_only = segments(tokens, segment_ids, attention_mask)
+  if positions is None:
+    positions = default_positions(seg, from_mask_only=mask_only)
+  idx = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
+  return positions, attention_masks(idx, idx, seg, seg, sliding_window)
 
 
 def decode_masks(time, cache_index, kv_mask, sliding_window):
-    """Attention masks of `time` new tokens in cache slots `cache_index ...` (see `Gemma.decode`).
+  """Attention masks of `time` new tokens in cache slots `cache_index ...` (see `Gemma.decode`).
 
-    Returns:
-      `(global_mask, local_mask)`, each `[batch, time, max_len]` (`kv_mask`: `[batch, max_len]`).
-    """
-    batch, max_len = kv_mask.shape
-    q_idx = jnp.broadcast_to(cache_index + jnp.arange(time, dtype=jnp.int32), (batch, time))
-    kv_idx = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
-    q_seg = jnp.ones((batch, time), jnp.int32)
-    return attention_masks(q_idx, kv_idx, q_seg, kv_mask.astype(jnp.int32), sliding_window)
+  Returns:
+    `(global_mask, local_mask)`, each `[batch, time, max_len]` (`kv_mask`: `[batch, max_len]`).
+  """
+  batch, max_len = kv_mask.shape
+  q_idx = jnp.broadcast_to(cache_index + jnp.arange(time, dtype=jnp.int32), (batch, time))
+  kv_idx = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
+  q_seg = jnp.ones((batch, time), jnp.int32)
+  return attention_masks(q_idx, kv_idx, q_seg, kv_mask.astype(jnp.int32), sliding_window)
 
 
 def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype=None):
-    """Zero key/value cache for `Gemma.decode`.
+  """Zero key/value cache for `Gemma.decode`.
 
-    Args:
-      config: the model config.
-      batch: batch size.
-      max_len: number of slots (prompt length + tokens to generate).
-      dtype: cache dtype; defaults to the compute dtype.
+  Args:
+    config: the model config.
+    batch: batch size.
+    max_len: number of slots (prompt length + tokens to generate).
+    dtype: cache dtype; defaults to the compute dtype.
 
-    Returns:
-      `(k, v)`, each `[num_layers, batch, max_len, kv_heads, head_dim]`.
-    """
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-    dtype = dtype or config.dtype
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+  Returns:
+    `(k, v)`, each `[num_layers, batch, max_len, kv_heads, head_dim]`.
+  """
+  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+  dtype = dtype or config.dtype
+  return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
 class Gemma(nn.Module):
-    """Gemma 1/2/3 text decoder returning fp32 next-token logits.
+  """Gemma 1/2/3 text decoder returning fp32 next-token logits.
 
-    Attributes:
-      config: the architecture (see `GemmaConfig`).
-    """
+  Attributes:
+    config: the architecture (see `GemmaConfig`).
+  """
 
-    config: GemmaConfig
+  config: GemmaConfig
 
-    def setup(self):
-        cfg = self.config
-        self.embed_tokens = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            embedding_init=nn.initializers.normal(0.02),
-        )
-        layer = nn.remat(DecoderLayer, prevent_cse=False) if cfg.remat else DecoderLayer
-        self.layers = nn.scan(
-            layer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast),
-            length=cfg.num_layers,
-        )(cfg)
-        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(
-                cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype
-            )
+  def setup(self):
+    cfg = self.config
+    self.embed_tokens = nn.Embed(
+      cfg.vocab_size,
+      cfg.hidden_size,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      embedding_init=nn.initializers.normal(0.02),
+    )
+    layer = nn.remat(DecoderLayer, prevent_cse=False) if cfg.remat else DecoderLayer
+    self.layers = nn.scan(
+      layer,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(0, nn.broadcast),
+      length=cfg.num_layers,
+    )(cfg)
+    self.norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = nn.Dense(
+        cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype
+      )
 
-    def _embed(self, tokens):
-        x = self.embed_tokens(tokens)
-        return x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
+  def _embed(self, tokens):
+    x = self.embed_tokens(tokens)
+    return x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
 
-    def _logits(self, x):
-        x = self.norm(x)
-        if self.config.tie_word_embeddings:
-            logits = self.embed_tokens.attend(x)
-        else:
-            logits = self.lm_head(x)
-        logits = logits.astype(jnp.float32)
-        return softcap(logits, self.config.final_logit_softcapping)
+  def _logits(self, x):
+    x = self.norm(x)
+    if self.config.tie_word_embeddings:
+      logits = self.embed_tokens.attend(x)
+    else:
+      logits = self.lm_head(x)
+    logits = logits.astype(jnp.float32)
+    return softcap(logits, self.config.final_logit_softcapping)
 
-    def _run_layers(self, x, positions, masks, cache=None, cache_index=None):
-        cfg = self.config
-        ropes = [rope_tables(positions, r, cfg.head_dim, cfg.dtype) for r in (cfg.rope_global, cfg.rope_local)]
-        is_sliding = jnp.asarray(cfg.layer_is_sliding, dtype=bool)
-        shared = (ropes[0], ropes[1], masks[0], masks[1], cache_index)
-        return self.layers(x, (is_sliding, cache), shared)
+  def _run_layers(self, x, positions, masks, cache=None, cache_index=None):
+    cfg = self.config
+    ropes = [
+      rope_tables(positions, r, cfg.head_dim, cfg.dtype) for r in (cfg.rope_global, cfg.rope_local)
+    ]
+    is_sliding = jnp.asarray(cfg.layer_is_sliding, dtype=bool)
+    shared = (ropes[0], ropes[1], masks[0], masks[1], cache_index)
+    return self.layers(x, (is_sliding, cache), shared)
 
-    def __call__(self, tokens, positions=None, segment_ids=None, attention_mask=None):
-        """Computes logits for every position.
-
-        Args:
-          tokens: `[batch, time]` token ids.
-          positions: `[batch, time]` rope positions; by default a running count of real tokens
-            within each segment, starting at 0.
-          segment_ids: `[batch, time]` packed-sequence ids; tokens attend only within their
-            segment; 0 marks padding.
-          attention_mask: `[batch, time]`, 1 for real tokens and 0 for padding (left or right).
-
-        Returns:
-          `[batch, time, vocab]` fp32 logits (padding positions hold meaningless values).
-        """
-        positions, masks = sequence_masks(tokens, positions, segment_ids, attention_mask,
-                                          self.config.sliding_window)
-        x, _ = self._run_layers(self._embed(tokens), positions, masks)
-        return self._logits(x)
-
-    def decode(self, tokens, positions, cache, cache_index, kv_mask):
-        """Runs new tokens against a key/value cache (prefill or one decode step).
-
-        Slots are sequence indices: the tokens occupy slots `cache_index .. cache_index + time - 1`,
-        and a query in slot `i` sees filled slots `j <= i` (and `i - j < window` on local layers).
-
-        Args:
-          tokens: `[batch, time]` new token ids.
-          positions: `[batch, time]` their rope positions.
-          cache: `(k, v)` from `init_cache` or a previous `decode`.
-          cache_index: scalar int, the first slot written.
-          kv_mask: `[batch, max_len]`, 1 for slots holding real tokens (including these ones).
-
-        Returns:
-          `(logits, cache)`: `[batch, time, vocab]` fp32 logits and the updated cache.
-        """
-        masks = decode_masks(tokens.shape[1], cache_index, kv_mask, self.config.sliding_window)
-        x, new_cache = self._run_layers(self._embed(tokens), positions, masks, cache, cache_index)
-        return self._logits(x), new_cache
-
-
-def from_hf_config_model(hf_config, dtype=jnp.float32, param_dtype=None, remat: bool = False) -> Gemma:
-    """Builds a `Gemma` module from a Hugging Face config object (no weights).
+  def __call__(self, tokens, positions=None, segment_ids=None, attention_mask=None):
+    """Computes logits for every position.
 
     Args:
-      hf_config: a transformers Gemma/Gemma2/Gemma3Text (or multimodal Gemma3) config.
-      dtype: compute dtype.
-      param_dtype: parameter dtype; defaults to `dtype`.
-      remat: rematerialise decoder layers in the backward pass.
+      tokens: `[batch, time]` token ids.
+      positions: `[batch, time]` rope positions; by default a running count of real tokens
+        within each segment, starting at 0.
+      segment_ids: `[batch, time]` packed-sequence ids; tokens attend only within their
+        segment; 0 marks padding.
+      attention_mask: `[batch, time]`, 1 for real tokens and 0 for padding (left or right).
 
     Returns:
-      The Linen module; `model.config.hf_config` holds the text config.
+      `[batch, time, vocab]` fp32 logits (padding positions hold meaningless values).
     """
-    from oftjax.models.gemma.config import from_hf_config
+    positions, masks = sequence_masks(
+      tokens, positions, segment_ids, attention_mask, self.config.sliding_window
+    )
+    x, _ = self._run_layers(self._embed(tokens), positions, masks)
+    return self._logits(x)
 
-    return Gemma(from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat))
+  def decode(self, tokens, positions, cache, cache_index, kv_mask):
+    """Runs new tokens against a key/value cache (prefill or one decode step).
+
+    Slots are sequence indices: the tokens occupy slots `cache_index .. cache_index + time - 1`,
+    and a query in slot `i` sees filled slots `j <= i` (and `i - j < window` on local layers).
+
+    Args:
+      tokens: `[batch, time]` new token ids.
+      positions: `[batch, time]` their rope positions.
+      cache: `(k, v)` from `init_cache` or a previous `decode`.
+      cache_index: scalar int, the first slot written.
+      kv_mask: `[batch, max_len]`, 1 for slots holding real tokens (including these ones).
+
+    Returns:
+      `(logits, cache)`: `[batch, time, vocab]` fp32 logits and the updated cache.
+    """
+    masks = decode_masks(tokens.shape[1], cache_index, kv_mask, self.config.sliding_window)
+    x, new_cache = self._run_layers(self._embed(tokens), positions, masks, cache, cache_index)
+    return self._logits(x), new_cache
+
+
+def from_hf_config_model(
+  hf_config, dtype=jnp.float32, param_dtype=None, remat: bool = False
+) -> Gemma:
+  """Builds a `Gemma` module from a Hugging Face config object (no weights).
+
+  Args:
+    hf_config: a transformers Gemma/Gemma2/Gemma3Text (or multimodal Gemma3) config.
+    dtype: compute dtype.
+    param_dtype: parameter dtype; defaults to `dtype`.
+    remat: rematerialise decoder layers in the backward pass.
+
+  Returns:
+    The Linen module; `model.config.hf_config` holds the text config.
+  """
+  from oftjax.models.gemma.config import from_hf_config
+
+  return Gemma(from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat))
 
 
 def init_params(model: Gemma, rng, batch: int = 1, time: int = 1):
-    """Random parameters for `model` (norm scales zero, as in transformers).
+  """Random parameters for `model` (norm scales zero, as in transformers).
 
-    Args:
-      model: a `Gemma` module.
-      rng: a `jax.random` key.
-      batch: batch size of the dummy input used for shape inference.
-      time: length of the dummy input.
+  Args:
+    model: a `Gemma` module.
+    rng: a `jax.random` key.
+    batch: batch size of the dummy input used for shape inference.
+    time: length of the dummy input.
 
-    Returns:
-      The `params` tree.
-    """
-    tokens = jnp.zeros((batch, time), jnp.int32)
-    return jax.jit(model.init)(rng, tokens)["params"]
+  Returns:
+    The `params` tree.
+  """
+  tokens = jnp.zeros((batch, time), jnp.int32)
+  return jax.jit(model.init)(rng, tokens)["params"]

@@ -14,15 +14,21 @@ from oftjax.models.gemma.gemma4_schedule import layer_schedule
 def _stacks(cfg) -> dict[str, list[int]]:
   """``{our stacked path: the PyTorch layer number of each index of its stacked axis}``."""
   if isinstance(cfg, gemma4_config.Gemma4Config):  # layers/segment_s/slot_j, scanned by repeat
-    return {f"layers/segment_{s}/slot_{j}": [segment.layer(r, j) for r in range(segment.repeats)]
-            for s, segment in enumerate(layer_schedule(cfg)) for j in range(len(segment.kinds))}
+    return {
+      f"layers/segment_{s}/slot_{j}": [segment.layer(r, j) for r in range(segment.repeats)]
+      for s, segment in enumerate(layer_schedule(cfg))
+      for j in range(len(segment.kinds))
+    }
   return {"layers": list(range(cfg.num_layers))}
 
 
 def _linear_layers(cfg) -> list[str]:
   """Our paths of every linear layer (a ``kernel``: PyTorch ``nn.Linear``), sorted."""
-  specs = (gemma4_names.tensor_specs(cfg) if isinstance(cfg, gemma4_config.Gemma4Config)
-           else hf_names.tensor_specs(cfg))
+  specs = (
+    gemma4_names.tensor_specs(cfg)
+    if isinstance(cfg, gemma4_config.Gemma4Config)
+    else hf_names.tensor_specs(cfg)
+  )
   return sorted({"/".join(s.path[:-1]) for s in specs if s.path[-1] == "kernel"})
 
 
@@ -56,9 +62,9 @@ def module_layout(hf_config) -> dict:
   text = text_config_of(hf_config)
   cfg = from_hf_config(hf_config)
   return {
-      "decoder_prefix": "model." if text is hf_config else "model.language_model.",
-      "module_list": "layers",
-      "stacks": _stacks(cfg),
-      "linear_layers": _linear_layers(cfg),
-      "outside": () if cfg.tie_word_embeddings else (("lm_head", "lm_head"),),
+    "decoder_prefix": "model." if text is hf_config else "model.language_model.",
+    "module_list": "layers",
+    "stacks": _stacks(cfg),
+    "linear_layers": _linear_layers(cfg),
+    "outside": () if cfg.tie_word_embeddings else (("lm_head", "lm_head"),),
   }

@@ -1,7 +1,7 @@
-"""Folding an OFT or LoRA adapter into a quantized base: dequantize, merge, requantize.
+"""Folding an OFT or LoRA adapter into a quantized base: dequantize, fold, requantize.
 
 Requantizing adds error on top of the base's own quantization error, and may swamp a
-small adapter update, so :func:`merge_into_quantized` measures it: on random probe
+small adapter update, so :func:`fold_into_quantized` measures it: on random probe
 inputs ``x ~ N(0, 1)`` it compares each merged-and-requantized layer's output with the
 *unmerged* adapted layer (``rotate(x) @ deq(K)`` for OFT, ``x @ deq(K) + LoRA(x)``),
 next to the size of the adapter's own effect ``|adapted - base|``.
@@ -12,16 +12,15 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import functools
 import math
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 
-from oftjax import adapters
+from oftjax import adapters, orthogonal
 from oftjax import geometry as geo
-from oftjax import orthogonal
 from oftjax import params as P
 from oftjax.quant import codes
 from oftjax.quant.kernel import QUANT_KEY
@@ -34,12 +33,12 @@ def _settings(leaves: dict) -> tuple[str, int, bool]:
     return mode, codes.NF4_BLOCK, False
   d_in = 2 * leaves["nf4"].shape[-2]
   d_out = leaves["nf4"].shape[-1]
-  n_const = (leaves["absmax"].size if "absmax" in leaves else leaves["absmax_q"].size)
+  n_const = leaves["absmax"].size if "absmax" in leaves else leaves["absmax_q"].size
   per_matrix = n_const // math.prod(leaves["nf4"].shape[:-2])
   return mode, d_in * d_out // per_matrix, "absmax_q" in leaves
 
 
-def _merge_one(q_leaves, adapter_leaves, config, settings, x):
+def _fold_one(q_leaves, adapter_leaves, config, settings, x):
   """One layer (no stacked axes): requantized merged leaves and output differences."""
   mode, block, dq = settings
   mat = codes.dequantize_matrix(q_leaves)
@@ -47,33 +46,43 @@ def _merge_one(q_leaves, adapter_leaves, config, settings, x):
   flat = geo.LayerGeometry((1,), (0,), (d_in, d_out), True)
   base_y = x @ mat
   if config.method == "lora":
-    merged = adapters.merge_lora(mat, flat, adapter_leaves, config)
+    merged = adapters.fold_lora(mat, flat, adapter_leaves, config)
     ref_y = base_y + adapters.lora_delta(x, flat, adapter_leaves, config)
   else:
     blocks = adapters.oft_blocks(adapter_leaves, config)
-    merged = adapters.merge_oft(mat, flat, blocks)
+    merged = adapters.fold_oft(mat, flat, blocks)
     ref_y = orthogonal.rotate(x, blocks) @ mat
   new_leaves = codes.quantize_matrix(merged, mode, block, dq)
   merged_y = x @ codes.dequantize_matrix(new_leaves)
   err = jnp.abs(merged_y - ref_y)
-  stats = {"max_abs": jnp.max(err), "mean_abs": jnp.mean(err),
-           "fp32_merge_max_abs": jnp.max(jnp.abs(x @ merged - ref_y)),
-           "adapter_effect_mean_abs": jnp.mean(jnp.abs(ref_y - base_y)),
-           "requant_only_mean_abs": jnp.mean(jnp.abs(  # same path with no adapter
-               x @ codes.dequantize_matrix(codes.quantize_matrix(mat, mode, block, dq)) - base_y)),
-           "output_mean_abs": jnp.mean(jnp.abs(ref_y))}
+  stats = {
+    "max_abs": jnp.max(err),
+    "mean_abs": jnp.mean(err),
+    "fp32_merge_max_abs": jnp.max(jnp.abs(x @ merged - ref_y)),
+    "adapter_effect_mean_abs": jnp.mean(jnp.abs(ref_y - base_y)),
+    "requant_only_mean_abs": jnp.mean(
+      jnp.abs(  # same path with no adapter
+        x @ codes.dequantize_matrix(codes.quantize_matrix(mat, mode, block, dq)) - base_y
+      )
+    ),
+    "output_mean_abs": jnp.mean(jnp.abs(ref_y)),
+  }
   return new_leaves, stats
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _merge_stacked(q_leaves, adapter_leaves, x, config, settings, lead):
-  one = lambda q, a: _merge_one(q, a, config, settings, x)  # noqa: E731
+def _fold_stacked(q_leaves, adapter_leaves, x, config, settings, lead):
+  one = lambda q, a: _fold_one(q, a, config, settings, x)
   return P.over_stacked_axes(one, lead)(q_leaves, adapter_leaves)
 
 
-def merge_into_quantized(params, geometries: Mapping[str, geo.LayerGeometry],
-                         config: adapters.AdapterConfig, probe_rows: int = 256,
-                         seed: int = 0) -> tuple[dict, dict]:
+def fold_into_quantized(
+  params,
+  geometries: Mapping[str, geo.LayerGeometry],
+  config: adapters.AdapterConfig,
+  probe_rows: int = 256,
+  seed: int = 0,
+) -> tuple[dict, dict]:
   """Folds every adapter into its quantized kernel and requantizes it the same way.
 
   Args:
@@ -104,8 +113,14 @@ def merge_into_quantized(params, geometries: Mapping[str, geo.LayerGeometry],
     settings = _settings(q_leaves)
     lead = q_leaves[codes.mode_of(q_leaves)].ndim - 2
     x = jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), (probe_rows, geom.d_in))
-    node[QUANT_KEY], stats = _merge_stacked(q_leaves, a_leaves, x, config, settings, lead)
+    node[QUANT_KEY], stats = _fold_stacked(q_leaves, a_leaves, x, config, settings, lead)
     layers[path] = {k: float(jnp.max(v) if "max" in k else jnp.mean(v)) for k, v in stats.items()}
-  summary = {k: (max if "max" in k else lambda v: sum(v) / len(v))([s[k] for s in layers.values()])
-             for k in next(iter(layers.values()))} if layers else {}
+  summary = (
+    {
+      k: (max if "max" in k else lambda v: sum(v) / len(v))([s[k] for s in layers.values()])
+      for k in next(iter(layers.values()))
+    }
+    if layers
+    else {}
+  )
   return base, {"layers": layers, **summary}
