@@ -120,40 +120,56 @@ def gemma4_from_tiny_gemma3(multimodal=False, shared_kv_layers=1, seed=0):
   Returns:
     The fp32 eager torch model (embeddings tied, as in the Gemma 3 checkpoint).
   """
+  import gemma4_helpers
   import torch
   import transformers
-
-  import gemma4_helpers
 
   g3 = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(ASSETS, "tiny-gemma3"))
   c3, sd3 = g3.config, g3.state_dict()
   text = dict(
-      vocab_size=c3.vocab_size, hidden_size=c3.hidden_size, intermediate_size=c3.intermediate_size,
-      num_hidden_layers=c3.num_hidden_layers, num_attention_heads=c3.num_attention_heads,
-      num_key_value_heads=c3.num_key_value_heads, head_dim=c3.head_dim,
-      global_head_dim=c3.head_dim, sliding_window=c3.sliding_window,
-      layer_types=list(c3.layer_types), hidden_size_per_layer_input=16,
-      vocab_size_per_layer_input=c3.vocab_size, num_kv_shared_layers=shared_kv_layers,
-      use_double_wide_mlp=True, final_logit_softcapping=None,
-      max_position_embeddings=c3.max_position_embeddings, pad_token_id=c3.pad_token_id,
-      bos_token_id=c3.bos_token_id, eos_token_id=c3.eos_token_id,
-      rope_parameters={k: dict(v) for k, v in c3.rope_parameters.items()})
+    vocab_size=c3.vocab_size,
+    hidden_size=c3.hidden_size,
+    intermediate_size=c3.intermediate_size,
+    num_hidden_layers=c3.num_hidden_layers,
+    num_attention_heads=c3.num_attention_heads,
+    num_key_value_heads=c3.num_key_value_heads,
+    head_dim=c3.head_dim,
+    global_head_dim=c3.head_dim,
+    sliding_window=c3.sliding_window,
+    layer_types=list(c3.layer_types),
+    hidden_size_per_layer_input=16,
+    vocab_size_per_layer_input=c3.vocab_size,
+    num_kv_shared_layers=shared_kv_layers,
+    use_double_wide_mlp=True,
+    final_logit_softcapping=None,
+    max_position_embeddings=c3.max_position_embeddings,
+    pad_token_id=c3.pad_token_id,
+    bos_token_id=c3.bos_token_id,
+    eos_token_id=c3.eos_token_id,
+    rope_parameters={k: dict(v) for k, v in c3.rope_parameters.items()},
+  )
   torch.manual_seed(seed)
   if multimodal:
-    model = transformers.Gemma4ForConditionalGeneration(transformers.Gemma4Config(
-        text_config=text, vision_config=gemma4_helpers.VISION,
-        audio_config=gemma4_helpers.AUDIO, attn_implementation="eager"))
+    model = transformers.Gemma4ForConditionalGeneration(
+      transformers.Gemma4Config(
+        text_config=text,
+        vision_config=gemma4_helpers.VISION,
+        audio_config=gemma4_helpers.AUDIO,
+        attn_implementation="eager",
+      )
+    )
     prefix = "model.language_model."
   else:
     model = transformers.Gemma4ForCausalLM(
-        transformers.Gemma4TextConfig(**text, attn_implementation="eager"))
+      transformers.Gemma4TextConfig(**text, attn_implementation="eager")
+    )
     prefix = "model."
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
       if not name.startswith(prefix) and name != "lm_head.weight":
         continue  # a tower: random as built
-      key = "model." + name[len(prefix):] if name.startswith(prefix) else name
+      key = "model." + name[len(prefix) :] if name.startswith(prefix) else name
       if key in sd3:
         src = sd3[key]
         if key.endswith("norm.weight"):

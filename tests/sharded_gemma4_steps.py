@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from sharded_steps import train
 import transformers
 
 import oftjax
 from oftjax import sharding
 from oftjax.models import gemma
 from oftjax.train.objective import masked_xent
-from sharded_steps import train
 
 jax.config.update("jax_default_matmul_precision", "highest")
 S, F = "sliding_attention", "full_attention"
@@ -28,27 +28,49 @@ S, F = "sliding_attention", "full_attention"
 def build():
   """Tiny Gemma 4 with every parameter kind: PLE, KV sharing, k_eq_v, MoE beside the MLP."""
   hf = transformers.Gemma4TextConfig(
-      vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-      num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
-      num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=4,
-      layer_types=[S, F, S, F], hidden_size_per_layer_input=16, vocab_size_per_layer_input=128,
-      num_kv_shared_layers=2, enable_moe_block=True, num_experts=16, top_k_experts=2,
-      moe_intermediate_size=16, final_logit_softcapping=30.0, pad_token_id=0,
-      rope_parameters={S: {"rope_type": "default", "rope_theta": 100.0},
-                       F: {"rope_type": "proportional", "partial_rotary_factor": 0.5,
-                           "rope_theta": 1e4}})
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    global_head_dim=32,
+    num_global_key_value_heads=1,
+    attention_k_eq_v=True,
+    sliding_window=4,
+    layer_types=[S, F, S, F],
+    hidden_size_per_layer_input=16,
+    vocab_size_per_layer_input=128,
+    num_kv_shared_layers=2,
+    enable_moe_block=True,
+    num_experts=16,
+    top_k_experts=2,
+    moe_intermediate_size=16,
+    final_logit_softcapping=30.0,
+    pad_token_id=0,
+    rope_parameters={
+      S: {"rope_type": "default", "rope_theta": 100.0},
+      F: {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1e4},
+    },
+  )
   model = gemma.from_hf_config(hf)
   model = model.clone(config=model.config.replace(moe_implementation="dense"))
   base = gemma.init_params(model, jax.random.key(0))
   config = oftjax.AdapterConfig(
-      block_size=16, targets=r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    block_size=16, targets=r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+  )
   tokens = np.asarray(jax.random.randint(jax.random.key(1), (8, 17), 0, 128))
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-           "loss_mask": np.ones((8, 16), np.float32)}
+  batch = {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "loss_mask": np.ones((8, 16), np.float32),
+  }
   adapted = oftjax.adapt(model, config, jnp.asarray(batch["inputs"]))
   # Random adapter weights so the rotation (and its gradient) is not the identity's.
   adapter = jax.tree_util.tree_map(
-      lambda x: 0.05 * jax.random.normal(jax.random.key(3), x.shape), adapted.init(jax.random.key(2)))
+    lambda x: 0.05 * jax.random.normal(jax.random.key(3), x.shape), adapted.init(jax.random.key(2))
+  )
 
   def loss_fn(params, b):
     return masked_xent(adapted.apply(params, b["inputs"]), b)
@@ -72,14 +94,18 @@ def main(meshes):
   for spec in meshes:
     devices = jax.devices()[:1] if spec == "single" else jax.devices()
     mesh = sharding.make_mesh("" if spec == "single" else spec, devices)
-    results[spec] = {**train(mesh, *setup), "specs": specs(setup[0], mesh),
-                     "shapes": {k: list(v.shape) for k, v in _flat(setup[0]).items()}}
+    results[spec] = {
+      **train(mesh, *setup),
+      "specs": specs(setup[0], mesh),
+      "shapes": {k: list(v.shape) for k, v in _flat(setup[0]).items()},
+    }
   print(json.dumps(results))
 
 
 def _flat(tree) -> dict:
-  return {"/".join(k.key for k in path): v
-          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    "/".join(k.key for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 if __name__ == "__main__":

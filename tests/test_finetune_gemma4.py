@@ -10,13 +10,12 @@ import importlib.util
 import json
 import os
 
-import jax.numpy as jnp
+from finetune_helpers import SCRIPT, read_jsonl, run_job, save_tiny_gemma4_model, shipped_tokenizer
+import gemma4_helpers as G
 import numpy as np
 import pytest
 
-import gemma4_helpers as G
 import oftjax
-from finetune_helpers import SCRIPT, read_jsonl, run_job, save_tiny_gemma4_model, shipped_tokenizer
 from oftjax import peft_io
 from oftjax.models import gemma
 
@@ -40,8 +39,19 @@ def folders(tmp_path_factory):
 
 
 def _args(model_dir, out, *extra):
-  return ["--model", model_dir, "--output-dir", str(out), "--eval-limit", "16",
-          "--log-every", "5", "--save-every", "100", *extra]
+  return [
+    "--model",
+    model_dir,
+    "--output-dir",
+    str(out),
+    "--eval-limit",
+    "16",
+    "--log-every",
+    "5",
+    "--save-every",
+    "100",
+    *extra,
+  ]
 
 
 def _tokens(text="shout fqcp: PCQF copy ab:"):
@@ -52,7 +62,8 @@ def _hf(folder):
   """A folder as users load it, asserting transformers reports no missing/unexpected keys."""
   with PH.captured_messages() as messages:
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, attn_implementation="eager").eval()
+      folder, attn_implementation="eager"
+    ).eval()
   needles = ("key", "missing", "unexpected", "not initialized", "not used")
   assert not [m for m in messages if any(n in m.lower() for n in needles)], messages
   return model
@@ -78,8 +89,11 @@ def test_job_learns_the_task_and_its_exports_agree_in_transformers(folders, kind
   print(f"{kind}: train_tokens_per_s {summary['train_tokens_per_s']:.0f}")
 
   base = _hf(folder)
-  assert type(base) is (transformers.Gemma4ForConditionalGeneration if kind == "multimodal"
-                        else transformers.Gemma4ForCausalLM)
+  assert type(base) is (
+    transformers.Gemma4ForConditionalGeneration
+    if kind == "multimodal"
+    else transformers.Gemma4ForCausalLM
+  )
   tokens = _tokens()
   base_logits = PH.logits(base, tokens)
   peft_model = PH.load_peft(base, str(out / "peft_adapter"))  # no key warnings, every tensor
@@ -103,23 +117,46 @@ def test_job_learns_the_task_and_its_exports_agree_in_transformers(folders, kind
   adapter, config = peft_io.import_peft(str(out / "peft_adapter"), naming=_naming(folder))
   tok = shipped_tokenizer()
   prompt = _tokens("shout fqcp:")
-  ours = np.asarray(gemma.generate(oftjax.Adapted(model, config),
-                                   oftjax.merge_params(params, adapter), prompt,
-                                   max_new_tokens=6, eos_token_id=tok.eos_token_id))
+  ours = np.asarray(
+    gemma.generate(
+      oftjax.Adapted(model, config),
+      oftjax.merge_params(params, adapter),
+      prompt,
+      max_new_tokens=6,
+      eos_token_id=tok.eos_token_id,
+    )
+  )
   with torch.no_grad():
-    ref = merged.generate(torch.as_tensor(prompt), max_new_tokens=6, do_sample=False,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-  ref = ref[:, prompt.shape[1]:].numpy()  # shorter when it stopped at EOS
+    ref = merged.generate(
+      torch.as_tensor(prompt),
+      max_new_tokens=6,
+      do_sample=False,
+      eos_token_id=tok.eos_token_id,
+      pad_token_id=tok.pad_token_id,
+    )
+  ref = ref[:, prompt.shape[1] :].numpy()  # shorter when it stopped at EOS
   assert ref.shape[1] >= 3
-  np.testing.assert_array_equal(ours[:, :ref.shape[1]], ref)
-  assert (ours[:, ref.shape[1]:] == tok.pad_token_id).all()
+  np.testing.assert_array_equal(ours[:, : ref.shape[1]], ref)
+  assert (ours[:, ref.shape[1] :] == tok.pad_token_id).all()
 
   # --init-adapter from the exported adapter continues where the run ended (sharded over 2
   # devices for the text folder: the per-layer-embedding table is split too).
   again = tmp_path / "again"
   mesh = ["--mesh", "fsdp=2"] if kind == "text" else []
-  proc = run_job(_args(folder, again, "--steps", "2", "--warmup-steps", "0", "--init-adapter",
-                       str(out / "peft_adapter"), *mesh), env=TWO_DEVICES if mesh else None)
+  proc = run_job(
+    _args(
+      folder,
+      again,
+      "--steps",
+      "2",
+      "--warmup-steps",
+      "0",
+      "--init-adapter",
+      str(out / "peft_adapter"),
+      *mesh,
+    ),
+    env=TWO_DEVICES if mesh else None,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   restarted = json.loads((again / "summary.json").read_text())
   assert abs(restarted["eval_before"]["loss"] - after["loss"]) < 1e-4
@@ -129,8 +166,9 @@ def test_job_learns_the_task_and_its_exports_agree_in_transformers(folders, kind
 @pytest.mark.slow
 def test_qoft_nf4_runs_on_gemma4(folders, tmp_path):
   out = tmp_path / "nf4"
-  proc = run_job(_args(folders["text"], out, "--steps", "4", "--quantize", "nf4",
-                       "--warmup-steps", "0"))
+  proc = run_job(
+    _args(folders["text"], out, "--steps", "4", "--quantize", "nf4", "--warmup-steps", "0")
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   summary = json.loads((out / "summary.json").read_text())
   plain = 4 * summary["total_params"]  # fp32 bytes of the same parameters, unquantized
@@ -161,8 +199,9 @@ def test_expert_targets_are_refused_in_one_line(tmp_path, capsys, targets):
   G.save_hf_model("moe", folder)
   shipped_tokenizer().save_pretrained(folder)
   out = tmp_path / "out"
-  err = _refusal(capsys, _args(str(folder), out, "--steps", "2", "--block-size", "8",
-                               "--targets", targets))
+  err = _refusal(
+    capsys, _args(str(folder), out, "--steps", "2", "--block-size", "8", "--targets", targets)
+  )
   assert "--targets" in err and "experts" in err and "packed" in err, err
   assert not out.exists()
 

@@ -123,8 +123,13 @@ def test_spectral_norm_equals_the_largest_singular_value():
   u, _ = np.linalg.qr(rng.normal(size=(16, 16)))
   w, _ = np.linalg.qr(rng.normal(size=(16, 16)))
   close = (u * np.r_[1.0, 0.999, np.linspace(0.9, 0.1, 14)]) @ w.T  # sigma_2 = 0.999 sigma_1
-  cases = [x, x - np.swapaxes(x, -1, -2), rng.normal(size=(3, 6, 9)), close[None],
-           np.zeros((2, 8, 8))]
+  cases = [
+    x,
+    x - np.swapaxes(x, -1, -2),
+    rng.normal(size=(3, 6, 9)),
+    close[None],
+    np.zeros((2, 8, 8)),
+  ]
   for a in cases:
     a = np.asarray(a, np.float32)
     want = np.linalg.norm(a.astype(np.float64), ord=2, axis=(-2, -1))
