@@ -227,9 +227,7 @@ def adapter_health(adapter: Params, config: adapters.AdapterConfig, per_layer: b
     q = orthogonal.skew_symmetric(used, config.block_size)
     blocks = adapters.oft_blocks({"weight": used}, config, path)
     figures = {
-      "q_norm": over_stacked_axes(
-        lambda x: jnp.max(jnp.linalg.norm(x, ord=2, axis=(-2, -1))), lead
-      )(q),
+      "q_norm": over_stacked_axes(lambda x: jnp.max(orthogonal.spectral_norm(x)), lead)(q),
       "orthogonality_error": over_stacked_axes(orthogonal.orthogonality_error, lead)(blocks),
     }
     if config.coft_eps is not None:

@@ -97,3 +97,93 @@ def run_job(args, timeout=300, env=None):
 def read_jsonl(path):
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def gemma4_from_tiny_gemma3(multimodal=False, shared_kv_layers=1, seed=0):
+  """A transformers Gemma 4 carrying the shipped pretrained tiny Gemma 3's weights.
+
+  A random tiny model cannot learn the shipped task in a test's few steps; this one starts
+  from the pretraining skills. Each Gemma 3 weight goes where Gemma 4 has it: norms become
+  ``1 + w`` (Gemma 4 multiplies by ``w``), the attention scale ``query_pre_attn_scalar**-0.5``
+  is folded into ``q_norm``, a double-wide MLP is zero-padded (the extra units output
+  zero). Gemma 4's additions are kept small or neutral: per-layer embeddings (PLE) are
+  random but their block's output norm has weight 0.02, ``layer_scalar`` is one. What changes the function: Gemma 4 normalises values (``v_norm``) and the last
+  ``shared_kv_layers`` layers reuse an earlier layer's keys and values; the skills survive
+  (greedy retention accuracy ~0.6, measured with transformers).
+
+  Args:
+    multimodal: a ``Gemma4ForConditionalGeneration`` (tiny random vision and audio towers)
+      instead of a ``Gemma4ForCausalLM``.
+    shared_kv_layers: Gemma 4's ``num_kv_shared_layers``.
+    seed: seed of the PLE weights and the towers.
+
+  Returns:
+    The fp32 eager torch model (embeddings tied, as in the Gemma 3 checkpoint).
+  """
+  import gemma4_helpers
+  import torch
+  import transformers
+
+  g3 = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(ASSETS, "tiny-gemma3"))
+  c3, sd3 = g3.config, g3.state_dict()
+  text = dict(
+    vocab_size=c3.vocab_size,
+    hidden_size=c3.hidden_size,
+    intermediate_size=c3.intermediate_size,
+    num_hidden_layers=c3.num_hidden_layers,
+    num_attention_heads=c3.num_attention_heads,
+    num_key_value_heads=c3.num_key_value_heads,
+    head_dim=c3.head_dim,
+    global_head_dim=c3.head_dim,
+    sliding_window=c3.sliding_window,
+    layer_types=list(c3.layer_types),
+    hidden_size_per_layer_input=16,
+    vocab_size_per_layer_input=c3.vocab_size,
+    num_kv_shared_layers=shared_kv_layers,
+    use_double_wide_mlp=True,
+    final_logit_softcapping=None,
+    max_position_embeddings=c3.max_position_embeddings,
+    pad_token_id=c3.pad_token_id,
+    bos_token_id=c3.bos_token_id,
+    eos_token_id=c3.eos_token_id,
+    rope_parameters={k: dict(v) for k, v in c3.rope_parameters.items()},
+  )
+  torch.manual_seed(seed)
+  if multimodal:
+    model = transformers.Gemma4ForConditionalGeneration(
+      transformers.Gemma4Config(
+        text_config=text,
+        vision_config=gemma4_helpers.VISION,
+        audio_config=gemma4_helpers.AUDIO,
+        attn_implementation="eager",
+      )
+    )
+    prefix = "model.language_model."
+  else:
+    model = transformers.Gemma4ForCausalLM(
+      transformers.Gemma4TextConfig(**text, attn_implementation="eager")
+    )
+    prefix = "model."
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if not name.startswith(prefix) and name != "lm_head.weight":
+        continue  # a tower: random as built
+      key = "model." + name[len(prefix) :] if name.startswith(prefix) else name
+      if key in sd3:
+        src = sd3[key]
+        if key.endswith("norm.weight"):
+          src = (1.0 + src) * (c3.query_pre_attn_scalar**-0.5 if "q_norm" in key else 1.0)
+        p.zero_()
+        p[tuple(slice(0, n) for n in src.shape)] = src  # zero-padded when double-wide
+      elif p.ndim <= 1:  # PLE norms: the block's output (after its norm) is small
+        p.fill_(0.02 if "post_per_layer_input_norm" in key else 1.0)
+      else:  # PLE table, gate and projections
+        p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
+  return model.eval()
+
+
+def save_tiny_gemma4_model(folder, multimodal=False):
+  """Saves :func:`gemma4_from_tiny_gemma3` and the shipped tokenizer into ``folder``."""
+  gemma4_from_tiny_gemma3(multimodal).save_pretrained(folder)
+  shipped_tokenizer().save_pretrained(folder)

@@ -115,3 +115,23 @@ def test_blocks_are_jit_vmap_and_grad_safe(param):
 def test_identity_at_zero():
   r = orthogonal.orthogonal_blocks(jnp.zeros((2, 6)), 4)
   np.testing.assert_array_equal(np.asarray(r), np.broadcast_to(np.eye(4), (2, 4, 4)))
+
+
+def test_spectral_norm_equals_the_largest_singular_value():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(20, 16, 16)).astype(np.float32)
+  u, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+  w, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+  close = (u * np.r_[1.0, 0.999, np.linspace(0.9, 0.1, 14)]) @ w.T  # sigma_2 = 0.999 sigma_1
+  cases = [
+    x,
+    x - np.swapaxes(x, -1, -2),
+    rng.normal(size=(3, 6, 9)),
+    close[None],
+    np.zeros((2, 8, 8)),
+  ]
+  for a in cases:
+    a = np.asarray(a, np.float32)
+    want = np.linalg.norm(a.astype(np.float64), ord=2, axis=(-2, -1))
+    got = np.asarray(jax.jit(orthogonal.spectral_norm)(a))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-30)
