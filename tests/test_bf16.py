@@ -10,13 +10,15 @@ is 0.88-1.03 for the mean error and 0.62-1.36 for the max (one outlier logit, so
 bounds, 1.15 for the mean and 1.5 for the max, leave that spread room and little more:
 computing the rope angles in bf16 instead of fp32 makes the mean ratio ~14, and RMSNorm in
 bf16 ~1.08 (too small an effect at these widths to single out). Positions run to 5000 so that
-rope precision counts.
+rope precision counts. Gemma 4 (its "shared" and "per_layer" configs: KV sharing, per-layer
+embeddings, proportional rope, per-layer head geometry) is held to the same bounds.
 """
 
 import json
 import os
 
 from finetune_helpers import ASSETS, read_jsonl, run_job
+import gemma4_helpers as G4
 import gemma_helpers as H
 import jax
 import jax.flatten_util
@@ -39,9 +41,13 @@ SHAPE = (4, 32)
 OFFSETS = np.array([[0], [300], [1500], [5000]])
 
 
-def bf16_errors(name, folder):
-  """``(ours, transformers)`` each ``(max, mean)`` of |logits_bf16 - logits_fp32|."""
-  hf = H.save_hf_model(name, folder)
+def bf16_errors(name, folder, helpers=H):
+  """`(ours, transformers)` each `(max, mean)` of |logits_bf16 - logits_fp32|.
+
+  `helpers` is the module that builds the tiny random model: `gemma_helpers` (Gemma 1-3) or
+  `gemma4_helpers` (Gemma 4; both use a vocabulary of `H.VOCAB`).
+  """
+  hf = helpers.save_hf_model(name, folder)
   rng = np.random.default_rng(3)
   tokens = rng.integers(0, H.VOCAB, SHAPE)
   positions = np.arange(SHAPE[1])[None] + OFFSETS
@@ -64,9 +70,12 @@ def bf16_errors(name, folder):
   return (err_ours.max(), err_ours.mean()), (err_hf.max(), err_hf.mean())
 
 
-@pytest.mark.parametrize("name", ["gemma1_mha", "gemma2", "gemma3"])
-def test_bf16_logit_error_is_no_worse_than_transformers(name, tmp_path):
-  (ours_max, ours_mean), (hf_max, hf_mean) = bf16_errors(name, tmp_path)
+@pytest.mark.parametrize(
+  "name, helpers",
+  [("gemma1_mha", H), ("gemma2", H), ("gemma3", H), ("shared", G4), ("per_layer", G4)],
+)
+def test_bf16_logit_error_is_no_worse_than_transformers(name, helpers, tmp_path):
+  (ours_max, ours_mean), (hf_max, hf_mean) = bf16_errors(name, tmp_path, helpers)
   print(
     f"{name}: bf16 |dlogits| ours max {ours_max:.4f} mean {ours_mean:.5f}; "
     f"transformers max {hf_max:.4f} mean {hf_mean:.5f}"
