@@ -208,6 +208,7 @@ def test_bad_files_are_one_line(capsys, tiny_model_dir, tmp_path):
     (["--prompts", empty], f"--prompts: {empty}: file is empty"),
     (["--prompts", bad], f"--prompts: {bad} line 2: expected an object with a 'prompt'"),
     (["--adapter", plain, "--prompt", "x"], "holds neither adapter_config.json"),
+    (["--prompt", "x", "--temperature", "inf"], "--temperature must be a finite number"),
   ]
   for argv, words in cases:
     code, _ = _cli("--model", tiny_model_dir, *argv)

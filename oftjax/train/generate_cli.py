@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from typing import Any, TextIO
@@ -137,8 +136,6 @@ def validate(args: argparse.Namespace) -> None:
   for name in ("max_new_tokens", "batch_size"):
     if getattr(args, name) < 1:
       raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
-  if not math.isfinite(args.temperature):
-    raise UsageError(f"--temperature must be a finite number >= 0 (got {args.temperature})")
   from oftjax.models.gemma import sampling  # jax, only once the flags parse
 
   try:
@@ -187,6 +184,8 @@ def _tokenizer(args):
 def _prompts(args, tokenizer) -> list:
   from oftjax import data
 
+  if args.chat and not getattr(tokenizer, "chat_template", None):
+    raise UsageError("--chat: the tokenizer has no chat template; drop --chat")
   try:
     if args.prompts:
       return data.read_prompts(args.prompts, tokenizer, args.chat)
