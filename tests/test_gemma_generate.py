@@ -115,6 +115,7 @@ def test_sampling(loaded):
   assert ((np.asarray(a) >= 0) & (np.asarray(a) < H.VOCAB)).all()
 
 
+@pytest.mark.slow
 def test_sampling_tiny_temperature_and_top_p(loaded):
   """Temperature -> 0 is greedy; top-p samples stay in the nucleus; same seed, same output."""
   _, model, params = loaded["gemma2"]
