@@ -113,3 +113,57 @@ def test_sampling(loaded):
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.array_equal(np.asarray(a), np.asarray(c))
   assert ((np.asarray(a) >= 0) & (np.asarray(a) < H.VOCAB)).all()
+
+
+@pytest.mark.slow
+def test_sampling_tiny_temperature_and_top_p(loaded):
+  """Temperature -> 0 is greedy; top-p samples stay in the nucleus; same seed, same output."""
+  _, model, params = loaded["gemma2"]
+  tokens, mask = _prompts()
+  greedy = np.asarray(gemma.generate(model, params, tokens, mask, max_new_tokens=NEW))
+  cold = gemma.generate(
+    model, params, tokens, mask, max_new_tokens=NEW, temperature=1e-5, rng=jax.random.key(2)
+  )
+  np.testing.assert_array_equal(np.asarray(cold), greedy)
+
+  temperature, top_p = 1.5, 0.5
+
+  def sample(seed, **kw):
+    return np.asarray(
+      gemma.generate(
+        model,
+        params,
+        tokens,
+        mask,
+        max_new_tokens=NEW,
+        temperature=temperature,
+        rng=jax.random.key(seed),
+        **kw,
+      )
+    )
+
+  def outside_nucleus(new):
+    """How many sampled tokens lie outside the `top_p` nucleus of the full pass's logits."""
+    full = (
+      np.asarray(
+        H.forward(
+          model,
+          params,
+          jnp.asarray(np.concatenate([tokens, new], 1)),
+          attention_mask=jnp.asarray(np.concatenate([mask, np.ones_like(new)], 1)),
+        )
+      )[:, 6:-1].astype(np.float64)
+      / temperature
+    )
+    probs = np.exp(full - full.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    chosen = np.take_along_axis(probs, new[..., None], -1)
+    above = np.where(probs > chosen, probs, 0).sum(-1)  # mass ranked above the sampled token
+    return int((above >= top_p).sum())
+
+  nucleus = sample(6, top_p=top_p)
+  np.testing.assert_array_equal(nucleus, sample(6, top_p=top_p))
+  assert not np.array_equal(nucleus, sample(7, top_p=top_p))
+  assert outside_nucleus(nucleus) == 0
+  assert outside_nucleus(sample(6)) > 0  # without top-p the same check fails
+  np.testing.assert_array_equal(sample(6, top_p=1.0), sample(6))  # p = 1 filters nothing

@@ -23,14 +23,18 @@ from oftjax.data.batching import (
 from oftjax.data.chat import ChatSpan, control_tokens, encode_chat, render_chat
 from oftjax.data.evaluation import (
   EvalExample,
+  chat_prompt_ids,
   decode_completion,
+  default_stop_ids,
   eval_batches,
   exact_match_accuracy,
   load_eval_set,
   make_eval_example,
   pad_prompts,
+  text_prompt_ids,
 )
 from oftjax.data.jsonl import FORMATS, MESSAGES, PROMPT_COMPLETION, TEXT, Record, read_jsonl
+from oftjax.data.prompts import Prompt, prompt_batches, read_prompts, text_prompt
 from oftjax.data.tokenize import (
   Dataset,
   Example,
@@ -50,10 +54,13 @@ __all__ = [
   "MESSAGES",
   "PROMPT_COMPLETION",
   "PackedBatches",
+  "Prompt",
   "Record",
   "TEXT",
+  "chat_prompt_ids",
   "control_tokens",
   "decode_completion",
+  "default_stop_ids",
   "encode_chat",
   "eval_batches",
   "exact_match_accuracy",
@@ -65,9 +72,13 @@ __all__ = [
   "pack_rows",
   "pad_prompts",
   "padding_fraction",
+  "prompt_batches",
   "read_jsonl",
+  "read_prompts",
   "render_chat",
   "sequential_batches",
+  "text_prompt",
+  "text_prompt_ids",
   "tokenize_record",
   "tokenize_records",
 ]

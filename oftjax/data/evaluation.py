@@ -32,6 +32,47 @@ class EvalExample:
   line: int
 
 
+def text_prompt_ids(tokenizer: Any, text: str) -> np.ndarray:
+  """The prompt of a plain text, as a prompt/completion record's: ``[BOS] + its tokens``."""
+  ids = [tokenizer.bos_token_id] + list(tokenizer.encode(text, add_special_tokens=False))
+  return np.asarray(ids, np.int32)
+
+
+def chat_prompt_ids(
+  tokenizer: Any,
+  messages: list[dict[str, str]],
+  where: str = "",
+  control: dict[str, int] | None = None,
+) -> np.ndarray:
+  """The prompt of an assistant turn: the conversation's tokens up to where the turn begins.
+
+  Args:
+    tokenizer: a tokenizer with a chat template.
+    messages: a conversation; when its last message is an assistant turn, the prompt is
+      everything before that turn's targets (as in training); otherwise it is the whole
+      conversation followed by the generation prompt (the next assistant turn's opening).
+    where: file and line, for error messages.
+    control: the tokenizer's control tokens (``chat.control_tokens``), if already computed.
+
+  Returns:
+    int32 ids ``[n]``, BOS first; message content is tokenized as plain text.
+
+  Raises:
+    ValueError: as :func:`oftjax.data.render_chat` (no chat template, unusable template).
+  """
+  control = chat.control_tokens(tokenizer) if control is None else control
+  if messages[-1]["role"] != "assistant":  # an empty turn to generate: only its opening is kept
+    messages = [*messages, {"role": "assistant", "content": ""}]
+  last = len(messages) - 1
+  spans = chat.render_chat(tokenizer, messages, where, control)
+  first = next((k for k, span in enumerate(spans) if span.target_of == last), len(spans))
+  ids, _ = chat.encode_chat(tokenizer, spans[:first], control, where)
+  bos = tokenizer.bos_token_id
+  if not ids or ids[0] != bos:
+    ids.insert(0, bos)
+  return np.asarray(ids, np.int32)
+
+
 def make_eval_example(
   record: jsonl.Record, tokenizer: Any, where: str = "", control: dict[str, int] | None = None
 ) -> EvalExample:
@@ -47,20 +88,14 @@ def make_eval_example(
     The item; a conversation's prompt is its tokens up to where the last assistant turn's
     targets begin, exactly as in training.
   """
-  bos = tokenizer.bos_token_id
   if record.format == jsonl.PROMPT_COMPLETION:
-    ids = [bos] + list(tokenizer.encode(record.data["prompt"], add_special_tokens=False))
-    return EvalExample(np.asarray(ids, np.int32), record.data["completion"], record.line)
+    ids = text_prompt_ids(tokenizer, record.data["prompt"])
+    return EvalExample(ids, record.data["completion"], record.line)
   if record.format == jsonl.MESSAGES:
-    control = chat.control_tokens(tokenizer) if control is None else control
     messages = record.data["messages"]
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    spans = chat.render_chat(tokenizer, messages[: last + 1], where, control)
-    first = next(k for k, span in enumerate(spans) if span.target_of == last)
-    ids, _ = chat.encode_chat(tokenizer, spans[:first], control, where)
-    if not ids or ids[0] != bos:
-      ids.insert(0, bos)
-    return EvalExample(np.asarray(ids, np.int32), messages[last]["content"], record.line)
+    ids = chat_prompt_ids(tokenizer, messages[: last + 1], where, control)
+    return EvalExample(ids, messages[last]["content"], record.line)
   raise ValueError(f"{where}: 'text' records have no prompt/completion to evaluate exact match on")
 
 
@@ -124,15 +159,20 @@ def eval_batches(
     yield tokens, mask, [x.expected for x in chunk]
 
 
+def default_stop_ids(tokenizer: Any) -> list[int]:
+  """Ids that end a completion: EOS and, where the tokenizer has it, ``<end_of_turn>``."""
+  stop_ids = [tokenizer.eos_token_id]
+  end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+  if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+    stop_ids.append(end_of_turn)
+  return stop_ids
+
+
 def decode_completion(
   tokenizer: Any, generated: Sequence[int], stop_ids: Sequence[int] | None = None
 ) -> str:
   """Decodes generated ids up to (excluding) the first stop id (default: EOS and ``<end_of_turn>``)."""
-  if stop_ids is None:
-    stop_ids = [tokenizer.eos_token_id]
-    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
-      stop_ids.append(end_of_turn)
+  stop_ids = default_stop_ids(tokenizer) if stop_ids is None else stop_ids
   ids = []
   for t in np.asarray(generated).tolist():
     if t in stop_ids:

@@ -77,22 +77,30 @@ def _validate(obj: Any, where: str) -> str:
     if not obj["text"]:
       raise ValueError(f"{where}: field 'text' is empty")
   else:
-    messages = obj["messages"]
-    if not isinstance(messages, list) or not messages:
-      raise ValueError(f"{where}: field 'messages' must be a non-empty list")
-    for i, message in enumerate(messages):
-      at = f"{where}: messages[{i}]"
-      if not isinstance(message, dict):
-        raise ValueError(f"{at} must be an object, got {type(message).__name__}")
-      _check_string(message, "role", at)
-      _check_string(message, "content", at)
-      if message["role"] not in ROLES:
-        raise ValueError(
-          f"{at}: unknown role {message['role']!r} (expected one of {', '.join(ROLES)})"
-        )
-    if not any(m["role"] == "assistant" for m in messages):
+    check_messages(obj["messages"], where)
+    if not any(m["role"] == "assistant" for m in obj["messages"]):
       raise ValueError(f"{where}: 'messages' has no assistant turn, so nothing to learn")
   return fmt
+
+
+def check_messages(messages: Any, where: str) -> None:
+  """Checks a conversation: a non-empty list of ``{"role", "content"}`` strings, known roles.
+
+  Raises:
+    ValueError: one line naming ``where`` and the message at fault.
+  """
+  if not isinstance(messages, list) or not messages:
+    raise ValueError(f"{where}: field 'messages' must be a non-empty list")
+  for i, message in enumerate(messages):
+    at = f"{where}: messages[{i}]"
+    if not isinstance(message, dict):
+      raise ValueError(f"{at} must be an object, got {type(message).__name__}")
+    _check_string(message, "role", at)
+    _check_string(message, "content", at)
+    if message["role"] not in ROLES:
+      raise ValueError(
+        f"{at}: unknown role {message['role']!r} (expected one of {', '.join(ROLES)})"
+      )
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Record]:
@@ -111,14 +119,39 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
       typed fields, or mixed formats; the message names the file and the line.
   """
   name = os.fspath(path)
+  records: list[Record] = []
+  first_format: tuple[str, int] | None = None
+  for number, obj in read_objects(name):
+    where = f"{name} line {number}"
+    fmt = _validate(obj, where)
+    if first_format is None:
+      first_format = (fmt, number)
+    elif fmt != first_format[0]:
+      raise ValueError(
+        f"{where}: {fmt!r} record in a file of {first_format[0]!r} records "
+        f"(line {first_format[1]}); use one format per file"
+      )
+    records.append(Record(fmt, obj, number))
+  return records
+
+
+def read_objects(path: str | os.PathLike) -> list[tuple[int, Any]]:
+  """Parses a JSONL file into ``(1-based line number, JSON value)`` pairs, unvalidated.
+
+  Blank lines are skipped (but counted); a UTF-8 byte-order mark is allowed.
+
+  Raises:
+    ValueError: missing or empty file, a directory, non-UTF-8 bytes or malformed JSON; the
+      message names the file and the line.
+  """
+  name = os.fspath(path)
   if not os.path.exists(name):
     raise ValueError(f"{name}: no such file")
   if os.path.isdir(name):
     raise ValueError(f"{name}: is a directory, expected a JSONL file")
   with open(name, "rb") as f:
     raw_lines = f.read().split(b"\n")
-  records: list[Record] = []
-  first_format: tuple[str, int] | None = None
+  objects = []
   for number, raw in enumerate(raw_lines, start=1):
     where = f"{name} line {number}"
     try:
@@ -130,18 +163,9 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
     if not line.strip():
       continue
     try:
-      obj = json.loads(line)
+      objects.append((number, json.loads(line)))
     except json.JSONDecodeError as e:
       raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-    fmt = _validate(obj, where)
-    if first_format is None:
-      first_format = (fmt, number)
-    elif fmt != first_format[0]:
-      raise ValueError(
-        f"{where}: {fmt!r} record in a file of {first_format[0]!r} records "
-        f"(line {first_format[1]}); use one format per file"
-      )
-    records.append(Record(fmt, obj, number))
-  if not records:
+  if not objects:
     raise ValueError(f"{name}: file is empty (no JSONL records)")
-  return records
+  return objects

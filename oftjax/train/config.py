@@ -180,7 +180,7 @@ class RunConfig:
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig)}
 
 
-class _Parser(argparse.ArgumentParser):
+class UsageParser(argparse.ArgumentParser):
   """Reports a bad flag as a one-line :class:`UsageError` instead of usage text + exit."""
 
   def error(self, message):
@@ -189,7 +189,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
   """The ``finetune_gemma.py`` argument parser; every flag shows its default."""
-  parser = _Parser(
+  parser = UsageParser(
     description="Finetune a Gemma model with OFTv2 (or a baseline) in JAX.",
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )

@@ -61,7 +61,7 @@ class Evaluator:
     Per item, the generated ids (to EOS or the length limit;
     :func:`oftjax.data.decode_completion` decodes them).
     """
-    stop = [self.tokenizer.eos_token_id]
+    stop = data.default_stop_ids(self.tokenizer)  # decode_completion cuts there too
     rows = []
     for tokens, mask, expected in data.eval_batches(items, self.batch_size, self.pad_id):
       new = gemma.generate(

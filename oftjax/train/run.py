@@ -109,10 +109,11 @@ def _prepare_output_dir(c: RunConfig) -> None:
       os.remove(os.path.join(c.output_dir, stale))
 
 
-def _compute_dtype(c: RunConfig):
-  if c.dtype == "auto":
+def compute_dtype(name: str):
+  """The dtype a `--dtype` choice names: auto is float32 on CPU, bfloat16 on GPU/TPU."""
+  if name == "auto":
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[c.dtype]
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
 class _StopFlag:
@@ -181,7 +182,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     flags=_DISTRIBUTED_FLAGS,
   )
   main = distributed.is_main()
-  dtype = _compute_dtype(c)
+  dtype = compute_dtype(c.dtype)
   mesh = _user_errors(sharding.make_mesh, c.mesh, flags={"mesh": "mesh"})
   _user_errors(distributed.local_rows, c.batch_size, flags={"global_rows": "batch_size"})
   tokenizer = _user_errors(data.load_tokenizer, c.model)

@@ -1,8 +1,10 @@
-"""Autoregressive sampling with a key/value cache: greedy, temperature and top-k.
+"""Autoregressive generation with a key/value cache: greedy, or sampling (temperature, top-k, top-p).
 
 The whole loop (prefill + `jax.lax.while_loop` of one-token decode steps) is one jitted
-function per (model, prompt shape, max_new_tokens, number of EOS ids); temperature, top-k and
-the EOS/pad ids are traced, so switching between greedy and sampling does not recompile.
+function per (model, prompt shape, max_new_tokens, number of EOS ids, token callback); the
+sampling settings (`sampling.next_token`) and the EOS/pad ids are traced, so switching between
+greedy and sampling does not recompile. A token callback streams each step's tokens to the
+host while the compiled loop runs (`jax.experimental.io_callback`, ordered).
 
 ``model`` may also be an ``oftjax.Adapted`` Gemma: generation then runs with unmerged
 adapters, over whatever kernels ``params`` holds (quantized ones included, as in QOFT, under
@@ -14,31 +16,16 @@ from __future__ import annotations
 import functools
 
 import jax
+from jax.experimental import io_callback
 import jax.numpy as jnp
 import numpy as np
 
-from oftjax.models.gemma import gemma4_model
+from oftjax.models.gemma import gemma4_model, sampling
 from oftjax.models.gemma.gemma4_config import Gemma4Config
 from oftjax.models.gemma.model import Gemma, default_positions
 from oftjax.models.gemma.model import init_cache as _gemma_init_cache
 
 _DECODERS = (Gemma, gemma4_model.Gemma4)
-
-
-def _select(logits, rng, temperature, top_k):
-  """Greedy when `temperature == 0`, else samples among the `top_k` best (all when top_k <= 0)."""
-
-  def greedy(_):
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-  def sample(_):  # the vocabulary sort runs only when sampling (temperature stays traced)
-    vocab = logits.shape[-1]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(jnp.sort(logits, axis=-1), (vocab - k)[None, None], axis=-1)
-    scaled = jnp.where(logits < kth, -jnp.inf, logits / temperature)
-    return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
-
-  return jax.lax.cond(temperature > 0, sample, greedy, None)
 
 
 def init_cache(config, batch: int, max_len: int, dtype=None):
@@ -62,9 +49,21 @@ def _decode(model, params, *args):
   return model.apply({"params": params}, *args, method=lambda m, *a: m.call_method("decode", *a))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "on_tokens"))
 def _generate(
-  params, tokens, mask, temperature, top_k, rng, eos_ids, pad, *, model, max_new_tokens
+  params,
+  tokens,
+  mask,
+  temperature,
+  top_k,
+  top_p,
+  rng,
+  eos_ids,
+  pad,
+  *,
+  model,
+  max_new_tokens,
+  on_tokens,
 ):
   batch, prompt_len = tokens.shape
   total = prompt_len + max_new_tokens
@@ -73,7 +72,7 @@ def _generate(
   positions = default_positions(mask, from_mask_only=True)
   logits, cache = _decode(model, params, tokens, positions, cache, 0, kv_mask)
   rng, sub = jax.random.split(rng)
-  first = _select(logits[:, -1], sub, temperature, top_k)
+  first = sampling.next_token(logits[:, -1], sub, temperature, top_k, top_p)
   out = jnp.full((batch, max_new_tokens), pad, jnp.int32)
   done = jnp.zeros((batch,), bool)
 
@@ -83,14 +82,17 @@ def _generate(
 
   def body(state):
     step, tok, pos, cache, kv_mask, out, done, rng = state
-    out = out.at[:, step].set(jnp.where(done, pad, tok))
+    emitted = jnp.where(done, pad, tok)
+    out = out.at[:, step].set(emitted)
+    if on_tokens is not None:
+      io_callback(on_tokens, None, step, emitted, done, ordered=True)
     done = done | jnp.isin(tok, eos_ids)
     slot = prompt_len + step
     kv_mask = kv_mask.at[:, slot].set(1)
     pos = pos + 1
     logits, cache = _decode(model, params, tok[:, None], pos[:, None], cache, slot, kv_mask)
     rng, sub = jax.random.split(rng)
-    tok = _select(logits[:, -1], sub, temperature, top_k)
+    tok = sampling.next_token(logits[:, -1], sub, temperature, top_k, top_p)
     return step + 1, tok, pos, cache, kv_mask, out, done, rng
 
   state = (jnp.int32(0), first, positions[:, -1], cache, kv_mask, out, done, rng)
@@ -105,9 +107,11 @@ def generate(
   max_new_tokens: int = 32,
   temperature: float = 0.0,
   top_k: int | None = None,
+  top_p: float | None = None,
   rng=None,
   eos_token_id=None,
   pad_token_id: int | None = None,
+  on_tokens=None,
 ):
   """Generates continuations of a batch of prompts.
 
@@ -121,12 +125,22 @@ def generate(
     max_new_tokens: number of tokens to generate.
     temperature: 0 for greedy decoding, else the sampling temperature.
     top_k: sample among the `top_k` most likely tokens only (None: all).
+    top_p: sample within the nucleus of probability `top_p` only (None: all); applied after
+      the temperature and `top_k`, as in transformers.
     rng: `jax.random` key for sampling (default `jax.random.key(0)`).
     eos_token_id: an id or list of ids; a row stops after emitting one, and is padded after.
     pad_token_id: filler after EOS; defaults to `model.config.pad_token_id`.
+    on_tokens: `on_tokens(step, tokens, finished)`, called on the host once per generated
+      position, in order, while the loop runs (to stream): `tokens` is the `[batch]` column
+      `step` of the result, `finished[i]` whether row `i` had already emitted an EOS (its
+      token is then `pad_token_id`). The loop is compiled per callback object: pass the
+      same one to calls that should share a compilation.
 
   Returns:
     `[batch, max_new_tokens]` int32 new tokens.
+
+  Raises:
+    ValueError: prompts that are not 2-D, or a sampling setting out of range.
   """
   tokens = jnp.asarray(prompt_tokens, jnp.int32)
   if tokens.ndim != 2:
@@ -145,10 +159,7 @@ def generate(
     eos = [int(eos_token_id)]
   else:
     eos = [int(e) for e in eos_token_id] or [-1]
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
-  if top_k is not None and top_k < 1:
-    raise ValueError(f"top_k must be >= 1, got {top_k}")
+  sampling.check_settings(temperature, top_k, top_p)
   pad = _gemma_of(model).config.pad_token_id if pad_token_id is None else pad_token_id
   return _generate(
     params,
@@ -156,9 +167,11 @@ def generate(
     mask,
     jnp.float32(temperature),
     jnp.int32(0 if top_k is None else top_k),
+    jnp.float32(1.0 if top_p is None else top_p),
     jax.random.key(0) if rng is None else rng,
     jnp.asarray(eos, jnp.int32),
     jnp.int32(pad),
     model=model,
     max_new_tokens=int(max_new_tokens),
+    on_tokens=on_tokens,
   )
