@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import datasets
 import numpy as np
@@ -10,7 +12,8 @@ import pytest
 
 from oftjax import data
 
-TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "..", "experiments", "assets", "tokenizer")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER_DIR = os.path.join(ROOT, "experiments", "assets", "tokenizer")
 SEQ_LEN = 32
 
 TEXT = [{"text": " ".join(f"w{i}" for i in range(40))}, {"text": "short"}, {"text": "a b c d"}]
@@ -137,3 +140,20 @@ def test_hub_ids_and_paths_are_told_apart():
   assert data.looks_like_hub_id("google/boolq") and data.looks_like_hub_id("imdb")
   for path in ("train.jsonl", "data/train.parquet", "/abs/x", "./x", "a/b/c", "../x"):
     assert not data.looks_like_hub_id(path), path
+
+
+def test_datasets_offline_variable_alone_is_enough():
+  """`HF_DATASETS_OFFLINE=1` without `HF_HUB_OFFLINE` (a fresh interpreter: datasets reads both
+  when imported) gives the same one-line error, and no network is tried."""
+  code = (
+    "from oftjax import data\n"
+    "try:\n  data.read_records('someone/no-such-dataset', 'train')\n"
+    "except ValueError as e:\n  print(e)\n"
+  )
+  env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+  env.update(HF_DATASETS_OFFLINE="1", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.count("\n") == 1 and "cannot be fetched offline" in proc.stdout, proc.stdout

@@ -79,7 +79,9 @@ def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
   if c.export_merged:
     gemma.save(c.export_merged, job.model, merged, tokenizer_dir=c.model, overwrite=c.overwrite)
   outputs.plot_loss(
-    record.rows, os.path.join(out, "loss.png"), f"{c.method} on {os.path.basename(c.data)}"
+    record.rows,
+    os.path.join(out, "loss.png"),
+    f"{c.method} on {os.path.basename(os.path.normpath(c.data))}",
   )
   times = record.loop.times
   steady = times[1:] if len(times) > 1 else times
