@@ -32,15 +32,16 @@ def main(argv=None) -> int:
   if "stopped_at" in summary:
     return 0
   before, after = summary["eval_before"], summary["eval_after"]
-  print(
-    f"accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, eval loss "
-    f"{before['loss']:.4f} -> {after['loss']:.4f}"
-    + (
-      f", retention {summary['retention_before']:.3f} -> {summary['retention_after']:.3f}"
-      if "retention_before" in summary
-      else ""
+  changes = [f"eval loss {before['loss']:.4f} -> {after['loss']:.4f}"]
+  if "perplexity" in before:  # absent from the eval_before of a run resumed from an old one
+    changes.append(f"perplexity {before['perplexity']:.3f} -> {after['perplexity']:.3f}")
+  if "accuracy" in after:  # a {text} eval set has no exact-match accuracy
+    changes.insert(0, f"accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}")
+  if "retention_before" in summary:
+    changes.append(
+      f"retention {summary['retention_before']:.3f} -> {summary['retention_after']:.3f}"
     )
-  )
+  print(", ".join(changes))
   for sample in summary["samples_after"]:
     print(f"  {sample['prompt']!r} -> {sample['generated']!r} (expected {sample['expected']!r})")
   speed = summary["train_tokens_per_s"]

@@ -301,10 +301,80 @@ def test_too_long_example_says_by_how_much_and_which_flag(tmp_path, tok):
 
 
 def test_truncation_is_counted(tmp_path, tok):
-  path = write(tmp_path, [{"text": "ab"}, {"text": "x" * 30}, {"text": "y" * 40}])
-  ds = data.load_dataset(path, tok, 16, truncate=True)
-  assert ds.num_truncated == 2
+  records = [{"prompt": "a", "completion": "b"}]
+  records += [{"prompt": "x" * 30, "completion": "y"}, {"prompt": "y" * 40, "completion": "z"}]
+  ds = data.load_dataset(write(tmp_path, records), tok, 16, truncate=True)
+  assert ds.num_truncated == 2 and ds.num_split == 0
   assert [e.num_positions for e in ds.examples] == [3, 16, 16]
+
+
+# ----------------------------------------------------------------------------- long documents
+
+
+def long_text(n_words=120):
+  """A document of a few hundred tokens whose words are all different (order is checkable)."""
+  return " ".join(f"w{i}" for i in range(n_words))
+
+
+def test_long_text_document_is_split_and_every_target_trained_once(tmp_path, tok):
+  """What is counted: per document of `n` tokens (BOS, its text, EOS) the `n - 1` targets
+  `tokens[1:]`; only BOS, which no position predicts, is excluded by the shift. Summed
+  `loss_mask` over one epoch of packed batches must be exactly that, and the masked targets,
+  read in order, must spell `tokens[1:]` (no token lost, none trained twice)."""
+  docs = [long_text(), "short one", long_text(57)]
+  seq_len = 16
+  # truncate does not apply to {"text"}: a document is never cut
+  ds = data.load_dataset(write(tmp_path, [{"text": t} for t in docs]), tok, seq_len, truncate=True)
+  whole = [[tok.bos_token_id] + ids(tok, t) + [tok.eos_token_id] for t in docs]
+  assert len(whole[0]) > 3 * seq_len and len(whole[2]) > 2 * seq_len  # they really are long
+  chunks = [-(-(len(w) - 1) // seq_len) for w in whole]
+  assert ds.num_truncated == 0 and ds.num_split == 2 and ds.num_records == 3
+  assert ds.num_split_chunks == chunks[0] + chunks[2] and len(ds.examples) == sum(chunks)
+  assert ds.num_target_tokens == sum(len(w) - 1 for w in whole)
+  assert all(e.num_positions <= seq_len for e in ds.examples)
+  assert [e.line for e in ds.examples] == [1] * chunks[0] + [2] + [3] * chunks[2]
+
+  # in order, one row per chunk: the masked targets are each document's tokens[1:], in order
+  targets = []
+  for batch in data.sequential_batches(ds.examples, batch_size=1, seq_len=seq_len):
+    targets += batch["targets"][batch["loss_mask"] > 0].tolist()
+  assert targets == [t for w in whole for t in w[1:]]
+
+  # shuffled and packed: one epoch trains each target exactly once
+  stream = data.PackedBatches(ds.examples, batch_size=1, seq_len=seq_len, seed=3)
+  weighted, seen = 0.0, []
+  for _ in stream.epoch_rows(0):
+    batch = next(stream)
+    weighted += float(batch["loss_mask"].sum())
+    seen += batch["targets"][batch["loss_mask"] > 0].tolist()
+  assert stream.state == {"epoch": 1, "row": 0}
+  assert weighted == sum(len(w) - 1 for w in whole)
+  assert sorted(seen) == sorted(t for w in whole for t in w[1:])
+
+
+def test_split_example_chunks_overlap_by_one_token():
+  tokens = np.arange(10, 30, dtype=np.int32)  # 20 tokens, 19 positions
+  mask = np.array([0] + [1] * 19, np.int32)
+  chunks = data.split_example(data.Example(tokens, mask, 7), 8)
+  assert [c.tokens.tolist() for c in chunks] == [
+    list(range(10, 19)),
+    list(range(18, 27)),
+    list(range(26, 30)),
+  ]
+  assert [c.loss_mask.tolist() for c in chunks] == [[0] + [1] * 8, [0] + [1] * 8, [0, 1, 1, 1]]
+  assert [c.num_positions for c in chunks] == [8, 8, 3] and {c.line for c in chunks} == {7}
+  (same,) = data.split_example(data.Example(tokens, mask), 19)
+  assert same.tokens.tolist() == tokens.tolist()
+
+
+def test_prompt_completion_and_messages_are_never_split(tmp_path, tok):
+  long = {"prompt": long_text(30), "completion": "ab"}
+  with pytest.raises(ValueError, match="raise seq_len"):
+    data.load_dataset(write(tmp_path, [long]), tok, 16)
+  chat = {"messages": [{"role": "user", "content": long_text(30)}]}
+  chat["messages"].append({"role": "assistant", "content": "ok"})
+  with pytest.raises(ValueError, match="raise seq_len"):
+    data.load_dataset(write(tmp_path, [chat], "c.jsonl"), tok, 16)
 
 
 def test_byte_order_mark_and_crlf_are_accepted(tmp_path, tok):

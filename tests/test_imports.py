@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEAVY = ("transformers", "torch", "matplotlib", "qwix")
+HEAVY = ("transformers", "torch", "matplotlib", "qwix", "datasets", "pyarrow")
 
 
 def _imported_after(statement: str) -> list[str]:
@@ -22,3 +22,7 @@ def _imported_after(statement: str) -> list[str]:
 def test_import_oftjax_pulls_in_no_transformers_torch_matplotlib_or_qwix():
   assert _imported_after("import oftjax") == []
   assert _imported_after("import oftjax.quant") == ["qwix"]  # the check sees an import
+
+
+def test_import_of_the_data_pipeline_pulls_in_no_datasets_or_pyarrow():
+  assert _imported_after("import oftjax.data") == []  # Parquet and datasets load lazily

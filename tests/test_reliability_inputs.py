@@ -14,7 +14,8 @@ import os
 import re
 import shutil
 
-from finetune_helpers import ROOT, SCRIPT
+from finetune_helpers import ASSETS, ROOT, SCRIPT
+import pandas as pd
 import pytest
 import recorded_results
 from reliability_helpers import STEPS, job, reference_run
@@ -133,6 +134,29 @@ def _only_half_written(out):
   (out / "checkpoints" / "3.orbax-checkpoint-tmp").mkdir(parents=True)
 
 
+def parquet(d, name, frame):
+  path = str(d / name)
+  pd.DataFrame(frame).to_parquet(path)
+  return path
+
+
+def split_folder(d, name, splits):
+  """A `datasets.DatasetDict.save_to_disk` folder with one copy of the shipped task's first
+  records per split name."""
+  import datasets
+
+  with open(os.path.join(ASSETS, "task", "train.jsonl")) as f:
+    rows = [json.loads(line) for line in f.readlines()[:8]]
+  table = datasets.Dataset.from_list(rows)
+  path = str(d / name)
+  datasets.disable_progress_bars()  # the job's stderr must hold its error line alone
+  try:
+    datasets.DatasetDict({s: table for s in splits}).save_to_disk(path)
+  finally:
+    datasets.enable_progress_bars()
+  return path
+
+
 ROLE = {"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
 
 # name -> (extra flags from (base, tmp dir), needle in the error line)
@@ -198,6 +222,26 @@ CASES = {
     "field 'completion' is empty",
   ),
   "data is a directory": (lambda b, d: ["--data", str(d)], "is a directory"),
+  "unreadable parquet": (
+    lambda b, d: ["--data", write(d / "bad.parquet", "PAR1 not a table")],
+    "not a readable Parquet file",
+  ),
+  "parquet without a record column": (
+    lambda b, d: ["--data", parquet(d, "cols.parquet", {"question": ["a"], "answer": ["b"]})],
+    "no 'text', 'prompt'/'completion' or 'messages' column (columns: question, answer)",
+  ),
+  "unknown data split": (
+    lambda b, d: ["--data", split_folder(d, "dd", ["train", "test"]), "--data-split", "dev"],
+    "split='dev' not found; set --data-split to one of: test, train",
+  ),
+  "eval folder without the eval split": (
+    lambda b, d: ["--eval-data", split_folder(d, "ed", ["train", "validation"])],
+    "split='test' not found; set --eval-split to one of: train, validation",
+  ),
+  "hub dataset id offline": (
+    lambda b, d: ["--data", "someone/no-such-dataset"],
+    "cannot be fetched offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)",
+  ),
   "missing eval data": (lambda b, d: ["--eval-data", str(d / "nope.jsonl")], "nope.jsonl"),
   # model folders
   "only a pickle .bin": (

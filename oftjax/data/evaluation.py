@@ -2,7 +2,8 @@
 
 A ``{"prompt","completion"}`` record gives ``[BOS] + prompt tokens`` and its completion; a
 ``{"messages"}`` record gives the rendered conversation up to its last assistant turn followed by
-the generation prompt, and that turn's content. ``{"text"}`` records have no prompt and are refused.
+the generation prompt, and that turn's content. `{"text"}` records have no prompt and are refused:
+a set of them is evaluated by its loss (and perplexity) alone.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from oftjax.data import chat, jsonl
+from oftjax.data import chat, jsonl, sources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,14 +100,47 @@ def make_eval_example(
   raise ValueError(f"{where}: 'text' records have no prompt/completion to evaluate exact match on")
 
 
-def load_eval_set(
-  path: str | os.PathLike, tokenizer: Any, limit: int | None = None
+def make_eval_set(
+  records: Sequence[jsonl.Record], tokenizer: Any, name: str = "<records>"
 ) -> list[EvalExample]:
-  """Reads a JSONL file into exact-match items (the first ``limit`` records if given)."""
-  name = os.fspath(path)
-  records = jsonl.read_jsonl(name)[:limit]
+  """Exact-match items of validated records (`make_eval_example` of each).
+
+  Args:
+    records: prompt/completion or messages records.
+    tokenizer: the tokenizer.
+    name: the source, for error messages.
+
+  Returns:
+    The items, in record order.
+
+  Raises:
+    ValueError: a `{"text"}` record (nothing to match; evaluate its loss instead).
+  """
   control = chat.control_tokens(tokenizer)
-  return [make_eval_example(r, tokenizer, f"{name} line {r.line}", control) for r in records]
+  return [make_eval_example(r, tokenizer, f"{name} {r.place}", control) for r in records]
+
+
+def load_eval_set(
+  source: str | os.PathLike,
+  tokenizer: Any,
+  limit: int | None = None,
+  *,
+  split: str | None = None,
+) -> list[EvalExample]:
+  """Reads a source into exact-match items (the first `limit` records if given).
+
+  Args:
+    source: a JSONL or Parquet file, a `save_to_disk` folder or a hub dataset id
+      (`oftjax.data.sources.read_records`).
+    tokenizer: the tokenizer.
+    limit: at most this many items.
+    split: the split of a source that holds several.
+
+  Returns:
+    The items, in source order.
+  """
+  records = sources.read_records(source, split)[:limit]
+  return make_eval_set(records, tokenizer, os.fspath(source))
 
 
 def pad_prompts(

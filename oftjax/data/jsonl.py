@@ -33,12 +33,19 @@ class Record:
   Attributes:
     format: one of ``FORMATS``.
     data: the parsed JSON object.
-    line: its 1-based line number in the file.
+    line: its 1-based line number in the file (for a table row, the 0-based row index).
+    unit: what `line` counts: `"line"` (JSONL) or `"row"` (a table, `oftjax.data.sources`).
   """
 
   format: str
   data: dict[str, Any]
   line: int
+  unit: str = "line"
+
+  @property
+  def place(self) -> str:
+    """Where the record is in its source, for messages: `line 3` or `row 2`."""
+    return f"{self.unit} {self.line}"
 
 
 def _detect_format(obj: dict[str, Any]) -> str | None:
@@ -58,8 +65,19 @@ def _check_string(obj: dict[str, Any], key: str, where: str) -> None:
     raise ValueError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
 
 
-def _validate(obj: Any, where: str) -> str:
-  """Checks one parsed record and returns its format."""
+def validate_record(obj: Any, where: str) -> str:
+  """Checks one parsed record and returns its format.
+
+  Args:
+    obj: the parsed record (a JSON object, or a table row as a dict).
+    where: source and place, for messages.
+
+  Returns:
+    Its format, one of `FORMATS`.
+
+  Raises:
+    ValueError: not an object, no known fields, a missing, empty or wrongly typed field.
+  """
   if not isinstance(obj, dict):
     raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
   fmt = _detect_format(obj)
@@ -123,7 +141,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
   first_format: tuple[str, int] | None = None
   for number, obj in read_objects(name):
     where = f"{name} line {number}"
-    fmt = _validate(obj, where)
+    fmt = validate_record(obj, where)
     if first_format is None:
       first_format = (fmt, number)
     elif fmt != first_format[0]:

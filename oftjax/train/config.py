@@ -75,16 +75,25 @@ class RunConfig:
   )
   data: str = _field(
     shipped_asset("task", "train.jsonl"),
-    "training JSONL: {prompt,completion}, {messages} or {text} records",
+    "training data of {prompt,completion}, {messages} or {text} records: a JSONL or Parquet "
+    "file, a datasets save_to_disk folder or a hub dataset id",
     resume=True,
+  )
+  data_split: str = _field(
+    "train", "split of --data when it holds several (a DatasetDict folder, a hub id)", resume=True
   )
   eval_data: str = _field(
     shipped_asset("task", "eval.jsonl"),
-    "held-out JSONL of the task (loss and exact-match accuracy)",
+    "held-out set of the task, same kinds as --data: loss, perplexity and exact-match "
+    "accuracy ({text} records: loss and perplexity only)",
+  )
+  eval_split: str = _field(
+    "test", "split of --eval-data and --retention-data when they hold several"
   )
   retention_data: str = _field(
     shipped_asset("task", "retention.jsonl"),
-    "held-out JSONL of what the base already does (forgetting); '' to skip",
+    "held-out prompt/completion or {messages} set of what the base already does (forgetting, "
+    "exact-match accuracy); same kinds as --data; '' to skip",
   )
   method: str = _field(
     "oft",
@@ -162,7 +171,10 @@ class RunConfig:
   export_merged: str = _field("", "also write a Hugging Face folder with the adapter folded in")
   init_adapter: str = _field("", "start from a PEFT OFT/LoRA adapter folder", resume=True)
   truncate: bool = _field(
-    False, "truncate over-long examples (counted and reported) instead of failing", resume=True
+    False,
+    "truncate over-long prompt/completion and {messages} examples (counted and reported) "
+    "instead of failing; {text} documents longer than --seq-len are always split across rows",
+    resume=True,
   )
   quantize: str = _field(
     "none",

@@ -1,4 +1,7 @@
-"""Held-out loss and exact-match accuracy (greedy generation) of a finetuned model.
+"""Held-out loss, perplexity and exact-match accuracy (greedy generation) of a finetuned model.
+
+A set of `{"text"}` records has no prompt to complete: it is evaluated by its loss and
+perplexity alone, and its result holds no `accuracy` (rather than a made-up one).
 
 Generation runs on what a user would deploy: the merged model (adapters folded into the
 kernels; the same function to fp32 rounding), or, on a quantized base (QOFT / QLoRA), the
@@ -7,6 +10,8 @@ materializes a full-precision copy of a model that was quantized to fit.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 
@@ -19,7 +24,9 @@ class Evaluator:
   """Evaluates params of one model on fixed held-out sets (compiled once per shape).
 
   ``model`` is a Gemma module (params: merged) or an ``Adapted`` one (params: frozen tree
-  merged with the adapter tree, see ``oftjax.merge_params``).
+  merged with the adapter tree, see ``oftjax.merge_params``). ``accuracy_sets`` maps a set
+  name (``'eval'``, ``'retention'``) to its exact-match items; a ``{"text"}`` eval set is
+  not among them (loss only).
   """
 
   def __init__(
@@ -86,8 +93,15 @@ class Evaluator:
     return data.exact_match_accuracy(self.tokenizer, rows, [x.expected for x in items]), rows
 
   def run(self, params) -> dict:
-    """``{'loss', 'accuracy', <set>_accuracy..., 'samples'}`` for the model's ``params``."""
-    result = {"loss": self.loss(params)}
+    """The metrics of the model's ``params``.
+
+    Returns:
+      ``{'loss', 'perplexity'}`` of the loss examples (perplexity ``exp(loss)``, ``inf`` past
+      float range), plus ``'accuracy'`` and ``'samples'`` when the eval set has exact-match
+      items and ``'<set>_accuracy'`` for each other set.
+    """
+    loss = self.loss(params)
+    result = {"loss": loss, "perplexity": math.inf if loss > 709.0 else math.exp(loss)}
     for name in self.accuracy_sets:
       acc, rows = self.accuracy(params, name)
       result["accuracy" if name == "eval" else f"{name}_accuracy"] = acc

@@ -39,7 +39,8 @@ class RunRecord:
     eval_after: its result after training.
     rows: the ``metrics.jsonl`` rows.
     loop: what the training loop measured (:class:`oftjax.train.loop.LoopStats`).
-    train: the training ``Dataset`` (its example and truncation counts are reported).
+    train: the training ``Dataset`` (its record, example, target-token, truncation and
+      split counts are reported).
     t_start: ``time.time()`` when the run started.
   """
 
@@ -78,7 +79,9 @@ def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
   if c.export_merged:
     gemma.save(c.export_merged, job.model, merged, tokenizer_dir=c.model, overwrite=c.overwrite)
   outputs.plot_loss(
-    record.rows, os.path.join(out, "loss.png"), f"{c.method} on {os.path.basename(c.data)}"
+    record.rows,
+    os.path.join(out, "loss.png"),
+    f"{c.method} on {os.path.basename(os.path.normpath(c.data))}",
   )
   times = record.loop.times
   steady = times[1:] if len(times) > 1 else times
@@ -111,8 +114,12 @@ def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
     "frozen_weight_bytes": P.tree_bytes(frozen),
     "adapter_bytes": P.tree_bytes(trainable),
     "skipped_steps": state.skipped_steps,
+    "train_records": record.train.num_records,
     "train_examples": len(record.train.examples),
+    "train_target_tokens": record.train.num_target_tokens,
     "truncated_examples": record.train.num_truncated,
+    "split_documents": record.train.num_split,
+    "split_chunks": record.train.num_split_chunks,
     "peft_adapter": adapter_dir,
     "peft_export_skipped": skipped_export,
     "export_merged": c.export_merged or None,

@@ -166,6 +166,66 @@ def _init_adapters(c, model, acfg, example):
   return adapted, adapter
 
 
+def _load_data(c: RunConfig, tokenizer) -> tuple:
+  """The training set, the held-out loss set and the exact-match sets, or a one-line error.
+
+  Returns:
+    ``(train, held_out, sets)``: two :class:`oftjax.data.Dataset`, and ``{'eval': items,
+    'retention': items}`` of exact-match items (no ``'eval'`` for a ``{"text"}`` eval set,
+    which is evaluated by its loss alone; no ``'retention'`` without ``--retention-data``).
+  """
+
+  def records(flag: str, split_flag: str):
+    source, split = getattr(c, flag), getattr(c, split_flag)
+    return _user_errors(data.read_records, source, split, flags={"split": split_flag})
+
+  train = _user_errors(
+    data.tokenize_records,
+    records("data", "data_split"),
+    tokenizer,
+    c.seq_len,
+    truncate=c.truncate,
+    path=c.data,
+    flags={"seq_len": "seq_len"},
+  )
+  eval_records = records("eval_data", "eval_split")
+  held_out = _user_errors(
+    data.tokenize_records,
+    eval_records,
+    tokenizer,
+    c.seq_len,
+    path=c.eval_data,
+    flags={"seq_len": "seq_len"},
+  )
+  sets = {}
+  if held_out.format != data.TEXT:
+    sets["eval"] = _user_errors(
+      data.make_eval_set, eval_records[: c.eval_limit], tokenizer, c.eval_data
+    )
+  if c.retention_data:
+    retained = records("retention_data", "eval_split")[: c.eval_limit]
+    sets["retention"] = _user_errors(data.make_eval_set, retained, tokenizer, c.retention_data)
+  for name, dataset in (("--data", train), ("--eval-data", held_out)):
+    if dataset.num_split:
+      _say(
+        distributed.is_main(),
+        f"{name}: {dataset.num_split} of {dataset.num_records} documents are longer than "
+        f"--seq-len {c.seq_len}: split into {dataset.num_split_chunks} chunks (no token lost)",
+      )
+  return train, held_out, sets
+
+
+def describe_eval(result: dict) -> str:
+  """One line of an :meth:`Evaluator.run` result: loss, perplexity and the accuracies it has."""
+  parts = [f"eval loss {result['loss']:.4f}"]
+  if "perplexity" in result:  # absent from the eval_before of a run made before it existed
+    parts.append(f"perplexity {result['perplexity']:.3f}")
+  parts += [f"accuracy {result['accuracy']:.3f}"] if "accuracy" in result else []
+  if "retention_accuracy" in result:
+    parts.append(f"retention {result['retention_accuracy']:.3f}")
+  return " ".join(parts)
+
+
 def run(c: RunConfig) -> dict:
   """Executes the run described by ``c`` and returns the summary it wrote."""
   with _StopFlag() as stopper:
@@ -190,25 +250,10 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   # fp32 master copy (bf16 storage would round away updates below its 8-bit mantissa).
   param_dtype = jnp.float32 if c.method == "full" else dtype
   model = _user_errors(gemma.load_model, c.model, dtype=dtype, param_dtype=param_dtype)
-  train = _user_errors(
-    data.load_dataset,
-    c.data,
-    tokenizer,
-    c.seq_len,
-    truncate=c.truncate,
-    flags={"seq_len": "seq_len"},
-  )
-  held_out = _user_errors(
-    data.load_dataset, c.eval_data, tokenizer, c.seq_len, flags={"seq_len": "seq_len"}
-  )
-  sets = {"eval": _user_errors(data.load_eval_set, c.eval_data, tokenizer, c.eval_limit)}
-  if c.retention_data:
-    sets["retention"] = _user_errors(data.load_eval_set, c.retention_data, tokenizer, c.eval_limit)
-  max_new = (
-    max(
-      len(tokenizer.encode(x.expected, add_special_tokens=False)) for s in sets.values() for x in s
-    )
-    + 2
+  train, held_out, sets = _load_data(c, tokenizer)
+  max_new = 2 + max(
+    (len(tokenizer.encode(x.expected, add_special_tokens=False)) for s in sets.values() for x in s),
+    default=0,
   )
   adapted, geoms = None, {}
   if c.method != "full":  # adapters first: their geometries say which kernels to quantize
@@ -266,11 +311,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     _say(main, f"resumed from step {state.step}")
   if eval_before is None:
     eval_before = evaluator.run(job.evaluated(state.trainable))
-  _say(
-    main,
-    f"before: eval loss {eval_before['loss']:.4f} accuracy {eval_before['accuracy']:.3f}"
-    + (f" retention {eval_before['retention_accuracy']:.3f}" if c.retention_data else ""),
-  )
+  _say(main, f"before: {describe_eval(eval_before)}")
 
   stream = data.PackedBatches(
     train.examples,
