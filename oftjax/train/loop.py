@@ -93,7 +93,11 @@ def eval_row(step: int, result: dict) -> dict:
 
 
 def _temp_bytes(compiled) -> int | None:
-  analysis = compiled.memory_analysis()
+  """The compiled step's temp bytes, or ``None`` where the backend has no memory analysis."""
+  try:
+    analysis = compiled.memory_analysis()
+  except NotImplementedError:
+    return None
   return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 

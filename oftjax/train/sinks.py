@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from typing import Protocol
 
 KINDS = ("train", "eval", "speed")
@@ -136,7 +137,12 @@ class TensorBoardSink:
   def __init__(self, logdir: str, purge_step: int | None = None):
     from tensorboardX import SummaryWriter  # only runs that ask for it import it
 
-    self.writer = SummaryWriter(logdir, purge_step=purge_step, flush_secs=30)
+    # tensorboardX names a file by the second and the host: a writer started in the same
+    # second as the last one (a quick resume) would replace its file; nanoseconds keep both,
+    # in the order TensorBoard reads them (by name).
+    self.writer = SummaryWriter(
+      logdir, purge_step=purge_step, flush_secs=30, filename_suffix=f".{time.time_ns()}"
+    )
 
   def write(self, row: dict) -> None:
     for tag, value in scalars(row).items():
