@@ -73,6 +73,28 @@ def test_tensorboard_purge_hides_the_rows_a_resume_reruns(tmp_path):
   }
 
 
+def test_metrics_log_keeps_rows_up_to_the_checkpoint_and_leaves_out_speed(tmp_path):
+  path = str(tmp_path / "metrics.jsonl")
+  log = sinks.MetricsLog(path)
+  for step in range(1, 5):
+    log.write({"kind": "train", "step": step, "loss": float(step)})
+    log.write({"kind": "speed", "step": step, "tokens_per_s": 1e3})
+    if step % 2 == 0:
+      log.write({"kind": "eval", "step": step, "loss": step / 2})
+  with open(path, "a") as f:
+    f.write('{"kind": "train", "step": 5, "lo')  # torn by a kill mid-write
+  resumed = sinks.MetricsLog(path, resume_step=2)
+  assert (
+    resumed.rows
+    == read_jsonl(path)
+    == [
+      {"kind": "train", "step": 1, "loss": 1.0},
+      {"kind": "train", "step": 2, "loss": 2.0},
+      {"kind": "eval", "step": 2, "loss": 1.0},
+    ]
+  )
+
+
 class _FakeRun:
   def __init__(self, calls, **kwargs):
     self.calls = calls

@@ -164,7 +164,7 @@ class RunConfig:
   eval_every: int | None = _field(
     None,
     "also evaluate every N steps during training (eval loss; accuracy where the eval set has "
-    "answers), logged as kind 'eval' rows of metrics.jsonl (default: before and after only)",
+    "answers), logged as kind 'eval' rows of metrics.jsonl; None: only before and after",
   )
   tensorboard: str = _field(
     "", "also write the logged scalars as TensorBoard event files into this folder"
