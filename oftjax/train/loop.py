@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import numbers
 import time
 from typing import Any
 
@@ -87,7 +88,7 @@ class LoopStats:
 def eval_row(step: int, result: dict) -> dict:
   """The ``'eval'`` metrics row of an evaluator ``result`` at ``step`` (its numbers only)."""
   numbers = {
-    k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    k: v for k, v in result.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)
   }
   return {"kind": "eval", "step": step, **numbers}
 

@@ -1,16 +1,16 @@
 """Where the training loop's metric rows go: metrics.jsonl, TensorBoard, Weights & Biases.
 
-Every backend is a :class:`MetricsSink`, a peer of the others (:class:`MetricsLog`,
-:class:`TensorBoardSink`, :class:`WandbSink`): the loop writes each row once, to the
-:class:`FanOut` of the run's sinks that :func:`open_sinks` builds. A row is a flat dict
-``{'kind': ..., 'step': ..., <name>: <number>, ...}`` with ``kind`` one of
+Every backend is a `MetricsSink`, a peer of the others (`MetricsLog`,
+`TensorBoardSink`, `WandbSink`): the loop writes each row once, to the
+`FanOut` of the run's sinks that `open_sinks` builds. A row is a flat dict
+`{'kind': ..., 'step': ..., <name>: <number>, ...}` with `kind` one of
 
-- ``'train'``: the training loss and the step's other figures (``--log-every``),
-- ``'eval'``: the evaluator's metrics (``--eval-every``), as ``summary.json``'s ``eval_after``,
-- ``'speed'``: training tokens per second since the previous log line (wall-clock).
+- `'train'`: the training loss and the step's other figures (`--log-every`),
+- `'eval'`: the evaluator's metrics (`--eval-every`), as `summary.json`'s `eval_after`,
+- `'speed'`: training tokens per second since the previous log line (wall-clock).
 
-TensorBoard and W&B name a scalar ``<kind>/<name>`` (``train/loss``, ``eval/accuracy``,
-``speed/tokens_per_s``). On ``--resume`` each sink forgets what it holds past the
+TensorBoard and W&B name a scalar `<kind>/<name>` (`train/loss`, `eval/accuracy`,
+`speed/tokens_per_s`). On `--resume` each sink forgets what it holds past the
 checkpoint, so the resumed run neither repeats nor loses a row.
 
 References: tensorboardX `SummaryWriter` (its `purge_step`), wandb `init`/`log`.
@@ -19,12 +19,12 @@ References: tensorboardX `SummaryWriter` (its `purge_step`), wandb `init`/`log`.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import secrets
 import time
 from typing import Protocol
 
-KINDS = ("train", "eval", "speed")
 EVENT_FILE_PREFIX = "events.out.tfevents."
 
 
@@ -52,18 +52,18 @@ class MetricsSink(Protocol):
 
 
 def scalars(row: dict) -> dict[str, float]:
-  """``{'<kind>/<name>': value}`` of a row's numbers (not its ``kind`` and ``step``)."""
+  """`{'<kind>/<name>': value}` of a row's numbers (not its `kind` and `step`)."""
   return {
     f"{kind_of(row)}/{name}": float(value)
     for name, value in row.items()
     if name not in ("kind", "step")
-    and isinstance(value, (int, float))
+    and isinstance(value, numbers.Real)
     and not isinstance(value, bool)
   }
 
 
 class FanOut:
-  """Writes each row to every sink of ``sinks``, in order; itself a :class:`MetricsSink`."""
+  """Writes each row to every sink of `sinks`, in order; itself a `MetricsSink`."""
 
   def __init__(self, sinks: list):
     self.sinks = list(sinks)
@@ -78,7 +78,7 @@ class FanOut:
 
 
 class MetricsLog:
-  """metrics.jsonl: one JSON object per train and eval row (a ``sinks.MetricsSink``).
+  """metrics.jsonl: one JSON object per train and eval row (a `sinks.MetricsSink`).
 
   Speed rows (wall-clock tokens/s) are left out, so the file is a deterministic record:
   an interrupted and resumed run writes the same file as an uninterrupted one. On resume
@@ -102,7 +102,7 @@ class MetricsLog:
     self.rows = rows
 
   def write(self, row: dict) -> None:
-    """Appends ``row`` (synced to disk) unless it is of a kind the file leaves out."""
+    """Appends `row` (synced to disk) unless it is of a kind the file leaves out."""
     if kind_of(row) not in self.KINDS:
       return
     clean = {
@@ -119,19 +119,19 @@ class MetricsLog:
 
 
 def event_files(logdir: str) -> list[str]:
-  """The TensorBoard event files directly in ``logdir`` (none when it does not exist)."""
+  """The TensorBoard event files directly in `logdir` (none when it does not exist)."""
   if not os.path.isdir(logdir):
     return []
   return sorted(f for f in os.listdir(logdir) if f.startswith(EVENT_FILE_PREFIX))
 
 
 class TensorBoardSink:
-  """Every row's :func:`scalars` as TensorBoard scalar events, at the row's step.
+  """Every row's `scalars` as TensorBoard scalar events, at the row's step.
 
   Args:
     logdir: the event files' folder (created if missing).
-    purge_step: when resuming after step ``s``, ``s + 1``: TensorBoard hides the events
-      an earlier writer of ``logdir`` recorded at that step or later (they are rerun).
+    purge_step: when resuming after step `s`, `s + 1`: TensorBoard hides the events
+      an earlier writer of `logdir` recorded at that step or later (they are rerun).
   """
 
   def __init__(self, logdir: str, purge_step: int | None = None):
@@ -154,19 +154,19 @@ class TensorBoardSink:
 
 
 class WandbSink:
-  """Every row's :func:`scalars` logged to a Weights & Biases run, at the row's step.
+  """Every row's `scalars` logged to a Weights & Biases run, at the row's step.
 
-  The run's id is kept in ``<output_dir>/wandb_run_id``, so ``--resume`` continues the
+  The run's id is kept in `<output_dir>/wandb_run_id`, so `--resume` continues the
   same W&B run. W&B keeps the first value it received for a step: rows that a crashed run
   logged past its last checkpoint stay as first logged (metrics.jsonl holds the rerun's).
 
   Args:
     output_dir: the run's folder (W&B writes its local files under it).
     config: the run's flags, shown as the W&B run's config.
-    resume: continue the W&B run recorded in ``output_dir``.
+    resume: continue the W&B run recorded in `output_dir`.
 
   Raises:
-    ImportError: ``wandb`` is not installed (the job checks this before starting).
+    ImportError: `wandb` is not installed (the job checks this before starting).
   """
 
   ID_FILE = "wandb_run_id"
@@ -198,14 +198,14 @@ class WandbSink:
 
 
 def open_sinks(c, resume_step: int | None) -> tuple[MetricsLog, FanOut]:
-  """The run's sinks: metrics.jsonl, with TensorBoard (``--tensorboard``) and W&B (``--wandb``).
+  """The run's sinks: metrics.jsonl, with TensorBoard (`--tensorboard`) and W&B (`--wandb`).
 
   Args:
-    c: the run's ``RunConfig``.
-    resume_step: the checkpoint's step when resuming, else ``None``.
+    c: the run's `RunConfig`.
+    resume_step: the checkpoint's step when resuming, else `None`.
 
   Returns:
-    The metrics.jsonl sink (its ``rows`` feed the summary and the plot) and the fan-out of
+    The metrics.jsonl sink (its `rows` feed the summary and the plot) and the fan-out of
     every sink, which the loop writes to.
   """
   log = MetricsLog(os.path.join(c.output_dir, "metrics.jsonl"), resume_step)
