@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -21,6 +22,8 @@ import re
 ASSETS_ENV = "OFTJAX_ASSETS"
 METHODS = ("oft", "oftv1", "lora", "full")
 DEFAULT_TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# `auto` and `oftjax.models.remat.POLICIES` (not imported: it needs jax; a test keeps them equal).
+REMAT_CHOICES = ("auto", "none", "full", "dots", "dots_no_batch")
 
 
 class UsageError(ValueError):
@@ -144,6 +147,13 @@ class RunConfig:
     "metrics.jsonl as skipped_steps) or stop the run (exit 2)",
     choices=("skip", "stop"),
   )
+  remat: str = _field(
+    "auto",
+    "rematerialisation of each decoder layer in the backward pass: none, full (keep only "
+    "its input), dots (keep matmul outputs), dots_no_batch (keep weight-matmul outputs); "
+    "auto: none on CPU, dots_no_batch on GPU/TPU (README: Memory)",
+    choices=REMAT_CHOICES,
+  )
   dtype: str = _field(
     "auto",
     "compute dtype: auto (float32 on CPU, bfloat16 on GPU/TPU), float32, bfloat16",
@@ -160,6 +170,15 @@ class RunConfig:
   )
   process_id: int = _field(0, "this process's index")
   log_every: int = _field(10, "steps between metrics.jsonl lines")
+  eval_every: int | None = _field(
+    None,
+    "also evaluate every N steps during training (eval loss; accuracy where the eval set has "
+    "answers), logged as kind 'eval' rows of metrics.jsonl; None: only before and after",
+  )
+  tensorboard: str = _field(
+    "", "also write the logged scalars as TensorBoard event files into this folder"
+  )
+  wandb: bool = _field(False, "also log the scalars to Weights & Biases (pip install wandb)")
   save_every: int = _field(50, "steps between checkpoints")
   keep_checkpoints: int = _field(2, "checkpoints kept")
   eval_limit: int = _field(64, "max examples per eval set")
@@ -211,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     if field.type in ("bool", bool):
       parser.add_argument(flag, action="store_true", help=help_text)
     else:
-      kind = {"int": int, "float": float}.get(str(field.type), str)
+      kind = {"int": int, "int | None": int, "float": float}.get(str(field.type), str)
       parser.add_argument(
         flag, type=kind, default=field.default, choices=field.metadata["choices"], help=help_text
       )
@@ -269,6 +288,21 @@ def adapter_config(c: RunConfig):
     raise UsageError(reword(str(e), _ADAPTER_FIELDS)) from None
 
 
+def remat_policy(c: RunConfig) -> str:
+  """The ``--remat`` policy of this backend: ``auto`` is ``none`` on CPU, else ``dots_no_batch``.
+
+  CPU runs have host memory to spare and are compute-bound, so recomputing costs speed for
+  nothing; GPU/TPU runs are bound by device memory, and ``dots_no_batch`` keeps the weight
+  matmuls' outputs (the costly FLOPs) while recomputing the cheap rest, including the
+  attention scores whose size grows with the square of ``--seq-len``.
+  """
+  if c.remat != "auto":
+    return c.remat
+  import jax  # heavy: only once argparse has accepted the flags
+
+  return "none" if jax.default_backend() == "cpu" else "dots_no_batch"
+
+
 def check_assets(c: RunConfig) -> None:
   """Paths left at their shipped default must exist; one line naming the flag otherwise.
 
@@ -305,6 +339,21 @@ def validate(c: RunConfig) -> None:
   ):
     if getattr(c, name) < 1:
       raise UsageError(f"{flag_of(name)} must be a positive integer (got {getattr(c, name)})")
+  if c.eval_every is not None and c.eval_every < 1:
+    raise UsageError(
+      f"--eval-every must be a positive integer (got {c.eval_every}); leave it out to "
+      "evaluate only before and after training"
+    )
+  for flag, package, wanted in (
+    ("--wandb", "wandb", c.wandb),
+    ("--tensorboard", "tensorboardX", c.tensorboard),
+  ):
+    if wanted and importlib.util.find_spec(package) is None:
+      raise UsageError(
+        f"{flag} needs the {package} package, which is not installed: pip install {package}"
+      )
+  if c.tensorboard and os.path.exists(c.tensorboard) and not os.path.isdir(c.tensorboard):
+    raise UsageError(f"--tensorboard {c.tensorboard} is a file, not a folder")
   for name in ("lr", "weight_decay", "clip_norm", "lora_alpha"):
     value = getattr(c, name)
     if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):

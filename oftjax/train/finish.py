@@ -19,6 +19,7 @@ from oftjax import atomic, peft_io, quant
 from oftjax import params as P
 from oftjax.models import gemma
 from oftjax.train import outputs
+from oftjax.train.config import remat_policy
 from oftjax.train.loop import LoopStats
 from oftjax.train.state import RunState
 
@@ -37,7 +38,7 @@ class RunRecord:
   Attributes:
     eval_before: the evaluator's result before training (``Evaluator.run``).
     eval_after: its result after training.
-    rows: the ``metrics.jsonl`` rows.
+    rows: the ``metrics.jsonl`` rows (train and eval).
     loop: what the training loop measured (:class:`oftjax.train.loop.LoopStats`).
     train: the training ``Dataset`` (its record, example, target-token, truncation and
       split counts are reported).
@@ -107,6 +108,8 @@ def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
     "train_tokens_per_s": tokens_per_step / float(np.median(steady)) if steady else None,
     "step_time_s": float(np.median(steady)) if steady else None,
     "compile_s": record.loop.compile_s,
+    "remat": remat_policy(c),
+    "train_step_temp_bytes": record.loop.temp_bytes,
     "wall_s": time.time() - record.t_start,
     "final_loss": state.loss,
     "processes": jax.process_count(),

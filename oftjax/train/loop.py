@@ -1,9 +1,10 @@
-"""The training loop of the finetuning job: compiled step, logging, checkpoints, clean stops."""
+"""The finetuning job's training loop: compiled step, logging, evaluation, checkpoints, stops."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import numbers
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ from tqdm import tqdm
 
 from oftjax import distributed, sharding
 from oftjax.train.config import UsageError
+from oftjax.train.objective import lr_schedule
 from oftjax.train.state import RunState
 
 ORTHOGONALITY_TOLERANCE = 1e-2  # max|RᵀR−I| beyond which R visibly stops being a rotation
@@ -44,9 +46,12 @@ class LoopIO:
   Attributes:
     stream: the training batches (``next()`` gives a host batch; ``.state`` its position).
     checkpoints: a ``RunCheckpoints`` (``save(step, arrays, meta, force=...)``).
-    metrics: a ``MetricsLog`` (``append(row)``), or ``None`` on processes that write nothing.
+    metrics: a ``sinks.MetricsSink`` (``write(row)``), or ``None`` on processes that write
+      nothing.
     checkpoint_meta: JSON saved with every checkpoint besides the state's counters.
     stopper: its ``stop`` turns true on SIGINT/SIGTERM.
+    evaluate: ``evaluate(trainable) -> metrics dict`` (the evaluator's ``run`` on the
+      evaluated tree), called every ``c.eval_every`` steps; ``None`` without evaluation.
   """
 
   stream: Any
@@ -54,6 +59,7 @@ class LoopIO:
   metrics: Any
   checkpoint_meta: dict
   stopper: Any
+  evaluate: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +71,35 @@ class LoopStats:
     tokens: training tokens of the timed steps.
     compile_s: seconds to compile the step.
     stopped: whether a signal stopped the run before its last step.
+    temp_bytes: the compiled step's temporary (activation) memory per device, from XLA's
+      ``memory_analysis()``, or ``None`` where the backend does not report it.
+    last_eval: the evaluation at the last step (``--eval-every``), when this session ran
+      it, else ``None``.
   """
 
   times: list
   tokens: int
   compile_s: float
   stopped: bool
+  temp_bytes: int | None = None
+  last_eval: dict | None = None
+
+
+def eval_row(step: int, result: dict) -> dict:
+  """The ``'eval'`` metrics row of an evaluator ``result`` at ``step`` (its numbers only)."""
+  numbers = {
+    k: v for k, v in result.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)
+  }
+  return {"kind": "eval", "step": step, **numbers}
+
+
+def _temp_bytes(compiled) -> int | None:
+  """The compiled step's temp bytes, or ``None`` where the backend has no memory analysis."""
+  try:
+    analysis = compiled.memory_analysis()
+  except NotImplementedError:
+    return None
+  return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
 @jax.jit
@@ -87,6 +116,11 @@ def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunStat
   """Runs optimizer steps ``state.step+1 … c.steps``; checkpoints every ``c.save_every`` steps.
 
   Every process runs this; each feeds only its rows of the (identical) global batch.
+  Every ``c.log_every`` steps (and at the last) it writes a ``'train'`` row (loss, token
+  accuracy, gradient norm, the step's learning rate, skip counts) and a ``'speed'`` row
+  (tokens/s since the previous one) to ``io.metrics``. Every ``c.eval_every`` steps (and at
+  the last) it writes an ``'eval'`` row of ``io.evaluate``, before that step's checkpoint:
+  a run resumed from a checkpoint has the eval rows up to it and reruns the later ones.
   ``step.health(trainable)`` adds its summaries (``max_q_norm``, ``mean_q_norm``,
   ``orthogonality_error``, ``mean_orthogonality_error``, with COFT ``max_coft_ratio``; not
   the per-layer figures) to each logged line, with a warning the first time the error
@@ -124,7 +158,10 @@ def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunStat
   t0 = time.time()
   compiled = step.fn.lower(state.trainable, state.opt_state, step.frozen, batch).compile()
   compile_s = time.time() - t0
+  schedule = lr_schedule(c.lr, c.steps, c.warmup_steps)
   times, tokens_seen, loss = [], 0, float("nan")
+  since_log = [0, 0.0]  # training tokens and seconds since the last speed row
+  last_eval = None
   last_saved = state.step or None
   if state.step >= c.steps:  # resumed after the last step (killed while writing outputs):
     copies = jax.tree_util.tree_map(  # time one discarded step on copies, for the speed
@@ -150,6 +187,7 @@ def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunStat
     loss = distributed.scalar(loss_arr)
     times.append(time.time() - t0)
     tokens_seen += ntok
+    since_log = [since_log[0] + ntok, since_log[1] + times[-1]]
     skipped = int(distributed.scalar(aux["skipped"]))
     state = state.replace(
       trainable=trainable,
@@ -174,9 +212,12 @@ def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunStat
           "skipped (weights unchanged), counted as skipped_steps in metrics.jsonl"
         )
     if state.step % c.log_every == 0 or state.step == c.steps:
+      applied_before = state.step - 1 - (state.skipped_steps - skipped)  # optax's update count
       row = {
+        "kind": "train",
         "step": state.step,
         "loss": loss,
+        "lr": float(schedule(applied_before)),
         "token_accuracy": distributed.scalar(aux["token_accuracy"]),
         "grad_norm": distributed.scalar(aux["grad_norm"]),
         "skipped": skipped,
@@ -204,7 +245,25 @@ def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunStat
             "use more (even) --neumann-terms or --parameterization cayley"
           )
       if io.metrics is not None:
-        io.metrics.append(row)
+        io.metrics.write(row)
+        io.metrics.write(
+          {"kind": "speed", "step": state.step, "tokens_per_s": since_log[0] / since_log[1]}
+        )
+      since_log = [0, 0.0]
+    if c.eval_every is not None and (state.step % c.eval_every == 0 or state.step == c.steps):
+      result = io.evaluate(state.trainable)
+      last_eval = result if state.step == c.steps else None
+      if io.metrics is not None:
+        io.metrics.write(eval_row(state.step, result))
+      if distributed.is_main():
+        tqdm.write(
+          f"step {state.step}: eval "
+          + ", ".join(
+            f"{k} {v:.4g}"
+            for k, v in eval_row(state.step, result).items()
+            if k not in ("kind", "step")
+          )
+        )
     if state.step % c.save_every == 0 or state.step == c.steps or io.stopper.stop:
       if not bool(_all_finite(state.trainable)):
         bar.close()
@@ -223,5 +282,10 @@ def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunStat
       batch, ntok = next_batch()
   bar.close()
   return state, LoopStats(
-    times, tokens_seen, compile_s, stopped=io.stopper.stop and state.step < c.steps
+    times,
+    tokens_seen,
+    compile_s,
+    stopped=io.stopper.stop and state.step < c.steps,
+    temp_bytes=_temp_bytes(compiled),
+    last_eval=last_eval,
   )

@@ -10,13 +10,21 @@ import jax.numpy as jnp
 import optax
 
 
+def lr_schedule(lr: float, steps: int, warmup_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to ``lr`` then cosine decay to 10% of ``lr`` at ``steps``.
+
+  The update after ``k`` applied updates uses ``schedule(k)`` (optax counts from 0).
+  """
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0, peak_value=lr, warmup_steps=warmup_steps, decay_steps=steps, end_value=lr * 0.1
+  )
+
+
 def make_optimizer(
   lr: float, steps: int, warmup_steps: int, weight_decay: float, clip_norm: float
 ) -> optax.GradientTransformation:
-  """AdamW with linear warmup then cosine decay to 10% of ``lr``, after global-norm clipping."""
-  schedule = optax.warmup_cosine_decay_schedule(
-    init_value=0.0, peak_value=lr, warmup_steps=warmup_steps, decay_steps=steps, end_value=lr * 0.1
-  )
+  """AdamW on :func:`lr_schedule`, after global-norm clipping."""
+  schedule = lr_schedule(lr, steps, warmup_steps)
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
   return optax.chain(*parts, optax.adamw(schedule, weight_decay=weight_decay))
 

@@ -19,11 +19,11 @@ import jax.numpy as jnp
 from oftjax import checkpoint, data, distributed, peft_io, quant, sharding
 from oftjax.adapted_model import adapt
 from oftjax.models import gemma
-from oftjax.train import outputs
-from oftjax.train.config import RunConfig, UsageError, adapter_config, reword
+from oftjax.train import sinks
+from oftjax.train.config import RunConfig, UsageError, adapter_config, remat_policy, reword
 from oftjax.train.evaluate import Evaluator
 from oftjax.train.finish import RunRecord, peft_naming, write_outputs
-from oftjax.train.loop import LoopIO, TrainStep, train_loop
+from oftjax.train.loop import LoopIO, TrainStep, eval_row, train_loop
 from oftjax.train.objective import make_optimizer
 from oftjax.train.run_model import build_run_model
 from oftjax.train.state import RunState
@@ -93,6 +93,7 @@ def _prepare_output_dir(c: RunConfig) -> None:
     raise UsageError(
       f"--export-merged {c.export_merged} already exists; choose a new folder or pass --overwrite"
     )
+  stale_events = _stale_event_files(c)
   has_run = os.path.isdir(c.output_dir) and bool(os.listdir(c.output_dir))
   if c.resume:
     _check_resumable(c)
@@ -104,9 +105,31 @@ def _prepare_output_dir(c: RunConfig) -> None:
   elif has_run:
     shutil.rmtree(c.output_dir)
   os.makedirs(c.output_dir, exist_ok=True)
+  for path in stale_events:
+    if os.path.exists(path):  # not when it was inside the --output-dir just replaced
+      os.remove(path)
   for stale in ("summary.json",):  # a resumed run is not complete until it finishes
     if os.path.exists(os.path.join(c.output_dir, stale)):
       os.remove(os.path.join(c.output_dir, stale))
+
+
+def _stale_event_files(c: RunConfig) -> list[str]:
+  """Event files a fresh run's ``--tensorboard`` folder holds (``--overwrite`` removes them).
+
+  A resumed run continues its own (its sink hides the events past the checkpoint).
+
+  Raises:
+    UsageError: a fresh run without ``--overwrite`` on a folder holding event files.
+  """
+  if not c.tensorboard or c.resume:
+    return []
+  old = [os.path.join(c.tensorboard, f) for f in sinks.event_files(c.tensorboard)]
+  if old and not c.overwrite:
+    raise UsageError(
+      f"--tensorboard {c.tensorboard} already holds event files; choose a new folder, "
+      "pass --resume to continue that run or --overwrite to replace them"
+    )
+  return old
 
 
 def compute_dtype(name: str):
@@ -249,7 +272,9 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   # Frozen weights are stored in the compute dtype; weights that full finetuning trains keep an
   # fp32 master copy (bf16 storage would round away updates below its 8-bit mantissa).
   param_dtype = jnp.float32 if c.method == "full" else dtype
-  model = _user_errors(gemma.load_model, c.model, dtype=dtype, param_dtype=param_dtype)
+  model = _user_errors(
+    gemma.load_model, c.model, dtype=dtype, param_dtype=param_dtype, remat=remat_policy(c)
+  )
   train, held_out, sets = _load_data(c, tokenizer)
   max_new = 2 + max(
     (len(tokenizer.encode(x.expected, add_special_tokens=False)) for s in sets.values() for x in s),
@@ -321,26 +346,26 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     state=state.data_state,
     pad_id=evaluator.pad_id,
   )
-  metrics = (
-    outputs.MetricsLog(
-      os.path.join(c.output_dir, "metrics.jsonl"), resume_step=state.step if c.resume else None
-    )
-    if main
-    else None
-  )
+  metrics, sink = sinks.open_sinks(c, state.step if c.resume else None) if main else (None, None)
+  if sink is not None and c.eval_every is not None and not c.resume:
+    sink.write(eval_row(0, eval_before))
   meta = {"fingerprint": c.fingerprint(), "eval_before": eval_before}
-  state, stats = train_loop(
-    c,
-    state,
-    TrainStep(step_fn, frozen, mesh, job.health),
-    LoopIO(stream, ckpt, metrics, meta, stopper),
-  )
+  try:
+    state, stats = train_loop(
+      c,
+      state,
+      TrainStep(step_fn, frozen, mesh, job.health),
+      LoopIO(stream, ckpt, sink, meta, stopper, lambda t: evaluator.run(job.evaluated(t))),
+    )
+  finally:
+    if sink is not None:
+      sink.close()
   ckpt.close()
   if stats.stopped:
     _say(main, f"stopped at step {state.step}; rerun with --resume to continue")
     return {"stopped_at": state.step}
   final = job.evaluated(state.trainable)
-  eval_after = evaluator.run(final)
+  eval_after = stats.last_eval or evaluator.run(final)
   host_state = state.replace(trainable=distributed.to_host(state.trainable), opt_state=None)
   host_merged = None
   if c.export_merged:

@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from oftjax.models.gemma import gemma4_config
+from oftjax.models.remat import policy_name as remat_policy_name
 
 SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 _GENERATION = {"gemma": 1, "gemma2": 2, "gemma3_text": 3}
@@ -59,7 +60,8 @@ class GemmaConfig:
     pad_token_id: padding token id (used by `generate` after EOS).
     dtype: compute dtype.
     param_dtype: parameter storage dtype.
-    remat: rematerialise each decoder layer in the backward pass.
+    remat: the rematerialisation policy of each decoder layer in the backward pass, one of
+      `oftjax.models.remat.POLICIES` (a bool means 'full' or 'none').
     hf_config: the Hugging Face (text) config this was built from; not hashed or compared.
     source_dir: the folder the checkpoint came from, if any; not hashed or compared.
   """
@@ -85,12 +87,12 @@ class GemmaConfig:
   pad_token_id: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  remat: bool = False
+  remat: str = "none"
   hf_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
   source_dir: str | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
   def replace(self, **changes) -> GemmaConfig:
-    """Returns a copy with some fields changed (e.g. `remat=True`)."""
+    """Returns a copy with some fields changed (e.g. `remat='full'`)."""
     return dataclasses.replace(self, **changes)
 
   @property
@@ -143,7 +145,7 @@ def _rope_of(params: dict | None, model_type: str) -> RopeConfig:
 
 
 def from_hf_config(
-  hf_config, dtype=jnp.float32, param_dtype=None, remat: bool = False
+  hf_config, dtype=jnp.float32, param_dtype=None, remat: bool | str = False
 ) -> GemmaConfig:
   """Builds a `GemmaConfig` from a Hugging Face config object.
 
@@ -152,7 +154,9 @@ def from_hf_config(
       whose `text_config` is used).
     dtype: compute dtype.
     param_dtype: parameter dtype; defaults to `dtype`.
-    remat: rematerialise decoder layers in the backward pass.
+    remat: the rematerialisation policy of the decoder layers in the backward pass (one of
+      `oftjax.models.remat.POLICIES`: 'none', 'full', 'dots', 'dots_no_batch'; `True` is
+      'full', `False` 'none').
 
   Returns:
     The `GemmaConfig` (a `Gemma4Config` for a `gemma4_text` or `gemma4` config).
@@ -223,6 +227,6 @@ def from_hf_config(
     pad_token_id=int(pad),
     dtype=dtype,
     param_dtype=param_dtype if param_dtype is not None else dtype,
-    remat=remat,
+    remat=remat_policy_name(remat),
     hf_config=cfg,
   )

@@ -25,6 +25,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from oftjax.models.remat import policy_name as remat_policy_name
+
 TEXT_MODEL_TYPE = "gemma4_text"
 MULTIMODAL_MODEL_TYPE = "gemma4"
 MODEL_TYPES = (TEXT_MODEL_TYPE, MULTIMODAL_MODEL_TYPE)
@@ -103,7 +105,8 @@ class Gemma4Config:
     multimodal: the checkpoint is a `Gemma4ForConditionalGeneration` folder.
     dtype: compute dtype.
     param_dtype: parameter storage dtype.
-    remat: rematerialise each decoder layer in the backward pass.
+    remat: the rematerialisation policy of each decoder layer in the backward pass, one of
+      `oftjax.models.remat.POLICIES` (a bool means 'full' or 'none').
     hf_config: the Hugging Face text config; not hashed or compared.
     hf_multimodal_config: the whole `Gemma4Config` of a multimodal folder, else None.
     source_dir: the folder the checkpoint came from, if any; not hashed or compared.
@@ -135,13 +138,13 @@ class Gemma4Config:
   multimodal: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  remat: bool = False
+  remat: str = "none"
   hf_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
   hf_multimodal_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
   source_dir: str | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
   def replace(self, **changes) -> Gemma4Config:
-    """Returns a copy with some fields changed (e.g. `remat=True`)."""
+    """Returns a copy with some fields changed (e.g. `remat='full'`)."""
     return dataclasses.replace(self, **changes)
 
   @property
@@ -290,7 +293,7 @@ def _check_unimplemented(cfg, model_type: str) -> None:
 
 
 def from_hf_config(
-  hf_config, dtype=jnp.float32, param_dtype=None, remat: bool = False
+  hf_config, dtype=jnp.float32, param_dtype=None, remat: bool | str = False
 ) -> Gemma4Config:
   """Builds a `Gemma4Config` from a transformers `Gemma4TextConfig` or `Gemma4Config`.
 
@@ -299,7 +302,9 @@ def from_hf_config(
       is used; the vision and audio configs are kept only for saving).
     dtype: compute dtype.
     param_dtype: parameter dtype; defaults to `dtype`.
-    remat: rematerialise decoder layers in the backward pass.
+    remat: the rematerialisation policy of the decoder layers in the backward pass (one of
+      `oftjax.models.remat.POLICIES`: 'none', 'full', 'dots', 'dots_no_batch'; `True` is
+      'full', `False` 'none').
 
   Returns:
     The `Gemma4Config`.
@@ -375,7 +380,7 @@ def from_hf_config(
     multimodal=multimodal,
     dtype=dtype,
     param_dtype=param_dtype if param_dtype is not None else dtype,
-    remat=remat,
+    remat=remat_policy_name(remat),
     hf_config=cfg,
     hf_multimodal_config=hf_config if multimodal else None,
   )

@@ -147,7 +147,7 @@ class Gemma4(nn.Module):
 
 
 def from_hf_config_model(
-  hf_config, dtype=jnp.float32, param_dtype=None, remat: bool = False
+  hf_config, dtype=jnp.float32, param_dtype=None, remat: bool | str = False
 ) -> Gemma4:
   """Builds a `Gemma4` module from a `gemma4_text` or `gemma4` transformers config."""
   return Gemma4(from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat))

@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from oftjax.models import remat
 from oftjax.models.gemma.gemma4_config import Gemma4Config
 from oftjax.models.gemma.gemma4_layers import Gemma4DecoderLayer
 from oftjax.models.gemma.gemma4_schedule import LayerKind, Segment, layer_kinds, layer_schedule
@@ -62,7 +63,7 @@ class LayerGroup(nn.Module):
     cfg = self.config
     x, shared = carry
     per_layer_inputs, caches = xs
-    layer_cls = nn.remat(Gemma4DecoderLayer, prevent_cse=False) if cfg.remat else Gemma4DecoderLayer
+    layer_cls = remat.checkpointed(Gemma4DecoderLayer, cfg.remat)
     new_caches = []
     for slot, kind in enumerate(self.kinds):
       key = type_key(kind)

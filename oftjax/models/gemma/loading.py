@@ -224,7 +224,7 @@ def _fill(buffers: dict, spec: TensorSpec, read, convert, dtype) -> None:
     del part
 
 
-def model_from_hf_config(hf_config, dtype=jnp.float32, param_dtype=None, remat: bool = False):
+def model_from_hf_config(hf_config, dtype=jnp.float32, param_dtype=None, remat: bool | str = False):
   """A `Gemma` (Gemma 1-3) or `Gemma4` module from a transformers config (no weights)."""
   if getattr(hf_config, "model_type", None) in gemma4_config.MODEL_TYPES:
     cfg = gemma4_config.from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat)
@@ -232,7 +232,7 @@ def model_from_hf_config(hf_config, dtype=jnp.float32, param_dtype=None, remat: 
   return Gemma(from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat))
 
 
-def load_model(path_or_id, dtype=jnp.float32, param_dtype=None, remat: bool = False):
+def load_model(path_or_id, dtype=jnp.float32, param_dtype=None, remat: bool | str = False):
   """The `Gemma` or `Gemma4` module of a Hugging Face folder or hub id, from its config alone.
 
   Lets a caller trace the model (e.g. record adapter geometries) before :func:`load`.
@@ -260,7 +260,7 @@ def load(
   dtype=jnp.float32,
   allow_pickle: bool = False,
   param_dtype=None,
-  remat: bool = False,
+  remat: bool | str = False,
   on_host: bool = False,
   on_param=None,
 ):
@@ -274,7 +274,9 @@ def load(
     dtype: compute dtype, and parameter dtype unless `param_dtype` is given.
     allow_pickle: allow `*.bin` (pickle) checkpoints when no safetensors are present.
     param_dtype: parameter dtype; defaults to `dtype`.
-    remat: rematerialise decoder layers in the backward pass.
+    remat: the rematerialisation policy of the decoder layers in the backward pass (one of
+      `oftjax.models.remat.POLICIES`: 'none', 'full', 'dots', 'dots_no_batch'; `True` is
+      'full', `False` 'none').
     on_host: return host (NumPy) arrays instead of arrays on the default device, so a
       caller can `jax.device_put` them straight into their shards of a mesh and no
       single accelerator ever holds the whole model (the finetuning job does this on

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from oftjax.models import remat
 from oftjax.models.gemma.config import GemmaConfig
 from oftjax.models.gemma.layers import DecoderLayer, RMSNorm, rope_tables, softcap
 
@@ -136,7 +137,7 @@ class Gemma(nn.Module):
       param_dtype=cfg.param_dtype,
       embedding_init=nn.initializers.normal(0.02),
     )
-    layer = nn.remat(DecoderLayer, prevent_cse=False) if cfg.remat else DecoderLayer
+    layer = remat.checkpointed(DecoderLayer, cfg.remat)
     self.layers = nn.scan(
       layer,
       variable_axes={"params": 0},
@@ -214,7 +215,7 @@ class Gemma(nn.Module):
 
 
 def from_hf_config_model(
-  hf_config, dtype=jnp.float32, param_dtype=None, remat: bool = False
+  hf_config, dtype=jnp.float32, param_dtype=None, remat: bool | str = False
 ) -> Gemma:
   """Builds a `Gemma` module from a Hugging Face config object (no weights).
 
@@ -222,7 +223,9 @@ def from_hf_config_model(
     hf_config: a transformers Gemma/Gemma2/Gemma3Text (or multimodal Gemma3) config.
     dtype: compute dtype.
     param_dtype: parameter dtype; defaults to `dtype`.
-    remat: rematerialise decoder layers in the backward pass.
+    remat: the rematerialisation policy of the decoder layers in the backward pass (one of
+      `oftjax.models.remat.POLICIES`: 'none', 'full', 'dots', 'dots_no_batch'; `True` is
+      'full', `False` 'none').
 
   Returns:
     The Linen module; `model.config.hf_config` holds the text config.
