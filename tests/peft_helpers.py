@@ -46,7 +46,7 @@ def key_messages(messages) -> list[str]:
 
 
 def load_peft(base: torch.nn.Module, adapter_dir: str):
-  """``PeftModel.from_pretrained`` on ``base``; asserts it loads every tensor and no other.
+  """`PeftModel.from_pretrained` on `base`; asserts it loads every tensor and no other.
 
   Missing keys (PEFT warns) and unexpected keys (PEFT silently drops them) both fail, as
   does any warning or log line about keys or target modules.

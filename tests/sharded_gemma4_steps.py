@@ -1,8 +1,8 @@
 """Runs 3 OFT training steps of a tiny Gemma 4 (PLE table, MoE experts) under several meshes.
 
 Started by test_sharding.py in a subprocess with 8 simulated CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set before jax loads).
-Prints one JSON line: per mesh the training results of ``sharded_steps.train`` and the
+(`XLA_FLAGS=--xla_force_host_platform_device_count=8` must be set before jax loads).
+Prints one JSON line: per mesh the training results of `sharded_steps.train` and the
 sharding spec of every frozen parameter.
 """
 
@@ -82,7 +82,7 @@ def build():
 
 
 def specs(base, mesh) -> dict:
-  """``{parameter path: its PartitionSpec as a string}`` under ``param_shardings``."""
+  """`{parameter path: its PartitionSpec as a string}` under `param_shardings`."""
   shardings = sharding.param_shardings(base, mesh)
   leaves = jax.tree_util.tree_flatten_with_path(shardings)[0]
   return {"/".join(k.key for k in path): str(s.spec) for path, s in leaves}

@@ -1,9 +1,9 @@
 """COFT trains like PEFT's: 50 Adam steps from the same nonzero init end at the same weights.
 
-PEFT (peft/tuners/oft/layer.py, ``OFTRotationModule.forward``) writes
-``_project_batch(weight, eps)`` back into the stored weight before every forward, under
-``no_grad``: each block's ``Q`` is rescaled onto the Frobenius sphere of radius
-``eps / sqrt(r)`` (``r`` = the layer's stored blocks) when outside it. The gradient is
+PEFT (peft/tuners/oft/layer.py, `OFTRotationModule.forward`) writes
+`_project_batch(weight, eps)` back into the stored weight before every forward, under
+`no_grad`: each block's `Q` is rescaled onto the Frobenius sphere of radius
+`eps / sqrt(r)` (`r` = the layer's stored blocks) when outside it. The gradient is
 taken at the projected value and the optimizer updates that value. oftjax's step
 projects the incoming tree, differentiates there and projects the updated tree, so its
 stored weight is PEFT's after the next write-back.

@@ -203,7 +203,7 @@ def test_hub_id_offline_fails_in_one_line(monkeypatch):
 
 
 def test_on_host_load_equals_device_load(tmp_path):
-  """``on_host=True`` gives NumPy arrays (for sharded placement) equal to the default load."""
+  """`on_host=True` gives NumPy arrays (for sharded placement) equal to the default load."""
   name = next(iter(H.CONFIGS))
   H.save_hf_model(name, tmp_path)
   _, on_device = gemma.load(tmp_path)

@@ -1,10 +1,10 @@
 """PEFT adapters on Gemma 4 bases: PEFT's own files import exactly, oftjax's exports load in PEFT.
 
-Oracles: PEFT (``get_peft_model`` with nonzero random adapter weights, ``save_pretrained``,
-``PeftModel.from_pretrained``) on transformers' Gemma 4, text-only (``Gemma4ForCausalLM``)
-and multimodal (``Gemma4ForConditionalGeneration`` with vision and audio towers) on the
-"shared" config (KV-shared layers without ``k_proj``/``v_proj``, full layers without
-``v_proj``, per-layer embeddings), and a multimodal "pattern" model whose stacked axes
+Oracles: PEFT (`get_peft_model` with nonzero random adapter weights, `save_pretrained`,
+`PeftModel.from_pretrained`) on transformers' Gemma 4, text-only (`Gemma4ForCausalLM`)
+and multimodal (`Gemma4ForConditionalGeneration` with vision and audio towers) on the
+"shared" config (KV-shared layers without `k_proj`/`v_proj`, full layers without
+`v_proj`, per-layer embeddings), and a multimodal "pattern" model whose stacked axes
 each hold every other layer, one forward each.
 """
 
@@ -108,7 +108,7 @@ VARIANTS = {
 
 
 def _peft_adapter(base, make_config, std, folder, seed=0, targets=None):
-  """A PEFT model on ``base`` with random adapter weights, saved to ``folder``."""
+  """A PEFT model on `base` with random adapter weights, saved to `folder`."""
   model = peft.get_peft_model(base.torch_model(), make_config(targets or base.targets)).eval()
   PH.randomize_adapter_(model, seed, std)
   model.save_pretrained(folder)
@@ -282,7 +282,7 @@ def moe_base(tmp_path_factory):
 
 
 def test_router_projection_adapter_round_trips(moe_base, tmp_path):
-  """The MoE router's ``proj`` is an nn.Linear PEFT wraps: oftjax adapts and exports it too."""
+  """The MoE router's `proj` is an nn.Linear PEFT wraps: oftjax adapts and exports it too."""
   theirs_model = _peft_adapter(moe_base, _oft(use_cayley_neumann=False), 0.2, tmp_path / "peft")
   assert [m for m in PH.tuner_modules(theirs_model) if m.endswith("router.proj")]
   theirs = PH.logits(theirs_model, TOKENS)

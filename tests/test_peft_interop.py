@@ -1,8 +1,8 @@
 """Adapters written by PEFT itself import into oftjax exactly, and oftjax's exports load in PEFT.
 
-Oracles: PEFT (``get_peft_model`` with nonzero random adapter weights, ``save_pretrained``,
-``PeftModel.from_pretrained``) on transformers' Gemma 3, text-only (``Gemma3ForCausalLM``,
-untied ``lm_head``) and multimodal (``Gemma3ForConditionalGeneration`` with a tiny SigLIP
+Oracles: PEFT (`get_peft_model` with nonzero random adapter weights, `save_pretrained`,
+`PeftModel.from_pretrained`) on transformers' Gemma 3, text-only (`Gemma3ForCausalLM`,
+untied `lm_head`) and multimodal (`Gemma3ForConditionalGeneration` with a tiny SigLIP
 tower), one forward each.
 """
 
@@ -122,7 +122,7 @@ VARIANTS = {
 
 
 def _peft_adapter(base, make_config, std, folder, seed=0):
-  """A PEFT model on ``base`` with random adapter weights, saved to ``folder``."""
+  """A PEFT model on `base` with random adapter weights, saved to `folder`."""
   model = peft.get_peft_model(base.torch_model(), make_config(base.targets)).eval()
   PH.randomize_adapter_(model, seed, std)
   model.save_pretrained(folder)
@@ -152,7 +152,7 @@ def test_peft_adapter_round_trips_exactly(bases, kind, variant, tmp_path):
 
 
 def _edited(folder, **changes):
-  """Rewrites fields of a saved adapter_config.json (``None`` deletes the field)."""
+  """Rewrites fields of a saved adapter_config.json (`None` deletes the field)."""
   path = os.path.join(folder, "adapter_config.json")
   meta = json.loads(open(path).read())
   for key, value in changes.items():

@@ -99,7 +99,7 @@ def test_dead_peer_fails_instead_of_hanging():
 def test_gemma4_parameters_shard_and_sharded_steps_match():
   """Every Gemma 4 parameter the FSDP rule can split is split on 8 devices: the embeddings,
   the per-layer-embedding table, the MoE expert kernels, every projection. Vectors of
-  fewer than 1024 entries (norm scales, ``layer_scalar``) stay replicated by the rule."""
+  fewer than 1024 entries (norm scales, `layer_scalar`) stay replicated by the rule."""
   env = {
     **os.environ,
     "XLA_FLAGS": "--xla_force_host_platform_device_count=8",

@@ -1,8 +1,8 @@
 """Exact-match evaluation sets: prompts to complete greedily and the completions expected.
 
-A ``{"prompt","completion"}`` record gives ``[BOS] + prompt tokens`` and its completion; a
-``{"messages"}`` record gives the rendered conversation up to its last assistant turn followed by
-the generation prompt, and that turn's content. ``{"text"}`` records have no prompt and are refused.
+A `{"prompt","completion"}` record gives `[BOS] + prompt tokens` and its completion; a
+`{"messages"}` record gives the rendered conversation up to its last assistant turn followed by
+the generation prompt, and that turn's content. `{"text"}` records have no prompt and are refused.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class EvalExample:
   """One exact-match item.
 
   Attributes:
-    prompt_tokens: int32 ids ``[n]``, BOS first.
+    prompt_tokens: int32 ids `[n]`, BOS first.
     expected: the completion text the model must produce.
     line: the 1-based JSONL line.
   """
@@ -41,7 +41,7 @@ def make_eval_example(
     record: a validated prompt/completion or messages record.
     tokenizer: the tokenizer.
     where: file and line, for error messages.
-    control: the tokenizer's control tokens (``chat.control_tokens``), if already computed.
+    control: the tokenizer's control tokens (`chat.control_tokens`), if already computed.
 
   Returns:
     The item; a conversation's prompt is its tokens up to where the last assistant turn's
@@ -67,7 +67,7 @@ def make_eval_example(
 def load_eval_set(
   path: str | os.PathLike, tokenizer: Any, limit: int | None = None
 ) -> list[EvalExample]:
-  """Reads a JSONL file into exact-match items (the first ``limit`` records if given)."""
+  """Reads a JSONL file into exact-match items (the first `limit` records if given)."""
   name = os.fspath(path)
   records = jsonl.read_jsonl(name)[:limit]
   control = chat.control_tokens(tokenizer)
@@ -77,16 +77,16 @@ def load_eval_set(
 def pad_prompts(
   prompts: Sequence[np.ndarray], pad_id: int = 0, side: str = "left", length: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Pads prompts into one ``[batch, length]`` array.
+  """Pads prompts into one `[batch, length]` array.
 
   Args:
     prompts: int token arrays.
     pad_id: id written on padding.
-    side: ``"left"`` (prompts end at the last column, ready for generation) or ``"right"``.
+    side: `"left"` (prompts end at the last column, ready for generation) or `"right"`.
     length: columns; defaults to the longest prompt.
 
   Returns:
-    ``(tokens, mask)``: int32 ids and int32 mask (1 on real tokens).
+    `(tokens, mask)`: int32 ids and int32 mask (1 on real tokens).
   """
   if side not in ("left", "right"):
     raise ValueError(f"side must be 'left' or 'right', got {side!r}")
@@ -109,11 +109,11 @@ def eval_batches(
   side: str = "left",
   length: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-  """Yields ``(prompt_tokens, prompt_mask, expected_texts)`` batches for greedy generation.
+  """Yields `(prompt_tokens, prompt_mask, expected_texts)` batches for greedy generation.
 
-  All batches share one shape, ``[batch_size, length]`` (``length`` defaults to the longest
-  prompt of ``items``); the last batch is topped up with copies of its first prompt, whose
-  expected texts are not returned (``len(expected_texts)`` is the number of real rows).
+  All batches share one shape, `[batch_size, length]` (`length` defaults to the longest
+  prompt of `items`); the last batch is topped up with copies of its first prompt, whose
+  expected texts are not returned (`len(expected_texts)` is the number of real rows).
   """
   length = max(len(x.prompt_tokens) for x in items) if length is None else length
   for start in range(0, len(items), batch_size):
@@ -127,7 +127,7 @@ def eval_batches(
 def decode_completion(
   tokenizer: Any, generated: Sequence[int], stop_ids: Sequence[int] | None = None
 ) -> str:
-  """Decodes generated ids up to (excluding) the first stop id (default: EOS and ``<end_of_turn>``)."""
+  """Decodes generated ids up to (excluding) the first stop id (default: EOS and `<end_of_turn>`)."""
   if stop_ids is None:
     stop_ids = [tokenizer.eos_token_id]
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
@@ -144,11 +144,11 @@ def decode_completion(
 def exact_match_accuracy(
   tokenizer: Any, generated: Sequence[Sequence[int]], expected: Sequence[str]
 ) -> float:
-  """Fraction of rows whose decoded completion equals the expected text (both ``strip()``-ed).
+  """Fraction of rows whose decoded completion equals the expected text (both `strip()`-ed).
 
   Args:
     tokenizer: the tokenizer.
-    generated: per row, the generated ids after the prompt (rows beyond ``len(expected)`` ignored).
+    generated: per row, the generated ids after the prompt (rows beyond `len(expected)` ignored).
     expected: expected completion texts.
 
   Returns:

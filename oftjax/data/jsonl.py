@@ -2,13 +2,13 @@
 
 Three record formats are accepted, one per file (never mixed):
 
-- ``{"prompt": str, "completion": str}``: loss on the completion (and the EOS that ends it).
-- ``{"messages": [{"role": str, "content": str}, ...]}``: rendered with the tokenizer's chat
+- `{"prompt": str, "completion": str}`: loss on the completion (and the EOS that ends it).
+- `{"messages": [{"role": str, "content": str}, ...]}`: rendered with the tokenizer's chat
   template; loss on the assistant turns.
-- ``{"text": str}``: loss on every token.
+- `{"text": str}`: loss on every token.
 
-Extra keys are ignored; blank lines are skipped; a UTF-8 byte-order mark is allowed. Every problem raises a one-line ``ValueError`` that names the file and,
-where there is one, the line number (1-based), e.g. ``data.jsonl line 3: malformed JSON (...)``.
+Extra keys are ignored; blank lines are skipped; a UTF-8 byte-order mark is allowed. Every problem raises a one-line `ValueError` that names the file and,
+where there is one, the line number (1-based), e.g. `data.jsonl line 3: malformed JSON (...)`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Record:
   """One validated JSONL record.
 
   Attributes:
-    format: one of ``FORMATS``.
+    format: one of `FORMATS`.
     data: the parsed JSON object.
     line: its 1-based line number in the file.
   """

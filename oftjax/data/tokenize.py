@@ -1,17 +1,17 @@
 """Tokenizing validated records into token ids and loss masks.
 
 Conventions (Gemma's): every example starts with the tokenizer's BOS token; a prompt/completion
-or text example ends with EOS. ``loss_mask[i] == 1`` means token ``i`` is a training target: the
+or text example ends with EOS. `loss_mask[i] == 1` means token `i` is a training target: the
 completion tokens and their EOS, the assistant turns of a conversation (content and the
-end-of-turn token that closes it; see ``oftjax.data.chat``), or every token but BOS of a text
+end-of-turn token that closes it; see `oftjax.data.chat`), or every token but BOS of a text
 record. BOS is never a target.
 
 The prompt and the completion are tokenized separately and concatenated, exactly as they will
 be at generation time (prompt tokens, then generated ones).
 
-Control tokens: the content of a ``{"messages"}`` record is always plain text (only the chat
-template writes control tokens). ``{"prompt", "completion"}`` and ``{"text"}`` fields are
-tokenized as written, so a prompt already laid out with ``<start_of_turn>`` gets those tokens.
+Control tokens: the content of a `{"messages"}` record is always plain text (only the chat
+template writes control tokens). `{"prompt", "completion"}` and `{"text"}` fields are
+tokenized as written, so a prompt already laid out with `<start_of_turn>` gets those tokens.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ class Example:
   """One tokenized example.
 
   Attributes:
-    tokens: int32 ids ``[n]``, BOS first.
-    loss_mask: int32 ``[n]``, 1 where the token is a training target.
+    tokens: int32 ids `[n]`, BOS first.
+    loss_mask: int32 `[n]`, 1 where the token is a training target.
     line: the 1-based JSONL line it came from (0 if it did not come from a file).
   """
 
@@ -42,7 +42,7 @@ class Example:
 
   @property
   def num_positions(self) -> int:
-    """Model positions the example needs after the next-token shift: ``len(tokens) - 1``."""
+    """Model positions the example needs after the next-token shift: `len(tokens) - 1`."""
     return len(self.tokens) - 1
 
 
@@ -52,9 +52,9 @@ class Dataset:
 
   Attributes:
     path: the file it was read from.
-    format: its record format (one of ``jsonl.FORMATS``).
+    format: its record format (one of `jsonl.FORMATS`).
     examples: the examples, in file order.
-    num_truncated: how many examples were cut to fit ``seq_len`` (only with ``truncate=True``).
+    num_truncated: how many examples were cut to fit `seq_len` (only with `truncate=True`).
   """
 
   path: str
@@ -69,7 +69,7 @@ class Dataset:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-  """Loads a Hugging Face tokenizer, raising a one-line ``ValueError`` if that fails."""
+  """Loads a Hugging Face tokenizer, raising a one-line `ValueError` if that fails."""
   from transformers import AutoTokenizer
 
   try:
@@ -109,7 +109,7 @@ def tokenize_record(
     tokenizer: a Hugging Face tokenizer.
     where: file and line, for error messages.
     encoded: optional pre-computed ids of (prompt, completion) or (text, unused).
-    control: the tokenizer's control tokens (``chat.control_tokens``), if already computed.
+    control: the tokenizer's control tokens (`chat.control_tokens`), if already computed.
 
   Returns:
     The example.
@@ -145,16 +145,16 @@ def tokenize_records(
   truncate: bool = False,
   path: str = "<records>",
 ) -> Dataset:
-  """Tokenizes records and checks that each fits ``seq_len`` model positions.
+  """Tokenizes records and checks that each fits `seq_len` model positions.
 
-  An example of ``n`` tokens needs ``n - 1`` positions (inputs ``tokens[:-1]``, targets
-  ``tokens[1:]``).
+  An example of `n` tokens needs `n - 1` positions (inputs `tokens[:-1]`, targets
+  `tokens[1:]`).
 
   Args:
     records: validated records of one format.
     tokenizer: a Hugging Face tokenizer.
     seq_len: positions per packed row.
-    truncate: cut over-long examples to ``seq_len + 1`` tokens (counted in ``num_truncated``)
+    truncate: cut over-long examples to `seq_len + 1` tokens (counted in `num_truncated`)
       instead of raising.
     path: the file name used in messages.
 
@@ -162,7 +162,7 @@ def tokenize_records(
     The tokenized dataset.
 
   Raises:
-    ValueError: an example is longer than ``seq_len`` (and ``truncate`` is False).
+    ValueError: an example is longer than `seq_len` (and `truncate` is False).
   """
   if seq_len < 2:
     raise ValueError(f"seq_len must be at least 2, got {seq_len}")
@@ -200,6 +200,6 @@ def tokenize_records(
 def load_dataset(
   path: str | os.PathLike, tokenizer: Any, seq_len: int, *, truncate: bool = False
 ) -> Dataset:
-  """Reads, validates and tokenizes a JSONL file (see ``read_jsonl`` and ``tokenize_records``)."""
+  """Reads, validates and tokenizes a JSONL file (see `read_jsonl` and `tokenize_records`)."""
   records = jsonl.read_jsonl(path)
   return tokenize_records(records, tokenizer, seq_len, truncate=truncate, path=os.fspath(path))

@@ -2,7 +2,7 @@
 
 Generation runs on what a user would deploy: the merged model (adapters folded into the
 kernels; the same function to fp32 rounding), or, on a quantized base (QOFT / QLoRA), the
-``Adapted`` model over the quantized kernels with unmerged adapters, so evaluating never
+`Adapted` model over the quantized kernels with unmerged adapters, so evaluating never
 materializes a full-precision copy of a model that was quantized to fit.
 """
 
@@ -18,8 +18,8 @@ from oftjax.train.objective import next_token_loss
 class Evaluator:
   """Evaluates params of one model on fixed held-out sets (compiled once per shape).
 
-  ``model`` is a Gemma module (params: merged) or an ``Adapted`` one (params: frozen tree
-  merged with the adapter tree, see ``oftjax.merge_params``).
+  `model` is a Gemma module (params: merged) or an `Adapted` one (params: frozen tree
+  merged with the adapter tree, see `oftjax.merge_params`).
   """
 
   def __init__(
@@ -56,10 +56,10 @@ class Evaluator:
     return total / max(count, 1.0)
 
   def generations(self, params, items) -> list:
-    """Greedy completions of ``items``' prompts.
+    """Greedy completions of `items`' prompts.
 
     Per item, the generated ids (to EOS or the length limit;
-    :func:`oftjax.data.decode_completion` decodes them).
+    `oftjax.data.decode_completion` decodes them).
     """
     stop = [self.tokenizer.eos_token_id]
     rows = []
@@ -79,14 +79,14 @@ class Evaluator:
   def accuracy(self, params, name: str) -> tuple[float, list]:
     """Exact-match accuracy on one named set, and the generated ids.
 
-    The accuracy is :func:`oftjax.data.exact_match_accuracy`.
+    The accuracy is `oftjax.data.exact_match_accuracy`.
     """
     items = self.accuracy_sets[name]
     rows = self.generations(params, items)
     return data.exact_match_accuracy(self.tokenizer, rows, [x.expected for x in items]), rows
 
   def run(self, params) -> dict:
-    """``{'loss', 'accuracy', <set>_accuracy..., 'samples'}`` for the model's ``params``."""
+    """`{'loss', 'accuracy', <set>_accuracy..., 'samples'}` for the model's `params`."""
     result = {"loss": self.loss(params)}
     for name in self.accuracy_sets:
       acc, rows = self.accuracy(params, name)

@@ -24,11 +24,11 @@ class TrainStep:
   """The compiled step the loop runs and what it reads besides the run state.
 
   Attributes:
-    fn: ``fn(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss, aux)``,
-      jitted (:func:`oftjax.make_train_step`).
+    fn: `fn(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss, aux)`,
+      jitted (`oftjax.make_train_step`).
     frozen: the frozen tree passed to every step.
     mesh: the device mesh the batches are split over.
-    health: ``health(trainable)`` (OFT only, :func:`oftjax.params.adapter_health`), or ``None``.
+    health: `health(trainable)` (OFT only, `oftjax.params.adapter_health`), or `None`.
   """
 
   fn: Callable
@@ -42,11 +42,11 @@ class LoopIO:
   """Where the loop reads its batches and writes its records.
 
   Attributes:
-    stream: the training batches (``next()`` gives a host batch; ``.state`` its position).
-    checkpoints: a ``RunCheckpoints`` (``save(step, arrays, meta, force=...)``).
-    metrics: a ``MetricsLog`` (``append(row)``), or ``None`` on processes that write nothing.
+    stream: the training batches (`next()` gives a host batch; `.state` its position).
+    checkpoints: a `RunCheckpoints` (`save(step, arrays, meta, force=...)`).
+    metrics: a `MetricsLog` (`append(row)`), or `None` on processes that write nothing.
     checkpoint_meta: JSON saved with every checkpoint besides the state's counters.
-    stopper: its ``stop`` turns true on SIGINT/SIGTERM.
+    stopper: its `stop` turns true on SIGINT/SIGTERM.
   """
 
   stream: Any
@@ -84,19 +84,19 @@ def _all_finite(tree) -> jax.Array:
 
 
 def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunState, LoopStats]:
-  """Runs optimizer steps ``state.step+1 … c.steps``; checkpoints every ``c.save_every`` steps.
+  """Runs optimizer steps `state.step+1 … c.steps`; checkpoints every `c.save_every` steps.
 
   Every process runs this; each feeds only its rows of the (identical) global batch.
-  ``step.health(trainable)`` adds its summaries (``max_q_norm``, ``mean_q_norm``,
-  ``orthogonality_error``, ``mean_orthogonality_error``, with COFT ``max_coft_ratio``; not
+  `step.health(trainable)` adds its summaries (`max_q_norm`, `mean_q_norm`,
+  `orthogonality_error`, `mean_orthogonality_error`, with COFT `max_coft_ratio`; not
   the per-layer figures) to each logged line, with a warning the first time the error
-  exceeds ``ORTHOGONALITY_TOLERANCE`` (the error is ‖Q‖^10 at the default n=6: ‖Q‖ ≈ 0.63;
+  exceeds `ORTHOGONALITY_TOLERANCE` (the error is ‖Q‖^10 at the default n=6: ‖Q‖ ≈ 0.63;
   2‖Q‖^4 at n=5: ‖Q‖ ≈ 0.27; see notebooks/neumann_terms.ipynb).
 
   Non-finite numbers: a step whose loss or gradient is not finite leaves the weights
-  unchanged (``make_train_step``); ``c.on_nonfinite`` ``'skip'`` counts it (``skipped_steps``
-  in every logged line and the checkpoint) and goes on, ``'stop'`` raises a one-line
-  :class:`UsageError` before anything of that step is saved. Weights are checked finite
+  unchanged (`make_train_step`); `c.on_nonfinite` `'skip'` counts it (`skipped_steps`
+  in every logged line and the checkpoint) and goes on, `'stop'` raises a one-line
+  `UsageError` before anything of that step is saved. Weights are checked finite
   before training and before every save, so no checkpoint or adapter holds NaN/Inf.
 
   Returns:

@@ -1,6 +1,6 @@
 """Optimizer schedule and the masked next-token loss used by the finetuning job.
 
-One loss for training, evaluation and the asset builder: :func:`next_token_loss`.
+One loss for training, evaluation and the asset builder: `next_token_loss`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import optax
 def make_optimizer(
   lr: float, steps: int, warmup_steps: int, weight_decay: float, clip_norm: float
 ) -> optax.GradientTransformation:
-  """AdamW with linear warmup then cosine decay to 10% of ``lr``, after global-norm clipping."""
+  """AdamW with linear warmup then cosine decay to 10% of `lr`, after global-norm clipping."""
   schedule = optax.warmup_cosine_decay_schedule(
     init_value=0.0, peak_value=lr, warmup_steps=warmup_steps, decay_steps=steps, end_value=lr * 0.1
   )
@@ -22,11 +22,11 @@ def make_optimizer(
 
 
 def masked_xent(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
-  """Mean cross-entropy over ``loss_mask`` positions, plus token accuracy and count.
+  """Mean cross-entropy over `loss_mask` positions, plus token accuracy and count.
 
   Args:
-    logits: ``[batch, time, vocab]`` predictions for ``batch['inputs']``.
-    batch: ``targets`` (int) and ``loss_mask`` (float) aligned with the inputs.
+    logits: `[batch, time, vocab]` predictions for `batch['inputs']`.
+    batch: `targets` (int) and `loss_mask` (float) aligned with the inputs.
   """
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
@@ -37,16 +37,16 @@ def masked_xent(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
 
 
 def next_token_loss(module, params, batch: dict) -> tuple[jax.Array, dict]:
-  """:func:`masked_xent` of ``module``'s logits on a packed batch (``oftjax.data.batching``).
+  """`masked_xent` of `module`'s logits on a packed batch (`oftjax.data.batching`).
 
   Args:
-    module: a Linen language model called as ``module.apply({'params': params}, inputs,
-      positions=..., segment_ids=...)`` (a Gemma model or an ``Adapted`` one).
+    module: a Linen language model called as `module.apply({'params': params}, inputs,
+      positions=..., segment_ids=...)` (a Gemma model or an `Adapted` one).
     params: its parameter tree.
-    batch: ``inputs``, ``positions``, ``segment_ids``, ``targets`` and ``loss_mask``.
+    batch: `inputs`, `positions`, `segment_ids`, `targets` and `loss_mask`.
 
   Returns:
-    ``(loss, {'token_accuracy', 'tokens'})`` as :func:`masked_xent`.
+    `(loss, {'token_accuracy', 'tokens'})` as `masked_xent`.
   """
   logits = module.apply(
     {"params": params},

@@ -43,7 +43,7 @@ class MetricsLog:
 def plot_loss(rows: list[dict], path: str, title: str) -> None:
   """Saves the training-loss curve as a PNG.
 
-  Uses a bare ``Figure`` (no pyplot), so it neither needs nor changes the process's
+  Uses a bare `Figure` (no pyplot), so it neither needs nor changes the process's
   matplotlib backend (a notebook calling the job keeps its inline plots).
   """
   from matplotlib.figure import Figure

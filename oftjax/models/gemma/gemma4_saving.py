@@ -80,7 +80,7 @@ def copy_towers(
   Args:
     folder: the folder being written.
     file_name: the weight file to create.
-    towers: from :func:`tower_tensors` (not empty).
+    towers: from `tower_tensors` (not empty).
 
   Returns:
     `{tensor name: file_name}` for the weight-map index.

@@ -4,9 +4,9 @@ The whole loop (prefill + `jax.lax.while_loop` of one-token decode steps) is one
 function per (model, prompt shape, max_new_tokens, number of EOS ids); temperature, top-k and
 the EOS/pad ids are traced, so switching between greedy and sampling does not recompile.
 
-``model`` may also be an ``oftjax.Adapted`` Gemma: generation then runs with unmerged
-adapters, over whatever kernels ``params`` holds (quantized ones included, as in QOFT, under
-``Adapted(quant.Dequantized(model), config)``), with no merged or dequantized copy of the model.
+`model` may also be an `oftjax.Adapted` Gemma: generation then runs with unmerged
+adapters, over whatever kernels `params` holds (quantized ones included, as in QOFT, under
+`Adapted(quant.Dequantized(model), config)`), with no merged or dequantized copy of the model.
 """
 
 from __future__ import annotations
@@ -49,14 +49,14 @@ def init_cache(config, batch: int, max_len: int, dtype=None):
 
 
 def _gemma_of(model):
-  """The Gemma module itself, under any wrappers around it (each exposes its ``wrapped``)."""
+  """The Gemma module itself, under any wrappers around it (each exposes its `wrapped`)."""
   while not isinstance(model, _DECODERS):
     model = model.wrapped
   return model
 
 
 def _decode(model, params, *args):
-  """One ``decode`` call; through the wrapper's interceptor when adapters are attached."""
+  """One `decode` call; through the wrapper's interceptor when adapters are attached."""
   if isinstance(model, _DECODERS):
     return model.apply({"params": params}, *args, method=type(model).decode)
   return model.apply({"params": params}, *args, method=lambda m, *a: m.call_method("decode", *a))

@@ -79,7 +79,7 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def softcap(x: Array, cap: float | None) -> Array:
-  """``tanh(x / cap) * cap`` (Gemma 2's logit soft-capping); ``x`` itself without a cap."""
+  """`tanh(x / cap) * cap` (Gemma 2's logit soft-capping); `x` itself without a cap."""
   if cap is None:
     return x
   return jnp.tanh(x / cap) * cap
