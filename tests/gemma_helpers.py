@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import transformers
 
+from oftjax.models.gemma import loading
+
 VOCAB = 128
 torch.set_num_threads(1)  # tiny models: threads only add contention on a shared 2-core machine
 
@@ -134,6 +136,27 @@ def save_hf_model(name: str, folder, seed: int = 0):
   model = make_hf_model(name, seed)
   model.save_pretrained(folder)
   return model
+
+
+def assert_same_state(ref: torch.nn.Module, back: torch.nn.Module) -> None:
+  """The two models hold the same tensors under the same names, equal to the bit."""
+  ref_sd, back_sd = ref.state_dict(), back.state_dict()
+  assert set(ref_sd) == set(back_sd)
+  for key in ref_sd:
+    assert torch.equal(ref_sd[key], back_sd[key]), key
+
+
+def raw_tensors(folder) -> dict:
+  """`{name: (dtype, shape, bytes)}` of every tensor in a folder's safetensors files."""
+  out = {}
+  for path in loading._weight_files(folder, allow_pickle=False):
+    with open(path, "rb") as fh:
+      header, start = loading._safetensors_header(path, fh)
+      for name, info in header.items():
+        begin, end = info["data_offsets"]
+        fh.seek(start + begin)
+        out[name] = (info["dtype"], tuple(info["shape"]), fh.read(end - begin))
+  return out
 
 
 def hf_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:

@@ -57,10 +57,13 @@ class GemmaConfig:
     rope_local: rope parameters of sliding-window layers.
     tie_word_embeddings: whether the output projection is the transposed embedding.
     pad_token_id: padding token id (used by `generate` after EOS).
+    multimodal: the checkpoint is a `Gemma3ForConditionalGeneration` folder (model_type
+      gemma3): its text decoder is this model, its vision tower is kept only for saving.
     dtype: compute dtype.
     param_dtype: parameter storage dtype.
     remat: rematerialise each decoder layer in the backward pass.
     hf_config: the Hugging Face (text) config this was built from; not hashed or compared.
+    hf_multimodal_config: the whole `Gemma3Config` of a multimodal folder, else None.
     source_dir: the folder the checkpoint came from, if any; not hashed or compared.
   """
 
@@ -83,10 +86,12 @@ class GemmaConfig:
   rope_local: RopeConfig = RopeConfig()
   tie_word_embeddings: bool = True
   pad_token_id: int = 0
+  multimodal: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
   hf_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+  hf_multimodal_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
   source_dir: str | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
   def replace(self, **changes) -> GemmaConfig:
@@ -148,8 +153,8 @@ def from_hf_config(
   """Builds a `GemmaConfig` from a Hugging Face config object.
 
   Args:
-    hf_config: a transformers Gemma/Gemma2/Gemma3Text config (or a multimodal Gemma3 config,
-      whose `text_config` is used).
+    hf_config: a transformers Gemma/Gemma2/Gemma3Text config, or a multimodal Gemma3 config
+      (its `text_config` is used; the whole config is kept for saving).
     dtype: compute dtype.
     param_dtype: parameter dtype; defaults to `dtype`.
     remat: rematerialise decoder layers in the backward pass.
@@ -166,6 +171,7 @@ def from_hf_config(
       hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat
     )
   cfg = text_config_of(hf_config)
+  multimodal = cfg is not hf_config
   model_type = cfg.model_type
   generation = _GENERATION[model_type]
   if getattr(cfg, "attention_bias", False):
@@ -221,8 +227,10 @@ def from_hf_config(
     rope_local=rope_local,
     tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", True)),
     pad_token_id=int(pad),
+    multimodal=multimodal,
     dtype=dtype,
     param_dtype=param_dtype if param_dtype is not None else dtype,
     remat=remat,
     hf_config=cfg,
+    hf_multimodal_config=hf_config if multimodal else None,
   )
