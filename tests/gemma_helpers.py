@@ -170,6 +170,20 @@ def hf_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.n
     return model(ids, **kwargs).logits.float().numpy()
 
 
+def hf_generate(model, tokens, mask, max_new_tokens: int, **kw) -> np.ndarray:
+  """transformers' greedy `generate` of `max_new_tokens` after a padded batch: the new ids."""
+  with torch.no_grad():
+    out = model.generate(
+      torch.as_tensor(tokens),
+      attention_mask=torch.as_tensor(mask),
+      max_new_tokens=max_new_tokens,
+      do_sample=False,
+      pad_token_id=0,
+      **kw,
+    )
+  return out[:, tokens.shape[1] :].numpy()
+
+
 def padded_batch(rng: np.random.Generator, lengths, total: int, left: bool = True):
   """Random tokens `[batch, total]` with per-row lengths and a padding mask."""
   tokens = np.zeros((len(lengths), total), np.int64)

@@ -93,14 +93,18 @@ def train(mesh, base, adapter, batch, loss_fn, optimizer, steps=3):
   }
 
 
-def main(meshes):
-  setup = build()
+def run_meshes(meshes, setup, more=lambda mesh: {}) -> dict:
+  """`{spec: train(mesh, *setup) and more(mesh)}` per mesh spec ('single': one device)."""
   results = {}
   for spec in meshes:
     devices = jax.devices()[:1] if spec == "single" else jax.devices()
     mesh = sharding.make_mesh("" if spec == "single" else spec, devices)
-    results[spec] = train(mesh, *setup)
-  print(json.dumps(results))
+    results[spec] = {**train(mesh, *setup), **more(mesh)}
+  return results
+
+
+def main(meshes):
+  print(json.dumps(run_meshes(meshes, build())))
 
 
 if __name__ == "__main__":

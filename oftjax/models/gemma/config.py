@@ -9,11 +9,11 @@ Hugging Face config object rides along, outside hashing and comparison, so that
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax.numpy as jnp
 
 from oftjax.models.gemma import gemma4_config
+from oftjax.models.gemma.config_fields import CheckpointFields
 
 SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 _GENERATION = {"gemma": 1, "gemma2": 2, "gemma3_text": 3}
@@ -34,7 +34,7 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class GemmaConfig:
+class GemmaConfig(CheckpointFields):
   """Architecture of a Gemma 1, 2 or 3 text decoder.
 
   Attributes:
@@ -55,16 +55,9 @@ class GemmaConfig:
     layer_is_sliding: one flag per layer; True for a sliding-window (local) layer.
     rope_global: rope parameters of full-attention layers.
     rope_local: rope parameters of sliding-window layers.
-    tie_word_embeddings: whether the output projection is the transposed embedding.
-    pad_token_id: padding token id (used by `generate` after EOS).
-    multimodal: the checkpoint is a `Gemma3ForConditionalGeneration` folder (model_type
-      gemma3): its text decoder is this model, its vision tower is kept only for saving.
-    dtype: compute dtype.
-    param_dtype: parameter storage dtype.
-    remat: rematerialise each decoder layer in the backward pass.
-    hf_config: the Hugging Face (text) config this was built from; not hashed or compared.
-    hf_multimodal_config: the whole `Gemma3Config` of a multimodal folder, else None.
-    source_dir: the folder the checkpoint came from, if any; not hashed or compared.
+
+  The embedding tie, pad id, dtypes, `multimodal` and the Hugging Face configs are the
+  keyword-only `CheckpointFields` (`config_fields`).
   """
 
   generation: int
@@ -84,19 +77,6 @@ class GemmaConfig:
   layer_is_sliding: tuple[bool, ...] = ()
   rope_global: RopeConfig = RopeConfig()
   rope_local: RopeConfig = RopeConfig()
-  tie_word_embeddings: bool = True
-  pad_token_id: int = 0
-  multimodal: bool = False
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  remat: bool = False
-  hf_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
-  hf_multimodal_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
-  source_dir: str | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
-
-  def replace(self, **changes) -> GemmaConfig:
-    """Returns a copy with some fields changed (e.g. `remat=True`)."""
-    return dataclasses.replace(self, **changes)
 
   @property
   def has_post_norms(self) -> bool:

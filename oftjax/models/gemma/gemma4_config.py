@@ -21,9 +21,10 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax.numpy as jnp
+
+from oftjax.models.gemma.config_fields import CheckpointFields
 
 TEXT_MODEL_TYPE = "gemma4_text"
 MULTIMODAL_MODEL_TYPE = "gemma4"
@@ -70,7 +71,7 @@ class AttentionGeometry:
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma4Config:
+class Gemma4Config(CheckpointFields):
   """Architecture of a Gemma 4 text decoder.
 
   Attributes:
@@ -98,15 +99,9 @@ class Gemma4Config:
     rms_norm_eps: RMSNorm epsilon.
     activation: Hugging Face activation name of the gated MLPs.
     final_logit_softcapping: tanh soft-cap of the output logits, or None.
-    tie_word_embeddings: the output projection is the transposed embedding.
-    pad_token_id: padding token id (used by `generate` after EOS).
-    multimodal: the checkpoint is a `Gemma4ForConditionalGeneration` folder.
-    dtype: compute dtype.
-    param_dtype: parameter storage dtype.
-    remat: rematerialise each decoder layer in the backward pass.
-    hf_config: the Hugging Face text config; not hashed or compared.
-    hf_multimodal_config: the whole `Gemma4Config` of a multimodal folder, else None.
-    source_dir: the folder the checkpoint came from, if any; not hashed or compared.
+
+  The embedding tie, pad id, dtypes, `multimodal` and the Hugging Face configs are the
+  keyword-only `CheckpointFields` (`config_fields`).
   """
 
   vocab_size: int
@@ -130,19 +125,6 @@ class Gemma4Config:
   rms_norm_eps: float = 1e-6
   activation: str = "gelu_pytorch_tanh"
   final_logit_softcapping: float | None = None
-  tie_word_embeddings: bool = True
-  pad_token_id: int = 0
-  multimodal: bool = False
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  remat: bool = False
-  hf_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
-  hf_multimodal_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
-  source_dir: str | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
-
-  def replace(self, **changes) -> Gemma4Config:
-    """Returns a copy with some fields changed (e.g. `remat=True`)."""
-    return dataclasses.replace(self, **changes)
 
   @property
   def first_kv_shared_layer(self) -> int:
