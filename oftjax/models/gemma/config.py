@@ -13,7 +13,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from oftjax.models.gemma import gemma4_config
-from oftjax.models.gemma.config_fields import CheckpointFields
+from oftjax.models.gemma.config_fields import DecoderFields, source_fields
 
 SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 _GENERATION = {"gemma": 1, "gemma2": 2, "gemma3_text": 3}
@@ -34,45 +34,28 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class GemmaConfig(CheckpointFields):
+class GemmaConfig(DecoderFields):
   """Architecture of a Gemma 1, 2 or 3 text decoder.
 
   Attributes:
     generation: 1, 2 or 3 (Gemma, Gemma 2, Gemma 3 text).
-    vocab_size: vocabulary size.
-    hidden_size: model width.
-    intermediate_size: MLP width.
-    num_layers: number of decoder layers.
-    num_heads: query heads.
     num_kv_heads: key/value heads (GQA when smaller than `num_heads`, MQA when 1).
     head_dim: width of one head (need not equal hidden_size / num_heads).
-    rms_norm_eps: RMSNorm epsilon.
-    activation: Hugging Face activation name of the gated MLP.
     query_pre_attn_scalar: attention scores are multiplied by `query_pre_attn_scalar ** -0.5`.
     attn_logit_softcapping: tanh soft-cap of attention scores (Gemma 2), or None.
-    final_logit_softcapping: tanh soft-cap of the output logits, or None.
     sliding_window: window of the local layers (a key is visible when `q - k < window`), or None.
     layer_is_sliding: one flag per layer; True for a sliding-window (local) layer.
     rope_global: rope parameters of full-attention layers.
     rope_local: rope parameters of sliding-window layers.
 
-  The embedding tie, pad id, dtypes, `multimodal` and the Hugging Face configs are the
-  keyword-only `CheckpointFields` (`config_fields`).
+  Sizes, norms, dtypes, `multimodal` and the Hugging Face configs: `DecoderFields`.
   """
 
   generation: int
-  vocab_size: int
-  hidden_size: int
-  intermediate_size: int
-  num_layers: int
-  num_heads: int
   num_kv_heads: int
   head_dim: int
-  rms_norm_eps: float = 1e-6
-  activation: str = "gelu_pytorch_tanh"
   query_pre_attn_scalar: float = 256.0
   attn_logit_softcapping: float | None = None
-  final_logit_softcapping: float | None = None
   sliding_window: int | None = None
   layer_is_sliding: tuple[bool, ...] = ()
   rope_global: RopeConfig = RopeConfig()
@@ -151,7 +134,6 @@ def from_hf_config(
       hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat
     )
   cfg = text_config_of(hf_config)
-  multimodal = cfg is not hf_config
   model_type = cfg.model_type
   generation = _GENERATION[model_type]
   if getattr(cfg, "attention_bias", False):
@@ -207,10 +189,5 @@ def from_hf_config(
     rope_local=rope_local,
     tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", True)),
     pad_token_id=int(pad),
-    multimodal=multimodal,
-    dtype=dtype,
-    param_dtype=param_dtype if param_dtype is not None else dtype,
-    remat=remat,
-    hf_config=cfg,
-    hf_multimodal_config=hf_config if multimodal else None,
+    **source_fields(hf_config, cfg, dtype, param_dtype, remat),
   )

@@ -24,7 +24,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from oftjax.models.gemma.config_fields import CheckpointFields
+from oftjax.models.gemma.config_fields import DecoderFields, source_fields
 
 TEXT_MODEL_TYPE = "gemma4_text"
 MULTIMODAL_MODEL_TYPE = "gemma4"
@@ -71,16 +71,12 @@ class AttentionGeometry:
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma4Config(CheckpointFields):
+class Gemma4Config(DecoderFields):
   """Architecture of a Gemma 4 text decoder.
 
   Attributes:
-    vocab_size: vocabulary size.
-    hidden_size: model width.
     intermediate_size: dense MLP width (doubled on KV-shared layers with
       `use_double_wide_mlp`).
-    num_layers: number of decoder layers.
-    num_heads: query heads (the same on every layer).
     sliding: geometry of sliding-window layers (None when there are none).
     full: geometry of full-attention layers (None when there are none).
     layer_is_sliding: one flag per layer.
@@ -96,19 +92,10 @@ class Gemma4Config(CheckpointFields):
     moe_intermediate_size: width of one expert's MLP.
     moe_implementation: 'ragged_dot' (grouped matmul over the chosen experts) or 'dense'
       (every expert on every token; cheaper on CPU), see `gemma4_moe`.
-    rms_norm_eps: RMSNorm epsilon.
-    activation: Hugging Face activation name of the gated MLPs.
-    final_logit_softcapping: tanh soft-cap of the output logits, or None.
 
-  The embedding tie, pad id, dtypes, `multimodal` and the Hugging Face configs are the
-  keyword-only `CheckpointFields` (`config_fields`).
+  Sizes, norms, dtypes, `multimodal` and the Hugging Face configs: `DecoderFields`.
   """
 
-  vocab_size: int
-  hidden_size: int
-  intermediate_size: int
-  num_layers: int
-  num_heads: int
   sliding: AttentionGeometry | None
   full: AttentionGeometry | None
   layer_is_sliding: tuple[bool, ...]
@@ -122,9 +109,6 @@ class Gemma4Config(CheckpointFields):
   top_k_experts: int | None = None
   moe_intermediate_size: int | None = None
   moe_implementation: str = "ragged_dot"
-  rms_norm_eps: float = 1e-6
-  activation: str = "gelu_pytorch_tanh"
-  final_logit_softcapping: float | None = None
 
   @property
   def first_kv_shared_layer(self) -> int:
@@ -354,10 +338,5 @@ def from_hf_config(
     final_logit_softcapping=float(softcap) if softcap else None,
     tie_word_embeddings=bool(tie),
     pad_token_id=int(cfg.pad_token_id if cfg.pad_token_id is not None else 0),
-    multimodal=multimodal,
-    dtype=dtype,
-    param_dtype=param_dtype if param_dtype is not None else dtype,
-    remat=remat,
-    hf_config=cfg,
-    hf_multimodal_config=hf_config if multimodal else None,
+    **source_fields(hf_config, cfg, dtype, param_dtype, remat),
   )
