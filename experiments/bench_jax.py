@@ -4,11 +4,11 @@ Every method is the same `oftjax.make_train_step` (AdamW, adapter-only gradients
 real `oftjax.models.gemma` decoder, so the only difference between two methods is what
 is trainable and how the adapter enters the forward pass:
 
-* ``oft``    OFTv2, input-centric (`AdapterConfig(method='oft')`).
-* ``oftv1``  the original weight-centric OFT (dense block-diagonal R, R·W every step).
-* ``lora16`` LoRA rank 16; ``lora_match`` the smallest rank with >= OFTv2's trainable params.
-* ``full``   full finetuning (every parameter trainable).
-* ``floor``  no adapter: the gradient w.r.t. an additive zero bias ``[d_model]`` on the
+* `oft`    OFTv2, input-centric (`AdapterConfig(method='oft')`).
+* `oftv1`  the original weight-centric OFT (dense block-diagonal R, R·W every step).
+* `lora16` LoRA rank 16; `lora_match` the smallest rank with >= OFTv2's trainable params.
+* `full`   full finetuning (every parameter trainable).
+* `floor`  no adapter: the gradient w.r.t. an additive zero bias `[d_model]` on the
   embedded input (broadcast over batch and time). The step back-propagates to the
   activations through every frozen layer and computes no weight gradient.
 """
@@ -65,7 +65,7 @@ def next_token_loss(logits, tokens):
 
 
 class _InputBias:
-  """Interceptor adding ``bias`` to the output of the model's ``embed_tokens`` call."""
+  """Interceptor adding `bias` to the output of the model's `embed_tokens` call."""
 
   def __init__(self, bias):
     self.bias = bias
@@ -101,7 +101,7 @@ def lora_match_rank(d_model: int, block_size: int, geometries) -> int:
 
 
 class JaxRunner:
-  """One method's compiled train step with its live state; ``step()`` runs one update."""
+  """One method's compiled train step with its live state; `step()` runs one update."""
 
   def __init__(self, name, loss_fn, trainable, frozen, tokens, lr=1e-4):
     self.name = name
@@ -132,10 +132,10 @@ class JaxRunner:
 def build_jax_runners(
   d_model, tokens_per_step, block_size, seq, methods, *, layers=1, num_terms=6, seed=0, log=print
 ):
-  """Builds a :class:`JaxRunner` per method on one Gemma-shaped config.
+  """Builds a `JaxRunner` per method on one Gemma-shaped config.
 
   Returns:
-    ``(runners, info)``; ``info`` holds the config and the matched LoRA rank.
+    `(runners, info)`; `info` holds the config and the matched LoRA rank.
   """
   cfg = hf_config(d_model, layers=layers, seq=seq)
   model = gemma.from_hf_config(cfg, dtype=jnp.float32)
@@ -214,7 +214,7 @@ def build_jax_runners(
 
 
 def matmul_peak(n: int = 2048, reps: int = 7) -> dict:
-  """XLA's fp32 matmul throughput on this machine: median of ``reps`` jitted n x n x n products."""
+  """XLA's fp32 matmul throughput on this machine: median of `reps` jitted n x n x n products."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   f = jax.jit(lambda a, b: a @ b)

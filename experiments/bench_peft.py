@@ -1,8 +1,8 @@
 """Hugging Face PEFT side of the benchmark: the same Gemma config and batch in PyTorch (CPU).
 
-``peft_oft``: ``OFTConfig(r=0, oft_block_size=b, use_cayley_neumann=True)``;
-``peft_lora16``: ``LoraConfig(r=16)``; both on the same seven projections as oftjax,
-fp32, one AdamW step (forward, backward, update) per ``step()``.
+`peft_oft`: `OFTConfig(r=0, oft_block_size=b, use_cayley_neumann=True)`;
+`peft_lora16`: `LoraConfig(r=16)`; both on the same seven projections as oftjax,
+fp32, one AdamW step (forward, backward, update) per `step()`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def configure_threads(threads: int) -> dict:
 
 
 class TorchRunner:
-  """A PEFT-wrapped ``Gemma3ForCausalLM`` and its AdamW optimizer; ``step()`` = one update."""
+  """A PEFT-wrapped `Gemma3ForCausalLM` and its AdamW optimizer; `step()` = one update."""
 
   def __init__(self, name, model, tokens):
     import torch
@@ -49,7 +49,7 @@ class TorchRunner:
 def build_peft_runners(
   d_model, block_size, seq, tokens, methods, *, layers=1, num_terms=6, seed=0, log=print
 ):
-  """PEFT runners on the config ``bench_jax.hf_config`` builds, fed the same ``tokens``."""
+  """PEFT runners on the config `bench_jax.hf_config` builds, fed the same `tokens`."""
   import peft
   import torch
   import transformers

@@ -1,4 +1,4 @@
-"""Markdown tables and PNG plots from a ``benchmark.py`` results dict."""
+"""Markdown tables and PNG plots from a `benchmark.py` results dict."""
 
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def _joins(entry, sweep, result):
 
 
 def plots(result: dict, folder: str) -> list[str]:
-  """Writes the benchmark's PNGs; bare ``Figure`` objects leave the matplotlib backend alone."""
+  """Writes the benchmark's PNGs; bare `Figure` objects leave the matplotlib backend alone."""
   from matplotlib.figure import Figure
   import matplotlib.ticker
 

@@ -33,7 +33,7 @@ ALL = JAX_METHODS + PEFT_METHODS
 
 
 def _grid(mode: str) -> list[dict]:
-  """Configurations per mode: ``sweep`` names the axis a plot runs along."""
+  """Configurations per mode: `sweep` names the axis a plot runs along."""
 
   def cfg(sweep, d, tokens, b, methods=ALL, seq=512):
     return dict(
@@ -136,7 +136,7 @@ def run_config(spec, mode, args, log):
 
 
 def _time_ratio(a, b):
-  """Median over rounds of ``a``'s step time / ``b``'s in the same round.
+  """Median over rounds of `a`'s step time / `b`'s in the same round.
 
   Robust to load drift (both ran back to back); the ratio of medians when a method has one
   timed step.
@@ -150,7 +150,7 @@ def _time_ratio(a, b):
 def add_ratios(entry, peak_flops):
   """Ratios to OFTv2, and FLOP/s as a fraction of the matmul peak.
 
-  The peak is the one measured round-robin with this config's steps (``peak_flops``, the
+  The peak is the one measured round-robin with this config's steps (`peak_flops`, the
   start/end-of-run peak, only if that is missing).
   """
   m = entry["methods"]

@@ -1,28 +1,28 @@
 """Builds the shipped tokenizer, pretraining corpus and finetuning task (seeded, reproducible).
 
-Everything lands under ``experiments/assets/``:
+Everything lands under `experiments/assets/`:
 
-- ``tokenizer/``: a character-level tokenizer saved as Hugging Face files (``tokenizer.json``,
-  ``tokenizer_config.json``, ``special_tokens_map.json``, ``chat_template.jinja``), loadable by
-  ``transformers.AutoTokenizer.from_pretrained``. Ids follow Gemma's order for the specials:
-  ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3, then ``<start_of_turn>``/``<end_of_turn>``,
-  newline, space and the 94 printable ASCII characters (102 ids in all). Encoding adds ``<bos>``.
-- ``pretrain/train.jsonl``: the base model's pretraining corpus, ``{"prompt","completion"}``
-  records over four string skills on short lowercase words: ``copy``, ``reverse``, ``upper``
-  (uppercase) and ``next`` (shift every letter by one, z -> a). A prompt reads ``"reverse abcd:"``
-  and its completion ``"dcba"``.
-- ``task/train.jsonl`` and ``task/eval.jsonl``: the new task, ``shout``: reverse the word *and*
-  uppercase it (``"shout abcd:"`` -> ``"DCBA"``). The base never saw the keyword nor the
+- `tokenizer/`: a character-level tokenizer saved as Hugging Face files (`tokenizer.json`,
+  `tokenizer_config.json`, `special_tokens_map.json`, `chat_template.jinja`), loadable by
+  `transformers.AutoTokenizer.from_pretrained`. Ids follow Gemma's order for the specials:
+  `<pad>` 0, `<eos>` 1, `<bos>` 2, `<unk>` 3, then `<start_of_turn>`/`<end_of_turn>`,
+  newline, space and the 94 printable ASCII characters (102 ids in all). Encoding adds `<bos>`.
+- `pretrain/train.jsonl`: the base model's pretraining corpus, `{"prompt","completion"}`
+  records over four string skills on short lowercase words: `copy`, `reverse`, `upper`
+  (uppercase) and `next` (shift every letter by one, z -> a). A prompt reads `"reverse abcd:"`
+  and its completion `"dcba"`.
+- `task/train.jsonl` and `task/eval.jsonl`: the new task, `shout`: reverse the word *and*
+  uppercase it (`"shout abcd:"` -> `"DCBA"`). The base never saw the keyword nor the
   composition, so it cannot do it; both halves are skills it has, so adapting only rotations of
-  the linear layers' inputs can route the new keyword to them. ``train.jsonl`` also holds a
-  replay share (25%) of pretraining records: trained on ``shout`` alone, every adapter learns
+  the linear layers' inputs can route the new keyword to them. `train.jsonl` also holds a
+  replay share (25%) of pretraining records: trained on `shout` alone, every adapter learns
   "always reverse and uppercase" and the old skills drop to 0%; with 10% replay retention was
-  ~60%, with 25% ~90-95% (OFT, 200 steps). ``eval.jsonl`` is ``shout`` only.
-- ``task/retention.jsonl``: held-out examples of the four pretraining skills (forgetting check).
+  ~60%, with 25% ~90-95% (OFT, 200 steps). `eval.jsonl` is `shout` only.
+- `task/retention.jsonl`: held-out examples of the four pretraining skills (forgetting check).
 
 Words in the three task files are disjoint from each other and from the pretraining corpus.
 
-Usage: ``python experiments/make_assets.py [--out experiments/assets] [--seed 0]``.
+Usage: `python experiments/make_assets.py [--out experiments/assets] [--seed 0]`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ REPLAY_FRACTION = 0.25  # share of task/train.jsonl drawn from the pretraining c
 
 
 def apply_skill(skill: str, word: str) -> str:
-  """Returns the completion of ``skill`` on ``word`` (lowercase ASCII letters)."""
+  """Returns the completion of `skill` on `word` (lowercase ASCII letters)."""
   if skill == "copy":
     return word
   if skill == "reverse":
@@ -69,12 +69,12 @@ def apply_skill(skill: str, word: str) -> str:
 
 
 def make_record(skill: str, word: str) -> dict:
-  """One ``{"prompt","completion"}`` record; the prompt is ``"<skill> <word>:"``."""
+  """One `{"prompt","completion"}` record; the prompt is `"<skill> <word>:"`."""
   return {"prompt": f"{skill} {word}:", "completion": apply_skill(skill, word)}
 
 
 def build_tokenizer(out_dir: pathlib.Path) -> None:
-  """Writes the character-level tokenizer's Hugging Face files into ``out_dir``."""
+  """Writes the character-level tokenizer's Hugging Face files into `out_dir`."""
   from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
   vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
@@ -112,7 +112,7 @@ def build_tokenizer(out_dir: pathlib.Path) -> None:
 
 
 def sample_words(rng: random.Random, count: int, taken: set[str]) -> list[str]:
-  """Draws ``count`` distinct words not in ``taken`` (and adds them to it)."""
+  """Draws `count` distinct words not in `taken` (and adds them to it)."""
   words = []
   while len(words) < count:
     word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(MIN_LEN, MAX_LEN)))

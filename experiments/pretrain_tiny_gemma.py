@@ -48,7 +48,7 @@ ARCH = dict(
 
 
 def make_config(tokenizer):
-  """The tiny `Gemma3TextConfig` for ``tokenizer``'s vocabulary."""
+  """The tiny `Gemma3TextConfig` for `tokenizer`'s vocabulary."""
   from transformers import Gemma3TextConfig
 
   return Gemma3TextConfig(

@@ -1,13 +1,13 @@
-"""Runs the shipped job as ``make finetune`` does and commits what it printed and summarised.
+"""Runs the shipped job as `make finetune` does and commits what it printed and summarised.
 
     python experiments/record_runs.py            # both runs (about 1-2 minutes on 2 cores)
     python experiments/record_runs.py default    # one of them
 
-Each run is ``python experiments/finetune_gemma.py [flags]`` in a fresh temporary working
-directory (so its output folder is the default ``runs/finetune``, as after ``make finetune``);
-``experiments/results/<name>.json`` receives the flags, the machine, every line the job
-printed, and its ``summary.json`` with absolute paths made relative to the repository.
-``experiments/render_docs.py`` quotes these files in the README; nothing else reads them.
+Each run is `python experiments/finetune_gemma.py [flags]` in a fresh temporary working
+directory (so its output folder is the default `runs/finetune`, as after `make finetune`);
+`experiments/results/<name>.json` receives the flags, the machine, every line the job
+printed, and its `summary.json` with absolute paths made relative to the repository.
+`experiments/render_docs.py` quotes these files in the README; nothing else reads them.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ RUNS = {
 
 
 def _relative(value, scratch: str):
-  """``value`` with absolute paths under the repository or the scratch folder made relative."""
+  """`value` with absolute paths under the repository or the scratch folder made relative."""
   if isinstance(value, dict):
     return {k: _relative(v, scratch) for k, v in value.items()}
   if isinstance(value, list):
@@ -49,7 +49,7 @@ def _relative(value, scratch: str):
 
 
 def record(name: str) -> dict:
-  """Runs ``RUNS[name]`` and returns the result record (raises if the job fails)."""
+  """Runs `RUNS[name]` and returns the result record (raises if the job fails)."""
   flags = RUNS[name]
   with tempfile.TemporaryDirectory(prefix="oftjax_record_") as scratch:
     scratch = os.path.realpath(scratch)

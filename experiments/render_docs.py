@@ -3,25 +3,25 @@
     python experiments/render_docs.py           # rewrite the generated regions in place
     python experiments/render_docs.py --check   # exit 1 listing the regions that are stale
 
-A generated region is the text between ``<!-- generated:NAME -->`` and
-``<!-- /generated:NAME -->``; ``RENDERERS[NAME]`` makes it, from committed files only (no
+A generated region is the text between `<!-- generated:NAME -->` and
+`<!-- /generated:NAME -->`; `RENDERERS[NAME]` makes it, from committed files only (no
 training, no oftjax import but to write the files, a second or two):
 
-- the notebooks' committed outputs (``notebooks/*.ipynb``): their ``FINDING:`` lines;
-- ``experiments/benchmark_plots/results_full.json`` (``experiments/benchmark.py``), through
-  ``experiments/bench_report.py``, the code that prints the benchmark's own tables;
-- ``experiments/results/default_run*.json`` (``experiments/record_runs.py``: what the shipped
+- the notebooks' committed outputs (`notebooks/*.ipynb`): their `FINDING:` lines;
+- `experiments/benchmark_plots/results_full.json` (`experiments/benchmark.py`), through
+  `experiments/bench_report.py`, the code that prints the benchmark's own tables;
+- `experiments/results/default_run*.json` (`experiments/record_runs.py`: what the shipped
   job printed and summarised);
-- ``experiments/results/quant_storage.json`` (what ``tests/test_quant.py`` measures and
+- `experiments/results/quant_storage.json` (what `tests/test_quant.py` measures and
   checks against this file);
-- the tests themselves, read as source (``ast``): the bad-input catalogue of RELIABILITY.md
-  is the ``CASES`` of ``tests/test_reliability_inputs.py`` and
-  ``tests/test_finetune_bad_input.py``; the reliability runs' settings are the constants of
-  ``tests/reliability_helpers.py`` and ``tests/test_reliability_faults.py``.
+- the tests themselves, read as source (`ast`): the bad-input catalogue of RELIABILITY.md
+  is the `CASES` of `tests/test_reliability_inputs.py` and
+  `tests/test_finetune_bad_input.py`; the reliability runs' settings are the constants of
+  `tests/reliability_helpers.py` and `tests/test_reliability_faults.py`.
 
-After re-running any of those (``make notebooks``, the benchmark, ``record_runs.py``, a test
-with ``OFTJAX_RECORD_RESULTS=1``), run this script; ``tests/test_docs_agree.py`` runs
-``--check``. Prose outside the regions is the docs' own; prose inside a region is the
+After re-running any of those (`make notebooks`, the benchmark, `record_runs.py`, a test
+with `OFTJAX_RECORD_RESULTS=1`), run this script; `tests/test_docs_agree.py` runs
+`--check`. Prose outside the regions is the docs' own; prose inside a region is the
 template in its renderer below.
 """
 
@@ -65,7 +65,7 @@ def _path(*parts: str) -> str:
 
 
 def _notebooks() -> tuple[str, ...]:
-  """The ablation notebooks, as ``notebooks/execute.py`` runs them."""
+  """The ablation notebooks, as `notebooks/execute.py` runs them."""
   return constant(("notebooks", "execute.py"), "NOTEBOOKS")
 
 
@@ -89,7 +89,7 @@ def _paragraph(text: str) -> str:
 
 @functools.cache
 def notebook_text(name: str) -> str:
-  """Every stream output of ``notebooks/<name>.ipynb``, in cell order."""
+  """Every stream output of `notebooks/<name>.ipynb`, in cell order."""
   notebook = _json("notebooks", f"{name}.ipynb")
   out = []
   for cell in notebook["cells"]:
@@ -110,7 +110,7 @@ def notebook_code(name: str) -> str:
 
 @functools.cache
 def finding(name: str) -> str:
-  """The committed full run's ``FINDING:`` text (raises if the notebook holds none or two)."""
+  """The committed full run's `FINDING:` text (raises if the notebook holds none or two)."""
   text = notebook_text(name)
   if "mode: full" not in text:
     raise ValueError(f"notebooks/{name}.ipynb does not hold a full run")
@@ -123,7 +123,7 @@ def finding(name: str) -> str:
 
 
 def finding_figures(name: str, pattern: str) -> tuple[str, ...]:
-  """Groups of ``pattern`` in the FINDING of ``name`` (raises if the sentence changed)."""
+  """Groups of `pattern` in the FINDING of `name` (raises if the sentence changed)."""
   match = re.search(pattern, finding(name))
   if match is None:
     raise ValueError(
@@ -139,7 +139,7 @@ def bench() -> dict:
 
 
 def bench_entry(sweep: str, **config) -> dict:
-  """The one benchmark configuration of ``sweep`` whose config has these values."""
+  """The one benchmark configuration of `sweep` whose config has these values."""
   found = [
     e
     for e in bench()["configs"]
@@ -167,7 +167,7 @@ def module_ast(*parts: str) -> ast.Module:
 
 
 def constant(parts: tuple[str, ...], name: str):
-  """The literal a module assigns to ``name`` at top level."""
+  """The literal a module assigns to `name` at top level."""
   for node in module_ast(*parts).body:
     if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
       return ast.literal_eval(node.value)
@@ -175,7 +175,7 @@ def constant(parts: tuple[str, ...], name: str):
 
 
 def dict_keys(parts: tuple[str, ...], name: str) -> list[str]:
-  """The keys of the dict literal a module assigns to ``name`` (values may be any code)."""
+  """The keys of the dict literal a module assigns to `name` (values may be any code)."""
   for node in module_ast(*parts).body:
     if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
       if not isinstance(node.value, ast.Dict):
@@ -193,7 +193,7 @@ def test_functions(parts: tuple[str, ...]) -> dict[str, ast.FunctionDef]:
 
 
 def collected_cases(parts: tuple[str, ...], name: str) -> list[str]:
-  """Pytest ids of test ``name``: one per key of ``parametrize("case", sorted(DICT))``, or one."""
+  """Pytest ids of test `name`: one per key of `parametrize("case", sorted(DICT))`, or one."""
   fn = test_functions(parts)[name]
   for deco in fn.decorator_list:
     if isinstance(deco, ast.Call) and getattr(deco.func, "attr", "") == "parametrize":
@@ -205,7 +205,7 @@ def collected_cases(parts: tuple[str, ...], name: str) -> list[str]:
 
 
 def call_keywords(parts: tuple[str, ...], callee: str) -> dict:
-  """Literal keyword arguments of the one call of ``callee`` (a name or attribute) in a module."""
+  """Literal keyword arguments of the one call of `callee` (a name or attribute) in a module."""
   calls = [
     n
     for n in ast.walk(module_ast(*parts))
@@ -224,7 +224,7 @@ def call_keywords(parts: tuple[str, ...], callee: str) -> dict:
 
 
 def function_flags(parts: tuple[str, ...], name: str) -> dict[str, str]:
-  """``{--flag: value}`` of the literal flag/value pairs in the list function ``name`` returns."""
+  """`{--flag: value}` of the literal flag/value pairs in the list function `name` returns."""
   fn = next(n for n in module_ast(*parts).body if isinstance(n, ast.FunctionDef) and n.name == name)
   ret = next(n for n in ast.walk(fn) if isinstance(n, ast.Return))
   items = [e.value if isinstance(e, ast.Constant) else None for e in ret.value.elts]
@@ -251,7 +251,7 @@ _NUMBER_WORDS = "zero one two three four five six seven eight nine ten".split()
 
 
 def _words(n: int) -> str:
-  """``n`` spelled out in prose (digits past ten)."""
+  """`n` spelled out in prose (digits past ten)."""
   return _NUMBER_WORDS[n] if 0 <= n < len(_NUMBER_WORDS) else str(n)
 
 
@@ -409,7 +409,7 @@ def render_bad_input_count() -> str:
 
 
 def render_bad_input_message(case: str) -> str:
-  """The error line test case ``case`` recorded (``tests/test_reliability_inputs.py``)."""
+  """The error line test case `case` recorded (`tests/test_reliability_inputs.py`)."""
   messages = _json("experiments", "results", "reliability_inputs.json")
   if case not in messages:
     raise ValueError(
@@ -458,7 +458,7 @@ def render_orthogonality_warning() -> str:
 
 
 def call_args(parts: tuple[str, ...], attr: str) -> tuple:
-  """Literal positional arguments of the one call of ``<something>.attr(...)`` in a module."""
+  """Literal positional arguments of the one call of `<something>.attr(...)` in a module."""
   calls = [
     n
     for n in ast.walk(module_ast(*parts))
@@ -952,7 +952,7 @@ RENDERERS = {
 
 
 def render(text: str, doc: str) -> tuple[str, list[str]]:
-  """``text`` with every region re-rendered, and the names of the regions that changed."""
+  """`text` with every region re-rendered, and the names of the regions that changed."""
   stale = []
 
   def one(match):

@@ -1,9 +1,9 @@
 """Finetuning runs for the ablation notebooks: one call per run, results as flat rows.
 
-Every notebook reads its mode from ``OFTJAX_NOTEBOOK_MODE`` (``quick`` in the test suite,
-``full`` for the committed outputs; see ``notebooks/execute.py``) and sizes its sweep with
-:func:`pick`. :func:`finetune` runs the real job (``oftjax.train.run``, the code behind
-``experiments/finetune_gemma.py``) on the shipped tiny Gemma 3 and task, in a temporary
+Every notebook reads its mode from `OFTJAX_NOTEBOOK_MODE` (`quick` in the test suite,
+`full` for the committed outputs; see `notebooks/execute.py`) and sizes its sweep with
+`pick`. `finetune` runs the real job (`oftjax.train.run`, the code behind
+`experiments/finetune_gemma.py`) on the shipped tiny Gemma 3 and task, in a temporary
 folder, silently, and returns what the ablations compare: task accuracy gained, retention
 (what the base model already did) kept, step time, memory, adapter health and the per-step
 curves.
@@ -31,7 +31,7 @@ if MODE not in ("quick", "full"):
 
 
 def pick(quick, full):
-  """``quick`` in the test suite's quick mode, ``full`` for the committed run."""
+  """`quick` in the test suite's quick mode, `full` for the committed run."""
   return quick if MODE == "quick" else full
 
 
@@ -39,13 +39,13 @@ _CACHE: dict = {}
 
 
 def finetune(**overrides) -> dict:
-  """Runs one finetuning job with ``RunConfig`` fields ``overrides``; returns a flat row.
+  """Runs one finetuning job with `RunConfig` fields `overrides`; returns a flat row.
 
   Defaults are the shipped job's, except: metrics every step (curves and spikes), one
   checkpoint at the end, and an eval set of 32 (quick) or 200 (full) examples. The row
-  holds the config fields that were overridden, ``accuracy``/``retention`` before and after,
-  ``eval_loss``, ``trainable_params``, ``step_time_s``, ``frozen_weight_bytes``, the last
-  ``max_q_norm``/``orthogonality_error`` (OFT) and ``curve``: the metrics rows. Identical
+  holds the config fields that were overridden, `accuracy`/`retention` before and after,
+  `eval_loss`, `trainable_params`, `step_time_s`, `frozen_weight_bytes`, the last
+  `max_q_norm`/`orthogonality_error` (OFT) and `curve`: the metrics rows. Identical
   calls in one kernel return the cached row.
   """
   from oftjax.train.config import RunConfig, finalize
@@ -87,7 +87,7 @@ def finetune(**overrides) -> dict:
 
 
 def table(rows: list[dict], columns: list[str]):
-  """The ``columns`` of ``rows`` as a pandas-free text table (notebook outputs stay small)."""
+  """The `columns` of `rows` as a pandas-free text table (notebook outputs stay small)."""
 
   def fmt(v):
     if isinstance(v, float):
@@ -102,8 +102,8 @@ def table(rows: list[dict], columns: list[str]):
 
 
 def finding(text: str) -> None:
-  """Prints the notebook's conclusion, with its numbers, as one ``FINDING:`` line.
+  """Prints the notebook's conclusion, with its numbers, as one `FINDING:` line.
 
-  The committed notebooks are checked for it (``tests/test_notebooks.py``).
+  The committed notebooks are checked for it (`tests/test_notebooks.py`).
   """
   print("FINDING:", text)

@@ -3,8 +3,8 @@
     python notebooks/execute.py --mode full                 # all, outputs written in place
     python notebooks/execute.py --mode quick neumann_terms  # one, outputs discarded
 
-``full`` is how the committed outputs are made (``make notebooks``); ``quick`` is what the
-test suite runs. The mode reaches the kernel as ``OFTJAX_NOTEBOOK_MODE``. A notebook that
+`full` is how the committed outputs are made (`make notebooks`); `quick` is what the
+test suite runs. The mode reaches the kernel as `OFTJAX_NOTEBOOK_MODE`. A notebook that
 fails leaves its committed file untouched and the command exits 1 naming the cell.
 """
 
@@ -28,7 +28,7 @@ NOTEBOOKS = ("neumann_terms", "block_size", "oft_v1_vs_v2", "forgetting", "qoft_
 
 
 def execute(name: str, mode: str, cell_timeout: int = 1800):
-  """Executes ``notebooks/<name>.ipynb`` in ``mode``; returns the executed notebook node."""
+  """Executes `notebooks/<name>.ipynb` in `mode`; returns the executed notebook node."""
   notebook = nbformat.read(os.path.join(HERE, f"{name}.ipynb"), as_version=4)
   previous = os.environ.get("OFTJAX_NOTEBOOK_MODE")
   os.environ["OFTJAX_NOTEBOOK_MODE"] = mode  # the kernel inherits this process's environment

@@ -3,8 +3,8 @@
 The top level is the curated surface: the math contract (packed skew vector -> orthogonal
 blocks -> input-centric rotation), the adapter config and object, parameter trees (split,
 merge, fold, masks, counts), the train step, and PEFT adapter folders in and out. Everything
-else is reached through its submodule (``oftjax.orthogonal``, ``oftjax.geometry``,
-``oftjax.quant``, ``oftjax.models.gemma``, ``oftjax.data``, ...); docs/ARCHITECTURE.md maps them.
+else is reached through its submodule (`oftjax.orthogonal`, `oftjax.geometry`,
+`oftjax.quant`, `oftjax.models.gemma`, `oftjax.data`, ...); docs/ARCHITECTURE.md maps them.
 """
 
 from oftjax.adapted_model import AdaptedModel, adapt

@@ -7,7 +7,7 @@
     adapted.export_peft("out/peft_adapter", adapter)
 
 On a quantized base (QOFT / QLoRA) adapt the dequantizing wrapper:
-``oftjax.adapt(quant.Dequantized(model), config, tokens)``.
+`oftjax.adapt(quant.Dequantized(model), config, tokens)`.
 
 References:
   Qiu et al. "Orthogonal Finetuning Made Scalable" (OFTv2), arXiv:2506.19847.
@@ -28,14 +28,14 @@ from oftjax import params as P
 
 
 class AdaptedModel:
-  """A Linen model with adapters attached, built once by :func:`adapt`.
+  """A Linen model with adapters attached, built once by `adapt`.
 
   Attributes:
-    model: the base Linen module as given (e.g. ``quant.Dequantized(gemma_model)``).
+    model: the base Linen module as given (e.g. `quant.Dequantized(gemma_model)`).
     config: the adapter config.
-    geometries: read-only ``{path: LayerGeometry}`` of every adapted layer.
-    module: ``Adapted(model, config)``, the Linen module to apply (or to hand to
-      ``gemma.generate``); its params are the base tree merged with the adapter tree.
+    geometries: read-only `{path: LayerGeometry}` of every adapted layer.
+    module: `Adapted(model, config)`, the Linen module to apply (or to hand to
+      `gemma.generate`); its params are the base tree merged with the adapter tree.
   """
 
   def __init__(
@@ -56,22 +56,22 @@ class AdaptedModel:
     )
 
   def init(self, rng: jax.Array) -> dict:
-    """A fresh adapter tree (OFT: zeros, ``R = I``; LoRA: ``B = 0``): adapted = base.
+    """A fresh adapter tree (OFT: zeros, `R = I`; LoRA: `B = 0`): adapted = base.
 
-    Jitted, so the base parameters ``init`` would create are dead code and never built.
+    Jitted, so the base parameters `init` would create are dead code and never built.
     """
     return self._init(rng)
 
   def apply(self, params, *args, **kwargs) -> Any:
-    """``module.apply({'params': params}, *args, **kwargs)``: params = base + adapter tree."""
+    """`module.apply({'params': params}, *args, **kwargs)`: params = base + adapter tree."""
     return self.module.apply({"params": params}, *args, **kwargs)
 
   def fold(self, params) -> dict:
-    """Folds every adapter into its kernel (:func:`oftjax.fold_adapters`): a base-shaped tree."""
+    """Folds every adapter into its kernel (`oftjax.fold_adapters`): a base-shaped tree."""
     return P.fold_adapters(params, self.geometries, self.config)
 
   def unfold(self, params) -> dict:
-    """Inverse of :meth:`fold`: ``params`` holds folded kernels and the adapter leaves."""
+    """Inverse of `fold`: `params` holds folded kernels and the adapter leaves."""
     return P.fold_adapters(params, self.geometries, self.config, unfold=True)
 
   def with_config(self, config: adapters.AdapterConfig) -> AdaptedModel:
@@ -80,14 +80,14 @@ class AdaptedModel:
     return adapt(self.model, config, *args, **kwargs)
 
   def export_peft(self, directory: str, adapter, *args, **kwargs) -> None:
-    """Writes ``adapter`` as a PEFT folder: :func:`oftjax.peft_io.export_peft` with this config."""
+    """Writes `adapter` as a PEFT folder: `oftjax.peft_io.export_peft` with this config."""
     return peft_io.export_peft(directory, adapter, self.config, *args, **kwargs)
 
   def import_peft(self, directory: str, *args, **kwargs):
-    """Reads a PEFT folder (:func:`oftjax.peft_io.import_peft`), for this config's targets.
+    """Reads a PEFT folder (`oftjax.peft_io.import_peft`), for this config's targets.
 
     Returns:
-      ``(adapter tree, AdapterConfig)`` as read; :meth:`with_config` gives the model
+      `(adapter tree, AdapterConfig)` as read; `with_config` gives the model
       for that config.
     """
     if not args:
@@ -98,17 +98,17 @@ class AdaptedModel:
 def adapt(
   model: nn.Module, config: adapters.AdapterConfig, *example_args, **example_kwargs
 ) -> AdaptedModel:
-  """Attaches adapters to ``model``: finds the targeted layers by tracing it once.
+  """Attaches adapters to `model`: finds the targeted layers by tracing it once.
 
   Args:
-    model: any Linen module (wrap a quantized base in ``quant.Dequantized`` first).
+    model: any Linen module (wrap a quantized base in `quant.Dequantized` first).
     config: which adapter, where, and its hyper-parameters.
-    *example_args: example inputs of ``model.__call__`` (small: only their shapes
-      matter; :meth:`AdaptedModel.init` reuses them).
+    *example_args: example inputs of `model.__call__` (small: only their shapes
+      matter; `AdaptedModel.init` reuses them).
     **example_kwargs: example keyword inputs, likewise.
 
   Returns:
-    The :class:`AdaptedModel`.
+    The `AdaptedModel`.
 
   Raises:
     ValueError: when the targets match no layer or a targeted layer cannot take the

@@ -1,8 +1,8 @@
 """Adapter math on one linear layer: OFT (input- and weight-centric), LoRA, fold, unfold.
 
-A layer is described by its :class:`~oftjax.geometry.LayerGeometry`; adapter leaves
-are plain arrays (``{'weight': [r, b(b-1)/2]}`` for OFT, ``{'a': [d_in, rank],
-'b': [rank, d_out]}`` for LoRA), always float32.
+A layer is described by its `oftjax.geometry.LayerGeometry`; adapter leaves
+are plain arrays (`{'weight': [r, b(b-1)/2]}` for OFT, `{'a': [d_in, rank],
+'b': [rank, d_out]}` for LoRA), always float32.
 
 References:
   Qiu et al. "Orthogonal Finetuning Made Scalable" (OFTv2), arXiv:2506.19847;
@@ -30,22 +30,22 @@ class AdapterConfig:
   """What to attach and where.
 
   Attributes:
-    method: ``"oft"`` (OFTv2, input-centric), ``"oftv1"`` (original weight-centric
-      OFT, a baseline only) or ``"lora"``.
-    targets: regex, ``re.fullmatch``-ed against '/'-joined paths of linear layers.
-    block_size: OFT block size ``b``; must divide every targeted input width.
-    num_terms: Cayley–Neumann terms ``n`` (even ``n`` is more orthogonal than odd,
-      docs/DESIGN.md §1); building blocks costs ``r·b³·(n-2)``, negligible next to the
-      rotation's ``tokens·d·b``.
-    parameterization: ``"cayley_neumann"`` or ``"cayley"`` (exact).
-    block_share: one block shared by all chunks of a layer (``[1, …]`` leaves).
-    coft_eps: COFT radius (PEFT's ``eps``); ``None`` disables the constraint.
+    method: `"oft"` (OFTv2, input-centric), `"oftv1"` (original weight-centric
+      OFT, a baseline only) or `"lora"`.
+    targets: regex, `re.fullmatch`-ed against '/'-joined paths of linear layers.
+    block_size: OFT block size `b`; must divide every targeted input width.
+    num_terms: Cayley–Neumann terms `n` (even `n` is more orthogonal than odd,
+      docs/DESIGN.md §1); building blocks costs `r·b³·(n-2)`, negligible next to the
+      rotation's `tokens·d·b`.
+    parameterization: `"cayley_neumann"` or `"cayley"` (exact).
+    block_share: one block shared by all chunks of a layer (`[1, …]` leaves).
+    coft_eps: COFT radius (PEFT's `eps`); `None` disables the constraint.
     lora_rank, lora_alpha: LoRA rank and scale numerator (scale = alpha / rank).
     precision: matmul precision of the adapter's own products (Neumann powers,
-      rotation, LoRA's two products, fold): ``"highest"`` (true float32 on every
-      backend, as PEFT's), ``"high"`` or ``"default"`` (the backend's default: TF32 on
+      rotation, LoRA's two products, fold): `"highest"` (true float32 on every
+      backend, as PEFT's), `"high"` or `"default"` (the backend's default: TF32 on
       recent NVIDIA GPUs, one bf16 pass on TPU; faster, less exact). See
-      :func:`oftjax.orthogonal.rotate` for the cost. The frozen layer's own matmul is
+      `oftjax.orthogonal.rotate` for the cost. The frozen layer's own matmul is
       never changed.
   """
 
@@ -88,15 +88,15 @@ class AdapterConfig:
     return "lora" if self.method == "lora" else "oft"
 
   def is_target(self, path: str) -> bool:
-    """Whether the layer at '/'-joined ``path`` gets an adapter (``targets`` full-matches it)."""
+    """Whether the layer at '/'-joined `path` gets an adapter (`targets` full-matches it)."""
     return targets_pattern(self.targets).fullmatch(path) is not None
 
 
 def targets_pattern(targets: str) -> re.Pattern:
-  """The compiled ``targets`` regex (``re`` caches it, so calling this per layer is cheap).
+  """The compiled `targets` regex (`re` caches it, so calling this per layer is cheap).
 
   Raises:
-    ValueError: ``targets`` is not a valid regular expression.
+    ValueError: `targets` is not a valid regular expression.
   """
   try:
     return re.compile(targets)
@@ -108,7 +108,7 @@ def targets_pattern(targets: str) -> re.Pattern:
 
 
 def check_block_size(d_in: int, config: AdapterConfig, path: str) -> int:
-  """Number of blocks ``r``; raises if ``block_size`` does not divide ``d_in`` (no resizing)."""
+  """Number of blocks `r`; raises if `block_size` does not divide `d_in` (no resizing)."""
   b = config.block_size
   if d_in % b:
     divisors = [k for k in range(2, min(d_in, 256) + 1) if d_in % k == 0]
@@ -120,14 +120,14 @@ def check_block_size(d_in: int, config: AdapterConfig, path: str) -> int:
 
 
 def init_oft(d_in: int, config: AdapterConfig, path: str) -> dict:
-  """Zero packed parameters (``R = I``): the adapted layer equals the base layer."""
+  """Zero packed parameters (`R = I`): the adapted layer equals the base layer."""
   r = check_block_size(d_in, config, path)
   rows = 1 if config.block_share else r
   return {"weight": jnp.zeros((rows, orthogonal.num_packed(config.block_size)), jnp.float32)}
 
 
 def oft_blocks(leaves: dict, config: AdapterConfig, path: str = "?") -> jax.Array:
-  """Float32 orthogonal blocks ``[r or 1, b, b]`` from a layer's OFT leaves."""
+  """Float32 orthogonal blocks `[r or 1, b, b]` from a layer's OFT leaves."""
   packed = leaves["weight"]
   expected = orthogonal.num_packed(config.block_size)
   if packed.shape[-1] != expected:
@@ -148,10 +148,10 @@ def oft_blocks(leaves: dict, config: AdapterConfig, path: str = "?") -> jax.Arra
 def project_oft(leaves: dict, config: AdapterConfig) -> dict:
   """COFT: the layer's OFT leaves with every block projected into PEFT's ball.
 
-  The projection PEFT writes back into ``weight`` before each forward
-  (``OFTRotationModule._project_batch``): blocks with ``‖Q‖_F > eps / sqrt(r)`` (``r``
+  The projection PEFT writes back into `weight` before each forward
+  (`OFTRotationModule._project_batch`): blocks with `‖Q‖_F > eps / sqrt(r)` (`r`
   = stored blocks of the layer) are rescaled onto that sphere. Leading stacked axes
-  (``nn.scan`` layers) are kept, so the radius is per layer. Unchanged without COFT.
+  (`nn.scan` layers) are kept, so the radius is per layer. Unchanged without COFT.
   """
   if config.coft_eps is None:
     return leaves
@@ -165,7 +165,7 @@ def project_oft(leaves: dict, config: AdapterConfig) -> dict:
 def rotate_input(
   x: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array, precision: str = "highest"
 ) -> jax.Array:
-  """OFTv2: rotates the contracted input axes of ``x``; the kernel is untouched."""
+  """OFTv2: rotates the contracted input axes of `x`; the kernel is untouched."""
   flat, plan = geo.flatten_input(x, geom)
   return geo.unflatten_input(orthogonal.rotate(flat, blocks, precision), plan)
 
@@ -173,7 +173,7 @@ def rotate_input(
 def fold_oft(
   kernel: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array, precision: str = "highest"
 ) -> jax.Array:
-  """Folds the rotation into the kernel: ``K' = blockdiag(R) @ K`` (block by block)."""
+  """Folds the rotation into the kernel: `K' = blockdiag(R) @ K` (block by block)."""
   mat = geo.kernel_to_matrix(kernel.astype(jnp.float32), geom)
   b = blocks.shape[-1]
   r = mat.shape[0] // b
@@ -185,10 +185,10 @@ def fold_oft(
 
 
 def unfold_oft(kernel: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array) -> jax.Array:
-  """Inverse of :func:`fold_oft` by block-wise solves (exact even for Neumann blocks).
+  """Inverse of `fold_oft` by block-wise solves (exact even for Neumann blocks).
 
-  ``jnp.linalg.solve`` is an LU factorisation at full float32 on every backend (its
-  products are lowered at ``HIGHEST``), so it takes no precision.
+  `jnp.linalg.solve` is an LU factorisation at full float32 on every backend (its
+  products are lowered at `HIGHEST`), so it takes no precision.
   """
   mat = geo.kernel_to_matrix(kernel.astype(jnp.float32), geom)
   b = blocks.shape[-1]
@@ -201,7 +201,7 @@ def unfold_oft(kernel: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array) ->
 def weight_centric_kernel(
   kernel: jax.Array, geom: geo.LayerGeometry, blocks: jax.Array, precision: str = "highest"
 ) -> jax.Array:
-  """Original OFT: forms the dense ``d_in x d_in`` block-diagonal R and multiplies ``R·K``.
+  """Original OFT: forms the dense `d_in x d_in` block-diagonal R and multiplies `R·K`.
 
   Cubic in the width; kept only as the baseline OFTv2 is measured against.
   """
@@ -215,7 +215,7 @@ def weight_centric_kernel(
 
 
 def init_lora(rng: jax.Array, geom: geo.LayerGeometry, config: AdapterConfig, path: str) -> dict:
-  """PEFT's LoRA init: ``a`` Kaiming-uniform (a=sqrt(5)), ``b`` zeros (adapted = base)."""
+  """PEFT's LoRA init: `a` Kaiming-uniform (a=sqrt(5)), `b` zeros (adapted = base)."""
   if not geom.lora_ok:
     raise ValueError(
       f"layer '{path}': LoRA needs the kernel's free axes to be the trailing output "
@@ -229,17 +229,17 @@ def init_lora(rng: jax.Array, geom: geo.LayerGeometry, config: AdapterConfig, pa
 def lora_delta(
   x: jax.Array, geom: geo.LayerGeometry, leaves: dict, config: AdapterConfig
 ) -> jax.Array:
-  """LoRA's additive output ``scale · (x A) B`` in the layer's output layout.
+  """LoRA's additive output `scale · (x A) B` in the layer's output layout.
 
   The tokens are flattened to one axis so that both products and their backward are
-  plain 2-D matmuls: with ``[batch, time, d]`` operands, XLA CPU computes the weight
-  gradients ``xᵀ·g`` by first copying the big activation / cotangent into a transposed
+  plain 2-D matmuls: with `[batch, time, d]` operands, XLA CPU computes the weight
+  gradients `xᵀ·g` by first copying the big activation / cotangent into a transposed
   layout, which made a LoRA step ~1.5x slower than the no-adapter floor (measured in
-  ``experiments/benchmark.py``; 2-D: ~1.0x). The scale is folded into the small ``B``
-  instead of multiplying the ``[tokens, d_out]`` output (and its cotangent).
+  `experiments/benchmark.py`; 2-D: ~1.0x). The scale is folded into the small `B`
+  instead of multiplying the `[tokens, d_out]` output (and its cotangent).
 
-  Both products run in the activation dtype at ``config.precision``: with float32
-  activations ``"highest"`` keeps them true float32 (no TF32 / single bf16 pass); with
+  Both products run in the activation dtype at `config.precision`: with float32
+  activations `"highest"` keeps them true float32 (no TF32 / single bf16 pass); with
   bfloat16 activations the operands already are bf16, as in PEFT under autocast.
   """
   flat, _ = geo.flatten_input(x, geom)
@@ -255,7 +255,7 @@ def lora_delta(
 def fold_lora(
   kernel: jax.Array, geom: geo.LayerGeometry, leaves: dict, config: AdapterConfig
 ) -> jax.Array:
-  """``K' = K + scale · A B`` in the kernel's own layout."""
+  """`K' = K + scale · A B` in the kernel's own layout."""
   mat = geo.kernel_to_matrix(kernel.astype(jnp.float32), geom)
   delta = jnp.matmul(leaves["a"], leaves["b"], precision=config.precision)
   mat = mat + (config.lora_alpha / config.lora_rank) * delta
@@ -265,6 +265,6 @@ def fold_lora(
 def unfold_lora(
   kernel: jax.Array, geom: geo.LayerGeometry, leaves: dict, config: AdapterConfig
 ) -> jax.Array:
-  """Inverse of :func:`fold_lora`."""
+  """Inverse of `fold_lora`."""
   negated = {"a": -leaves["a"], "b": leaves["b"]}
   return fold_lora(kernel, geom, negated, config)

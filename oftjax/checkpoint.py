@@ -1,20 +1,20 @@
 """Orbax checkpoints of a run: trainable tree, optimizer state, step, data position, RNG.
 
-Each step is written by ``ocp.CheckpointManager`` (atomic: a step directory appears only
-once complete); the last ``keep`` steps are kept. A JSON item carries the data-stream
+Each step is written by `ocp.CheckpointManager` (atomic: a step directory appears only
+once complete); the last `keep` steps are kept. A JSON item carries the data-stream
 position and the run's config fingerprint, so a resumed run can refuse a different config.
 
 Damage is survived, never loaded (RELIABILITY.md):
 
-- A process killed while saving leaves ``<step>.orbax-checkpoint-tmp`` behind: it is
+- A process killed while saving leaves `<step>.orbax-checkpoint-tmp` behind: it is
   reported with a warning and ignored (orbax replaces it when that step is saved again).
-- After each save the main process writes ``oftjax-integrity.json`` into the step folder
-  (size and SHA-256 of every file). :meth:`RunCheckpoints.latest_step` verifies the newest
+- After each save the main process writes `oftjax-integrity.json` into the step folder
+  (size and SHA-256 of every file). `RunCheckpoints.latest_step` verifies the newest
   step against it; a damaged step (truncated, altered or missing files, unreadable JSON)
-  is moved aside to ``<step>.damaged`` with a warning and the previous step is used. A step
+  is moved aside to `<step>.damaged` with a warning and the previous step is used. A step
   saved without the manifest (killed between orbax's commit and the manifest write) gets
-  structural checks only. If no usable step remains (:class:`NoUsableStepError`), or a
-  restore fails anyway, a one-line :class:`CheckpointError` names the step.
+  structural checks only. If no usable step remains (`NoUsableStepError`), or a
+  restore fails anyway, a one-line `CheckpointError` names the step.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def write_integrity(step_dir: str) -> None:
 
 
 def step_problem(step_dir: str) -> str | None:
-  """What is wrong with a committed step folder, or ``None`` when it looks intact."""
+  """What is wrong with a committed step folder, or `None` when it looks intact."""
   manifest = os.path.join(step_dir, INTEGRITY)
   if os.path.exists(manifest):
     try:
@@ -120,7 +120,7 @@ def step_problem(step_dir: str) -> str | None:
 
 
 class RunCheckpoints:
-  """Thin wrapper over ``orbax.checkpoint.CheckpointManager`` for one run directory."""
+  """Thin wrapper over `orbax.checkpoint.CheckpointManager` for one run directory."""
 
   def __init__(self, directory: str, keep: int, save_every: int):
     self.directory = os.path.abspath(directory)
@@ -139,7 +139,7 @@ class RunCheckpoints:
     return sorted(n for n in os.listdir(self.directory) if TMP_MARK in n)
 
   def latest_step(self) -> int | None:
-    """Newest intact step (damaged ones are set aside with a warning); ``None`` if none."""
+    """Newest intact step (damaged ones are set aside with a warning); `None` if none."""
     for name in self.half_written():
       _warn(
         f"checkpoint {name} in {self.directory} was half-written (the run was killed "
@@ -165,7 +165,7 @@ class RunCheckpoints:
     return None
 
   def _set_aside(self, damaged) -> None:
-    """Renames damaged steps to ``<step>.damaged`` (main process) so they are never loaded."""
+    """Renames damaged steps to `<step>.damaged` (main process) so they are never loaded."""
     if jax.process_index() == 0:
       for step, _ in damaged:
         src = os.path.join(self.directory, str(step))
@@ -178,7 +178,7 @@ class RunCheckpoints:
     self.manager.reload()
 
   def save(self, step: int, state: dict, meta: dict, force: bool = False) -> bool:
-    """Saves ``state`` (arrays) and ``meta`` (JSON) at ``step``; returns whether it saved."""
+    """Saves `state` (arrays) and `meta` (JSON) at `step`; returns whether it saved."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     saved = self.manager.save(step, args=args, force=force)
     self.manager.wait_until_finished()
@@ -187,7 +187,7 @@ class RunCheckpoints:
     return saved
 
   def restore(self, step: int, like: dict) -> tuple[dict, dict]:
-    """Restores ``(state, meta)`` at ``step`` into the structure/shardings of ``like``."""
+    """Restores `(state, meta)` at `step` into the structure/shardings of `like`."""
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
     try:
       out = self.manager.restore(
@@ -206,7 +206,7 @@ class RunCheckpoints:
     return out["state"], out["meta"]
 
   def read_meta(self, step: int) -> dict:
-    """The JSON item of ``step`` alone (cheap; used to vet a resume before any work)."""
+    """The JSON item of `step` alone (cheap; used to vet a resume before any work)."""
     try:
       return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
         "meta"

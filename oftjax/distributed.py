@@ -1,8 +1,8 @@
-"""Several hosts (processes) on one mesh, through JAX's own runtime (``jax.distributed``).
+"""Several hosts (processes) on one mesh, through JAX's own runtime (`jax.distributed`).
 
 Every process runs the same program: it initialises the distributed runtime, builds the
 global mesh over all processes' devices, computes the same global batch order, and feeds
-only its own rows (``jax.make_array_from_process_local_data``). Collectives go over the
+only its own rows (`jax.make_array_from_process_local_data`). Collectives go over the
 accelerator interconnect, or gloo on CPU. Only process 0 writes files other than orbax
 checkpoints (which orbax coordinates across processes).
 """
@@ -20,13 +20,13 @@ def initialize(
   """Joins the run's processes; a no-op for a single process.
 
   Args:
-    coordinator_address: ``host:port`` of process 0 (reachable by all processes).
+    coordinator_address: `host:port` of process 0 (reachable by all processes).
     num_processes: number of processes (hosts) in the run; 0 lets JAX detect the cluster.
     process_id: this process's index, 0 ... num_processes - 1.
     timeout_s: how long to wait for every process to join before failing.
 
   Raises:
-    ValueError: no coordinator for several processes, or ``process_id`` out of range.
+    ValueError: no coordinator for several processes, or `process_id` out of range.
   """
   if num_processes == 0:  # cluster auto-detection (TPU pod slices, SLURM, ...)
     jax.distributed.initialize(initialization_timeout=timeout_s)
@@ -55,7 +55,7 @@ def local_rows(global_rows: int) -> slice:
   """This process's rows of a global batch (processes split the batch evenly).
 
   Raises:
-    ValueError: ``global_rows`` is not a multiple of the process count.
+    ValueError: `global_rows` is not a multiple of the process count.
   """
   count = jax.process_count()
   if global_rows % count:

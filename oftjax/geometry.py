@@ -1,11 +1,11 @@
 """Which axes of a linear layer's input and kernel are contracted.
 
-Every supported layer (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``) is described
+Every supported layer (`nn.Dense`, `nn.DenseGeneral`, `nn.Einsum`) is described
 by one einsum equation over its input and kernel. OFT rotates the contracted input
 axes, flattened row-major in the input's order (so an output projection over
-``heads × head_dim`` matches a PyTorch Linear over the concatenated heads); merging
+`heads × head_dim` matches a PyTorch Linear over the concatenated heads); merging
 folds the rotation into the matching kernel axes, through the one kernel layout
-:func:`kernel_to_matrix` (also the layout quantized kernels are stored in).
+`kernel_to_matrix` (also the layout quantized kernels are stored in).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class LayerGeometry:
 
   Attributes:
     x_axes: input axes contracted with the kernel, in the input's order.
-    kernel_axes: the matching kernel axes (same order as ``x_axes``).
+    kernel_axes: the matching kernel axes (same order as `x_axes`).
     kernel_shape: shape of one (un-stacked) kernel.
     lora_ok: whether the non-contracted kernel axes map one-to-one onto trailing
       output axes (no batch axes shared by input, kernel and output).
@@ -52,7 +52,7 @@ def _normalize(axes, ndim: int) -> tuple[int, ...]:
 
 
 def geometry_of(module: nn.Module, path: str, x: jax.Array, kwargs: dict) -> LayerGeometry:
-  """Derives the contraction structure of ``module`` applied to ``x``.
+  """Derives the contraction structure of `module` applied to `x`.
 
   Raises:
     ValueError: for a layer form oftjax cannot adapt, naming the layer and the fix.
@@ -97,7 +97,7 @@ def geometry_of(module: nn.Module, path: str, x: jax.Array, kwargs: dict) -> Lay
 
 
 def flatten_input(x: jax.Array, geom: LayerGeometry) -> tuple[jax.Array, tuple]:
-  """Moves the contracted axes of ``x`` last and flattens them to one axis ``d_in``."""
+  """Moves the contracted axes of `x` last and flattens them to one axis `d_in`."""
   rest = [a for a in range(x.ndim) if a not in geom.x_axes]
   perm = tuple(rest) + geom.x_axes
   moved = jnp.transpose(x, perm)
@@ -105,7 +105,7 @@ def flatten_input(x: jax.Array, geom: LayerGeometry) -> tuple[jax.Array, tuple]:
 
 
 def unflatten_input(flat: jax.Array, plan: tuple) -> jax.Array:
-  """Inverse of :func:`flatten_input`."""
+  """Inverse of `flatten_input`."""
   perm, moved_shape = plan
   inverse = [0] * len(perm)
   for i, p in enumerate(perm):
@@ -120,10 +120,10 @@ def _kernel_perm(geom: LayerGeometry) -> tuple[int, ...]:
 
 
 def kernel_to_matrix(kernel: jax.Array, geom: LayerGeometry) -> jax.Array:
-  """Views a kernel ``[*lead, *kernel_shape]`` as ``[*lead, d_in, d_out]``.
+  """Views a kernel `[*lead, *kernel_shape]` as `[*lead, d_in, d_out]`.
 
-  Rows follow the input's flattening order (:func:`flatten_input`); ``lead`` are
-  stacked layer axes (e.g. from ``nn.scan``), kept in front. Adapters fold into this
+  Rows follow the input's flattening order (`flatten_input`); `lead` are
+  stacked layer axes (e.g. from `nn.scan`), kept in front. Adapters fold into this
   matrix and quantized kernels are stored as it.
   """
   lead = kernel.ndim - len(geom.kernel_shape)
@@ -132,7 +132,7 @@ def kernel_to_matrix(kernel: jax.Array, geom: LayerGeometry) -> jax.Array:
 
 
 def matrix_to_kernel(matrix: jax.Array, geom: LayerGeometry) -> jax.Array:
-  """Inverse of :func:`kernel_to_matrix`: ``[*lead, d_in, d_out]`` -> ``[*lead, *kernel_shape]``."""
+  """Inverse of `kernel_to_matrix`: `[*lead, d_in, d_out]` -> `[*lead, *kernel_shape]`."""
   lead = matrix.ndim - 2
   perm = _kernel_perm(geom)
   moved = matrix.reshape(*matrix.shape[:lead], *(geom.kernel_shape[p] for p in perm))

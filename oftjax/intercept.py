@@ -1,24 +1,24 @@
 """Injects adapters into any Flax Linen model through a method interceptor.
 
-``Adapted(model, config)`` is a Linen module that shares ``model``'s scope, so its
+`Adapted(model, config)` is a Linen module that shares `model`'s scope, so its
 parameter tree is the base tree plus adapter leaves beside each targeted kernel::
 
     {'layers': {'self_attn': {'q_proj': {'kernel': ..., 'oft': {'weight': ...}}}}}
 
-Its ``__call__`` opens ``nn.intercept_methods`` *inside* the traced function (an
+Its `__call__` opens `nn.intercept_methods` *inside* the traced function (an
 interceptor around a jitted call would be invisible to the jit cache). Each
-targeted ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Einsum`` call then sees its input
+targeted `nn.Dense` / `nn.DenseGeneral` / `nn.Einsum` call then sees its input
 rotated (OFTv2), its kernel rotated (original OFT), or a low-rank term added (LoRA).
-Works under ``jax.jit``, ``nn.scan`` and ``nn.remat``.
+Works under `jax.jit`, `nn.scan` and `nn.remat`.
 
 A base whose kernels are stored otherwise (QOFT / QLoRA) is wrapped first:
-``Adapted(quant.Dequantized(model), config)``. The adapter interceptor, entered
+`Adapted(quant.Dequantized(model), config)`. The adapter interceptor, entered
 first, sees each layer first; the dequantizer's runs the layer itself
-(:mod:`oftjax.layer`). The original OFT path reads the float kernel through
-:func:`oftjax.layer.float_params`, whatever its storage.
+(`oftjax.layer`). The original OFT path reads the float kernel through
+`oftjax.layer.float_params`, whatever its storage.
 
 References:
-  google-deepmind/gemma ``peft/`` (adapters that share the wrapped module's scope);
+  google-deepmind/gemma `peft/` (adapters that share the wrapped module's scope);
   Qiu et al., OFTv2, arXiv:2506.19847.
 """
 
@@ -37,10 +37,10 @@ _UNSUPPORTED_LINEAR = (nn.Conv, nn.ConvTranspose, nn.ConvLocal, nn.Embed)
 
 
 class AdapterInterceptor:
-  """Linen method interceptor that applies :class:`~oftjax.adapters.AdapterConfig`.
+  """Linen method interceptor that applies `oftjax.adapters.AdapterConfig`.
 
   Attributes:
-    geometries: ``{path: LayerGeometry}`` of every layer it adapted so far.
+    geometries: `{path: LayerGeometry}` of every layer it adapted so far.
     seen: paths of every linear layer it saw (for the "matched nothing" error).
     packed: paths of matrix-shaped parameters of non-linear modules the targets match.
   """
@@ -90,13 +90,13 @@ class AdapterInterceptor:
   def _refuse_packed_params(self, module: nn.Module, path: str) -> None:
     """Raises if the targets select a module that is no linear layer but holds matrices.
 
-    Such a module (e.g. a mixture of experts, its kernels packed as ``[experts, out,
-    in]`` parameters) applies them in its own code, which no interceptor can reach:
+    Such a module (e.g. a mixture of experts, its kernels packed as `[experts, out,
+    in]` parameters) applies them in its own code, which no interceptor can reach:
     targeting it would silently leave it unadapted. Modules holding only vectors (norm
-    scales) are let through, since a broad regex such as ``.*`` matches them too. A
-    regex that names such a parameter (``experts/gate_up_proj``) is remembered for the
+    scales) are let through, since a broad regex such as `.*` matches them too. A
+    regex that names such a parameter (`experts/gate_up_proj`) is remembered for the
     message when no layer matched: targets match layer paths, as PEFT's
-    ``target_modules`` match module names.
+    `target_modules` match module names.
     """
     own = module.variables.get("params", {})
     packed = [
@@ -131,7 +131,7 @@ class AdapterInterceptor:
 
 
 def _weight_centric_call(module, next_fun, geom, blocks, x, rest, kwargs, precision):
-  """Original OFT: runs the same layer with ``blockdiag(R) @ kernel`` as its kernel."""
+  """Original OFT: runs the same layer with `blockdiag(R) @ kernel` as its kernel."""
   if not layer.has_kernel(module):
     return next_fun(x, *rest, **kwargs)  # initialisation: creates kernel (R = I anyway)
   base = layer.float_params(module, geom, exclude=P.ADAPTER_KEYS)
@@ -140,7 +140,7 @@ def _weight_centric_call(module, next_fun, geom, blocks, x, rest, kwargs, precis
 
 
 def _adapter_leaves(module: nn.Module, path: str, name: str, init_fn) -> dict:
-  """The layer's adapter leaves: created by ``init_fn`` or read back and shape-checked."""
+  """The layer's adapter leaves: created by `init_fn` or read back and shape-checked."""
   if not module.has_variable("params", name):
     return module.param(name, init_fn)
   leaves = module.get_variable("params", name)
@@ -157,7 +157,7 @@ def _adapter_leaves(module: nn.Module, path: str, name: str, init_fn) -> dict:
 
 @contextlib.contextmanager
 def _adapters_active(config: adapters.AdapterConfig):
-  """Opens an :class:`AdapterInterceptor`; on exit, raises if it adapted nothing."""
+  """Opens an `AdapterInterceptor`; on exit, raises if it adapted nothing."""
   interceptor = AdapterInterceptor(config)
   with nn.intercept_methods(interceptor):
     yield interceptor
@@ -167,20 +167,20 @@ def _adapters_active(config: adapters.AdapterConfig):
 def find_geometries(
   model: nn.Module, config: adapters.AdapterConfig, *args, **kwargs
 ) -> dict[str, geo.LayerGeometry]:
-  """``{path: LayerGeometry}`` of every layer ``config`` adapts in ``model`` on these inputs.
+  """`{path: LayerGeometry}` of every layer `config` adapts in `model` on these inputs.
 
-  Traces the adapted ``model.init`` once under ``jax.eval_shape`` (shapes only: nothing
+  Traces the adapted `model.init` once under `jax.eval_shape` (shapes only: nothing
   is computed or allocated) with an interceptor of its own, so nothing is recorded in
   global state.
 
   Args:
-    model: the base Linen module (possibly wrapped, e.g. by ``quant.Dequantized``).
-    config: the adapter config; its ``targets`` select the layers.
-    *args: example inputs of ``model.__call__`` (only shapes matter).
-    **kwargs: example keyword inputs of ``model.__call__``.
+    model: the base Linen module (possibly wrapped, e.g. by `quant.Dequantized`).
+    config: the adapter config; its `targets` select the layers.
+    *args: example inputs of `model.__call__` (only shapes matter).
+    **kwargs: example keyword inputs of `model.__call__`.
 
   Raises:
-    ValueError: as :class:`Adapted` would (no layer matched, a block size that does
+    ValueError: as `Adapted` would (no layer matched, a block size that does
       not divide a width, an unsupported layer form), naming the layer and the fix.
   """
   found: dict[str, geo.LayerGeometry] = {}
@@ -196,14 +196,14 @@ def find_geometries(
 
 
 class Adapted(layer.InterceptingWrapper):
-  """Wraps any Linen ``model`` so that its targeted linear layers carry adapters.
+  """Wraps any Linen `model` so that its targeted linear layers carry adapters.
 
-  ``call_method(name, *args)`` calls another method of ``model`` (e.g. a decode
+  `call_method(name, *args)` calls another method of `model` (e.g. a decode
   method) with adapters active.
 
   Attributes:
     model: the base Linen module (never modified); may itself be a wrapper such as
-      ``quant.Dequantized``.
+      `quant.Dequantized`.
     config: which adapter, where, and its hyper-parameters.
   """
 
@@ -216,5 +216,5 @@ class Adapted(layer.InterceptingWrapper):
 
   @nn.nowrap
   def intercepting(self):
-    """Context in which :class:`AdapterInterceptor` applies ``config``."""
+    """Context in which `AdapterInterceptor` applies `config`."""
     return _adapters_active(self.config)

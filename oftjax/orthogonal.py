@@ -2,21 +2,21 @@
 
 Conventions (docs/DESIGN.md §1, identical to Hugging Face PEFT's OFT layout):
 
-* A block of size ``b`` is stored as the strict upper triangle of a skew-symmetric
-  ``b x b`` matrix ``Q`` in row-major ``triu(b, b, k=1)`` order, a vector of length
-  ``b(b-1)/2``; ``Q[i, j] = v`` and ``Q[j, i] = -v``.
-* ``cayley(Q) = (I + Q)(I - Q)^-1``.
-* ``cayley_neumann(Q, n) = (I + Q) · sum_{i=0}^{n-2} Q^i = I + 2Q + … + 2Q^{n-2} + Q^{n-1}``.
-* Input-centric rotation of row vectors: ``x_rot[..., k, :] = x[..., k, :] @ R_k``.
+* A block of size `b` is stored as the strict upper triangle of a skew-symmetric
+  `b x b` matrix `Q` in row-major `triu(b, b, k=1)` order, a vector of length
+  `b(b-1)/2`; `Q[i, j] = v` and `Q[j, i] = -v`.
+* `cayley(Q) = (I + Q)(I - Q)^-1`.
+* `cayley_neumann(Q, n) = (I + Q) · sum_{i=0}^{n-2} Q^i = I + 2Q + … + 2Q^{n-2} + Q^{n-1}`.
+* Input-centric rotation of row vectors: `x_rot[..., k, :] = x[..., k, :] @ R_k`.
 
 All functions are jit/vmap/grad safe. Adapter math runs in float32 whatever the
-activation dtype; :func:`rotate` returns the activation dtype.
+activation dtype; `rotate` returns the activation dtype.
 
-Precision: every matmul here takes a ``precision`` (one of :data:`PRECISIONS`, default
-``"highest"``) that is written onto its ``dot_general``. JAX's default precision is
+Precision: every matmul here takes a `precision` (one of `PRECISIONS`, default
+`"highest"`) that is written onto its `dot_general`. JAX's default precision is
 full float32 on CPU but TF32 (10-bit mantissa) on recent NVIDIA GPUs and one bf16 pass
 on TPU, where the Neumann powers and the rotated activations carry that rounding and
-the orthogonality proven on CPU no longer holds; ``"highest"`` is true float32
+the orthogonality proven on CPU no longer holds; `"highest"` is true float32
 everywhere, as PEFT's torch rotation is (torch keeps TF32 off for matmuls by default).
 
 References:
@@ -38,19 +38,19 @@ PRECISIONS = ("default", "high", "highest")  # jax.lax.Precision names, as strin
 
 
 def check_precision(precision: str) -> str:
-  """Returns ``precision`` if it is one of :data:`PRECISIONS`; raises ValueError otherwise."""
+  """Returns `precision` if it is one of `PRECISIONS`; raises ValueError otherwise."""
   if precision not in PRECISIONS:
     raise ValueError(f"unknown matmul precision {precision!r}; use one of {PRECISIONS}")
   return precision
 
 
 def num_packed(block_size: int) -> int:
-  """Length of the packed vector of one skew-symmetric ``b x b`` block."""
+  """Length of the packed vector of one skew-symmetric `b x b` block."""
   return block_size * (block_size - 1) // 2
 
 
 def block_size_from_packed(length: int) -> int:
-  """Inverse of :func:`num_packed`; raises ValueError if ``length`` is not b(b-1)/2."""
+  """Inverse of `num_packed`; raises ValueError if `length` is not b(b-1)/2."""
   b = int(round((1 + math.sqrt(1 + 8 * length)) / 2))
   if num_packed(b) != length or b < 2:
     raise ValueError(
@@ -62,7 +62,7 @@ def block_size_from_packed(length: int) -> int:
 
 @functools.cache
 def _gather_plan(block_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Index into ``[0, packed...]`` and sign for every entry of the ``b x b`` skew matrix."""
+  """Index into `[0, packed...]` and sign for every entry of the `b x b` skew matrix."""
   rows, cols = np.triu_indices(block_size, k=1)
   index = np.zeros((block_size, block_size), np.int32)
   sign = np.zeros((block_size, block_size), np.float32)
@@ -74,14 +74,14 @@ def _gather_plan(block_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def skew_symmetric(packed: jax.Array, block_size: int) -> jax.Array:
-  """Unpacks ``[..., b(b-1)/2]`` into skew-symmetric matrices ``[..., b, b]``.
+  """Unpacks `[..., b(b-1)/2]` into skew-symmetric matrices `[..., b, b]`.
 
   Args:
-    packed: strict upper triangles in row-major ``triu(b, b, k=1)`` order.
-    block_size: ``b``.
+    packed: strict upper triangles in row-major `triu(b, b, k=1)` order.
+    block_size: `b`.
 
   Returns:
-    ``Q`` with ``Q[i, j] = packed[k]`` above the diagonal and ``Q[j, i] = -packed[k]``.
+    `Q` with `Q[i, j] = packed[k]` above the diagonal and `Q[j, i] = -packed[k]`.
   """
   n = num_packed(block_size)
   if packed.shape[-1] != n:
@@ -95,36 +95,36 @@ def skew_symmetric(packed: jax.Array, block_size: int) -> jax.Array:
 
 
 def pack_skew_symmetric(q: jax.Array) -> jax.Array:
-  """Inverse of :func:`skew_symmetric`: the strict upper triangle of ``[..., b, b]``."""
+  """Inverse of `skew_symmetric`: the strict upper triangle of `[..., b, b]`."""
   rows, cols = np.triu_indices(q.shape[-1], k=1)
   return q[..., rows, cols]
 
 
 def cayley(q: jax.Array) -> jax.Array:
-  """Exact Cayley transform ``(I + Q)(I - Q)^-1`` of skew-symmetric ``[..., b, b]``.
+  """Exact Cayley transform `(I + Q)(I - Q)^-1` of skew-symmetric `[..., b, b]`.
 
-  ``I + Q`` and ``(I - Q)^-1`` commute, so this is ``solve(I - Q, I + Q)``; ``I - Q``
-  is always invertible for skew-symmetric ``Q`` (eigenvalues ``1 - iλ``).
+  `I + Q` and `(I - Q)^-1` commute, so this is `solve(I - Q, I + Q)`; `I - Q`
+  is always invertible for skew-symmetric `Q` (eigenvalues `1 - iλ`).
   """
   eye = jnp.eye(q.shape[-1], dtype=q.dtype)
   return jnp.linalg.solve(eye - q, jnp.broadcast_to(eye + q, q.shape))
 
 
 def cayley_neumann(q: jax.Array, num_terms: int, precision: str = "highest") -> jax.Array:
-  """Cayley–Neumann approximation with ``num_terms`` terms (PEFT's meaning for n >= 4).
+  """Cayley–Neumann approximation with `num_terms` terms (PEFT's meaning for n >= 4).
 
-  ``(I + Q) · sum_{i=0}^{n-2} Q^i = I + 2Q + … + 2Q^{n-2} + Q^{n-1}``. Equals
-  ``cayley(Q) (I - Q^{n-1})``, so the orthogonality error ``RᵀR - I`` is exactly
-  ``-Q^{2n-2}`` for even ``n`` and ``-2Q^{n-1} + Q^{2n-2}`` for odd ``n``. Only
-  useful for ``‖Q‖ < 1``.
+  `(I + Q) · sum_{i=0}^{n-2} Q^i = I + 2Q + … + 2Q^{n-2} + Q^{n-1}`. Equals
+  `cayley(Q) (I - Q^{n-1})`, so the orthogonality error `RᵀR - I` is exactly
+  `-Q^{2n-2}` for even `n` and `-2Q^{n-1} + Q^{2n-2}` for odd `n`. Only
+  useful for `‖Q‖ < 1`.
 
   Args:
-    q: skew-symmetric ``[..., b, b]``.
-    num_terms: ``n >= 2``.
-    precision: of the ``n - 2`` power matmuls (:data:`PRECISIONS`).
+    q: skew-symmetric `[..., b, b]`.
+    num_terms: `n >= 2`.
+    precision: of the `n - 2` power matmuls (`PRECISIONS`).
 
   Returns:
-    ``[..., b, b]`` approximately orthogonal blocks.
+    `[..., b, b]` approximately orthogonal blocks.
   """
   if num_terms < 2:
     raise ValueError(f"num_terms must be >= 2 (got {num_terms}); n=2 is I + Q")
@@ -138,10 +138,10 @@ def cayley_neumann(q: jax.Array, num_terms: int, precision: str = "highest") -> 
 
 
 def project_coft(packed: jax.Array, block_size: int, eps: float) -> jax.Array:
-  """COFT: projects each block's ``Q`` into the Frobenius ball of radius ``eps / sqrt(r)``.
+  """COFT: projects each block's `Q` into the Frobenius ball of radius `eps / sqrt(r)`.
 
-  Same as PEFT's ``_project_batch`` (``r`` = number of stored blocks): blocks with
-  ``‖Q‖_F <= eps/sqrt(r)`` are kept, larger ones are rescaled onto the sphere.
+  Same as PEFT's `_project_batch` (`r` = number of stored blocks): blocks with
+  `‖Q‖_F <= eps/sqrt(r)` are kept, larger ones are rescaled onto the sphere.
   """
   radius = eps / math.sqrt(packed.shape[-2] if packed.ndim >= 2 else 1)
   norm = jnp.sqrt(2.0) * jnp.linalg.norm(packed, axis=-1, keepdims=True)
@@ -157,19 +157,19 @@ def orthogonal_blocks(
   coft_eps: float | None = None,
   precision: str = "highest",
 ) -> jax.Array:
-  """Packed ``[r, b(b-1)/2]`` parameters -> float32 orthogonal blocks ``[r, b, b]``.
+  """Packed `[r, b(b-1)/2]` parameters -> float32 orthogonal blocks `[r, b, b]`.
 
   Args:
     packed: adapter parameters (any float dtype; computed in float32).
-    block_size: ``b``.
-    parameterization: ``"cayley_neumann"`` (OFTv2) or ``"cayley"`` (exact inverse).
-    num_terms: Neumann terms, used by ``"cayley_neumann"`` only.
+    block_size: `b`.
+    parameterization: `"cayley_neumann"` (OFTv2) or `"cayley"` (exact inverse).
+    num_terms: Neumann terms, used by `"cayley_neumann"` only.
     coft_eps: if set, apply the COFT projection first (straight-through gradient,
       as PEFT projects the stored weight outside the autograd graph). Training also
-      writes the projection back after every update (``make_train_step``'s
-      ``project``), so this forward projection only acts on weights loaded from
+      writes the projection back after every update (`make_train_step`'s
+      `project`), so this forward projection only acts on weights loaded from
       elsewhere.
-    precision: of the Neumann power matmuls (:data:`PRECISIONS`).
+    precision: of the Neumann power matmuls (`PRECISIONS`).
   """
   packed = packed.astype(jnp.float32)
   if coft_eps is not None:
@@ -183,29 +183,29 @@ def orthogonal_blocks(
 
 
 def rotate(x: jax.Array, blocks: jax.Array, precision: str = "highest") -> jax.Array:
-  """Input-centric block rotation of the last axis of ``x`` (OFTv2).
+  """Input-centric block rotation of the last axis of `x` (OFTv2).
 
-  ``x[..., d]`` is viewed as ``[..., r, b]`` and each chunk is multiplied as a row
-  vector: ``x_rot[..., k, :] = x[..., k, :] @ R_k``. ``blocks`` is ``[r, b, b]`` or
-  ``[1, b, b]`` (one block shared by all chunks). Cost ``O(tokens · d · b)``.
+  `x[..., d]` is viewed as `[..., r, b]` and each chunk is multiplied as a row
+  vector: `x_rot[..., k, :] = x[..., k, :] @ R_k`. `blocks` is `[r, b, b]` or
+  `[1, b, b]` (one block shared by all chunks). Cost `O(tokens · d · b)`.
 
-  Cost of ``precision="highest"`` (the default): the flops are the same at every
+  Cost of `precision="highest"` (the default): the flops are the same at every
   precision, only how the hardware runs them changes. On CPU it is what XLA does anyway.
   On NVIDIA GPUs it turns TF32 off, so the float32 matmul runs on the CUDA cores (on an
   H100 about 1/7 of the TF32 tensor-core rate); on TPU a float32 product becomes ~6
-  bf16 passes (``"high"``: ~3) instead of one. The rotation is ``b / d_out`` of its
-  layer's flops (b=32, d_out=2048: 1.6%) and, at about ``b / 4`` flops per byte moved,
-  memory-bound on both, so most of that is hidden. ``"default"`` gives the speed back to
+  bf16 passes (`"high"`: ~3) instead of one. The rotation is `b / d_out` of its
+  layer's flops (b=32, d_out=2048: 1.6%) and, at about `b / 4` flops per byte moved,
+  memory-bound on both, so most of that is hidden. `"default"` gives the speed back to
   users who accept the operand rounding: a relative error of up to ~5e-4 (TF32, 10-bit
   mantissa) or ~4e-3 (one bf16 pass) in every rotated activation and Neumann power.
 
   Args:
-    x: ``[..., d]`` activations (any float dtype).
-    blocks: ``[r, b, b]`` or ``[1, b, b]`` orthogonal blocks.
-    precision: of the rotation matmul (:data:`PRECISIONS`).
+    x: `[..., d]` activations (any float dtype).
+    blocks: `[r, b, b]` or `[1, b, b]` orthogonal blocks.
+    precision: of the rotation matmul (`PRECISIONS`).
 
   Returns:
-    The rotated activations in ``x``'s dtype (the rotation itself runs in float32).
+    The rotated activations in `x`'s dtype (the rotation itself runs in float32).
   """
   b = blocks.shape[-1]
   d = x.shape[-1]
@@ -228,7 +228,7 @@ def rotate(x: jax.Array, blocks: jax.Array, precision: str = "highest") -> jax.A
 
 
 def block_diagonal(blocks: jax.Array, num_blocks: int | None = None) -> jax.Array:
-  """Dense ``[r·b, r·b]`` block-diagonal matrix (original OFT; cubic cost, baseline only).
+  """Dense `[r·b, r·b]` block-diagonal matrix (original OFT; cubic cost, baseline only).
 
   Built by placement (no product), so every entry is exactly a block entry or zero.
   """
@@ -241,9 +241,9 @@ def block_diagonal(blocks: jax.Array, num_blocks: int | None = None) -> jax.Arra
 
 
 def orthogonality_error(r: jax.Array) -> jax.Array:
-  """``max |RᵀR - I|`` over all entries (and all leading batch axes).
+  """`max |RᵀR - I|` over all entries (and all leading batch axes).
 
-  The Gram matrix is always formed at ``HIGHEST`` precision: a measurement must not add
+  The Gram matrix is always formed at `HIGHEST` precision: a measurement must not add
   its own TF32/bf16 rounding (~1e-3) to the error it reports.
   """
   r = r.astype(jnp.float32)
@@ -252,13 +252,13 @@ def orthogonality_error(r: jax.Array) -> jax.Array:
 
 
 def spectral_norm(x: jax.Array, squarings: int = 14) -> jax.Array:
-  """The largest singular value of each matrix of ``x`` (``[..., m, n]`` -> ``[...]``).
+  """The largest singular value of each matrix of `x` (`[..., m, n]` -> `[...]`).
 
-  Power iteration by repeated squaring, in matmuls only: ``M = xᵀx`` is squared
-  ``squarings`` times (rescaled each time), which leaves ``M^(2^k)`` proportional to the
-  projector onto ``M``'s top eigenspace, so its largest column ``v`` gives
-  ``‖x v‖ / ‖v‖``. The error shrinks like ``(σ₂/σ₁)^(2^(k+2))``: with 14 squarings fp32
-  rounding (~1e-7 relative) dominates down to ``σ₂ = 0.999 σ₁``; zero matrices give 0. ``jnp.linalg.norm(ord=2)``
+  Power iteration by repeated squaring, in matmuls only: `M = xᵀx` is squared
+  `squarings` times (rescaled each time), which leaves `M^(2^k)` proportional to the
+  projector onto `M`'s top eigenspace, so its largest column `v` gives
+  `‖x v‖ / ‖v‖`. The error shrinks like `(σ₂/σ₁)^(2^(k+2))`: with 14 squarings fp32
+  rounding (~1e-7 relative) dominates down to `σ₂ = 0.999 σ₁`; zero matrices give 0. `jnp.linalg.norm(ord=2)`
   is not used because its LAPACK SVD kernels wait on the XLA CPU thread pool they run on:
   two of them at once deadlocked a 2-core machine.
   """

@@ -1,6 +1,6 @@
 """Parameter trees: base vs adapter split/merge, Optax masks, counting, folding adapters.
 
-Adapter sub-trees are the ``'oft'`` and ``'lora'`` entries that sit beside a kernel.
+Adapter sub-trees are the `'oft'` and `'lora'` entries that sit beside a kernel.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _is_adapter_path(path) -> bool:
 
 
 def split_params(params: Params) -> tuple[dict, dict]:
-  """Splits a tree into ``(base, adapters)``: two nested dicts with disjoint leaves."""
+  """Splits a tree into `(base, adapters)`: two nested dicts with disjoint leaves."""
   base, adapter = {}, {}
   for key, value in params.items():
     if key in ADAPTER_KEYS:
@@ -43,7 +43,7 @@ def split_params(params: Params) -> tuple[dict, dict]:
 
 
 def merge_params(base: Params, adapter: Params) -> dict:
-  """Inverse of :func:`split_params`: deep-merges two trees (adapter wins no conflicts)."""
+  """Inverse of `split_params`: deep-merges two trees (adapter wins no conflicts)."""
   merged = dict(base)
   for key, value in adapter.items():
     if key in merged and isinstance(value, Mapping) and isinstance(merged[key], Mapping):
@@ -56,7 +56,7 @@ def merge_params(base: Params, adapter: Params) -> dict:
 
 
 def trainable_mask(params: Params) -> Any:
-  """A tree of bools, True exactly on adapter leaves (for ``optax.masked``)."""
+  """A tree of bools, True exactly on adapter leaves (for `optax.masked`)."""
   return jax.tree_util.tree_map_with_path(lambda p, _: _is_adapter_path(p), params)
 
 
@@ -79,7 +79,7 @@ def tree_bytes(params: Params) -> int:
 
 
 def node_at(tree: Params, path: str) -> Mapping:
-  """The sub-tree at a '/'-joined layer path (``''`` is the root)."""
+  """The sub-tree at a '/'-joined layer path (`''` is the root)."""
   node = tree
   for name in filter(None, path.split("/")):
     if name not in node:
@@ -94,25 +94,25 @@ def copy_containers(tree: Params) -> dict:
 
 
 def edit_layers(tree: Params, geometries: Mapping[str, geo.LayerGeometry]):
-  """A copy of ``tree`` to edit layer by layer (folds, quantization), and its layers.
+  """A copy of `tree` to edit layer by layer (folds, quantization), and its layers.
 
   Returns:
-    ``(copy, layers)``: ``copy`` has new containers and shares ``tree``'s leaves;
-    ``layers`` is ``[(path, geometry, node)]`` in the order of ``geometries``, ``node``
-    being the copy's dict of that layer (replacing a leaf in it leaves ``tree`` as it was).
+    `(copy, layers)`: `copy` has new containers and shares `tree`'s leaves;
+    `layers` is `[(path, geometry, node)]` in the order of `geometries`, `node`
+    being the copy's dict of that layer (replacing a leaf in it leaves `tree` as it was).
 
   Raises:
-    KeyError: a layer of ``geometries`` is not in ``tree``.
+    KeyError: a layer of `geometries` is not in `tree`.
   """
   out = copy_containers(tree)
   return out, [(path, geom, node_at(out, path)) for path, geom in geometries.items()]
 
 
 def over_stacked_axes(fn, lead: int):
-  """``fn`` of one layer's arrays, mapped over ``lead`` leading stacked axes.
+  """`fn` of one layer's arrays, mapped over `lead` leading stacked axes.
 
-  Every argument carries the same ``lead`` axes (layers stacked by ``nn.scan``); ``fn``
-  itself is returned when ``lead`` is 0.
+  Every argument carries the same `lead` axes (layers stacked by `nn.scan`); `fn`
+  itself is returned when `lead` is 0.
   """
   for _ in range(lead):
     fn = jax.vmap(fn)
@@ -120,7 +120,7 @@ def over_stacked_axes(fn, lead: int):
 
 
 def adapter_nodes(tree: Params, prefix: tuple[str, ...] = ()):
-  """Yields ``(layer path, 'oft' | 'lora', leaves)`` for every adapter in ``tree``."""
+  """Yields `(layer path, 'oft' | 'lora', leaves)` for every adapter in `tree`."""
   for key, value in tree.items():
     if key in ADAPTER_KEYS:
       yield "/".join(prefix), key, value
@@ -134,11 +134,11 @@ def fold_adapters(
   config: adapters.AdapterConfig,
   unfold: bool = False,
 ) -> dict:
-  """Folds (or, with ``unfold``, unfolds) every adapter into its kernel.
+  """Folds (or, with `unfold`, unfolds) every adapter into its kernel.
 
   Args:
     params: adapted tree (base + adapter leaves).
-    geometries: ``oftjax.adapt(...).geometries`` of the same model.
+    geometries: `oftjax.adapt(...).geometries` of the same model.
     config: the adapter config the leaves were trained with.
     unfold: apply the inverse fold instead (recovers the base kernels).
 
@@ -156,7 +156,7 @@ def fold_adapters(
 
 
 def _layer_fold(path: str, geom: geo.LayerGeometry, config: adapters.AdapterConfig, unfold: bool):
-  """``f(kernel, leaves) -> kernel`` that folds (or unfolds) one layer's adapter."""
+  """`f(kernel, leaves) -> kernel` that folds (or unfolds) one layer's adapter."""
   if config.method == "lora":
     lora = adapters.unfold_lora if unfold else adapters.fold_lora
     return lambda kernel, leaves: lora(kernel, geom, leaves, config)
@@ -170,7 +170,7 @@ def _layer_fold(path: str, geom: geo.LayerGeometry, config: adapters.AdapterConf
 
 
 def project_adapters(tree: Params, config: adapters.AdapterConfig) -> dict:
-  """COFT: ``tree`` with every OFT layer's blocks projected into its ball (per layer).
+  """COFT: `tree` with every OFT layer's blocks projected into its ball (per layer).
 
   This is the value PEFT writes back into each OFT weight before every forward; the
   train step applies it after every update so the stored parameter always is the
@@ -193,29 +193,29 @@ def project_adapters(tree: Params, config: adapters.AdapterConfig) -> dict:
 def adapter_health(adapter: Params, config: adapters.AdapterConfig, per_layer: bool = True) -> dict:
   """How far each OFT layer is from the region where its blocks are rotations.
 
-  The Cayley–Neumann series only approximates an orthogonal ``R`` while ``‖Q‖ < 1``,
-  and COFT keeps each block's ``‖Q‖_F`` within ``eps / sqrt(r)``; training logs the
+  The Cayley–Neumann series only approximates an orthogonal `R` while `‖Q‖ < 1`,
+  and COFT keeps each block's `‖Q‖_F` within `eps / sqrt(r)`; training logs the
   summaries so a drift is seen, not guessed. Every figure is taken per layer: a layer
-  stacked by ``nn.scan`` (``[num_layers, r, b(b-1)/2]`` leaves) counts as
-  ``num_layers`` layers, each with its own ``r`` blocks and COFT radius.
+  stacked by `nn.scan` (`[num_layers, r, b(b-1)/2]` leaves) counts as
+  `num_layers` layers, each with its own `r` blocks and COFT radius.
 
   Args:
     adapter: a tree holding adapter leaves (other leaves are ignored).
     config: the adapter config the leaves are used with.
-    per_layer: also return the per-layer figures (``'layers'``). The job logs the
+    per_layer: also return the per-layer figures (`'layers'`). The job logs the
       summaries only: a jitted health returning every per-layer figure hung on 4 virtual
       CPU devices with 7 adapted paths (cause not found).
 
   Returns:
-    ``{}`` without OFT adapters; otherwise ``{'layers': {path: figures}}`` where
-    ``figures`` holds ``q_norm`` (largest spectral norm of a block's ``Q`` as the
-    forward uses it, i.e. after COFT's projection) and ``orthogonality_error``
-    (largest ``max|RᵀR - I|`` of a block), each shaped like the layer's stacked axes
-    (``()`` unstacked), and with COFT ``coft_radius`` (the layer's ``eps / sqrt(r)``)
-    and ``coft_ratio`` (largest stored ``‖Q‖_F`` over that radius: 1 on the sphere,
+    `{}` without OFT adapters; otherwise `{'layers': {path: figures}}` where
+    `figures` holds `q_norm` (largest spectral norm of a block's `Q` as the
+    forward uses it, i.e. after COFT's projection) and `orthogonality_error`
+    (largest `max|RᵀR - I|` of a block), each shaped like the layer's stacked axes
+    (`()` unstacked), and with COFT `coft_radius` (the layer's `eps / sqrt(r)`)
+    and `coft_ratio` (largest stored `‖Q‖_F` over that radius: 1 on the sphere,
     above 1 for a weight that was never projected, such as PEFT's saved one), plus the
-    summaries over all layers: ``max_q_norm``, ``mean_q_norm``, ``orthogonality_error``
-    (max), ``mean_orthogonality_error`` and with COFT ``max_coft_ratio``.
+    summaries over all layers: `max_q_norm`, `mean_q_norm`, `orthogonality_error`
+    (max), `mean_orthogonality_error` and with COFT `max_coft_ratio`.
   """
   layers = {}
   for path, kind, leaves in adapter_nodes(adapter):

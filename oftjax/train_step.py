@@ -1,6 +1,6 @@
 """A jitted training step that differentiates only the trainable (adapter) leaves.
 
-The frozen tree is a plain argument: ``jax.value_and_grad`` is taken with respect to
+The frozen tree is a plain argument: `jax.value_and_grad` is taken with respect to
 the trainable tree alone, so XLA never computes a gradient of a frozen weight (the
 backward still flows *through* frozen kernels to reach earlier adapters).
 """
@@ -29,41 +29,41 @@ def make_train_step(
   weight_key: str | None = None,
   project: Callable[[Any], Any] | None = None,
 ):
-  """Builds ``step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss, aux)``.
+  """Builds `step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss, aux)`.
 
-  Gradient accumulation: with ``accum_steps = k > 1`` every batch leaf has a leading
-  axis of ``k`` micro-batches, of which one's activations live at a time. A loss that
-  is a mean over terms (tokens) is only equal to the ``k``-times batch's loss if each
-  micro-batch counts with its number of terms: with ``weight_key``, micro-batch ``i``
-  with ``n_i = aux[weight_key]`` terms and mean loss ``l_i`` contributes
-  ``n_i / Σn`` of the loss, of the gradient and of every other ``aux`` entry, so the
-  step's loss is ``Σ(per-term losses) / Σn`` and its gradient that of the big batch
-  (``aux[weight_key]`` itself is summed). Without it the micro-batches count equally
+  Gradient accumulation: with `accum_steps = k > 1` every batch leaf has a leading
+  axis of `k` micro-batches, of which one's activations live at a time. A loss that
+  is a mean over terms (tokens) is only equal to the `k`-times batch's loss if each
+  micro-batch counts with its number of terms: with `weight_key`, micro-batch `i`
+  with `n_i = aux[weight_key]` terms and mean loss `l_i` contributes
+  `n_i / Σn` of the loss, of the gradient and of every other `aux` entry, so the
+  step's loss is `Σ(per-term losses) / Σn` and its gradient that of the big batch
+  (`aux[weight_key]` itself is summed). Without it the micro-batches count equally
   (right only when they hold equal numbers of terms).
 
   Args:
-    loss_fn: loss of the merged tree ``merge_params(frozen, trainable)`` on a batch.
+    loss_fn: loss of the merged tree `merge_params(frozen, trainable)` on a batch.
     optimizer: applied to the trainable tree only.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    has_aux: whether `loss_fn` returns `(loss, aux)`.
     donate: donate the trainable tree and optimizer state buffers to the update.
     accum_steps: micro-batches per step (see above).
-    state_shardings: ``(trainable, opt_state)`` shardings to keep on the outputs, so that
+    state_shardings: `(trainable, opt_state)` shardings to keep on the outputs, so that
       a sharded step's results feed the next step unchanged (e.g. replicated adapters).
-    weight_key: with ``has_aux``, the ``aux`` entry counting the terms a micro-batch's
-      loss averages (e.g. ``'tokens'``); used when ``accum_steps > 1``.
+    weight_key: with `has_aux`, the `aux` entry counting the terms a micro-batch's
+      loss averages (e.g. `'tokens'`); used when `accum_steps > 1`.
     project: maps the trainable tree onto its constraint set (e.g. COFT's
-      :func:`oftjax.params.project_adapters`). Applied to the incoming tree before the
+      `oftjax.params.project_adapters`). Applied to the incoming tree before the
       forward and to the updated tree after the optimizer, so the stored parameter
       always is the projected one, as PEFT's in-place write-back leaves it.
 
   Returns:
-    The jitted step. ``aux`` is ``None`` without ``has_aux``. ``loss`` (and ``aux``) are
+    The jitted step. `aux` is `None` without `has_aux`. `loss` (and `aux`) are
     the step's means as above; a step whose loss or gradient is not finite leaves the
-    trainable tree and optimizer state unchanged (``aux['skipped'] = 1`` when
-    ``has_aux``).
+    trainable tree and optimizer state unchanged (`aux['skipped'] = 1` when
+    `has_aux`).
 
   Raises:
-    ValueError: ``weight_key`` without ``has_aux``.
+    ValueError: `weight_key` without `has_aux`.
   """
   if weight_key is not None and not has_aux:
     raise ValueError("weight_key names an aux entry, so it needs has_aux=True")
@@ -77,7 +77,7 @@ def make_train_step(
     return jax.value_and_grad(objective, has_aux=True)(trainable)
 
   def accumulated(trainable, frozen, batch):
-    """Loss, aux and gradient of ``accum_steps`` micro-batches as one batch."""
+    """Loss, aux and gradient of `accum_steps` micro-batches as one batch."""
 
     def micro(acc, mb):
       (loss, a), g = grads_of(trainable, frozen, mb)

@@ -1,5 +1,5 @@
 """Shared pytest set-up: deterministic CPU JAX with fp32 matmuls, and the session fixtures
-used by several test modules (plain helpers are in ``*_helpers.py``)."""
+used by several test modules (plain helpers are in `*_helpers.py`)."""
 
 import os
 
@@ -41,7 +41,7 @@ def tiny_multimodal_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def rel(tmp_path_factory):
-  """The reliability tests' session folder (``reliability_helpers.shared_dir``)."""
+  """The reliability tests' session folder (`reliability_helpers.shared_dir`)."""
   import reliability_helpers
 
   return reliability_helpers.shared_dir(tmp_path_factory)

@@ -1,7 +1,7 @@
 """Helpers for tests of the finetuning job: tiny random Gemma 3 folders, flags and runners.
 
-The session fixtures built from them (``tiny_model_dir``, ``tiny_multimodal_dir``) are in
-``conftest.py``.
+The session fixtures built from them (`tiny_model_dir`, `tiny_multimodal_dir`) are in
+`conftest.py`.
 """
 
 import json
@@ -15,7 +15,7 @@ SCRIPT = os.path.join(ROOT, "experiments", "finetune_gemma.py")
 
 
 def tiny_text_config(tok):
-  """The tiny Gemma 3 text config of the job tests (2 layers, width 64) for tokenizer ``tok``."""
+  """The tiny Gemma 3 text config of the job tests (2 layers, width 64) for tokenizer `tok`."""
   import transformers
 
   return transformers.Gemma3TextConfig(
@@ -41,7 +41,7 @@ def shipped_tokenizer():
 
 
 def save_tiny_model(folder):
-  """Saves a random tiny Gemma 3 text model (seed 0) and the shipped tokenizer into ``folder``."""
+  """Saves a random tiny Gemma 3 text model (seed 0) and the shipped tokenizer into `folder`."""
   import torch
   import transformers
 
@@ -52,8 +52,8 @@ def save_tiny_model(folder):
 
 
 def save_tiny_multimodal_model(folder):
-  """Saves a random tiny multimodal Gemma 3 (``Gemma3ForConditionalGeneration``, SigLIP
-  tower, tied embeddings as gemma-3-4b ships) and the shipped tokenizer into ``folder``."""
+  """Saves a random tiny multimodal Gemma 3 (`Gemma3ForConditionalGeneration`, SigLIP
+  tower, tied embeddings as gemma-3-4b ships) and the shipped tokenizer into `folder`."""
   import multimodal_helpers
 
   tok = shipped_tokenizer()
@@ -87,7 +87,7 @@ def job_args(model_dir, out, *extra):
 
 
 def run_job(args, timeout=300, env=None):
-  """Runs the job in a subprocess (extra ``env`` variables allowed); returns CompletedProcess."""
+  """Runs the job in a subprocess (extra `env` variables allowed); returns CompletedProcess."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
   return subprocess.run(
     [sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, env=env
@@ -104,17 +104,17 @@ def gemma4_from_tiny_gemma3(multimodal=False, shared_kv_layers=1, seed=0):
 
   A random tiny model cannot learn the shipped task in a test's few steps; this one starts
   from the pretraining skills. Each Gemma 3 weight goes where Gemma 4 has it: norms become
-  ``1 + w`` (Gemma 4 multiplies by ``w``), the attention scale ``query_pre_attn_scalar**-0.5``
-  is folded into ``q_norm``, a double-wide MLP is zero-padded (the extra units output
+  `1 + w` (Gemma 4 multiplies by `w`), the attention scale `query_pre_attn_scalar**-0.5`
+  is folded into `q_norm`, a double-wide MLP is zero-padded (the extra units output
   zero). Gemma 4's additions are kept small or neutral: per-layer embeddings (PLE) are
-  random but their block's output norm has weight 0.02, ``layer_scalar`` is one. What changes the function: Gemma 4 normalises values (``v_norm``) and the last
-  ``shared_kv_layers`` layers reuse an earlier layer's keys and values; the skills survive
+  random but their block's output norm has weight 0.02, `layer_scalar` is one. What changes the function: Gemma 4 normalises values (`v_norm`) and the last
+  `shared_kv_layers` layers reuse an earlier layer's keys and values; the skills survive
   (greedy retention accuracy ~0.6, measured with transformers).
 
   Args:
-    multimodal: a ``Gemma4ForConditionalGeneration`` (tiny random vision and audio towers)
-      instead of a ``Gemma4ForCausalLM``.
-    shared_kv_layers: Gemma 4's ``num_kv_shared_layers``.
+    multimodal: a `Gemma4ForConditionalGeneration` (tiny random vision and audio towers)
+      instead of a `Gemma4ForCausalLM`.
+    shared_kv_layers: Gemma 4's `num_kv_shared_layers`.
     seed: seed of the PLE weights and the towers.
 
   Returns:
@@ -184,6 +184,6 @@ def gemma4_from_tiny_gemma3(multimodal=False, shared_kv_layers=1, seed=0):
 
 
 def save_tiny_gemma4_model(folder, multimodal=False):
-  """Saves :func:`gemma4_from_tiny_gemma3` and the shipped tokenizer into ``folder``."""
+  """Saves `gemma4_from_tiny_gemma3` and the shipped tokenizer into `folder`."""
   gemma4_from_tiny_gemma3(multimodal).save_pretrained(folder)
   shipped_tokenizer().save_pretrained(folder)

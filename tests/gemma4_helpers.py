@@ -16,8 +16,28 @@ torch.set_num_threads(1)
 
 _SLIDING, _FULL = "sliding_attention", "full_attention"
 _BASE = dict(
-  vocab_size=VOCAB, pad_token_id=0, eos_token_id=None, bos_token_id=2, attn_implementation="eager"
+  vocab_size=VOCAB,
+  pad_token_id=0,
+  eos_token_id=None,
+  bos_token_id=2,
+  attn_implementation="eager",
+  num_attention_heads=4,
+  num_key_value_heads=2,
 )
+
+
+def _ropes(full_partial: float, full_theta: float, sliding: dict | None = None) -> dict:
+  """`rope_parameters`: proportional rope on full layers; default rope (theta 100) on
+  sliding ones unless `sliding` says otherwise."""
+  return {
+    _SLIDING: sliding or {"rope_type": "default", "rope_theta": 100.0},
+    _FULL: {
+      "rope_type": "proportional",
+      "partial_rotary_factor": full_partial,
+      "rope_theta": full_theta,
+    },
+  }
+
 
 # name -> Gemma4TextConfig kwargs.
 CONFIGS = {
@@ -27,8 +47,6 @@ CONFIGS = {
     hidden_size=32,
     intermediate_size=48,
     num_hidden_layers=6,
-    num_attention_heads=4,
-    num_key_value_heads=2,
     head_dim=8,
     global_head_dim=16,
     num_global_key_value_heads=1,
@@ -40,18 +58,13 @@ CONFIGS = {
     num_kv_shared_layers=3,
     use_double_wide_mlp=True,
     final_logit_softcapping=6.0,
-    rope_parameters={
-      _SLIDING: {"rope_type": "default", "rope_theta": 100.0},
-      _FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1000.0},
-    },
+    rope_parameters=_ropes(0.5, 1000.0),
   ),
   # per_layer_config schema, linear rope on sliding layers, no PLE, untied head, no sharing.
   "per_layer": dict(
     hidden_size=32,
     intermediate_size=40,
     num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
     head_dim=8,
     sliding_window=4,
     layer_types=[_SLIDING, _FULL, _SLIDING, _FULL],
@@ -61,18 +74,13 @@ CONFIGS = {
     },
     hidden_size_per_layer_input=0,
     tie_word_embeddings=False,
-    rope_parameters={
-      _SLIDING: {"rope_type": "linear", "factor": 4.0, "rope_theta": 500.0},
-      _FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e4},
-    },
+    rope_parameters=_ropes(0.25, 1e4, {"rope_type": "linear", "factor": 4.0, "rope_theta": 500.0}),
   ),
   # A repeating group, scanned: [sliding, full] x 2, then the same group x 2 KV-shared.
   "pattern": dict(
     hidden_size=48,
     intermediate_size=64,
     num_hidden_layers=8,
-    num_attention_heads=4,
-    num_key_value_heads=2,
     head_dim=12,
     global_head_dim=24,
     sliding_window=3,
@@ -81,18 +89,13 @@ CONFIGS = {
     vocab_size_per_layer_input=VOCAB,
     num_kv_shared_layers=4,
     use_double_wide_mlp=True,
-    rope_parameters={
-      _SLIDING: {"rope_type": "default", "rope_theta": 100.0},
-      _FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e4},
-    },
+    rope_parameters=_ropes(0.25, 1e4),
   ),
   # 26B-A4B-like: every layer has the MoE branch beside its dense MLP.
   "moe": dict(
     hidden_size=32,
     intermediate_size=32,
     num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
     head_dim=8,
     global_head_dim=16,
     num_global_key_value_heads=1,
@@ -105,10 +108,7 @@ CONFIGS = {
     top_k_experts=2,
     moe_intermediate_size=16,
     final_logit_softcapping=8.0,
-    rope_parameters={
-      _SLIDING: {"rope_type": "default", "rope_theta": 100.0},
-      _FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1e4},
-    },
+    rope_parameters=_ropes(0.5, 1e4),
   ),
 }
 # Small vision and audio towers for multimodal folders.

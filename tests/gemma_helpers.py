@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import transformers
 
+from oftjax.models.gemma import loading
+
 VOCAB = 128
 torch.set_num_threads(1)  # tiny models: threads only add contention on a shared 2-core machine
 
@@ -136,6 +138,27 @@ def save_hf_model(name: str, folder, seed: int = 0):
   return model
 
 
+def assert_same_state(ref: torch.nn.Module, back: torch.nn.Module) -> None:
+  """The two models hold the same tensors under the same names, equal to the bit."""
+  ref_sd, back_sd = ref.state_dict(), back.state_dict()
+  assert set(ref_sd) == set(back_sd)
+  for key in ref_sd:
+    assert torch.equal(ref_sd[key], back_sd[key]), key
+
+
+def raw_tensors(folder) -> dict:
+  """`{name: (dtype, shape, bytes)}` of every tensor in a folder's safetensors files."""
+  out = {}
+  for path in loading._weight_files(folder, allow_pickle=False):
+    with open(path, "rb") as fh:
+      header, start = loading._safetensors_header(path, fh)
+      for name, info in header.items():
+        begin, end = info["data_offsets"]
+        fh.seek(start + begin)
+        out[name] = (info["dtype"], tuple(info["shape"]), fh.read(end - begin))
+  return out
+
+
 def hf_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
   """transformers logits (fp32); padded batches get `position_ids = cumsum(mask) - 1`."""
   ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
@@ -145,6 +168,20 @@ def hf_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.n
     kwargs = dict(attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0))
   with torch.no_grad():
     return model(ids, **kwargs).logits.float().numpy()
+
+
+def hf_generate(model, tokens, mask, max_new_tokens: int, **kw) -> np.ndarray:
+  """transformers' greedy `generate` of `max_new_tokens` after a padded batch: the new ids."""
+  with torch.no_grad():
+    out = model.generate(
+      torch.as_tensor(tokens),
+      attention_mask=torch.as_tensor(mask),
+      max_new_tokens=max_new_tokens,
+      do_sample=False,
+      pad_token_id=0,
+      **kw,
+    )
+  return out[:, tokens.shape[1] :].numpy()
 
 
 def padded_batch(rng: np.random.Generator, lengths, total: int, left: bool = True):

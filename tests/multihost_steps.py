@@ -1,6 +1,6 @@
-"""One process of a 2-process CPU run (``jax.distributed`` over loopback, gloo collectives).
+"""One process of a 2-process CPU run (`jax.distributed` over loopback, gloo collectives).
 
-Usage: ``multihost_steps.py PORT NUM_PROCESSES PROCESS_ID MESH``. Each process has 2
+Usage: `multihost_steps.py PORT NUM_PROCESSES PROCESS_ID MESH`. Each process has 2
 simulated CPU devices (set XLA_FLAGS before start); process 0 prints the JSON result.
 """
 

@@ -1,8 +1,8 @@
-"""Tiny random multimodal Gemma 3 models (``Gemma3ForConditionalGeneration``), built locally.
+"""Tiny random multimodal Gemma 3 models (`Gemma3ForConditionalGeneration`), built locally.
 
 A real transformers multimodal model with a tiny SigLIP vision tower, so the folder has the
-layout gemma-3-4b/12b/27b ship with (text decoder under ``model.language_model.``, the tower
-under ``model.vision_tower.``, ``multi_modal_projector``) and loads back in transformers.
+layout gemma-3-4b/12b/27b ship with (text decoder under `model.language_model.`, the tower
+under `model.vision_tower.`, `multi_modal_projector`) and loads back in transformers.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ _VISION = dict(
 def multimodal_config(
   text_config: transformers.Gemma3TextConfig, tie_word_embeddings: bool | None = None
 ) -> transformers.Gemma3Config:
-  """A ``Gemma3Config`` around ``text_config`` with a tiny SigLIP tower (4 image tokens).
+  """A `Gemma3Config` around `text_config` with a tiny SigLIP tower (4 image tokens).
 
-  transformers' ``Gemma3ForConditionalGeneration`` applies no final logit soft-cap, so the
+  transformers' `Gemma3ForConditionalGeneration` applies no final logit soft-cap, so the
   text config must not set one for the two worlds to agree.
   """
   text = text_config.to_dict()
@@ -48,7 +48,7 @@ def multimodal_config(
 
 
 def make_multimodal_model(text_config, seed: int = 0, tie_word_embeddings: bool | None = None):
-  """A random fp32 eager ``Gemma3ForConditionalGeneration`` (every weight random)."""
+  """A random fp32 eager `Gemma3ForConditionalGeneration` (every weight random)."""
   torch.manual_seed(seed)
   config = multimodal_config(text_config, tie_word_embeddings)
   config._attn_implementation = "eager"
@@ -62,7 +62,7 @@ def make_multimodal_model(text_config, seed: int = 0, tie_word_embeddings: bool 
 def save_multimodal_model(
   text_config, folder, seed: int = 0, tie_word_embeddings: bool | None = None
 ):
-  """Builds and ``save_pretrained``s a random multimodal model; returns the torch model."""
+  """Builds and `save_pretrained`s a random multimodal model; returns the torch model."""
   model = make_multimodal_model(text_config, seed, tie_word_embeddings)
   model.save_pretrained(folder)
   return model

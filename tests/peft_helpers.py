@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import warnings
 
+import gemma_helpers as H
+import jax.numpy as jnp
 import numpy as np
 import peft
 from peft.tuners.tuners_utils import BaseTunerLayer
 import safetensors.numpy
 import torch
+
+import oftjax
+from oftjax import peft_io
 
 _LOGGERS = ("", "peft", "transformers")
 
@@ -46,7 +52,7 @@ def key_messages(messages) -> list[str]:
 
 
 def load_peft(base: torch.nn.Module, adapter_dir: str):
-  """``PeftModel.from_pretrained`` on ``base``; asserts it loads every tensor and no other.
+  """`PeftModel.from_pretrained` on `base`; asserts it loads every tensor and no other.
 
   Missing keys (PEFT warns) and unexpected keys (PEFT silently drops them) both fail, as
   does any warning or log line about keys or target modules.
@@ -79,3 +85,92 @@ def randomize_adapter_(model, seed: int, std: float) -> None:
 def logits(model, tokens: np.ndarray) -> np.ndarray:
   with torch.no_grad():
     return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+class OneLinear(torch.nn.Module):
+  """A PyTorch model of one `nn.Linear(d_in, d_out)` named `lin`."""
+
+  def __init__(self, d_in: int, d_out: int):
+    super().__init__()
+    self.lin = torch.nn.Linear(d_in, d_out)
+
+  def forward(self, x):
+    return self.lin(x)
+
+
+def peft_oft_linear(d_in: int, d_out: int, **oft_fields):
+  """PEFT's OFT on a fresh `OneLinear`: `(peft model, its wrapped layer lin)`.
+
+  Args:
+    d_in: input width.
+    d_out: output width.
+    **oft_fields: `peft.OFTConfig` fields besides `target_modules` and `r=0`.
+  """
+  config = peft.OFTConfig(target_modules=["lin"], r=0, **oft_fields)
+  model = peft.get_peft_model(OneLinear(d_in, d_out), config)
+  return model, model.base_model.model.lin
+
+
+def make_oft(**kw):
+  """`make_config(target_modules)`: a PEFT OFT config of block size 8 with fields `kw`."""
+  return lambda targets: peft.OFTConfig(target_modules=targets, r=0, oft_block_size=8, **kw)
+
+
+def make_lora(**kw):
+  """`make_config(target_modules)`: a PEFT LoRA config (rank 4, alpha 8 unless `kw` says)."""
+  return lambda targets: peft.LoraConfig(target_modules=targets, **{"r": 4, "lora_alpha": 8, **kw})
+
+
+def peft_adapter(base, make_config, std: float, folder, seed: int = 0, targets=None):
+  """A PEFT model on `base.torch_model()` with random adapter weights, saved to `folder`.
+
+  Args:
+    base: a test base with `torch_model()` and `targets` (the default target modules).
+    make_config: `make_config(target_modules) -> peft config` (`make_oft`, `make_lora`).
+    std: standard deviation of the random adapter weights.
+    folder: where `save_pretrained` writes.
+    seed: seed of the adapter weights.
+    targets: target modules instead of `base.targets`.
+  """
+  model = peft.get_peft_model(base.torch_model(), make_config(targets or base.targets)).eval()
+  randomize_adapter_(model, seed, std)
+  model.save_pretrained(folder)
+  return model
+
+
+def oftjax_logits(model, params, tokens, adapter=None, config=None) -> np.ndarray:
+  """oftjax's logits of `tokens`, with `adapter` (trained with `config`) when given."""
+  params = oftjax.merge_params(params, adapter) if adapter else params
+  module = oftjax.Adapted(model, config) if config else model
+  return np.asarray(H.forward(module, params, jnp.asarray(tokens, jnp.int32)))
+
+
+def assert_round_trip(base, make_config, std, folder, tokens, towers, tol, min_change):
+  """PEFT's adapter imports with PEFT's logits, and oftjax's export loads back in PEFT.
+
+  Args:
+    base: a test base with `torch_model()`, `targets`, `naming` and `ours(adapter,
+      config)` (oftjax's logits of `tokens`).
+    make_config: `make_config(target_modules) -> peft config`.
+    std: standard deviation of the random adapter weights.
+    folder: a `pathlib.Path` to write both adapters under.
+    tokens: `[batch, time]` token ids.
+    towers: module-name parts PEFT must not wrap (the other towers of a multimodal base).
+    tol: absolute tolerance on logits.
+    min_change: the adapter moves some logit by more than this (it is not a no-op).
+  """
+  theirs_model = peft_adapter(base, make_config, std, folder / "peft")
+  wrapped = tuner_modules(theirs_model)
+  assert wrapped and not [m for m in wrapped if any(t in m for t in towers)]
+  theirs = logits(theirs_model, tokens)
+  assert np.abs(theirs - base.ours(None, None)).max() > min_change  # the adapter changes the model
+
+  adapter, config = peft_io.import_peft(str(folder / "peft"), naming=base.naming)
+  np.testing.assert_allclose(base.ours(adapter, config), theirs, atol=tol)
+
+  peft_io.export_peft(str(folder / "ours"), adapter, config, naming=base.naming)
+  meta = json.loads((folder / "ours" / "adapter_config.json").read_text())
+  assert meta["peft_version"] == peft_io.PEFT_VERSION and isinstance(meta["target_modules"], str)
+  back = load_peft(base.torch_model(), str(folder / "ours"))
+  assert sorted(tuner_modules(back)) == sorted(wrapped)
+  np.testing.assert_allclose(logits(back, tokens), theirs, atol=tol)

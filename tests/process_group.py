@@ -14,10 +14,10 @@ def free_port() -> int:
 
 
 def run_group(commands, env, bound, kill_last_after=None):
-  """Starts ``commands``; returns ``(returncodes, output of the first, seconds)``.
+  """Starts `commands`; returns `(returncodes, output of the first, seconds)`.
 
   Output goes to files (pipes could fill up and block a chatty process). Processes still
-  running after ``bound`` seconds are killed, so a hung peer fails the caller, never hangs it.
+  running after `bound` seconds are killed, so a hung peer fails the caller, never hangs it.
   """
   logs = [tempfile.TemporaryFile("w+") for _ in commands]
   procs = [

@@ -1,10 +1,10 @@
-"""Figures the docs quote from test measurements: committed JSON under ``experiments/results/``.
+"""Figures the docs quote from test measurements: committed JSON under `experiments/results/`.
 
-A test measures a figure and calls :func:`check`: the measurement must equal the committed
-value, so the README and RELIABILITY.md, whose numbers ``experiments/render_docs.py``
+A test measures a figure and calls `check`: the measurement must equal the committed
+value, so the README and RELIABILITY.md, whose numbers `experiments/render_docs.py`
 generates from these files, say what the test measures. A figure that depends on the
-machine's speed (where a timed kill lands) goes through :func:`record` instead, which only
-writes. With ``OFTJAX_RECORD_RESULTS=1`` every test writes its measurement into the file,
+machine's speed (where a timed kill lands) goes through `record` instead, which only
+writes. With `OFTJAX_RECORD_RESULTS=1` every test writes its measurement into the file,
 e.g.
 
     OFTJAX_RECORD_RESULTS=1 python -m pytest -q tests/test_quant.py -k stored_bytes
@@ -31,7 +31,7 @@ def path_of(name: str) -> str:
 
 
 def load(name: str) -> dict:
-  """The committed ``experiments/results/<name>.json``."""
+  """The committed `experiments/results/<name>.json`."""
   with open(path_of(name)) as f:
     return json.load(f)
 
@@ -56,8 +56,8 @@ def _close(got, want, rel_tol: float) -> bool:
 
 def as_quoted(message: str) -> str:
   """A message as the docs quote it, without what changes from run to run: orbax's
-  hash-named data files and their sizes (``…/d/… is N bytes, expected M``) and library error
-  details (``(NOT_FOUND: …)``)."""
+  hash-named data files and their sizes (`…/d/… is N bytes, expected M`) and library error
+  details (`(NOT_FOUND: …)`)."""
   message = re.sub(r"/[0-9a-f]{8,}", "/…", message)
   message = re.sub(r"is \d+ bytes, expected \d+", "is N bytes, expected M", message)
   return re.sub(r"\(([A-Z][A-Z_]{3,}): .*\)(?=; )", r"(\1: …)", message)
@@ -74,19 +74,19 @@ def _write(name: str, key: str, value) -> None:
 
 
 def record(name: str, key: str, value) -> None:
-  """Records ``value`` (with ``OFTJAX_RECORD_RESULTS=1`` only) for a figure that depends on
+  """Records `value` (with `OFTJAX_RECORD_RESULTS=1` only) for a figure that depends on
   the machine's speed, such as where a timed kill lands; nothing to compare it with."""
   if RECORD:
     _write(name, key, json.loads(json.dumps(value)))
 
 
 def check(name: str, key: str, value, rel_tol: float = 0.0) -> None:
-  """Asserts ``value`` equals entry ``key`` of results file ``name`` (or records it).
+  """Asserts `value` equals entry `key` of results file `name` (or records it).
 
   Args:
-    name: results file stem under ``experiments/results/``.
+    name: results file stem under `experiments/results/`.
     key: the entry (one per measurement, e.g. a parametrized case).
-    value: the measured figure (JSON-serialisable); compared exactly unless ``rel_tol``.
+    value: the measured figure (JSON-serialisable); compared exactly unless `rel_tol`.
     rel_tol: relative tolerance for floats (for figures that depend on the machine).
   """
   value = json.loads(json.dumps(value))  # what a round trip through the file gives

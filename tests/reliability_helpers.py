@@ -2,8 +2,8 @@
 
 The shared pieces (a tiny random Gemma 3, a small task, one finished reference run and a
 JAX compilation cache for the subprocesses) live in one session folder, built once (the
-``rel`` fixture in ``conftest.py``) and reused by ``test_reliability_faults.py``,
-``test_reliability_numerics.py`` and ``test_reliability_inputs.py``.
+`rel` fixture in `conftest.py`) and reused by `test_reliability_faults.py`,
+`test_reliability_numerics.py` and `test_reliability_inputs.py`.
 """
 
 import os

@@ -1,8 +1,8 @@
 """Runs 3 OFT training steps of a tiny Gemma 4 (PLE table, MoE experts) under several meshes.
 
 Started by test_sharding.py in a subprocess with 8 simulated CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set before jax loads).
-Prints one JSON line: per mesh the training results of ``sharded_steps.train`` and the
+(`XLA_FLAGS=--xla_force_host_platform_device_count=8` must be set before jax loads).
+Prints one JSON line: per mesh the training results of `sharded_steps.train` and the
 sharding spec of every frozen parameter.
 """
 
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sharded_steps import train
+from sharded_steps import run_meshes
 import transformers
 
 import oftjax
@@ -81,31 +81,23 @@ def build():
   return base, adapter, batch, loss_fn, optimizer
 
 
+def _flat(tree) -> dict:
+  """`{'/'-joined key path: leaf}` of a tree."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(k.key for k in path): v for path, v in leaves}
+
+
 def specs(base, mesh) -> dict:
-  """``{parameter path: its PartitionSpec as a string}`` under ``param_shardings``."""
-  shardings = sharding.param_shardings(base, mesh)
-  leaves = jax.tree_util.tree_flatten_with_path(shardings)[0]
-  return {"/".join(k.key for k in path): str(s.spec) for path, s in leaves}
+  """`{parameter path: its PartitionSpec as a string}` under `param_shardings`."""
+  return {k: str(s.spec) for k, s in _flat(sharding.param_shardings(base, mesh)).items()}
 
 
 def main(meshes):
   setup = build()
-  results = {}
-  for spec in meshes:
-    devices = jax.devices()[:1] if spec == "single" else jax.devices()
-    mesh = sharding.make_mesh("" if spec == "single" else spec, devices)
-    results[spec] = {
-      **train(mesh, *setup),
-      "specs": specs(setup[0], mesh),
-      "shapes": {k: list(v.shape) for k, v in _flat(setup[0]).items()},
-    }
-  print(json.dumps(results))
-
-
-def _flat(tree) -> dict:
-  return {
-    "/".join(k.key for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]
-  }
+  base = setup[0]
+  shapes = {k: list(v.shape) for k, v in _flat(base).items()}
+  sharded = lambda mesh: {"specs": specs(base, mesh), "shapes": shapes}
+  print(json.dumps(run_meshes(meshes, setup, sharded)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Runs 3 OFT training steps of a tiny Gemma 3 under several meshes; prints JSON results.
 
 Started by test_sharding.py in a subprocess with 8 simulated CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set before jax loads).
+(`XLA_FLAGS=--xla_force_host_platform_device_count=8` must be set before jax loads).
 """
 
 import json
@@ -56,7 +56,7 @@ def build():
 
 
 def train(mesh, base, adapter, batch, loss_fn, optimizer, steps=3):
-  """``steps`` steps on ``mesh``; each process feeds only its rows of the global batch."""
+  """`steps` steps on `mesh`; each process feeds only its rows of the global batch."""
   frozen = jax.device_put(base, sharding.param_shardings(base, mesh))
   trainable = jax.device_put(adapter, sharding.param_shardings(adapter, mesh, shard=False))
   batch_sharding = sharding.batch_sharding(mesh, 2)
@@ -93,14 +93,18 @@ def train(mesh, base, adapter, batch, loss_fn, optimizer, steps=3):
   }
 
 
-def main(meshes):
-  setup = build()
+def run_meshes(meshes, setup, more=lambda mesh: {}) -> dict:
+  """`{spec: train(mesh, *setup) and more(mesh)}` per mesh spec ('single': one device)."""
   results = {}
   for spec in meshes:
     devices = jax.devices()[:1] if spec == "single" else jax.devices()
     mesh = sharding.make_mesh("" if spec == "single" else spec, devices)
-    results[spec] = train(mesh, *setup)
-  print(json.dumps(results))
+    results[spec] = {**train(mesh, *setup), **more(mesh)}
+  return results
+
+
+def main(meshes):
+  print(json.dumps(run_meshes(meshes, build())))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def health(adapter, config):
 
 
 def scanned_adapters():
-  """OFT leaves of a 2-layer scanned TinyLM (``[2, r, 28]``), layer 1 far larger than layer 0."""
+  """OFT leaves of a 2-layer scanned TinyLM (`[2, r, 28]`), layer 1 far larger than layer 0."""
   config = oftjax.AdapterConfig(block_size=8, targets=r".*_proj", coft_eps=EPS)
   wrapped = oftjax.Adapted(TinyLM(vocab=32, width=32, mlp=64, depth=2), config)
   params = jax.jit(wrapped.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]

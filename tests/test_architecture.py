@@ -9,7 +9,7 @@ DOC = os.path.join(ROOT, "docs", "ARCHITECTURE.md")
 
 
 def layer_table():
-  """``{row: (module prefixes, allowed rows)}`` parsed from the doc's marked table."""
+  """`{row: (module prefixes, allowed rows)}` parsed from the doc's marked table."""
   text = open(DOC, encoding="utf-8").read()
   body = text.split("<!-- layers -->")[1].split("<!-- /layers -->")[0]
   rows = {}
@@ -23,7 +23,7 @@ def layer_table():
 
 
 def row_of(module: str, rows) -> str:
-  """The row whose module prefix is the longest match of ``module``."""
+  """The row whose module prefix is the longest match of `module`."""
   best, length = None, -1
   for name, (prefixes, _) in rows.items():
     for prefix in prefixes:
@@ -34,7 +34,7 @@ def row_of(module: str, rows) -> str:
 
 
 def imports():
-  """``[(importing module, imported oftjax module)]`` for every file under oftjax/."""
+  """`[(importing module, imported oftjax module)]` for every file under oftjax/."""
   found = []
   for folder, _, files in os.walk(os.path.join(ROOT, "oftjax")):
     for file in files:

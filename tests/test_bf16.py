@@ -1,11 +1,11 @@
 """bfloat16, the default compute dtype off CPU: logit error against transformers' own, training.
 
 The oracle for the model's bf16 numerics is transformers itself: the same checkpoint run with
-``model.to(torch.bfloat16)`` (eager attention) has a bf16 error against its fp32 logits, and
+`model.to(torch.bfloat16)` (eager attention) has a bf16 error against its fp32 logits, and
 ours against our fp32 logits must be no larger, up to a factor close to 1. Both round the
 weights the same way and do the same work in bf16 (matmuls, residual adds, GeLU), with norms,
 softmax and rope tables in fp32. Measured over 17 draws (the five configs of
-``gemma_helpers``, several model seeds and inputs, positions up to 5000), ours / transformers'
+`gemma_helpers`, several model seeds and inputs, positions up to 5000), ours / transformers'
 is 0.88-1.03 for the mean error and 0.62-1.36 for the max (one outlier logit, so noisier). The
 bounds, 1.15 for the mean and 1.5 for the max, leave that spread room and little more:
 computing the rope angles in bf16 instead of fp32 makes the mean ratio ~14, and RMSNorm in
@@ -175,7 +175,7 @@ def test_bf16_loss_and_adapter_gradients_follow_fp32():
 
 
 def checkpoint_dtypes(step_dir):
-  """``{top-level item: set of dtypes}`` of a job checkpoint's state, read from its metadata."""
+  """`{top-level item: set of dtypes}` of a job checkpoint's state, read from its metadata."""
   import orbax.checkpoint as ocp
 
   meta = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state"))

@@ -1,8 +1,8 @@
 """Chat records: content never becomes control tokens; turn masks for real templates.
 
-Oracles are transformers' own: ``apply_chat_template(..., sanitize_control_tokens=True)`` for the
-ids of content holding control-token text, and ``return_assistant_tokens_mask`` on the Gemma 3
-template with ``{% generation %}`` tags around each assistant content and its ``<end_of_turn>``.
+Oracles are transformers' own: `apply_chat_template(..., sanitize_control_tokens=True)` for the
+ids of content holding control-token text, and `return_assistant_tokens_mask` on the Gemma 3
+template with `{% generation %}` tags around each assistant content and its `<end_of_turn>`.
 """
 
 import json

@@ -1,9 +1,9 @@
 """COFT trains like PEFT's: 50 Adam steps from the same nonzero init end at the same weights.
 
-PEFT (peft/tuners/oft/layer.py, ``OFTRotationModule.forward``) writes
-``_project_batch(weight, eps)`` back into the stored weight before every forward, under
-``no_grad``: each block's ``Q`` is rescaled onto the Frobenius sphere of radius
-``eps / sqrt(r)`` (``r`` = the layer's stored blocks) when outside it. The gradient is
+PEFT (peft/tuners/oft/layer.py, `OFTRotationModule.forward`) writes
+`_project_batch(weight, eps)` back into the stored weight before every forward, under
+`no_grad`: each block's `Q` is rescaled onto the Frobenius sphere of radius
+`eps / sqrt(r)` (`r` = the layer's stored blocks) when outside it. The gradient is
 taken at the projected value and the optimizer updates that value. oftjax's step
 projects the incoming tree, differentiates there and projects the updated tree, so its
 stored weight is PEFT's after the next write-back.
@@ -20,34 +20,24 @@ from oftjax import params as P
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
+import peft_helpers as PH  # noqa: E402  (needs torch and peft)
 
 D_IN, D_OUT, BLOCK, EPS, STEPS, LR = 32, 16, 8, 1.4, 50, 1e-2
 RADIUS = EPS / np.sqrt(D_IN // BLOCK)  # 0.7 per block
 
 
-class _Net(torch.nn.Module):
-  def __init__(self):
-    super().__init__()
-    self.lin = torch.nn.Linear(D_IN, D_OUT)
-
-  def forward(self, x):
-    return self.lin(x)
-
-
 def _problem():
   """PEFT's COFT layer with a nonzero init (two blocks inside the ball, two outside) and data."""
   torch.manual_seed(0)
-  config = peft.OFTConfig(
-    target_modules=["lin"],
-    r=0,
+  model, layer = PH.peft_oft_linear(
+    D_IN,
+    D_OUT,
     oft_block_size=BLOCK,
     coft=True,
     eps=EPS,
     use_cayley_neumann=True,
     num_cayley_neumann_terms=6,
   )
-  model = peft.get_peft_model(_Net(), config)
-  layer = model.base_model.model.lin
   rng = np.random.default_rng(0)
   init = (0.1 * rng.standard_normal(layer.oft_R["default"].weight.shape)).astype(np.float32)
   with torch.no_grad():

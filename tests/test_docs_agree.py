@@ -1,6 +1,6 @@
 """README.md, RELIABILITY.md and BENCHMARKS.md say what the committed results and the code say.
 
-Every number in their generated regions comes from ``experiments/render_docs.py``; these
+Every number in their generated regions comes from `experiments/render_docs.py`; these
 tests fail when a region is stale (a result file, notebook output or test changed without
 re-rendering), when RELIABILITY's bad-input table and the test catalogue differ, and when
 the recorded default run no longer is the job's default. Cheap: no training.

@@ -1,7 +1,7 @@
 """The job on Gemma 4 folders, text-only and multimodal, and its outputs in the PyTorch world.
 
 The folders carry the shipped pretrained tiny Gemma 3's weights in Gemma 4's form
-(``finetune_helpers.gemma4_from_tiny_gemma3``: KV sharing in the last layer, a double-wide
+(`finetune_helpers.gemma4_from_tiny_gemma3`: KV sharing in the last layer, a double-wide
 MLP, per-layer embeddings), so the job can learn the shipped task in a test's few dozen
 steps: a random tiny model cannot (its accuracy stays 0, only its loss falls).
 """

@@ -11,10 +11,12 @@ import pytest
 import oftjax
 from oftjax import peft_io
 from oftjax.models import gemma
+from oftjax.models.gemma import hf_names
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+import gemma_helpers as H  # noqa: E402  (needs torch)
 import peft_helpers as PH  # noqa: E402  (needs torch and peft)
 
 TOKENS = np.array([[2, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]], np.int64)
@@ -116,15 +118,20 @@ def test_job_on_a_multimodal_folder_exports_an_adapter_for_it(tiny_multimodal_di
   assert not [m for m in adapted if "vision_tower" in m or "multi_modal_projector" in m]
   theirs = PH.logits(peft_model, TOKENS)
 
-  merged = transformers.AutoModelForCausalLM.from_pretrained(
-    str(merged_dir), attn_implementation="eager"
-  ).eval()
-  merged_logits = PH.logits(merged, TOKENS)
+  merged, info = transformers.AutoModelForCausalLM.from_pretrained(
+    str(merged_dir), attn_implementation="eager", output_loading_info=True
+  )
+  assert type(merged) is transformers.Gemma3ForConditionalGeneration  # the base's kind
+  assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+  merged_logits = PH.logits(merged.eval(), TOKENS)
   scale = np.abs(merged_logits).max()
   assert np.abs(merged_logits - base_logits).max() > 1e-3 * scale  # training moved the model
   np.testing.assert_allclose(theirs, merged_logits, atol=1e-4 * max(scale, 1.0))
 
   model, params = gemma.load(tiny_multimodal_dir)
+  source, exported = H.raw_tensors(tiny_multimodal_dir), H.raw_tensors(str(merged_dir))
+  towers = [n for n in source if hf_names.is_tower_tensor(n, model.config)]
+  assert towers and all(exported[n] == source[n] for n in towers)  # the tower, byte for byte
   adapter, config = peft_io.import_peft(adapter_dir, naming=_naming(tiny_multimodal_dir))
   ours = np.asarray(
     oftjax.Adapted(model, config).apply(

@@ -5,11 +5,11 @@ import os
 import shutil
 
 import gemma4_helpers as G
+import gemma_helpers as H
 import jax
 import numpy as np
 import pytest
 import safetensors.numpy
-import torch
 import transformers
 
 from oftjax.models import gemma
@@ -26,32 +26,12 @@ def folders(tmp_path_factory):
   return out
 
 
-def _assert_same_state(ref: torch.nn.Module, back: torch.nn.Module):
-  ref_sd, back_sd = ref.state_dict(), back.state_dict()
-  assert set(ref_sd) == set(back_sd)
-  for key in ref_sd:
-    assert torch.equal(ref_sd[key], back_sd[key]), key
-
-
-def _raw_tensors(folder) -> dict:
-  """`{name: (dtype, shape, bytes)}` of every tensor in a folder's safetensors files."""
-  out = {}
-  for path in loading._weight_files(folder, allow_pickle=False):
-    with open(path, "rb") as fh:
-      header, start = loading._safetensors_header(path, fh)
-      for name, info in header.items():
-        begin, end = info["data_offsets"]
-        fh.seek(start + begin)
-        out[name] = (info["dtype"], tuple(info["shape"]), fh.read(end - begin))
-  return out
-
-
 def _assert_round_trip(folder, hf, tmp_path):
   model, params = gemma.load(folder)
   out = gemma.save(tmp_path / "out", model, params)
   back = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
   assert type(back) is transformers.Gemma4ForCausalLM
-  _assert_same_state(hf, back)
+  H.assert_same_state(hf, back)
 
 
 @pytest.mark.parametrize("name", ["shared", "per_layer"])
@@ -72,10 +52,10 @@ def test_multimodal_round_trip_keeps_the_towers_byte_identical(folders, tmp_path
   back = transformers.Gemma4ForConditionalGeneration.from_pretrained(
     out, attn_implementation="eager"
   )
-  _assert_same_state(hf, back)
+  H.assert_same_state(hf, back)
   with open(os.path.join(out, "config.json")) as fh:
     assert json.load(fh)["architectures"] == ["Gemma4ForConditionalGeneration"]
-  source, saved = _raw_tensors(folder), _raw_tensors(out)
+  source, saved = H.raw_tensors(folder), H.raw_tensors(out)
   towers = [n for n in source if gemma4_names.is_tower_tensor(n, model.config)]
   assert any(n.startswith("model.vision_tower.") for n in towers)
   assert any(n.startswith("model.audio_tower.") for n in towers)

@@ -4,7 +4,6 @@ import gemma4_helpers as G
 import gemma_helpers as H
 import numpy as np
 import pytest
-import torch
 
 from oftjax.models import gemma
 
@@ -21,24 +20,12 @@ def loaded(tmp_path_factory):
   return out
 
 
-def _hf_generate(hf, tokens, mask):
-  with torch.no_grad():
-    out = hf.generate(
-      torch.as_tensor(tokens),
-      attention_mask=torch.as_tensor(mask),
-      max_new_tokens=NEW,
-      do_sample=False,
-      pad_token_id=0,
-    )
-  return out[:, tokens.shape[1] :].numpy()
-
-
 @pytest.mark.parametrize("name", ["pattern", pytest.param("shared", marks=pytest.mark.slow)])
 def test_greedy_matches_transformers(loaded, name):
   """KV-shared layers decode from their source layer's cache, as transformers does."""
   hf, model, params = loaded[name]
   tokens, mask = H.padded_batch(np.random.default_rng(7), [7, 3], 7, left=True)
-  ref = _hf_generate(hf, tokens, mask)
+  ref = H.hf_generate(hf, tokens, mask, NEW)
   ours = np.asarray(gemma.generate(model, params, tokens, mask, max_new_tokens=NEW))
   assert ours.shape == (2, NEW)
   assert len(np.unique(ref)) > 6  # a continuation that is not one token repeated

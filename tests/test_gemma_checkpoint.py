@@ -6,6 +6,7 @@ import os
 import gemma_helpers as H
 import jax
 import jax.numpy as jnp
+import multimodal_helpers as M
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -13,6 +14,7 @@ import torch
 import transformers
 
 from oftjax.models import gemma
+from oftjax.models.gemma import hf_names
 
 NAMES = ["gemma1_mqa", "gemma2", "gemma3"]
 
@@ -51,10 +53,7 @@ def test_round_trip_through_transformers(saved, name, tmp_path):
   assert (tmp_path / "out" / "tokenizer_config.json").exists()
   back = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
   assert type(back) is type(hf)
-  ref_sd, back_sd = hf.state_dict(), back.state_dict()
-  assert set(ref_sd) == set(back_sd)
-  for key in ref_sd:
-    assert torch.equal(ref_sd[key], back_sd[key]), key
+  H.assert_same_state(hf, back)
   tokens = np.random.default_rng(0).integers(3, H.VOCAB, (2, 11))
   np.testing.assert_array_equal(H.hf_logits(back, tokens), H.hf_logits(hf, tokens))
 
@@ -72,6 +71,52 @@ def test_sharded_save_and_load(saved, tmp_path):
   back = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
   tokens = np.random.default_rng(1).integers(3, H.VOCAB, (1, 9))
   np.testing.assert_array_equal(H.hf_logits(back, tokens), H.hf_logits(hf, tokens))
+
+
+@pytest.mark.parametrize(
+  "tie, max_shard_bytes", [(True, 2 * 1024**3), (False, 40_000)], ids=["tied", "untied-sharded"]
+)
+def test_multimodal_round_trip_keeps_the_tower_byte_identical(tmp_path, tie, max_shard_bytes):
+  """A `Gemma3ForConditionalGeneration` folder saves as one: same config, tower bytes kept."""
+  text_cfg = H.hf_config("gemma3")
+  text_cfg.final_logit_softcapping = None  # the multimodal model applies none
+  src = str(tmp_path / "src")
+  hf = M.save_multimodal_model(text_cfg, src, tie_word_embeddings=tie)
+  model, params = gemma.load(src)
+  assert model.config.multimodal and model.config.tie_word_embeddings == tie
+  out = gemma.save(tmp_path / "out", model, params, max_shard_bytes=max_shard_bytes)
+  weight_files = [f for f in os.listdir(out) if f.endswith(".safetensors")]
+  assert "model.safetensors.index.json" in os.listdir(out)  # the tower has a file of its own
+  assert len(weight_files) == 2 if tie else len(weight_files) > 2
+  back, info = transformers.Gemma3ForConditionalGeneration.from_pretrained(
+    out, attn_implementation="eager", output_loading_info=True
+  )
+  assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+  H.assert_same_state(hf, back.eval())
+  with open(os.path.join(src, "config.json")) as fh, open(os.path.join(out, "config.json")) as gh:
+    source_config, saved_config = json.load(fh), json.load(gh)
+  assert saved_config["model_type"] == "gemma3"
+  assert saved_config == source_config
+  source, saved = H.raw_tensors(src), H.raw_tensors(out)
+  towers = [n for n in source if hf_names.is_tower_tensor(n, model.config)]
+  assert any(n.startswith("vision_tower.") for n in towers)  # transformers' own file names
+  assert any(n.startswith("multi_modal_projector.") for n in towers)
+  for tower in towers:
+    assert saved[tower] == source[tower], tower
+  assert set(saved) == set(source)  # the text decoder too is named as transformers names it
+  tokens = np.random.default_rng(4).integers(3, H.VOCAB, (2, 9))
+  np.testing.assert_array_equal(H.hf_logits(back, tokens), H.hf_logits(hf, tokens))
+
+
+def test_multimodal_save_needs_its_source_folder(tmp_path):
+  text_cfg = H.hf_config("gemma3")
+  text_cfg.final_logit_softcapping = None
+  M.save_multimodal_model(text_cfg, tmp_path / "src")
+  model, params = gemma.load(str(tmp_path / "src"))
+  orphan = model.clone(config=model.config.replace(source_dir=None))
+  with pytest.raises(ValueError, match="needs its source folder"):
+    gemma.save(tmp_path / "out", orphan, params)
+  assert not (tmp_path / "out").exists()
 
 
 def test_bfloat16_load_and_save(saved, tmp_path):
@@ -203,7 +248,7 @@ def test_hub_id_offline_fails_in_one_line(monkeypatch):
 
 
 def test_on_host_load_equals_device_load(tmp_path):
-  """``on_host=True`` gives NumPy arrays (for sharded placement) equal to the default load."""
+  """`on_host=True` gives NumPy arrays (for sharded placement) equal to the default load."""
   name = next(iter(H.CONFIGS))
   H.save_hf_model(name, tmp_path)
   _, on_device = gemma.load(tmp_path)

@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from oftjax.models import gemma
 from oftjax.models.gemma.model import Gemma
@@ -27,24 +26,11 @@ def _prompts():
   return H.padded_batch(np.random.default_rng(7), [7, 3], 7, left=True)
 
 
-def _hf_generate(hf, tokens, mask, **kw):
-  with torch.no_grad():
-    out = hf.generate(
-      torch.as_tensor(tokens),
-      attention_mask=torch.as_tensor(mask),
-      max_new_tokens=NEW,
-      do_sample=False,
-      pad_token_id=0,
-      **kw,
-    )
-  return out[:, tokens.shape[1] :].numpy()
-
-
 @pytest.mark.parametrize("name", ["gemma1_mqa", "gemma2", "gemma3"])
 def test_greedy_matches_transformers(loaded, name):
   hf, model, params = loaded[name]
   tokens, mask = _prompts()
-  ref = _hf_generate(hf, tokens, mask)
+  ref = H.hf_generate(hf, tokens, mask, NEW)
   ours = np.asarray(gemma.generate(model, params, tokens, mask, max_new_tokens=NEW))
   assert ours.shape == (2, NEW)
   np.testing.assert_array_equal(ours, ref)
@@ -55,7 +41,7 @@ def test_right_padding_and_eos(loaded):
   tokens, mask = _prompts()
   free = np.asarray(gemma.generate(model, params, tokens, mask, max_new_tokens=NEW))
   eos = int(free[0, 4])
-  ref = _hf_generate(hf, tokens, mask, eos_token_id=eos)
+  ref = H.hf_generate(hf, tokens, mask, NEW, eos_token_id=eos)
   right = np.zeros_like(tokens)
   right_mask = np.zeros_like(mask)
   for i in range(2):

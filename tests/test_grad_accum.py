@@ -20,7 +20,7 @@ SEQ = 16
 
 
 def uneven_batches(steps, seed=0):
-  """``steps`` batches of 8 rows whose completions (loss tokens) end each row unevenly."""
+  """`steps` batches of 8 rows whose completions (loss tokens) end each row unevenly."""
   rng = np.random.default_rng(seed)
   mask = np.zeros((len(COMPLETION_LENGTHS), SEQ), np.float32)
   for row, n in enumerate(COMPLETION_LENGTHS):
@@ -33,7 +33,7 @@ def uneven_batches(steps, seed=0):
 
 
 def micro(batch, k):
-  """The same rows as ``k`` micro-batches (a leading axis of ``k``)."""
+  """The same rows as `k` micro-batches (a leading axis of `k`)."""
   return {key: value.reshape(k, -1, *value.shape[1:]) for key, value in batch.items()}
 
 

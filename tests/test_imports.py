@@ -1,4 +1,4 @@
-"""``import oftjax`` stays light: the library core pulls in no optional or heavy dependency."""
+"""`import oftjax` stays light: the library core pulls in no optional or heavy dependency."""
 
 import os
 import subprocess
@@ -9,7 +9,7 @@ HEAVY = ("transformers", "torch", "matplotlib", "qwix", "datasets", "pyarrow")
 
 
 def _imported_after(statement: str) -> list[str]:
-  """Which of ``HEAVY`` a fresh interpreter holds in ``sys.modules`` after ``statement``."""
+  """Which of `HEAVY` a fresh interpreter holds in `sys.modules` after `statement`."""
   code = f"{statement}; import sys; print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(

@@ -15,7 +15,7 @@ TOKENS = jax.random.randint(jax.random.key(0), (2, 9), 0, 97)
 
 
 def adapted_params(model, config, scale=0.2, seed=5):
-  """Base params of ``model`` plus random (non-identity) adapter leaves, and geometries."""
+  """Base params of `model` plus random (non-identity) adapter leaves, and geometries."""
   base = model.init(jax.random.key(1), TOKENS)["params"]
   adapted = oftjax.adapt(model, config, TOKENS)
   leaves, treedef = jax.tree_util.tree_flatten(jax.eval_shape(adapted.init, jax.random.key(1)))

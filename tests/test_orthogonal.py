@@ -16,7 +16,7 @@ SETTINGS = settings(max_examples=25, deadline=None)
 
 
 def random_skew(seed, block_size, norm, batch=3):
-  """Skew-symmetric blocks with spectral norm exactly ``norm``."""
+  """Skew-symmetric blocks with spectral norm exactly `norm`."""
   rng = np.random.default_rng(seed)
   a = rng.standard_normal((batch, block_size, block_size))
   q = a - np.swapaxes(a, -1, -2)

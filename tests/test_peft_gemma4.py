@@ -1,20 +1,18 @@
 """PEFT adapters on Gemma 4 bases: PEFT's own files import exactly, oftjax's exports load in PEFT.
 
-Oracles: PEFT (``get_peft_model`` with nonzero random adapter weights, ``save_pretrained``,
-``PeftModel.from_pretrained``) on transformers' Gemma 4, text-only (``Gemma4ForCausalLM``)
-and multimodal (``Gemma4ForConditionalGeneration`` with vision and audio towers) on the
-"shared" config (KV-shared layers without ``k_proj``/``v_proj``, full layers without
-``v_proj``, per-layer embeddings), and a multimodal "pattern" model whose stacked axes
+Oracles: PEFT (`get_peft_model` with nonzero random adapter weights, `save_pretrained`,
+`PeftModel.from_pretrained`) on transformers' Gemma 4, text-only (`Gemma4ForCausalLM`)
+and multimodal (`Gemma4ForConditionalGeneration` with vision and audio towers) on the
+"shared" config (KV-shared layers without `k_proj`/`v_proj`, full layers without
+`v_proj`, per-layer embeddings), and a multimodal "pattern" model whose stacked axes
 each hold every other layer, one forward each.
 """
 
 import dataclasses
-import json
 import os
 import re
 
 import gemma4_helpers as G
-import gemma_helpers as H
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,9 +56,7 @@ class Base:
     return G.make_hf_model(self.name, multimodal=self.multimodal, **self.changes)
 
   def ours(self, adapter=None, config=None):
-    params = oftjax.merge_params(self.params, adapter) if adapter else self.params
-    module = oftjax.Adapted(self.model, config) if config else self.model
-    return np.asarray(H.forward(module, params, jnp.asarray(TOKENS, jnp.int32)))
+    return PH.oftjax_logits(self.model, self.params, TOKENS, adapter, config)
 
 
 def _naming(folder):
@@ -89,30 +85,14 @@ def pattern(tmp_path_factory):
   return _base(tmp_path_factory, "pattern", True, MULTIMODAL_TARGETS)
 
 
-def _oft(**kw):
-  return lambda targets: peft.OFTConfig(target_modules=targets, r=0, oft_block_size=8, **kw)
-
-
-def _lora(**kw):
-  return lambda targets: peft.LoraConfig(target_modules=targets, r=4, lora_alpha=8, **kw)
-
-
 # name -> (PEFT config from target_modules, std of the random adapter weights). The Neumann
 # series is only near-orthogonal for small Q: larger weights make it grow activations layer
 # after layer, which turns fp32 rounding into more than TOL on logits of ~20.
 VARIANTS = {
-  "oft_neumann_default": (_oft(), 0.05),
-  "oft_exact_cayley": (_oft(use_cayley_neumann=False), 0.2),
-  "lora": (_lora(), 0.3),
+  "oft_neumann_default": (PH.make_oft(), 0.05),
+  "oft_exact_cayley": (PH.make_oft(use_cayley_neumann=False), 0.2),
+  "lora": (PH.make_lora(), 0.3),
 }
-
-
-def _peft_adapter(base, make_config, std, folder, seed=0, targets=None):
-  """A PEFT model on ``base`` with random adapter weights, saved to ``folder``."""
-  model = peft.get_peft_model(base.torch_model(), make_config(targets or base.targets)).eval()
-  PH.randomize_adapter_(model, seed, std)
-  model.save_pretrained(folder)
-  return model
 
 
 def test_naming_maps_each_stacked_index_to_its_layer(bases, pattern):
@@ -172,23 +152,8 @@ ROUND_TRIPS = (
 
 @pytest.mark.parametrize("kind, variant", ROUND_TRIPS)
 def test_peft_adapter_round_trips_exactly(bases, kind, variant, tmp_path):
-  base = bases[kind]
   make_config, std = VARIANTS[variant]
-  theirs_model = _peft_adapter(base, make_config, std, tmp_path / "peft")
-  wrapped = PH.tuner_modules(theirs_model)
-  assert wrapped and not [m for m in wrapped if any(t in m for t in TOWERS)]
-  theirs = PH.logits(theirs_model, TOKENS)
-  assert np.abs(theirs - base.ours()).max() > 1e-1  # the adapter changes the model
-
-  adapter, config = peft_io.import_peft(str(tmp_path / "peft"), naming=base.naming)
-  np.testing.assert_allclose(base.ours(adapter, config), theirs, atol=TOL)
-
-  peft_io.export_peft(str(tmp_path / "ours"), adapter, config, naming=base.naming)
-  meta = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-  assert meta["peft_version"] == peft_io.PEFT_VERSION and isinstance(meta["target_modules"], str)
-  back = PH.load_peft(base.torch_model(), str(tmp_path / "ours"))
-  assert sorted(PH.tuner_modules(back)) == sorted(wrapped)
-  np.testing.assert_allclose(PH.logits(back, TOKENS), theirs, atol=TOL)
+  PH.assert_round_trip(bases[kind], make_config, std, tmp_path, TOKENS, TOWERS, TOL, 1e-1)
 
 
 def test_non_contiguous_stacks_round_trip(pattern, tmp_path):
@@ -198,7 +163,9 @@ def test_non_contiguous_stacks_round_trip(pattern, tmp_path):
   implementations with no adapter at all (each side measured against transformers in
   float64), hence 1e-3 here; giving a layer its neighbour's adapter moves them by > 0.1.
   """
-  theirs_model = _peft_adapter(pattern, _oft(use_cayley_neumann=False), 0.2, tmp_path / "peft")
+  theirs_model = PH.peft_adapter(
+    pattern, PH.make_oft(use_cayley_neumann=False), 0.2, tmp_path / "peft"
+  )
   theirs = PH.logits(theirs_model, TOKENS)
   adapter, config = peft_io.import_peft(str(tmp_path / "peft"), naming=pattern.naming)
   np.testing.assert_allclose(pattern.ours(adapter, config), theirs, atol=1e-3)
@@ -216,9 +183,9 @@ def test_layers_to_transform_covers_some_stacked_indices(bases, tmp_path):
   """Layers 1 and 3 of "shared": index 1 of segment_0/slot_0 and all of segment_1/slot_1."""
   base = bases["text"]
   narrow = lambda targets: dataclasses.replace(
-    _oft(use_cayley_neumann=False)(["q_proj", "down_proj"]), layers_to_transform=[1, 3]
+    PH.make_oft(use_cayley_neumann=False)(["q_proj", "down_proj"]), layers_to_transform=[1, 3]
   )
-  theirs_model = _peft_adapter(base, narrow, 0.2, tmp_path / "peft")
+  theirs_model = PH.peft_adapter(base, narrow, 0.2, tmp_path / "peft")
   assert len(PH.tuner_modules(theirs_model)) == 2 * 2
   theirs = PH.logits(theirs_model, TOKENS)
   adapter, config = peft_io.import_peft(str(tmp_path / "peft"), naming=base.naming)
@@ -248,7 +215,7 @@ def _add_tensor(folder, key, like):
 )
 def test_adapter_for_modules_the_model_lacks_is_refused(bases, tmp_path, module, needle):
   base = bases["text"]
-  _peft_adapter(base, _oft(), 0.05, tmp_path)
+  PH.peft_adapter(base, PH.make_oft(), 0.05, tmp_path)
   like = "base_model.model.model.layers.0.self_attn.k_proj.oft_R.weight"
   _add_tensor(str(tmp_path), f"base_model.model.{module}.oft_R.weight", like)
   with pytest.raises(ValueError) as e:
@@ -282,8 +249,10 @@ def moe_base(tmp_path_factory):
 
 
 def test_router_projection_adapter_round_trips(moe_base, tmp_path):
-  """The MoE router's ``proj`` is an nn.Linear PEFT wraps: oftjax adapts and exports it too."""
-  theirs_model = _peft_adapter(moe_base, _oft(use_cayley_neumann=False), 0.2, tmp_path / "peft")
+  """The MoE router's `proj` is an nn.Linear PEFT wraps: oftjax adapts and exports it too."""
+  theirs_model = PH.peft_adapter(
+    moe_base, PH.make_oft(use_cayley_neumann=False), 0.2, tmp_path / "peft"
+  )
   assert [m for m in PH.tuner_modules(theirs_model) if m.endswith("router.proj")]
   theirs = PH.logits(theirs_model, TOKENS)
   adapter, config = peft_io.import_peft(str(tmp_path / "peft"), naming=moe_base.naming)

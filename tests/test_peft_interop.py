@@ -1,8 +1,8 @@
 """Adapters written by PEFT itself import into oftjax exactly, and oftjax's exports load in PEFT.
 
-Oracles: PEFT (``get_peft_model`` with nonzero random adapter weights, ``save_pretrained``,
-``PeftModel.from_pretrained``) on transformers' Gemma 3, text-only (``Gemma3ForCausalLM``,
-untied ``lm_head``) and multimodal (``Gemma3ForConditionalGeneration`` with a tiny SigLIP
+Oracles: PEFT (`get_peft_model` with nonzero random adapter weights, `save_pretrained`,
+`PeftModel.from_pretrained`) on transformers' Gemma 3, text-only (`Gemma3ForCausalLM`,
+untied `lm_head`) and multimodal (`Gemma3ForConditionalGeneration` with a tiny SigLIP
 tower), one forward each.
 """
 
@@ -12,12 +12,10 @@ import os
 import re
 
 import gemma_helpers as H
-import jax.numpy as jnp
 import multimodal_helpers as M
 import numpy as np
 import pytest
 
-import oftjax
 from oftjax import peft_io
 from oftjax.models import gemma
 
@@ -49,9 +47,7 @@ class Base:
     return self.torch_class.from_pretrained(self.folder, attn_implementation="eager").eval()
 
   def ours(self, adapter, config):
-    params = oftjax.merge_params(self.params, adapter) if adapter else self.params
-    module = oftjax.Adapted(self.model, config) if config else self.model
-    return np.asarray(H.forward(module, params, jnp.asarray(TOKENS, jnp.int32)))
+    return PH.oftjax_logits(self.model, self.params, TOKENS, adapter, config)
 
 
 @pytest.fixture(scope="module")
@@ -92,28 +88,20 @@ def test_bases_agree_and_naming_follows_the_folder(bases):
     )
 
 
-def _oft(**kw):
-  return lambda targets: peft.OFTConfig(target_modules=targets, r=0, oft_block_size=8, **kw)
-
-
-def _lora(**kw):
-  return lambda targets: peft.LoraConfig(target_modules=targets, **{"r": 4, "lora_alpha": 8, **kw})
-
-
 # name -> (PEFT config from target_modules, std of the random adapter weights)
 VARIANTS = {
-  "oft_neumann_default": (_oft(), 0.1),  # PEFT's defaults: Cayley-Neumann, n = 5
-  "oft_exact_cayley": (_oft(use_cayley_neumann=False), 0.2),
-  "oft_block_share": (_oft(block_share=True, use_cayley_neumann=False), 0.2),
-  "oft_coft": (_oft(coft=True, eps=1.5, num_cayley_neumann_terms=6), 0.2),
-  "lora_plain": (_lora(), 0.3),
-  "lora_rslora": (_lora(use_rslora=True), 0.3),
+  "oft_neumann_default": (PH.make_oft(), 0.1),  # PEFT's defaults: Cayley-Neumann, n = 5
+  "oft_exact_cayley": (PH.make_oft(use_cayley_neumann=False), 0.2),
+  "oft_block_share": (PH.make_oft(block_share=True, use_cayley_neumann=False), 0.2),
+  "oft_coft": (PH.make_oft(coft=True, eps=1.5, num_cayley_neumann_terms=6), 0.2),
+  "lora_plain": (PH.make_lora(), 0.3),
+  "lora_rslora": (PH.make_lora(use_rslora=True), 0.3),
   "lora_alpha_pattern": (
-    _lora(alpha_pattern={"v_proj": 32, r"layers\.0\.self_attn\.o_proj": 3}),
+    PH.make_lora(alpha_pattern={"v_proj": 32, r"layers\.0\.self_attn\.o_proj": 3}),
     0.3,
   ),
   "lora_rank_pattern": (
-    _lora(
+    PH.make_lora(
       rank_pattern={"v_proj": 2, r"layers\.1\.mlp\.down_proj": 6}, alpha_pattern={"lm_head": 2}
     ),
     0.3,
@@ -121,38 +109,15 @@ VARIANTS = {
 }
 
 
-def _peft_adapter(base, make_config, std, folder, seed=0):
-  """A PEFT model on ``base`` with random adapter weights, saved to ``folder``."""
-  model = peft.get_peft_model(base.torch_model(), make_config(base.targets)).eval()
-  PH.randomize_adapter_(model, seed, std)
-  model.save_pretrained(folder)
-  return model
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("kind", ["text", "multimodal"])
 def test_peft_adapter_round_trips_exactly(bases, kind, variant, tmp_path):
-  base = bases[kind]
   make_config, std = VARIANTS[variant]
-  theirs_model = _peft_adapter(base, make_config, std, tmp_path / "peft")
-  wrapped = PH.tuner_modules(theirs_model)
-  assert wrapped and not [m for m in wrapped if any(t in m for t in TOWERS)]
-  theirs = PH.logits(theirs_model, TOKENS)
-  assert np.abs(theirs - base.ours(None, None)).max() > 1e-2  # the adapter changes the model
-
-  adapter, config = peft_io.import_peft(str(tmp_path / "peft"), naming=base.naming)
-  np.testing.assert_allclose(base.ours(adapter, config), theirs, atol=TOL)
-
-  peft_io.export_peft(str(tmp_path / "ours"), adapter, config, naming=base.naming)
-  meta = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-  assert meta["peft_version"] == peft_io.PEFT_VERSION and isinstance(meta["target_modules"], str)
-  back = PH.load_peft(base.torch_model(), str(tmp_path / "ours"))
-  assert sorted(PH.tuner_modules(back)) == sorted(wrapped)
-  np.testing.assert_allclose(PH.logits(back, TOKENS), theirs, atol=TOL)
+  PH.assert_round_trip(bases[kind], make_config, std, tmp_path, TOKENS, TOWERS, TOL, 1e-2)
 
 
 def _edited(folder, **changes):
-  """Rewrites fields of a saved adapter_config.json (``None`` deletes the field)."""
+  """Rewrites fields of a saved adapter_config.json (`None` deletes the field)."""
   path = os.path.join(folder, "adapter_config.json")
   meta = json.loads(open(path).read())
   for key, value in changes.items():
@@ -167,15 +132,15 @@ def _edited(folder, **changes):
 
 # A field missing from adapter_config.json takes PEFT's default (use_cayley_neumann: True).
 MISSING = {
-  "use_cayley_neumann": (_oft(use_cayley_neumann=False), {"use_cayley_neumann": None}),
+  "use_cayley_neumann": (PH.make_oft(use_cayley_neumann=False), {"use_cayley_neumann": None}),
   "num_cayley_neumann_terms": (
-    _oft(num_cayley_neumann_terms=8),
+    PH.make_oft(num_cayley_neumann_terms=8),
     {"num_cayley_neumann_terms": None},
   ),
-  "eps of coft": (_oft(), {"coft": True, "eps": None}),
-  "block_share": (_oft(block_share=True), {"block_share": None, "r": None}),
-  "lora_alpha": (_lora(lora_alpha=16), {"lora_alpha": None}),
-  "use_rslora": (_lora(use_rslora=True), {"use_rslora": None}),
+  "eps of coft": (PH.make_oft(), {"coft": True, "eps": None}),
+  "block_share": (PH.make_oft(block_share=True), {"block_share": None, "r": None}),
+  "lora_alpha": (PH.make_lora(lora_alpha=16), {"lora_alpha": None}),
+  "use_rslora": (PH.make_lora(use_rslora=True), {"use_rslora": None}),
 }
 
 
@@ -183,7 +148,7 @@ MISSING = {
 def test_missing_fields_take_peft_defaults(bases, case, tmp_path):
   base = bases["text"]
   make_config, edits = MISSING[case]
-  _peft_adapter(base, make_config, 0.1, tmp_path)
+  PH.peft_adapter(base, make_config, 0.1, tmp_path)
   folder = _edited(str(tmp_path), **edits)
   if case == "block_share":  # PEFT now builds one block per chunk and fails to load [1, n]
     adapter, config = peft_io.import_peft(folder, naming=base.naming)
@@ -198,13 +163,13 @@ def test_missing_fields_take_peft_defaults(bases, case, tmp_path):
   np.testing.assert_allclose(base.ours(adapter, config), theirs, atol=TOL)
 
 
-@pytest.mark.parametrize("make_config", [_oft(), _lora()], ids=["oft", "lora"])
+@pytest.mark.parametrize("make_config", [PH.make_oft(), PH.make_lora()], ids=["oft", "lora"])
 def test_layers_to_transform_leaves_other_layers_as_they_are(bases, make_config, tmp_path):
   base = bases["text"]
   narrow = lambda targets: dataclasses.replace(
     make_config(["q_proj", "down_proj"]), layers_to_transform=[1, 2]
   )
-  theirs_model = _peft_adapter(base, narrow, 0.2, tmp_path / "peft")
+  theirs_model = PH.peft_adapter(base, narrow, 0.2, tmp_path / "peft")
   assert len(PH.tuner_modules(theirs_model)) == 4
   theirs = PH.logits(theirs_model, TOKENS)
   with pytest.raises(ValueError) as e:
@@ -220,7 +185,7 @@ def test_layers_to_transform_leaves_other_layers_as_they_are(bases, make_config,
 def test_bare_names_on_a_multimodal_base_are_refused(bases, tmp_path):
   """PEFT wraps the SigLIP tower's q_proj too: oftjax holds the text decoder only."""
   base = dataclasses.replace(bases["multimodal"], targets=["q_proj"])
-  model = _peft_adapter(base, _oft(), 0.1, tmp_path)
+  model = PH.peft_adapter(base, PH.make_oft(), 0.1, tmp_path)
   assert [m for m in PH.tuner_modules(model) if "vision_tower" in m]
   with pytest.raises(ValueError) as e:
     peft_io.import_peft(str(tmp_path), naming=base.naming)
@@ -231,7 +196,7 @@ def test_bare_names_on_a_multimodal_base_are_refused(bases, tmp_path):
 def test_lm_head_adapter_on_a_tied_base_is_refused(bases, tmp_path):
   """A tied lm_head is the embedding in oftjax: the adapter would silently do nothing."""
   base = bases["text"]
-  _peft_adapter(base, _lora(), 0.1, tmp_path)
+  PH.peft_adapter(base, PH.make_lora(), 0.1, tmp_path)
   tied = dataclasses.replace(base.naming, outside=())
   with pytest.raises(ValueError) as e:
     peft_io.import_peft(str(tmp_path), naming=tied)
@@ -239,7 +204,7 @@ def test_lm_head_adapter_on_a_tied_base_is_refused(bases, tmp_path):
 
 
 def test_multimodal_adapter_on_text_naming_is_refused(bases, tmp_path):
-  _peft_adapter(bases["multimodal"], _oft(), 0.1, tmp_path)
+  PH.peft_adapter(bases["multimodal"], PH.make_oft(), 0.1, tmp_path)
   with pytest.raises(ValueError) as e:
     peft_io.import_peft(str(tmp_path), naming=bases["text"].naming)
   assert "\n" not in str(e.value) and "model.language_model.layers.0" in str(e.value)
@@ -247,28 +212,28 @@ def test_multimodal_adapter_on_text_naming_is_refused(bases, tmp_path):
 
 # adapter_config.json edits that oftjax cannot represent -> a needle of the one-line refusal.
 REFUSED = {
-  "use_dora": (_lora(), {"use_dora": True}, "use_dora"),
-  "lora_bias": (_lora(), {"lora_bias": True}, "lora_bias"),
-  "pissa": (_lora(), {"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
-  "modules_to_save": (_lora(), {"modules_to_save": ["lm_head"]}, "modules_to_save"),
-  "bias": (_oft(), {"bias": "all"}, "bias='all'"),
-  "unknown field": (_oft(), {"new_variant": {"on": True}}, "new_variant"),
-  "fan_in_fan_out": (_lora(), {"fan_in_fan_out": True}, "fan_in_fan_out"),
-  "neumann n=2": (_oft(), {"num_cayley_neumann_terms": 2}, "num_cayley_neumann_terms=2"),
-  "neumann n=1": (_oft(), {"num_cayley_neumann_terms": 1}, "R = I"),
+  "use_dora": (PH.make_lora(), {"use_dora": True}, "use_dora"),
+  "lora_bias": (PH.make_lora(), {"lora_bias": True}, "lora_bias"),
+  "pissa": (PH.make_lora(), {"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+  "modules_to_save": (PH.make_lora(), {"modules_to_save": ["lm_head"]}, "modules_to_save"),
+  "bias": (PH.make_oft(), {"bias": "all"}, "bias='all'"),
+  "unknown field": (PH.make_oft(), {"new_variant": {"on": True}}, "new_variant"),
+  "fan_in_fan_out": (PH.make_lora(), {"fan_in_fan_out": True}, "fan_in_fan_out"),
+  "neumann n=2": (PH.make_oft(), {"num_cayley_neumann_terms": 2}, "num_cayley_neumann_terms=2"),
+  "neumann n=1": (PH.make_oft(), {"num_cayley_neumann_terms": 1}, "R = I"),
   "rank_pattern mismatch": (
-    _lora(rank_pattern={"v_proj": 2}),
+    PH.make_lora(rank_pattern={"v_proj": 2}),
     {"rank_pattern": {"v_proj": 3}},
     "rank_pattern",
   ),
-  "eps not a number": (_oft(coft=True), {"eps": "small"}, "eps='small'"),
+  "eps not a number": (PH.make_oft(coft=True), {"eps": "small"}, "eps='small'"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_unrepresentable_adapter_is_refused_in_one_line(bases, case, tmp_path):
   make_config, edits, needle = REFUSED[case]
-  _peft_adapter(bases["text"], make_config, 0.1, tmp_path)
+  PH.peft_adapter(bases["text"], make_config, 0.1, tmp_path)
   with pytest.raises(ValueError) as e:
     peft_io.import_peft(_edited(str(tmp_path), **edits), naming=bases["text"].naming)
   assert "\n" not in str(e.value) and needle in str(e.value), str(e.value)

@@ -10,28 +10,18 @@ from oftjax import orthogonal
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
-
-
-class _Net(torch.nn.Module):
-  def __init__(self, d_in, d_out):
-    super().__init__()
-    self.lin = torch.nn.Linear(d_in, d_out)
-
-  def forward(self, x):
-    return self.lin(x)
+import peft_helpers as PH  # noqa: E402  (needs torch and peft)
 
 
 def peft_layer(d_in, d_out, block_size, neumann, n_terms, seed=0):
   torch.manual_seed(seed)
-  config = peft.OFTConfig(
-    target_modules=["lin"],
-    r=0,
+  model, layer = PH.peft_oft_linear(
+    d_in,
+    d_out,
     oft_block_size=block_size,
     use_cayley_neumann=neumann,
     num_cayley_neumann_terms=n_terms,
   )
-  model = peft.get_peft_model(_Net(d_in, d_out), config)
-  layer = model.base_model.model.lin
   with torch.no_grad():
     layer.oft_R["default"].weight.normal_(0.0, 0.15)
   return model, layer

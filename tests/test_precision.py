@@ -2,12 +2,12 @@
 
 JAX's default precision is true float32 on CPU only (TF32 on recent NVIDIA GPUs, one
 bf16 pass on TPU), so numbers on this machine cannot show it: the lowered StableHLO
-text can. Each ``dot_general`` there is classified by its operand shapes, chosen so that
-no frozen matmul of the tiny model shares them: OFT blocks are ``[.., 8, 8]`` (head_dim
-is 12), the weight-centric baseline's dense ``R`` is ``[48, 48]`` or ``[64, 64]`` and
+text can. Each `dot_general` there is classified by its operand shapes, chosen so that
+no frozen matmul of the tiny model shares them: OFT blocks are `[.., 8, 8]` (head_dim
+is 12), the weight-centric baseline's dense `R` is `[48, 48]` or `[64, 64]` and
 LoRA's rank is 3.
 Programs are lowered under the unset (backend) default precision, as the job runs; the
-test suite's conftest otherwise makes every matmul ``HIGHEST``.
+test suite's conftest otherwise makes every matmul `HIGHEST`.
 """
 
 import re
@@ -40,7 +40,7 @@ def _setup(method, precision):
 
 
 def _dots(text, method):
-  """``(adapter, frozen)`` lists of the precision names of every dot_general in ``text``."""
+  """`(adapter, frozen)` lists of the precision names of every dot_general in `text`."""
   adapter, frozen = [], []
   for line in text.splitlines():
     if "dot_general" not in line:

@@ -104,7 +104,7 @@ def test_quantize_dequantize_error_within_bounds(mode, dq):
   else:  # codes chosen with the exact absmax, decoded with the int8-stored one
     bound = np.asarray(quant.error_bound(w, leaves))
     # ... whose own error is int8 rounding of the centred constants, per block of 128 here
-    # (gcd(4 * 96, 256)): without this, coarser constants would just widen ``bound``.
+    # (gcd(4 * 96, 256)): without this, coarser constants would just widen `bound`.
     exact = np.max(np.abs(np.asarray(w).reshape(2, 4, 64, 96)), axis=2).reshape(2, 3, 128)
     centred = exact - exact.mean(axis=(1, 2), keepdims=True)
     stored = (
@@ -122,11 +122,11 @@ def test_quantize_dequantize_error_within_bounds(mode, dq):
 
 
 def expected_stored_bytes(shape, mode, double_quant):
-  """Bytes of one quantized ``[..., d_in, d_out]`` matrix, from the layout in ``quant.codes``.
+  """Bytes of one quantized `[..., d_in, d_out]` matrix, from the layout in `quant.codes`.
 
   int8: one byte per weight + a float32 scale per output channel. NF4: half a byte per
-  weight + per block of ``NF4_BLOCK`` inputs a float32 absmax, or with double quantization
-  an int8 one + a float32 scale per ``gcd(n, 256)`` of the ``n`` constants + a float32 mean.
+  weight + per block of `NF4_BLOCK` inputs a float32 absmax, or with double quantization
+  an int8 one + a float32 scale per `gcd(n, 256)` of the `n` constants + a float32 mean.
   """
   *lead, d_in, d_out = shape
   copies = int(np.prod(lead, dtype=np.int64))

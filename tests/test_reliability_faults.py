@@ -1,7 +1,7 @@
 """Faults survived (RELIABILITY.md): SIGKILL/SIGINT at seeded points, damaged checkpoints.
 
 The shared set-up (tiny model, small task, reference run, compile cache) is in
-``reliability_helpers.py``; its session folder is the ``rel`` fixture (``conftest.py``).
+`reliability_helpers.py`; its session folder is the `rel` fixture (`conftest.py`).
 """
 
 import glob

@@ -1,10 +1,10 @@
-"""Bad inputs caught (RELIABILITY.md): more cases beyond ``test_finetune_bad_input.py``, and the
-security checks (no pickle or remote code, outputs confined to ``--output-dir``).
+"""Bad inputs caught (RELIABILITY.md): more cases beyond `test_finetune_bad_input.py`, and the
+security checks (no pickle or remote code, outputs confined to `--output-dir`).
 
 Each case runs the job in-process and asserts: exit code 2, exactly one line on stderr
-starting with ``error:`` that names the problem, no traceback, and no output directory
-(a failed pre-check must not create it) or, where the folder existed before (``--resume``),
-no ``summary.json``.
+starting with `error:` that names the problem, no traceback, and no output directory
+(a failed pre-check must not create it) or, where the folder existed before (`--resume`),
+no `summary.json`.
 """
 
 import glob
@@ -40,7 +40,7 @@ def records(*objs):
 
 
 def model_copy(base, d, name, edit):
-  """A copy of the tiny model folder changed by ``edit(folder)``."""
+  """A copy of the tiny model folder changed by `edit(folder)`."""
   folder = d / name
   shutil.copytree(base / "tiny-gemma3", folder)
   edit(folder)
@@ -101,7 +101,7 @@ def _one_layer_other_shape(t):
 
 
 def _run_copy(base, d, damage):
-  """A copy of the reference run as a crashed run would leave it, then ``damage(out)``."""
+  """A copy of the reference run as a crashed run would leave it, then `damage(out)`."""
   out = d / "out"
   shutil.copytree(reference_run(base), out)
   (out / "summary.json").unlink()

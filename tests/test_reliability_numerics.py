@@ -135,7 +135,7 @@ def test_nan_init_adapter_is_refused(rel, tmp_path):
 
 
 class _Compiled:
-  """Stands in for the compiled train step: finite loss, weights blow up at ``bad_step``."""
+  """Stands in for the compiled train step: finite loss, weights blow up at `bad_step`."""
 
   def __init__(self, bad_step):
     self.calls, self.bad_step = 0, bad_step

@@ -37,7 +37,7 @@ class Block(nn.Module):
 
 
 class TinyLM(nn.Module):
-  """Embedding, ``depth`` blocks under ``nn.scan`` (optionally remat), tied-free LM head."""
+  """Embedding, `depth` blocks under `nn.scan` (optionally remat), tied-free LM head."""
 
   vocab: int = 97
   width: int = 64
@@ -64,6 +64,6 @@ class TinyLM(nn.Module):
 
 
 def next_token_loss(logits, tokens):
-  """Mean cross-entropy of predicting ``tokens[:, 1:]``."""
+  """Mean cross-entropy of predicting `tokens[:, 1:]`."""
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
   return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))

@@ -1,23 +1,23 @@
 """Packing tokenized examples into fixed-shape batches, in a seeded, resumable order.
 
-A batch is a dict of numpy arrays, all ``[batch_size, seq_len]``:
+A batch is a dict of numpy arrays, all `[batch_size, seq_len]`:
 
-- ``inputs`` (int32): token ids fed to the model; ``pad_id`` on padding.
-- ``targets`` (int32): the next token of the same example, aligned to ``inputs``:
-  ``targets[b, t]`` is what position ``t`` must predict. Each example of ``n`` tokens occupies
-  ``n - 1`` positions holding ``inputs = tokens[:-1]`` and ``targets = tokens[1:]``, so no target
-  ever crosses into another example. ``pad_id`` on padding.
-- ``loss_mask`` (float32): 1 where ``targets`` is a training target (the example's loss mask
+- `inputs` (int32): token ids fed to the model; `pad_id` on padding.
+- `targets` (int32): the next token of the same example, aligned to `inputs`:
+  `targets[b, t]` is what position `t` must predict. Each example of `n` tokens occupies
+  `n - 1` positions holding `inputs = tokens[:-1]` and `targets = tokens[1:]`, so no target
+  ever crosses into another example. `pad_id` on padding.
+- `loss_mask` (float32): 1 where `targets` is a training target (the example's loss mask
   shifted with the targets), 0 elsewhere and on padding.
-- ``segment_ids`` (int32): 1, 2, ... for the examples of a row in order, 0 on padding. Attention
+- `segment_ids` (int32): 1, 2, ... for the examples of a row in order, 0 on padding. Attention
   must stay within a segment (pass them to the model).
-- ``positions`` (int32): restart at 0 at the start of each segment; 0 on padding.
+- `positions` (int32): restart at 0 at the start of each segment; 0 on padding.
 
-The loss is ``sum(loss_mask * xent(logits(inputs), targets)) / sum(loss_mask)``.
+The loss is `sum(loss_mask * xent(logits(inputs), targets)) / sum(loss_mask)`.
 
-Order: epoch ``e`` shuffles the examples with ``numpy.random.default_rng([seed, e])`` and packs
+Order: epoch `e` shuffles the examples with `numpy.random.default_rng([seed, e])` and packs
 them first-fit into rows; batches take consecutive rows and run on into the next epoch, so no
-row is dropped. The position of the next batch is ``{"epoch": e, "row": r}``; a stream created
+row is dropped. The position of the next batch is `{"epoch": e, "row": r}`; a stream created
 with that state yields exactly the batches an uninterrupted stream would have.
 """
 
@@ -33,13 +33,13 @@ BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 def pack_rows(lengths: Sequence[int], seq_len: int, max_open_rows: int = 64) -> list[list[int]]:
-  """Packs items into rows of ``seq_len`` slots, first-fit in the given order.
+  """Packs items into rows of `seq_len` slots, first-fit in the given order.
 
-  At most ``max_open_rows`` rows accept items at once (the oldest is closed when a new one
+  At most `max_open_rows` rows accept items at once (the oldest is closed when a new one
   would exceed that), which keeps the cost linear and the order close to the input order.
 
   Args:
-    lengths: slots each item needs (``Example.num_positions``), each ``<= seq_len``.
+    lengths: slots each item needs (`Example.num_positions`), each `<= seq_len`.
     seq_len: slots per row.
     max_open_rows: rows still accepting items.
 
@@ -77,9 +77,9 @@ def make_batch(
 
   Args:
     examples: the examples the rows index into.
-    rows: lists of example indices; each row's positions must fit ``seq_len``.
+    rows: lists of example indices; each row's positions must fit `seq_len`.
     seq_len: positions per row.
-    batch_size: number of rows in the batch; missing rows are all padding. Defaults to ``len(rows)``.
+    batch_size: number of rows in the batch; missing rows are all padding. Defaults to `len(rows)`.
     pad_id: token id written on padding.
 
   Returns:
@@ -114,7 +114,7 @@ def make_batch(
 
 
 def padding_fraction(batch: dict[str, np.ndarray]) -> float:
-  """Fraction of positions in ``batch`` that hold no token (``segment_ids == 0``)."""
+  """Fraction of positions in `batch` that hold no token (`segment_ids == 0`)."""
   return float(np.mean(batch["segment_ids"] == 0))
 
 
@@ -129,14 +129,14 @@ class PackedBatches:
     >>> # next(again) equals next(stream).
 
   Args:
-    examples: tokenized examples, each fitting ``seq_len`` positions.
+    examples: tokenized examples, each fitting `seq_len` positions.
     batch_size: rows per batch.
     seq_len: positions per row.
     seed: seed of the per-epoch shuffles.
-    state: where to resume, a ``state`` from an earlier stream with the same arguments.
+    state: where to resume, a `state` from an earlier stream with the same arguments.
     shuffle: shuffle each epoch (else file order every epoch).
     pad_id: token id written on padding.
-    max_open_rows: see ``pack_rows``.
+    max_open_rows: see `pack_rows`.
   """
 
   def __init__(
@@ -168,7 +168,7 @@ class PackedBatches:
       self._epoch, self._row = epoch, row
 
   def epoch_rows(self, epoch: int) -> list[list[int]]:
-    """The packed rows (lists of example indices) of ``epoch``, in stream order."""
+    """The packed rows (lists of example indices) of `epoch`, in stream order."""
     if self._rows_cache is None or self._rows_cache[0] != epoch:
       order = np.arange(len(self.examples))
       if self.shuffle:
@@ -179,7 +179,7 @@ class PackedBatches:
 
   @property
   def state(self) -> dict[str, int]:
-    """Position of the next batch, ``{"epoch": e, "row": r}`` (JSON-serialisable)."""
+    """Position of the next batch, `{"epoch": e, "row": r}` (JSON-serialisable)."""
     return {"epoch": self._epoch, "row": self._row}
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -200,9 +200,9 @@ class PackedBatches:
 def sequential_batches(
   examples: Sequence[Example], *, batch_size: int, seq_len: int, pad_id: int = 0
 ) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over ``examples`` in order, packed, for evaluation (e.g. held-out loss).
+  """One pass over `examples` in order, packed, for evaluation (e.g. held-out loss).
 
-  Every batch has the full ``[batch_size, seq_len]`` shape (the last one is topped up with
+  Every batch has the full `[batch_size, seq_len]` shape (the last one is topped up with
   all-padding rows), so one compiled step serves them all.
   """
   rows = pack_rows([e.num_positions for e in examples], seq_len)

@@ -3,18 +3,18 @@
 A conversation is rendered with the tokenizer's chat template and cut into spans of two kinds:
 
 - message content, which is always tokenized as plain text: a user who writes the characters
-  ``<end_of_turn>`` gets those characters, never Gemma's end-of-turn control token;
+  `<end_of_turn>` gets those characters, never Gemma's end-of-turn control token;
 - template text, in which the tokenizer's control tokens (its special added tokens, such as
-  ``<bos>``, ``<start_of_turn>``, ``<end_of_turn>``) are control tokens.
+  `<bos>`, `<start_of_turn>`, `<end_of_turn>`) are control tokens.
 
 To tell the two apart the template is rendered once with every message's content replaced by a
 unique marker; that gives the template text around each content, and the real rendering must
 read as exactly that template text with each content (as the template writes it, e.g. trimmed)
 in the marked places. A template whose layout depends on the content itself is refused.
 
-Loss targets (``ChatSpan.target_of``) are each assistant turn's content and the end-of-turn
+Loss targets (`ChatSpan.target_of`) are each assistant turn's content and the end-of-turn
 marker that closes it: the turn's closing template text up to and including its last control
-token (for Gemma ``<end_of_turn>``; the newline written after it is never generated, so it is
+token (for Gemma `<end_of_turn>`; the newline written after it is never generated, so it is
 not a target), or all of the closing text if it holds no control token. Template text that a
 template writes between the generation prompt and the content is a target too, since the model
 generates it. For each assistant turn after the first, the history rendered with the generation
@@ -83,7 +83,7 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], *, as_text: bool = False)
     tokenizer: a Hugging Face tokenizer.
     texts: the strings.
     as_text: encode control-token strings as the plain characters they are (Hugging Face's
-      ``split_special_tokens``), so the ids never hold a control token.
+      `split_special_tokens`), so the ids never hold a control token.
 
   Returns:
     One id list per text.
@@ -115,7 +115,7 @@ def _markers(messages: list[dict[str, str]]) -> tuple[str, str]:
 def _fit_layout(
   full: str, template: list[str], contents: list[str]
 ) -> list[tuple[int, int]] | None:
-  """Places contents (verbatim or stripped) between template pieces so they spell ``full``."""
+  """Places contents (verbatim or stripped) between template pieces so they spell `full`."""
   if not full.startswith(template[0]):
     return None
   at, places = len(template[0]), []
@@ -137,7 +137,7 @@ def _locate_contents(
   pattern: re.Pattern | None,
   where: str,
 ) -> list[tuple[int, int, int]]:
-  """Where each message's content lies in ``full``: sorted ``(start, end, message index)``.
+  """Where each message's content lies in `full`: sorted `(start, end, message index)`.
 
   Raises:
     ValueError: the template writes a content not exactly once (an assistant's), changes its
@@ -209,9 +209,9 @@ def render_chat(
 
   Args:
     tokenizer: a tokenizer with a chat template.
-    messages: ``[{"role", "content"}, ...]``.
+    messages: `[{"role", "content"}, ...]`.
     where: file and line, for error messages.
-    control: the tokenizer's control tokens (see :func:`control_tokens`), if already computed.
+    control: the tokenizer's control tokens (see `control_tokens`), if already computed.
 
   Returns:
     Spans whose texts concatenate to the full rendered conversation (see the module docstring).
@@ -276,12 +276,12 @@ def encode_chat(
 
   Args:
     tokenizer: the tokenizer that rendered the spans.
-    spans: from :func:`render_chat`.
+    spans: from `render_chat`.
     control: the tokenizer's control tokens, if already computed.
     where: file and line, for error messages.
 
   Returns:
-    ``(ids, mask)``: equal-length lists; mask 1 on targets.
+    `(ids, mask)`: equal-length lists; mask 1 on targets.
 
   Raises:
     ValueError: the tokenizer turns plain characters into a control token.

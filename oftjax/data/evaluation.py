@@ -1,7 +1,7 @@
 """Exact-match evaluation sets: prompts to complete greedily and the completions expected.
 
-A ``{"prompt","completion"}`` record gives ``[BOS] + prompt tokens`` and its completion; a
-``{"messages"}`` record gives the rendered conversation up to its last assistant turn followed by
+A `{"prompt","completion"}` record gives `[BOS] + prompt tokens` and its completion; a
+`{"messages"}` record gives the rendered conversation up to its last assistant turn followed by
 the generation prompt, and that turn's content. `{"text"}` records have no prompt and are refused:
 a set of them is evaluated by its loss (and perplexity) alone.
 """
@@ -23,7 +23,7 @@ class EvalExample:
   """One exact-match item.
 
   Attributes:
-    prompt_tokens: int32 ids ``[n]``, BOS first.
+    prompt_tokens: int32 ids `[n]`, BOS first.
     expected: the completion text the model must produce.
     line: the 1-based JSONL line.
   """
@@ -34,7 +34,7 @@ class EvalExample:
 
 
 def text_prompt_ids(tokenizer: Any, text: str) -> np.ndarray:
-  """The prompt of a plain text, as a prompt/completion record's: ``[BOS] + its tokens``."""
+  """The prompt of a plain text, as a prompt/completion record's: `[BOS] + its tokens`."""
   ids = [tokenizer.bos_token_id] + list(tokenizer.encode(text, add_special_tokens=False))
   return np.asarray(ids, np.int32)
 
@@ -53,13 +53,13 @@ def chat_prompt_ids(
       everything before that turn's targets (as in training); otherwise it is the whole
       conversation followed by the generation prompt (the next assistant turn's opening).
     where: file and line, for error messages.
-    control: the tokenizer's control tokens (``chat.control_tokens``), if already computed.
+    control: the tokenizer's control tokens (`chat.control_tokens`), if already computed.
 
   Returns:
-    int32 ids ``[n]``, BOS first; message content is tokenized as plain text.
+    int32 ids `[n]`, BOS first; message content is tokenized as plain text.
 
   Raises:
-    ValueError: as :func:`oftjax.data.render_chat` (no chat template, unusable template).
+    ValueError: as `oftjax.data.render_chat` (no chat template, unusable template).
   """
   control = chat.control_tokens(tokenizer) if control is None else control
   if messages[-1]["role"] != "assistant":  # an empty turn to generate: only its opening is kept
@@ -83,7 +83,7 @@ def make_eval_example(
     record: a validated prompt/completion or messages record.
     tokenizer: the tokenizer.
     where: file and line, for error messages.
-    control: the tokenizer's control tokens (``chat.control_tokens``), if already computed.
+    control: the tokenizer's control tokens (`chat.control_tokens`), if already computed.
 
   Returns:
     The item; a conversation's prompt is its tokens up to where the last assistant turn's
@@ -146,16 +146,16 @@ def load_eval_set(
 def pad_prompts(
   prompts: Sequence[np.ndarray], pad_id: int = 0, side: str = "left", length: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Pads prompts into one ``[batch, length]`` array.
+  """Pads prompts into one `[batch, length]` array.
 
   Args:
     prompts: int token arrays.
     pad_id: id written on padding.
-    side: ``"left"`` (prompts end at the last column, ready for generation) or ``"right"``.
+    side: `"left"` (prompts end at the last column, ready for generation) or `"right"`.
     length: columns; defaults to the longest prompt.
 
   Returns:
-    ``(tokens, mask)``: int32 ids and int32 mask (1 on real tokens).
+    `(tokens, mask)`: int32 ids and int32 mask (1 on real tokens).
   """
   if side not in ("left", "right"):
     raise ValueError(f"side must be 'left' or 'right', got {side!r}")
@@ -178,11 +178,11 @@ def eval_batches(
   side: str = "left",
   length: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-  """Yields ``(prompt_tokens, prompt_mask, expected_texts)`` batches for greedy generation.
+  """Yields `(prompt_tokens, prompt_mask, expected_texts)` batches for greedy generation.
 
-  All batches share one shape, ``[batch_size, length]`` (``length`` defaults to the longest
-  prompt of ``items``); the last batch is topped up with copies of its first prompt, whose
-  expected texts are not returned (``len(expected_texts)`` is the number of real rows).
+  All batches share one shape, `[batch_size, length]` (`length` defaults to the longest
+  prompt of `items`); the last batch is topped up with copies of its first prompt, whose
+  expected texts are not returned (`len(expected_texts)` is the number of real rows).
   """
   length = max(len(x.prompt_tokens) for x in items) if length is None else length
   for start in range(0, len(items), batch_size):
@@ -194,7 +194,7 @@ def eval_batches(
 
 
 def default_stop_ids(tokenizer: Any) -> list[int]:
-  """Ids that end a completion: EOS and, where the tokenizer has it, ``<end_of_turn>``."""
+  """Ids that end a completion: EOS and, where the tokenizer has it, `<end_of_turn>`."""
   stop_ids = [tokenizer.eos_token_id]
   end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
   if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
@@ -205,7 +205,7 @@ def default_stop_ids(tokenizer: Any) -> list[int]:
 def decode_completion(
   tokenizer: Any, generated: Sequence[int], stop_ids: Sequence[int] | None = None
 ) -> str:
-  """Decodes generated ids up to (excluding) the first stop id (default: EOS and ``<end_of_turn>``)."""
+  """Decodes generated ids up to (excluding) the first stop id (default: EOS and `<end_of_turn>`)."""
   stop_ids = default_stop_ids(tokenizer) if stop_ids is None else stop_ids
   ids = []
   for t in np.asarray(generated).tolist():
@@ -218,11 +218,11 @@ def decode_completion(
 def exact_match_accuracy(
   tokenizer: Any, generated: Sequence[Sequence[int]], expected: Sequence[str]
 ) -> float:
-  """Fraction of rows whose decoded completion equals the expected text (both ``strip()``-ed).
+  """Fraction of rows whose decoded completion equals the expected text (both `strip()`-ed).
 
   Args:
     tokenizer: the tokenizer.
-    generated: per row, the generated ids after the prompt (rows beyond ``len(expected)`` ignored).
+    generated: per row, the generated ids after the prompt (rows beyond `len(expected)` ignored).
     expected: expected completion texts.
 
   Returns:

@@ -2,13 +2,13 @@
 
 Three record formats are accepted, one per file (never mixed):
 
-- ``{"prompt": str, "completion": str}``: loss on the completion (and the EOS that ends it).
-- ``{"messages": [{"role": str, "content": str}, ...]}``: rendered with the tokenizer's chat
+- `{"prompt": str, "completion": str}`: loss on the completion (and the EOS that ends it).
+- `{"messages": [{"role": str, "content": str}, ...]}`: rendered with the tokenizer's chat
   template; loss on the assistant turns.
-- ``{"text": str}``: loss on every token.
+- `{"text": str}`: loss on every token.
 
-Extra keys are ignored; blank lines are skipped; a UTF-8 byte-order mark is allowed. Every problem raises a one-line ``ValueError`` that names the file and,
-where there is one, the line number (1-based), e.g. ``data.jsonl line 3: malformed JSON (...)``.
+Extra keys are ignored; blank lines are skipped; a UTF-8 byte-order mark is allowed. Every problem raises a one-line `ValueError` that names the file and,
+where there is one, the line number (1-based), e.g. `data.jsonl line 3: malformed JSON (...)`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Record:
   """One validated JSONL record.
 
   Attributes:
-    format: one of ``FORMATS``.
+    format: one of `FORMATS`.
     data: the parsed JSON object.
     line: its 1-based line number in the file (for a table row, the 0-based row index).
     unit: what `line` counts: `"line"` (JSONL) or `"row"` (a table, `oftjax.data.sources`).
@@ -102,10 +102,10 @@ def validate_record(obj: Any, where: str) -> str:
 
 
 def check_messages(messages: Any, where: str) -> None:
-  """Checks a conversation: a non-empty list of ``{"role", "content"}`` strings, known roles.
+  """Checks a conversation: a non-empty list of `{"role", "content"}` strings, known roles.
 
   Raises:
-    ValueError: one line naming ``where`` and the message at fault.
+    ValueError: one line naming `where` and the message at fault.
   """
   if not isinstance(messages, list) or not messages:
     raise ValueError(f"{where}: field 'messages' must be a non-empty list")
@@ -154,7 +154,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
 
 
 def read_objects(path: str | os.PathLike) -> list[tuple[int, Any]]:
-  """Parses a JSONL file into ``(1-based line number, JSON value)`` pairs, unvalidated.
+  """Parses a JSONL file into `(1-based line number, JSON value)` pairs, unvalidated.
 
   Blank lines are skipped (but counted); a UTF-8 byte-order mark is allowed.
 

@@ -1,15 +1,15 @@
 """Prompts to generate from: plain texts, conversations, and JSONL files of them.
 
 A prompt is tokenized exactly as the finetuning job and its evaluator tokenize one: a plain
-text as ``[BOS] + its tokens`` (:func:`oftjax.data.evaluation.text_prompt_ids`), or, with
-``chat``, as a one-message user conversation; a conversation with the tokenizer's chat template
-up to the opening of the assistant turn to generate (:func:`oftjax.data.evaluation.chat_prompt_ids`).
+text as `[BOS] + its tokens` (`oftjax.data.evaluation.text_prompt_ids`), or, with
+`chat`, as a one-message user conversation; a conversation with the tokenizer's chat template
+up to the opening of the assistant turn to generate (`oftjax.data.evaluation.chat_prompt_ids`).
 
 A prompts file holds one JSON object per line, each either
 
-- ``{"prompt": str}`` (a ``"completion"``, as in the job's evaluation files, is kept as the
+- `{"prompt": str}` (a `"completion"`, as in the job's evaluation files, is kept as the
   expected answer), or
-- ``{"messages": [{"role", "content"}, ...]}``: ending with a user (or system) turn, the next
+- `{"messages": [{"role", "content"}, ...]}`: ending with a user (or system) turn, the next
   assistant turn is generated; ending with an assistant turn, that turn is generated again (its
   content is the expected answer), exactly as the evaluator does.
 
@@ -33,7 +33,7 @@ class Prompt:
   """One prompt, tokenized.
 
   Attributes:
-    tokens: int32 ids ``[n]``, BOS first.
+    tokens: int32 ids `[n]`, BOS first.
     source: what was given: the text, or the conversation (a list of messages).
     expected: the answer the prompt's record holds (completion or last assistant turn), or None.
     line: the 1-based line of its prompts file, or None.
@@ -48,7 +48,7 @@ class Prompt:
 def text_prompt(
   tokenizer: Any, text: str, use_chat: bool = False, control: dict[str, int] | None = None
 ) -> Prompt:
-  """A plain text's prompt: as is, or (``use_chat``) as one user message in the chat template."""
+  """A plain text's prompt: as is, or (`use_chat`) as one user message in the chat template."""
   if use_chat:
     messages = [{"role": "user", "content": text}]
     return Prompt(evaluation.chat_prompt_ids(tokenizer, messages, "", control), text)
@@ -61,14 +61,14 @@ def read_prompts(path: str | os.PathLike, tokenizer: Any, use_chat: bool = False
   Args:
     path: the JSONL file.
     tokenizer: the tokenizer.
-    use_chat: put ``{"prompt"}`` texts in the chat template as one user message.
+    use_chat: put `{"prompt"}` texts in the chat template as one user message.
 
   Returns:
     The prompts, in file order.
 
   Raises:
     ValueError: missing or empty file, malformed JSON, a record with neither a string
-      ``prompt`` nor a valid ``messages`` list, or a chat template that cannot render it;
+      `prompt` nor a valid `messages` list, or a chat template that cannot render it;
       one line naming the file and line.
   """
   name = os.fspath(path)
@@ -100,10 +100,10 @@ def read_prompts(path: str | os.PathLike, tokenizer: Any, use_chat: bool = False
 def prompt_batches(
   prompts: Sequence[Prompt], batch_size: int, pad_id: int = 0
 ) -> list[tuple[np.ndarray, np.ndarray, int]]:
-  """Left-padded ``(tokens, mask, real rows)`` batches of one shape, in order.
+  """Left-padded `(tokens, mask, real rows)` batches of one shape, in order.
 
-  All batches are ``[batch_size, longest prompt]`` (one compilation); the last is topped up
-  with copies of its first prompt (see :func:`oftjax.data.eval_batches`).
+  All batches are `[batch_size, longest prompt]` (one compilation); the last is topped up
+  with copies of its first prompt (see `oftjax.data.eval_batches`).
   """
   items = [evaluation.EvalExample(p.tokens, "", 0) for p in prompts]
   return [

@@ -1,9 +1,9 @@
 """Tokenizing validated records into token ids and loss masks.
 
 Conventions (Gemma's): every example starts with the tokenizer's BOS token; a prompt/completion
-or text example ends with EOS. ``loss_mask[i] == 1`` means token ``i`` is a training target: the
+or text example ends with EOS. `loss_mask[i] == 1` means token `i` is a training target: the
 completion tokens and their EOS, the assistant turns of a conversation (content and the
-end-of-turn token that closes it; see ``oftjax.data.chat``), or every token but BOS of a text
+end-of-turn token that closes it; see `oftjax.data.chat`), or every token but BOS of a text
 record. BOS is never a target.
 
 Over-long examples: a `{"text"}` document needs no single row. One of `n` tokens that needs
@@ -15,9 +15,9 @@ would lose its prompt or its turns that way: it must fit, or be cut with `trunca
 The prompt and the completion are tokenized separately and concatenated, exactly as they will
 be at generation time (prompt tokens, then generated ones).
 
-Control tokens: the content of a ``{"messages"}`` record is always plain text (only the chat
-template writes control tokens). ``{"prompt", "completion"}`` and ``{"text"}`` fields are
-tokenized as written, so a prompt already laid out with ``<start_of_turn>`` gets those tokens.
+Control tokens: the content of a `{"messages"}` record is always plain text (only the chat
+template writes control tokens). `{"prompt", "completion"}` and `{"text"}` fields are
+tokenized as written, so a prompt already laid out with `<start_of_turn>` gets those tokens.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ class Example:
   """One tokenized example.
 
   Attributes:
-    tokens: int32 ids ``[n]``, BOS first.
-    loss_mask: int32 ``[n]``, 1 where the token is a training target.
+    tokens: int32 ids `[n]`, BOS first.
+    loss_mask: int32 `[n]`, 1 where the token is a training target.
     line: where its record is in its source (`jsonl.Record.line`; 0 if it has none). The
       chunks of a split document share their document's line.
   """
@@ -49,7 +49,7 @@ class Example:
 
   @property
   def num_positions(self) -> int:
-    """Model positions the example needs after the next-token shift: ``len(tokens) - 1``."""
+    """Model positions the example needs after the next-token shift: `len(tokens) - 1`."""
     return len(self.tokens) - 1
 
 
@@ -85,7 +85,7 @@ class Dataset:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-  """Loads a Hugging Face tokenizer, raising a one-line ``ValueError`` if that fails."""
+  """Loads a Hugging Face tokenizer, raising a one-line `ValueError` if that fails."""
   from transformers import AutoTokenizer
 
   try:
@@ -125,7 +125,7 @@ def tokenize_record(
     tokenizer: a Hugging Face tokenizer.
     where: file and line, for error messages.
     encoded: optional pre-computed ids of (prompt, completion) or (text, unused).
-    control: the tokenizer's control tokens (``chat.control_tokens``), if already computed.
+    control: the tokenizer's control tokens (`chat.control_tokens`), if already computed.
 
   Returns:
     The example.

@@ -1,15 +1,15 @@
-"""Adapters in and out of Hugging Face PEFT's format (``adapter_config.json`` + safetensors).
+"""Adapters in and out of Hugging Face PEFT's format (`adapter_config.json` + safetensors).
 
-OFT leaves are stored as PEFT's ``oft_R.weight`` (``[r, b(b-1)/2]``, same packing); LoRA as
-``lora_A.weight = aᵀ``, ``lora_B.weight = bᵀ``. Tensor names follow the base model's module
-layout (:class:`ModuleNaming`, filled from the model family, e.g.
-``oftjax.models.gemma.module_layout``): ``base_model.model.model.layers.N.…`` on a text-only
-base, ``base_model.model.model.language_model.layers.N.…`` on a multimodal one, and
-``base_model.model.lm_head`` for an untied output projection.
+OFT leaves are stored as PEFT's `oft_R.weight` (`[r, b(b-1)/2]`, same packing); LoRA as
+`lora_A.weight = aᵀ`, `lora_B.weight = bᵀ`. Tensor names follow the base model's module
+layout (`ModuleNaming`, filled from the model family, e.g.
+`oftjax.models.gemma.module_layout`): `base_model.model.model.layers.N.…` on a text-only
+base, `base_model.model.model.language_model.layers.N.…` on a multimodal one, and
+`base_model.model.lm_head` for an untied output projection.
 
-Conventions that differ (docs/DESIGN.md §1): PEFT's exact Cayley is ``cayley(-Q)``, so the
-vector is negated in that mode; PEFT's Neumann series with ``n`` terms equals ours for
-``n >= 4`` and its ``n = 3`` equals its ``n = 4``; our ``n = 2, 3`` have no PEFT twin.
+Conventions that differ (docs/DESIGN.md §1): PEFT's exact Cayley is `cayley(-Q)`, so the
+vector is negated in that mode; PEFT's Neumann series with `n` terms equals ours for
+`n >= 4` and its `n = 3` equals its `n = 4`; our `n = 2, 3` have no PEFT twin.
 
 Example:
   >>> naming = peft_io.ModuleNaming.from_layout(gemma.module_layout(hf_config))

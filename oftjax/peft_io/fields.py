@@ -1,13 +1,13 @@
-"""The ``adapter_config.json`` fields oftjax reads, with PEFT's own defaults.
+"""The `adapter_config.json` fields oftjax reads, with PEFT's own defaults.
 
 A field missing from the file takes the default of PEFT's config dataclass (checked against
-peft 0.21.2's ``OFTConfig`` / ``LoraConfig``; note ``use_cayley_neumann`` defaults to True).
+peft 0.21.2's `OFTConfig` / `LoraConfig`; note `use_cayley_neumann` defaults to True).
 Every other field either cannot change what the adapter computes at inference (dropout,
 init schemes that leave the base untouched, bookkeeping) or is refused by name when set,
 so an adapter oftjax cannot represent exactly never loads as something else.
 
 References:
-  Hugging Face PEFT 0.21.2, ``peft/tuners/oft/config.py`` and ``peft/tuners/lora/config.py``.
+  Hugging Face PEFT 0.21.2, `peft/tuners/oft/config.py` and `peft/tuners/lora/config.py`.
 """
 
 from __future__ import annotations
@@ -76,12 +76,12 @@ def resolve(meta: dict, kind: str, source: str) -> dict:
   """PEFT's settings for an adapter config: the file's values over PEFT's defaults.
 
   Args:
-    meta: the parsed ``adapter_config.json``.
-    kind: ``"OFT"`` or ``"LORA"`` (its ``peft_type``).
+    meta: the parsed `adapter_config.json`.
+    kind: `"OFT"` or `"LORA"` (its `peft_type`).
     source: the file, for messages.
 
   Returns:
-    Every field of ``OFT_DEFAULTS`` / ``LORA_DEFAULTS``, resolved.
+    Every field of `OFT_DEFAULTS` / `LORA_DEFAULTS`, resolved.
 
   Raises:
     ValueError: one line naming a field oftjax cannot represent, or a value of the wrong type.
@@ -155,10 +155,10 @@ def _check_lora(settings: dict, source: str) -> None:
 
 
 def pattern_value(pattern: dict, module: str, default):
-  r"""PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup for one module (first key wins).
+  r"""PEFT's `rank_pattern` / `alpha_pattern` lookup for one module (first key wins).
 
   A key matches when it matches a dot-separated suffix of the module name
-  (``re.match(rf"(.*\.)?({key})$", module)``, as ``peft.utils.other.get_pattern_key``).
+  (`re.match(rf"(.*\.)?({key})$", module)`, as `peft.utils.other.get_pattern_key`).
   """
   for key, value in pattern.items():
     if re.match(rf"(.*\.)?({key})$", module):
@@ -167,5 +167,5 @@ def pattern_value(pattern: dict, module: str, default):
 
 
 def lora_scale(rank: int, alpha: float, use_rslora: bool) -> float:
-  """PEFT's LoRA scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+  """PEFT's LoRA scale: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA."""
   return alpha / math.sqrt(rank) if use_rslora else alpha / rank

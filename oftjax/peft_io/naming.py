@@ -1,15 +1,15 @@
 """Where oftjax layer paths live among a Hugging Face model's PyTorch module names.
 
-A layer path of ours (``layers/self_attn/q_proj`` with a leading stacked axis, ``lm_head``)
-is one PyTorch module per index of that axis (``model.layers.3.self_attn.q_proj``,
-``lm_head``). How the two correspond depends on the model the adapter is for, not on PEFT:
-a text-only Gemma decoder sits at ``model.``, the same decoder inside a multimodal model
-(Gemma 3 4b+, Gemma 4) at ``model.language_model.``, and the output projection at
-``lm_head`` in both. The decoder's PyTorch layers form one ``ModuleList`` (``layers``),
-which our tree may stack on one axis (Gemma 1-3: index ``i`` is layer ``i``) or on several
-(Gemma 4: ``layers/segment_{s}/slot_{j}``, each holding every few layers). A model family
-describes all this as plain data (e.g. ``oftjax.models.gemma.module_layout``) and
-:class:`ModuleNaming` reads it.
+A layer path of ours (`layers/self_attn/q_proj` with a leading stacked axis, `lm_head`)
+is one PyTorch module per index of that axis (`model.layers.3.self_attn.q_proj`,
+`lm_head`). How the two correspond depends on the model the adapter is for, not on PEFT:
+a text-only Gemma decoder sits at `model.`, the same decoder inside a multimodal model
+(Gemma 3 4b+, Gemma 4) at `model.language_model.`, and the output projection at
+`lm_head` in both. The decoder's PyTorch layers form one `ModuleList` (`layers`),
+which our tree may stack on one axis (Gemma 1-3: index `i` is layer `i`) or on several
+(Gemma 4: `layers/segment_{s}/slot_{j}`, each holding every few layers). A model family
+describes all this as plain data (e.g. `oftjax.models.gemma.module_layout`) and
+`ModuleNaming` reads it.
 """
 
 from __future__ import annotations
@@ -25,17 +25,17 @@ class ModuleNaming:
 
   Attributes:
     decoder_prefix: module path of the decoder whose children are our tree's top-level
-      entries, with its trailing dot: ``"model."`` (text-only) or
-      ``"model.language_model."`` (the decoder of a multimodal model).
-    module_list: the decoder's ``ModuleList`` of layers (``"layers"``).
-    stacks: ``((our stacked path, PyTorch layer numbers), ...)``: index ``i`` of the
-      stacked axis of every layer under that path is PyTorch layer ``numbers[i]``. ``None``
-      when unknown: then the only stack is ``module_list`` itself, index ``i`` is layer
-      ``i``, its depth is unknown, and import needs every layer to be in the adapter.
+      entries, with its trailing dot: `"model."` (text-only) or
+      `"model.language_model."` (the decoder of a multimodal model).
+    module_list: the decoder's `ModuleList` of layers (`"layers"`).
+    stacks: `((our stacked path, PyTorch layer numbers), ...)`: index `i` of the
+      stacked axis of every layer under that path is PyTorch layer `numbers[i]`. `None`
+      when unknown: then the only stack is `module_list` itself, index `i` is layer
+      `i`, its depth is unknown, and import needs every layer to be in the adapter.
     linear_layers: our path of every linear layer the model has (the modules PEFT can
-      wrap), or ``None`` when unknown (then no module is refused for not existing).
-    outside: ``(our top-level path, PyTorch module name)`` pairs for modules that live
-      outside the decoder (``(("lm_head", "lm_head"),)``).
+      wrap), or `None` when unknown (then no module is refused for not existing).
+    outside: `(our top-level path, PyTorch module name)` pairs for modules that live
+      outside the decoder (`(("lm_head", "lm_head"),)`).
   """
 
   decoder_prefix: str = "model."
@@ -75,20 +75,20 @@ class ModuleNaming:
 
   @property
   def num_layers(self) -> int | None:
-    """The decoder's layer count, or ``None`` when ``stacks`` is unknown."""
+    """The decoder's layer count, or `None` when `stacks` is unknown."""
     return None if self.stacks is None else sum(len(ns) for _, ns in self.stacks)
 
   def stack_size(self, path: str) -> int | None:
-    """Length of the stacked axis of layer ``path`` (``None``: unknown).
+    """Length of the stacked axis of layer `path` (`None`: unknown).
 
     Raises:
-      ValueError: ``path`` is not under a stacked path.
+      ValueError: `path` is not under a stacked path.
     """
     stack, _ = self._split(path)
     return None if self.stacks is None else len(dict(self.stacks)[stack])
 
   def _split(self, path: str) -> tuple[str, str]:
-    """``(stacked path, rest)`` of a layer under a stack (the longest stacked prefix)."""
+    """`(stacked path, rest)` of a layer under a stack (the longest stacked prefix)."""
     stacks = [self.module_list] if self.stacks is None else [s for s, _ in self.stacks]
     for stack in sorted(stacks, key=len, reverse=True):
       if path.startswith(stack + "/") and len(path) > len(stack) + 1:
@@ -106,7 +106,7 @@ class ModuleNaming:
     return True
 
   def _check_exists(self, path: str, module: str) -> None:
-    """Raises unless ``path`` is one of the model's linear layers (when those are known)."""
+    """Raises unless `path` is one of the model's linear layers (when those are known)."""
     if self.linear_layers is None or path in self.linear_layers:
       return
     if self._is_stacked(path):
@@ -123,11 +123,11 @@ class ModuleNaming:
     )
 
   def module_name(self, path: str, layer: int | None) -> str:
-    """The PyTorch module name of index ``layer`` (``None``: not stacked) of ``path``.
+    """The PyTorch module name of index `layer` (`None`: not stacked) of `path`.
 
     Raises:
-      ValueError: ``path`` is not a linear layer of the model, is stacked without an index
-        (or the reverse), or ``layer`` is past the end of its stacked axis.
+      ValueError: `path` is not a linear layer of the model, is stacked without an index
+        (or the reverse), or `layer` is past the end of its stacked axis.
     """
     parts = path.split("/")
     outside = dict(self.outside)
@@ -152,7 +152,7 @@ class ModuleNaming:
     return name
 
   def path_of(self, module: str) -> tuple[str, int | None]:
-    """``(our layer path, index on its stacked axis or None)`` of a PyTorch module name.
+    """`(our layer path, index on its stacked axis or None)` of a PyTorch module name.
 
     Raises:
       ValueError: the module is not part of the decoder or the outside modules (e.g. a
@@ -185,7 +185,7 @@ class ModuleNaming:
     )
 
   def _locate(self, number: int, module: str) -> tuple[str, int]:
-    """``(stacked path, index)`` of PyTorch layer ``number``."""
+    """`(stacked path, index)` of PyTorch layer `number`."""
     if self.stacks is None:
       return self.module_list, number
     for stack, numbers in self.stacks:
@@ -197,9 +197,9 @@ class ModuleNaming:
     )
 
   def target_pattern(self, paths) -> str:
-    r"""A regex that PEFT ``fullmatch``-es against exactly the modules of ``paths``.
+    r"""A regex that PEFT `fullmatch`-es against exactly the modules of `paths`.
 
-    A stacked path's modules are those of its layer numbers (every number, ``\d+``, when
+    A stacked path's modules are those of its layer numbers (every number, `\d+`, when
     the paths cover all layers); nothing outside the decoder and the listed outside
     modules can match (no vision or audio tower module is ever wrapped).
     """

@@ -2,19 +2,19 @@
 
 What PEFT computes is what oftjax computes afterwards (checked with PEFT itself as the
 oracle in tests/test_peft_interop.py):
-- OFT: the block size comes from the tensors; PEFT's exact Cayley is ``cayley(-Q)``, so the
-  vector is negated; its ``n = 3`` Neumann series equals its ``n = 4``.
+- OFT: the block size comes from the tensors; PEFT's exact Cayley is `cayley(-Q)`, so the
+  vector is negated; its `n = 3` Neumann series equals its `n = 4`.
 - LoRA: oftjax holds one rank and one scale per adapter. PEFT's per-module scale
-  (``lora_alpha / r``, ``/ sqrt(r)`` with ``use_rslora``, per-module values from
-  ``alpha_pattern`` and ``rank_pattern``) is folded into ``B`` where it differs, and
-  modules of a smaller rank (``rank_pattern``) get zero columns in ``A`` and zero rows in
-  ``B`` up to the largest rank, which adds exactly nothing (and those entries get zero
+  (`lora_alpha / r`, `/ sqrt(r)` with `use_rslora`, per-module values from
+  `alpha_pattern` and `rank_pattern`) is folded into `B` where it differs, and
+  modules of a smaller rank (`rank_pattern`) get zero columns in `A` and zero rows in
+  `B` up to the largest rank, which adds exactly nothing (and those entries get zero
   gradients, so further training stays within the original rank).
-- The copy of an adapted ``lm_head``'s frozen base weight that PEFT saves beside it is
+- The copy of an adapted `lm_head`'s frozen base weight that PEFT saves beside it is
   skipped: it is the base's own weight (a base of another vocabulary fails the shape
   checks when the adapter is applied).
-- Layers an adapter does not cover (``layers_to_transform``, or a ``target_modules``
-  that skips layers) get identity adapters (zero OFT vector, zero LoRA ``A`` and ``B``):
+- Layers an adapter does not cover (`layers_to_transform`, or a `target_modules`
+  that skips layers) get identity adapters (zero OFT vector, zero LoRA `A` and `B`):
   PEFT leaves those layers as they are, and so do these.
 """
 
@@ -41,18 +41,18 @@ _BASE_COPY = re.compile(r"^base_model\.model\.(.+)\.base_layer\.weight$")
 def import_peft(
   directory: str, targets: str | None = None, naming: ModuleNaming | None = None
 ) -> tuple[dict, adapters.AdapterConfig]:
-  """Reads a PEFT OFT or LoRA adapter folder into ``(adapter tree, AdapterConfig)``.
+  """Reads a PEFT OFT or LoRA adapter folder into `(adapter tree, AdapterConfig)`.
 
   Args:
-    directory: the folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
-    targets: the ``targets`` regex of the returned config; by default exactly the
+    directory: the folder with `adapter_config.json` and `adapter_model.safetensors`.
+    targets: the `targets` regex of the returned config; by default exactly the
       adapted layer paths.
     naming: the module layout of the base the adapter is for (text-only or multimodal);
-      the text-only Gemma layout, with no layer count, when ``None``. With
-      ``naming.stacks`` set, layers the adapter skips get identity adapters.
+      the text-only Gemma layout, with no layer count, when `None`. With
+      `naming.stacks` set, layers the adapter skips get identity adapters.
 
   Returns:
-    The adapter tree (merge it into the base with ``oftjax.merge_params``) and the config
+    The adapter tree (merge it into the base with `oftjax.merge_params`) and the config
     to wrap the model with.
 
   Raises:
@@ -98,7 +98,7 @@ def import_peft(
 
 
 def _group(tensors: dict, naming: ModuleNaming, weights: str) -> dict:
-  """``{(path, leaf): {layer index or None: (module name, array)}}``."""
+  """`{(path, leaf): {layer index or None: (module name, array)}}`."""
   by_path, copies, adapted = {}, {}, set()
   for key, value in tensors.items():
     match = _KEY.match(key)
@@ -124,7 +124,7 @@ def _group(tensors: dict, naming: ModuleNaming, weights: str) -> dict:
 
 
 def _layers(by_layer: dict, path: str, naming: ModuleNaming, settings: dict, cfg_path: str) -> list:
-  """The stacked-axis indices a stacked leaf spans (``[None]`` when not stacked)."""
+  """The stacked-axis indices a stacked leaf spans (`[None]` when not stacked)."""
   if None in by_layer:
     return [None]
   present = sorted(by_layer)
@@ -145,7 +145,7 @@ def _layers(by_layer: dict, path: str, naming: ModuleNaming, settings: dict, cfg
 
 
 def _stack(by_layer: dict, layers: list, convert, cfg_path: str) -> np.ndarray:
-  """Stacks ``convert``-ed per-layer arrays over ``layers``; absent layers get zeros."""
+  """Stacks `convert`-ed per-layer arrays over `layers`; absent layers get zeros."""
   if layers == [None]:
     return convert(by_layer[None])
   parts = {i: convert(by_layer[i]) for i in layers if i in by_layer}
@@ -256,7 +256,7 @@ def _import_lora(settings, by_path, naming, cfg_path):
 
 
 def _pad(x: np.ndarray, axis: int, size: int) -> np.ndarray:
-  """Zero-pads ``axis`` of ``x`` up to ``size`` (exact for a LoRA rank axis)."""
+  """Zero-pads `axis` of `x` up to `size` (exact for a LoRA rank axis)."""
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, size - x.shape[axis])
   return np.pad(x, widths)

@@ -15,7 +15,7 @@ from oftjax.peft_io.naming import ModuleNaming
 
 
 def unexportable_reason(config: adapters.AdapterConfig) -> str | None:
-  """Why an adapter of ``config`` has no PEFT equivalent, or ``None`` when it exports."""
+  """Why an adapter of `config` has no PEFT equivalent, or `None` when it exports."""
   if config.parameterization == "cayley_neumann" and config.num_terms < 4:
     return (
       f"num_terms={config.num_terms} has no PEFT equivalent (PEFT's n<=3 series "
@@ -25,7 +25,7 @@ def unexportable_reason(config: adapters.AdapterConfig) -> str | None:
 
 
 def _tensors(adapter: dict, config: adapters.AdapterConfig, naming: ModuleNaming):
-  """``({PEFT tensor name: array}, [layer paths])`` of an adapter tree."""
+  """`({PEFT tensor name: array}, [layer paths])` of an adapter tree."""
   tensors, paths = {}, []
   for path, kind, leaves in P.adapter_nodes(adapter):
     arrays = {k: np.asarray(v, np.float32) for k, v in leaves.items()}
@@ -57,7 +57,7 @@ def _tensors(adapter: dict, config: adapters.AdapterConfig, naming: ModuleNaming
 
 
 def _config(config: adapters.AdapterConfig, target_modules: str, base_model: str | None) -> dict:
-  """``adapter_config.json``: every field PEFT reads for this adapter, written explicitly."""
+  """`adapter_config.json`: every field PEFT reads for this adapter, written explicitly."""
   common = {
     "base_model_name_or_path": base_model,
     "task_type": "CAUSAL_LM",
@@ -108,24 +108,24 @@ def export_peft(
   base_model: str | None = None,
   naming: ModuleNaming | None = None,
 ) -> None:
-  """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` atomically.
+  """Writes `adapter_config.json` and `adapter_model.safetensors` atomically.
 
-  The tensor names and ``target_modules`` follow ``naming``, the module layout of the base
+  The tensor names and `target_modules` follow `naming`, the module layout of the base
   the adapter is for: on a multimodal base the keys sit under
-  ``base_model.model.model.language_model.`` and ``target_modules`` is a regex (PEFT
-  ``fullmatch``-es it) that matches exactly the adapted language-model modules, so PEFT
+  `base_model.model.model.language_model.` and `target_modules` is a regex (PEFT
+  `fullmatch`-es it) that matches exactly the adapted language-model modules, so PEFT
   wraps nothing in a vision or audio tower.
 
   Args:
     directory: output folder (replaced only once fully written).
-    adapter: the adapter tree (``split_params(params)[1]``).
+    adapter: the adapter tree (`split_params(params)[1]`).
     config: the adapter config it was trained with.
-    base_model: recorded as ``base_model_name_or_path``.
-    naming: the base's module layout; the text-only Gemma layout when ``None``.
+    base_model: recorded as `base_model_name_or_path`.
+    naming: the base's module layout; the text-only Gemma layout when `None`.
 
   Raises:
-    ValueError: the adapter has no PEFT equivalent (see :func:`unexportable_reason`), holds
-      no adapter leaves, or does not fit ``naming``.
+    ValueError: the adapter has no PEFT equivalent (see `unexportable_reason`), holds
+      no adapter leaves, or does not fit `naming`.
   """
   reason = unexportable_reason(config)
   if reason:

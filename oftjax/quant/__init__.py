@@ -5,11 +5,11 @@
     y = adapted.apply(merge_params(base_q, adapter), tokens)
     folded_q, report = quant.fold_into_quantized(params_q, adapted.geometries, config)
 
-Modules: ``codes`` (NF4 / int8 of one matrix, on qwix), ``kernel`` (a layer's
-``kernel_q`` leaves; registers them as a kernel storage), ``tree`` (quantizing and
-dequantizing a tree), ``dequantized`` (the :class:`Dequantized` wrapper that runs
-layers on kernels dequantized inside the trace; adapters stay float32), ``fold``
-(folding adapters into a quantized base), ``report`` (bytes and counts).
+Modules: `codes` (NF4 / int8 of one matrix, on qwix), `kernel` (a layer's
+`kernel_q` leaves; registers them as a kernel storage), `tree` (quantizing and
+dequantizing a tree), `dequantized` (the `Dequantized` wrapper that runs
+layers on kernels dequantized inside the trace; adapters stay float32), `fold`
+(folding adapters into a quantized base), `report` (bytes and counts).
 """
 
 from oftjax.quant.codes import (

@@ -1,9 +1,9 @@
-"""``Dequantized(model)``: runs every linear layer holding ``kernel_q`` on its dequantized kernel.
+"""`Dequantized(model)`: runs every linear layer holding `kernel_q` on its dequantized kernel.
 
-A wrapper sharing ``model``'s scope (the tree is unchanged) whose interceptor, opened
+A wrapper sharing `model`'s scope (the tree is unchanged) whose interceptor, opened
 inside the traced call, replaces each such layer's call by the same layer applied to
 its kernel dequantized in the trace: between jitted steps only the quantized bytes
-exist. Compose it *inside* the adapter wrapper, ``Adapted(Dequantized(model), config)``:
+exist. Compose it *inside* the adapter wrapper, `Adapted(Dequantized(model), config)`:
 flax calls interceptors in the order they were entered, so the adapters see each layer
 first (OFT rotates its input, LoRA adds its term after) and this one runs the layer.
 
@@ -26,11 +26,11 @@ from oftjax.quant.kernel import QUANT_KEY, dequantize_kernel, is_quantized
 def dequantizing_interceptor(next_fun, args, kwargs, context):
   """Linen method interceptor: a quantized linear layer's call runs on its dequantized kernel.
 
-  The call is wrapped in ``jax.checkpoint`` so that the backward pass recomputes the
-  dequantized kernel from ``kernel_q`` instead of keeping it: without this, the
+  The call is wrapped in `jax.checkpoint` so that the backward pass recomputes the
+  dequantized kernel from `kernel_q` instead of keeping it: without this, the
   dequantized kernels of all scanned layers were saved as residuals, a full-precision
   copy of every targeted kernel in the step's temporaries (measured with
-  ``memory_analysis()``: QOFT temp bytes = OFT's + the fp32 kernel bytes).
+  `memory_analysis()`: QOFT temp bytes = OFT's + the fp32 kernel bytes).
   """
   module = context.module
   if (
@@ -54,12 +54,12 @@ def dequantizing_interceptor(next_fun, args, kwargs, context):
 
 
 class Dequantized(layer.InterceptingWrapper):
-  """Wraps a Linen model whose linear kernels may be stored as ``kernel_q``.
+  """Wraps a Linen model whose linear kernels may be stored as `kernel_q`.
 
-  Layers with a plain ``kernel`` run as they are, so the wrapper is inert on a float
+  Layers with a plain `kernel` run as they are, so the wrapper is inert on a float
   tree and while initialising. It runs each quantized layer itself, so it must be the
-  innermost oftjax wrapper: ``Adapted(Dequantized(model), config)``.
-  ``call_method(name, *args)`` runs another method (e.g. a decode method) the same way.
+  innermost oftjax wrapper: `Adapted(Dequantized(model), config)`.
+  `call_method(name, *args)` runs another method (e.g. a decode method) the same way.
 
   Attributes:
     base: the Linen model (never modified).
@@ -73,10 +73,10 @@ class Dequantized(layer.InterceptingWrapper):
 
   @nn.nowrap
   def intercepting(self):
-    """Context in which :func:`dequantizing_interceptor` is active.
+    """Context in which `dequantizing_interceptor` is active.
 
     Raises:
-      ValueError: when it wraps another oftjax wrapper (e.g. ``Adapted``): its
+      ValueError: when it wraps another oftjax wrapper (e.g. `Adapted`): its
         interceptor would then see each layer first and run it without the adapters.
     """
     if isinstance(self.base, layer.InterceptingWrapper):

@@ -1,10 +1,10 @@
 """Folding an OFT or LoRA adapter into a quantized base: dequantize, fold, requantize.
 
 Requantizing adds error on top of the base's own quantization error, and may swamp a
-small adapter update, so :func:`fold_into_quantized` measures it: on random probe
-inputs ``x ~ N(0, 1)`` it compares each merged-and-requantized layer's output with the
-*unmerged* adapted layer (``rotate(x) @ deq(K)`` for OFT, ``x @ deq(K) + LoRA(x)``),
-next to the size of the adapter's own effect ``|adapted - base|``.
+small adapter update, so `fold_into_quantized` measures it: on random probe
+inputs `x ~ N(0, 1)` it compares each merged-and-requantized layer's output with the
+*unmerged* adapted layer (`rotate(x) @ deq(K)` for OFT, `x @ deq(K) + LoRA(x)`),
+next to the size of the adapter's own effect `|adapted - base|`.
 
 References:
   Dettmers et al. "QLoRA", arXiv:2305.14314; Qiu et al. OFTv2, arXiv:2506.19847.
@@ -86,21 +86,21 @@ def fold_into_quantized(
   """Folds every adapter into its quantized kernel and requantizes it the same way.
 
   Args:
-    params: adapted tree whose targeted layers hold ``kernel_q`` and adapter leaves.
-    geometries: ``{path: LayerGeometry}`` of the adapted layers.
-    config: the adapter config the leaves were trained with (``oft`` or ``lora``).
+    params: adapted tree whose targeted layers hold `kernel_q` and adapter leaves.
+    geometries: `{path: LayerGeometry}` of the adapted layers.
+    config: the adapter config the leaves were trained with (`oft` or `lora`).
     probe_rows: random input rows per layer for the error figures.
     seed: seed of the probe inputs.
 
   Returns:
-    ``(tree, report)``: a base-shaped quantized tree (no adapter leaves) and
-    ``{'layers': {path: stats}, 'max_abs', 'mean_abs', 'adapter_effect_mean_abs',
-    'output_mean_abs', 'fp32_merge_max_abs', 'requant_only_mean_abs'}``, where
-    ``max_abs``/``mean_abs`` are ``|merged-requantized output - unmerged adapted
-    output|`` (max over layers and stacked copies / mean of per-layer means),
-    ``fp32_merge_max_abs`` the same before requantizing (fp32 rounding only), and
-    ``requant_only_mean_abs`` what requantizing the unchanged base alone costs
-    (int8: qwix's scale ``absmax / 127.5`` shrinks by ``127/127.5`` per round trip;
+    `(tree, report)`: a base-shaped quantized tree (no adapter leaves) and
+    `{'layers': {path: stats}, 'max_abs', 'mean_abs', 'adapter_effect_mean_abs',
+    'output_mean_abs', 'fp32_merge_max_abs', 'requant_only_mean_abs'}`, where
+    `max_abs`/`mean_abs` are `|merged-requantized output - unmerged adapted
+    output|` (max over layers and stacked copies / mean of per-layer means),
+    `fp32_merge_max_abs` the same before requantizing (fp32 rounding only), and
+    `requant_only_mean_abs` what requantizing the unchanged base alone costs
+    (int8: qwix's scale `absmax / 127.5` shrinks by `127/127.5` per round trip;
     NF4 without double quant: 0).
   """
   base, adapter = P.split_params(params)

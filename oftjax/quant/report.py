@@ -14,7 +14,7 @@ from oftjax.quant.kernel import QUANT_KEY
 
 
 def logical_count(tree) -> int:
-  """Number of parameters the tree represents (a ``kernel_q`` counts as its full kernel)."""
+  """Number of parameters the tree represents (a `kernel_q` counts as its full kernel)."""
   total = 0
   for key, value in tree.items():
     if key == QUANT_KEY:
@@ -27,7 +27,7 @@ def logical_count(tree) -> int:
 
 
 def storage_report(frozen, reference_dtype=jnp.bfloat16) -> dict:
-  """Bytes of the quantized layers as stored vs the same kernels in ``reference_dtype``."""
+  """Bytes of the quantized layers as stored vs the same kernels in `reference_dtype`."""
   stored = reference = 0
 
   def visit(tree):

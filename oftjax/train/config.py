@@ -1,12 +1,12 @@
 """Command-line configuration of a finetuning run, with one-line validation errors.
 
-Each :class:`RunConfig` field is declared once, with its ``--help`` text, its ``choices``
-and whether ``--resume`` needs it unchanged (``resume``) in the field's metadata; the
-parser (:func:`build_parser`) and :meth:`RunConfig.fingerprint` read them from there.
+Each `RunConfig` field is declared once, with its `--help` text, its `choices`
+and whether `--resume` needs it unchanged (`resume`) in the field's metadata; the
+parser (`build_parser`) and `RunConfig.fingerprint` read them from there.
 
 The shipped tiny model and task are not part of the package: their folder comes from
-``$OFTJAX_ASSETS`` (``experiments/finetune_gemma.py`` points it at its own ``assets/``
-folder). Without it ``--model``, ``--data`` and ``--eval-data`` have no default.
+`$OFTJAX_ASSETS` (`experiments/finetune_gemma.py` points it at its own `assets/`
+folder). Without it `--model`, `--data` and `--eval-data` have no default.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class UsageError(ValueError):
 
 
 def flag_of(field: str) -> str:
-  """The command-line flag of a :class:`RunConfig` field: ``seq_len`` -> ``--seq-len``."""
+  """The command-line flag of a `RunConfig` field: `seq_len` -> `--seq-len`."""
   return "--" + field.replace("_", "-")
 
 
@@ -40,11 +40,11 @@ def reword(message: str, fields: Mapping[str, str]) -> str:
 
   Args:
     message: a library error's message, naming the library's parameters.
-    fields: ``{library parameter: RunConfig field}`` of the call that raised it.
+    fields: `{library parameter: RunConfig field}` of the call that raised it.
 
   Returns:
-    ``message`` with every whole-word parameter of ``fields`` replaced by its flag, except
-    a ``name=value`` (a value shown) and anything inside single quotes (the user's input).
+    `message` with every whole-word parameter of `fields` replaced by its flag, except
+    a `name=value` (a value shown) and anything inside single quotes (the user's input).
   """
   if not fields:
     return message
@@ -57,13 +57,13 @@ def reword(message: str, fields: Mapping[str, str]) -> str:
 
 
 def shipped_asset(*parts: str) -> str:
-  """Path of a shipped asset under ``$OFTJAX_ASSETS``, or ``''`` when that is not set."""
+  """Path of a shipped asset under `$OFTJAX_ASSETS`, or `''` when that is not set."""
   root = os.environ.get(ASSETS_ENV, "")
   return os.path.join(root, *parts) if root else ""
 
 
 def _field(default, help: str, *, choices: tuple | None = None, resume: bool = False):
-  """One :class:`RunConfig` field: its default, ``--help`` text, choices, resume relevance."""
+  """One `RunConfig` field: its default, `--help` text, choices, resume relevance."""
   return dataclasses.field(
     default=default, metadata={"help": help, "choices": choices, "resume": resume}
   )
@@ -71,7 +71,7 @@ def _field(default, help: str, *, choices: tuple | None = None, resume: bool = F
 
 @dataclasses.dataclass
 class RunConfig:
-  """Every knob of a run; each field's metadata holds its ``--help`` text."""
+  """Every knob of a run; each field's metadata holds its `--help` text."""
 
   model: str = _field(
     shipped_asset("tiny-gemma3"), "base model: a local Hugging Face folder or a hub id", resume=True
@@ -204,7 +204,7 @@ class RunConfig:
   )
 
   def fingerprint(self) -> dict:
-    """Fields that must match for ``--resume`` to continue the same run (``resume=True``)."""
+    """Fields that must match for `--resume` to continue the same run (`resume=True`)."""
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["resume"]}
 
 
@@ -212,14 +212,14 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig)}
 
 
 class UsageParser(argparse.ArgumentParser):
-  """Reports a bad flag as a one-line :class:`UsageError` instead of usage text + exit."""
+  """Reports a bad flag as a one-line `UsageError` instead of usage text + exit."""
 
   def error(self, message):
     raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-  """The ``finetune_gemma.py`` argument parser; every flag shows its default."""
+  """The `finetune_gemma.py` argument parser; every flag shows its default."""
   parser = UsageParser(
     description="Finetune a Gemma model with OFTv2 (or a baseline) in JAX.",
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -238,12 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> RunConfig:
-  """Parses and validates ``argv`` into a :class:`RunConfig`."""
+  """Parses and validates `argv` into a `RunConfig`."""
   return finalize(RunConfig(**vars(build_parser().parse_args(argv))))
 
 
 def finalize(config: RunConfig) -> RunConfig:
-  """Resolves derived defaults (``warmup_steps=-1``) and validates ``config``, in place."""
+  """Resolves derived defaults (`warmup_steps=-1`) and validates `config`, in place."""
   if config.warmup_steps == -1:
     config.warmup_steps = min(10, max(config.steps, 0) // 10)
   check_assets(config)
@@ -262,9 +262,9 @@ _ADAPTER_FIELDS = {
 
 
 def adapter_config(c: RunConfig):
-  """The run's :class:`oftjax.AdapterConfig`.
+  """The run's `oftjax.AdapterConfig`.
 
-  With ``--method full`` one of method ``oft`` (no adapter is made, but the adapter flags
+  With `--method full` one of method `oft` (no adapter is made, but the adapter flags
   are checked all the same).
 
   Raises:
@@ -289,12 +289,12 @@ def adapter_config(c: RunConfig):
 
 
 def remat_policy(c: RunConfig) -> str:
-  """The ``--remat`` policy of this backend: ``auto`` is ``none`` on CPU, else ``dots_no_batch``.
+  """The `--remat` policy of this backend: `auto` is `none` on CPU, else `dots_no_batch`.
 
   CPU runs have host memory to spare and are compute-bound, so recomputing costs speed for
-  nothing; GPU/TPU runs are bound by device memory, and ``dots_no_batch`` keeps the weight
+  nothing; GPU/TPU runs are bound by device memory, and `dots_no_batch` keeps the weight
   matmuls' outputs (the costly FLOPs) while recomputing the cheap rest, including the
-  attention scores whose size grows with the square of ``--seq-len``.
+  attention scores whose size grows with the square of `--seq-len`.
   """
   if c.remat != "auto":
     return c.remat
@@ -307,8 +307,8 @@ def check_assets(c: RunConfig) -> None:
   """Paths left at their shipped default must exist; one line naming the flag otherwise.
 
   Raises:
-    UsageError: ``--model``, ``--data`` or ``--eval-data`` is empty (no shipped default:
-      ``$OFTJAX_ASSETS`` unset, e.g. in an installed wheel), or a shipped default is missing.
+    UsageError: `--model`, `--data` or `--eval-data` is empty (no shipped default:
+      `$OFTJAX_ASSETS` unset, e.g. in an installed wheel), or a shipped default is missing.
   """
   root = shipped_asset()
   for name in ("model", "data", "eval_data", "retention_data"):
@@ -326,7 +326,7 @@ def check_assets(c: RunConfig) -> None:
 
 
 def validate(c: RunConfig) -> None:
-  """Checks values that need no files; raises :class:`UsageError` with one line."""
+  """Checks values that need no files; raises `UsageError` with one line."""
   for name in (
     "steps",
     "batch_size",

@@ -5,7 +5,7 @@ perplexity alone, and its result holds no `accuracy` (rather than a made-up one)
 
 Generation runs on what a user would deploy: the merged model (adapters folded into the
 kernels; the same function to fp32 rounding), or, on a quantized base (QOFT / QLoRA), the
-``Adapted`` model over the quantized kernels with unmerged adapters, so evaluating never
+`Adapted` model over the quantized kernels with unmerged adapters, so evaluating never
 materializes a full-precision copy of a model that was quantized to fit.
 """
 
@@ -23,9 +23,9 @@ from oftjax.train.objective import next_token_loss
 class Evaluator:
   """Evaluates params of one model on fixed held-out sets (compiled once per shape).
 
-  ``model`` is a Gemma module (params: merged) or an ``Adapted`` one (params: frozen tree
-  merged with the adapter tree, see ``oftjax.merge_params``). ``accuracy_sets`` maps a set
-  name (``'eval'``, ``'retention'``) to its exact-match items; a ``{"text"}`` eval set is
+  `model` is a Gemma module (params: merged) or an `Adapted` one (params: frozen tree
+  merged with the adapter tree, see `oftjax.merge_params`). `accuracy_sets` maps a set
+  name (`'eval'`, `'retention'`) to its exact-match items; a `{"text"}` eval set is
   not among them (loss only).
   """
 
@@ -63,10 +63,10 @@ class Evaluator:
     return total / max(count, 1.0)
 
   def generations(self, params, items) -> list:
-    """Greedy completions of ``items``' prompts.
+    """Greedy completions of `items`' prompts.
 
     Per item, the generated ids (to EOS or the length limit;
-    :func:`oftjax.data.decode_completion` decodes them).
+    `oftjax.data.decode_completion` decodes them).
     """
     stop = data.default_stop_ids(self.tokenizer)  # decode_completion cuts there too
     rows = []
@@ -86,19 +86,19 @@ class Evaluator:
   def accuracy(self, params, name: str) -> tuple[float, list]:
     """Exact-match accuracy on one named set, and the generated ids.
 
-    The accuracy is :func:`oftjax.data.exact_match_accuracy`.
+    The accuracy is `oftjax.data.exact_match_accuracy`.
     """
     items = self.accuracy_sets[name]
     rows = self.generations(params, items)
     return data.exact_match_accuracy(self.tokenizer, rows, [x.expected for x in items]), rows
 
   def run(self, params) -> dict:
-    """The metrics of the model's ``params``.
+    """The metrics of the model's `params`.
 
     Returns:
-      ``{'loss', 'perplexity'}`` of the loss examples (perplexity ``exp(loss)``, ``inf`` past
-      float range), plus ``'accuracy'`` and ``'samples'`` when the eval set has exact-match
-      items and ``'<set>_accuracy'`` for each other set.
+      `{'loss', 'perplexity'}` of the loss examples (perplexity `exp(loss)`, `inf` past
+      float range), plus `'accuracy'` and `'samples'` when the eval set has exact-match
+      items and `'<set>_accuracy'` for each other set.
     """
     loss = self.loss(params)
     result = {"loss": loss, "perplexity": math.inf if loss > 709.0 else math.exp(loss)}

@@ -1,7 +1,7 @@
 """The end of a run: PEFT adapter, optional merged HF export, loss plot, summary.json.
 
 An adapter PEFT cannot represent (Cayley–Neumann with n < 4) is not exported; the reason is
-announced when the run starts and recorded as ``peft_export_skipped`` (the orbax checkpoint
+announced when the run starts and recorded as `peft_export_skipped` (the orbax checkpoint
 still holds it), so a finished run never ends in a crash.
 """
 
@@ -33,16 +33,16 @@ def peft_naming(model) -> peft_io.ModuleNaming:
 
 @dataclasses.dataclass(frozen=True)
 class RunRecord:
-  """What a finished run measured besides its state (``summary.json``, the loss plot).
+  """What a finished run measured besides its state (`summary.json`, the loss plot).
 
   Attributes:
-    eval_before: the evaluator's result before training (``Evaluator.run``).
+    eval_before: the evaluator's result before training (`Evaluator.run`).
     eval_after: its result after training.
-    rows: the ``metrics.jsonl`` rows (train and eval).
-    loop: what the training loop measured (:class:`oftjax.train.loop.LoopStats`).
-    train: the training ``Dataset`` (its record, example, target-token, truncation and
+    rows: the `metrics.jsonl` rows (train and eval).
+    loop: what the training loop measured (`oftjax.train.loop.LoopStats`).
+    train: the training `Dataset` (its record, example, target-token, truncation and
       split counts are reported).
-    t_start: ``time.time()`` when the run started.
+    t_start: `time.time()` when the run started.
   """
 
   eval_before: dict
@@ -54,14 +54,14 @@ class RunRecord:
 
 
 def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
-  """Writes every output of a finished run; ``summary.json`` last (atomically).
+  """Writes every output of a finished run; `summary.json` last (atomically).
 
   Args:
-    c: the run's ``RunConfig``.
-    job: the run's model (:mod:`oftjax.train.run_model`): base module, frozen tree,
+    c: the run's `RunConfig`.
+    job: the run's model (`oftjax.train.run_model`): base module, frozen tree,
       adapter config.
-    state: the final state, its ``trainable`` a host (numpy) tree.
-    merged: the merged host tree, only needed with ``--export-merged`` (else ``None``).
+    state: the final state, its `trainable` a host (numpy) tree.
+    merged: the merged host tree, only needed with `--export-merged` (else `None`).
     record: what the run measured.
 
   Returns:

@@ -126,7 +126,7 @@ def adapter_folder(path: str) -> str:
 
 
 def validate(args: argparse.Namespace) -> None:
-  """Checks flags that need no model; raises :class:`UsageError` with one line."""
+  """Checks flags that need no model; raises `UsageError` with one line."""
   if args.prompt and args.prompts:
     raise UsageError("--prompt and --prompts contradict each other; pick one")
   if not args.prompt and not args.prompts:

@@ -26,11 +26,11 @@ class TrainStep:
   """The compiled step the loop runs and what it reads besides the run state.
 
   Attributes:
-    fn: ``fn(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss, aux)``,
-      jitted (:func:`oftjax.make_train_step`).
+    fn: `fn(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss, aux)`,
+      jitted (`oftjax.make_train_step`).
     frozen: the frozen tree passed to every step.
     mesh: the device mesh the batches are split over.
-    health: ``health(trainable)`` (OFT only, :func:`oftjax.params.adapter_health`), or ``None``.
+    health: `health(trainable)` (OFT only, `oftjax.params.adapter_health`), or `None`.
   """
 
   fn: Callable
@@ -44,14 +44,14 @@ class LoopIO:
   """Where the loop reads its batches and writes its records.
 
   Attributes:
-    stream: the training batches (``next()`` gives a host batch; ``.state`` its position).
-    checkpoints: a ``RunCheckpoints`` (``save(step, arrays, meta, force=...)``).
-    metrics: a ``sinks.MetricsSink`` (``write(row)``), or ``None`` on processes that write
+    stream: the training batches (`next()` gives a host batch; `.state` its position).
+    checkpoints: a `RunCheckpoints` (`save(step, arrays, meta, force=...)`).
+    metrics: a `sinks.MetricsSink` (`write(row)`), or `None` on processes that write
       nothing.
     checkpoint_meta: JSON saved with every checkpoint besides the state's counters.
-    stopper: its ``stop`` turns true on SIGINT/SIGTERM.
-    evaluate: ``evaluate(trainable) -> metrics dict`` (the evaluator's ``run`` on the
-      evaluated tree), called every ``c.eval_every`` steps; ``None`` without evaluation.
+    stopper: its `stop` turns true on SIGINT/SIGTERM.
+    evaluate: `evaluate(trainable) -> metrics dict` (the evaluator's `run` on the
+      evaluated tree), called every `c.eval_every` steps; `None` without evaluation.
   """
 
   stream: Any
@@ -72,9 +72,9 @@ class LoopStats:
     compile_s: seconds to compile the step.
     stopped: whether a signal stopped the run before its last step.
     temp_bytes: the compiled step's temporary (activation) memory per device, from XLA's
-      ``memory_analysis()``, or ``None`` where the backend does not report it.
-    last_eval: the evaluation at the last step (``--eval-every``), when this session ran
-      it, else ``None``.
+      `memory_analysis()`, or `None` where the backend does not report it.
+    last_eval: the evaluation at the last step (`--eval-every`), when this session ran
+      it, else `None`.
   """
 
   times: list
@@ -86,7 +86,7 @@ class LoopStats:
 
 
 def eval_row(step: int, result: dict) -> dict:
-  """The ``'eval'`` metrics row of an evaluator ``result`` at ``step`` (its numbers only)."""
+  """The `'eval'` metrics row of an evaluator `result` at `step` (its numbers only)."""
   numbers = {
     k: v for k, v in result.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)
   }
@@ -94,7 +94,7 @@ def eval_row(step: int, result: dict) -> dict:
 
 
 def _temp_bytes(compiled) -> int | None:
-  """The compiled step's temp bytes, or ``None`` where the backend has no memory analysis."""
+  """The compiled step's temp bytes, or `None` where the backend has no memory analysis."""
   try:
     analysis = compiled.memory_analysis()
   except NotImplementedError:
@@ -113,24 +113,24 @@ def _all_finite(tree) -> jax.Array:
 
 
 def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunState, LoopStats]:
-  """Runs optimizer steps ``state.step+1 … c.steps``; checkpoints every ``c.save_every`` steps.
+  """Runs optimizer steps `state.step+1 … c.steps`; checkpoints every `c.save_every` steps.
 
   Every process runs this; each feeds only its rows of the (identical) global batch.
-  Every ``c.log_every`` steps (and at the last) it writes a ``'train'`` row (loss, token
-  accuracy, gradient norm, the step's learning rate, skip counts) and a ``'speed'`` row
-  (tokens/s since the previous one) to ``io.metrics``. Every ``c.eval_every`` steps (and at
-  the last) it writes an ``'eval'`` row of ``io.evaluate``, before that step's checkpoint:
+  Every `c.log_every` steps (and at the last) it writes a `'train'` row (loss, token
+  accuracy, gradient norm, the step's learning rate, skip counts) and a `'speed'` row
+  (tokens/s since the previous one) to `io.metrics`. Every `c.eval_every` steps (and at
+  the last) it writes an `'eval'` row of `io.evaluate`, before that step's checkpoint:
   a run resumed from a checkpoint has the eval rows up to it and reruns the later ones.
-  ``step.health(trainable)`` adds its summaries (``max_q_norm``, ``mean_q_norm``,
-  ``orthogonality_error``, ``mean_orthogonality_error``, with COFT ``max_coft_ratio``; not
+  `step.health(trainable)` adds its summaries (`max_q_norm`, `mean_q_norm`,
+  `orthogonality_error`, `mean_orthogonality_error`, with COFT `max_coft_ratio`; not
   the per-layer figures) to each logged line, with a warning the first time the error
-  exceeds ``ORTHOGONALITY_TOLERANCE`` (the error is ‖Q‖^10 at the default n=6: ‖Q‖ ≈ 0.63;
+  exceeds `ORTHOGONALITY_TOLERANCE` (the error is ‖Q‖^10 at the default n=6: ‖Q‖ ≈ 0.63;
   2‖Q‖^4 at n=5: ‖Q‖ ≈ 0.27; see notebooks/neumann_terms.ipynb).
 
   Non-finite numbers: a step whose loss or gradient is not finite leaves the weights
-  unchanged (``make_train_step``); ``c.on_nonfinite`` ``'skip'`` counts it (``skipped_steps``
-  in every logged line and the checkpoint) and goes on, ``'stop'`` raises a one-line
-  :class:`UsageError` before anything of that step is saved. Weights are checked finite
+  unchanged (`make_train_step`); `c.on_nonfinite` `'skip'` counts it (`skipped_steps`
+  in every logged line and the checkpoint) and goes on, `'stop'` raises a one-line
+  `UsageError` before anything of that step is saved. Weights are checked finite
   before training and before every save, so no checkpoint or adapter holds NaN/Inf.
 
   Returns:

@@ -1,6 +1,6 @@
 """Optimizer schedule and the masked next-token loss used by the finetuning job.
 
-One loss for training, evaluation and the asset builder: :func:`next_token_loss`.
+One loss for training, evaluation and the asset builder: `next_token_loss`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import optax
 
 
 def lr_schedule(lr: float, steps: int, warmup_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to ``lr`` then cosine decay to 10% of ``lr`` at ``steps``.
+  """Linear warmup from 0 to `lr` then cosine decay to 10% of `lr` at `steps`.
 
-  The update after ``k`` applied updates uses ``schedule(k)`` (optax counts from 0).
+  The update after `k` applied updates uses `schedule(k)` (optax counts from 0).
   """
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0, peak_value=lr, warmup_steps=warmup_steps, decay_steps=steps, end_value=lr * 0.1
@@ -23,18 +23,18 @@ def lr_schedule(lr: float, steps: int, warmup_steps: int) -> optax.Schedule:
 def make_optimizer(
   lr: float, steps: int, warmup_steps: int, weight_decay: float, clip_norm: float
 ) -> optax.GradientTransformation:
-  """AdamW on :func:`lr_schedule`, after global-norm clipping."""
+  """AdamW on `lr_schedule`, after global-norm clipping."""
   schedule = lr_schedule(lr, steps, warmup_steps)
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
   return optax.chain(*parts, optax.adamw(schedule, weight_decay=weight_decay))
 
 
 def masked_xent(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
-  """Mean cross-entropy over ``loss_mask`` positions, plus token accuracy and count.
+  """Mean cross-entropy over `loss_mask` positions, plus token accuracy and count.
 
   Args:
-    logits: ``[batch, time, vocab]`` predictions for ``batch['inputs']``.
-    batch: ``targets`` (int) and ``loss_mask`` (float) aligned with the inputs.
+    logits: `[batch, time, vocab]` predictions for `batch['inputs']`.
+    batch: `targets` (int) and `loss_mask` (float) aligned with the inputs.
   """
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
@@ -45,16 +45,16 @@ def masked_xent(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
 
 
 def next_token_loss(module, params, batch: dict) -> tuple[jax.Array, dict]:
-  """:func:`masked_xent` of ``module``'s logits on a packed batch (``oftjax.data.batching``).
+  """`masked_xent` of `module`'s logits on a packed batch (`oftjax.data.batching`).
 
   Args:
-    module: a Linen language model called as ``module.apply({'params': params}, inputs,
-      positions=..., segment_ids=...)`` (a Gemma model or an ``Adapted`` one).
+    module: a Linen language model called as `module.apply({'params': params}, inputs,
+      positions=..., segment_ids=...)` (a Gemma model or an `Adapted` one).
     params: its parameter tree.
-    batch: ``inputs``, ``positions``, ``segment_ids``, ``targets`` and ``loss_mask``.
+    batch: `inputs`, `positions`, `segment_ids`, `targets` and `loss_mask`.
 
   Returns:
-    ``(loss, {'token_accuracy', 'tokens'})`` as :func:`masked_xent`.
+    `(loss, {'token_accuracy', 'tokens'})` as `masked_xent`.
   """
   logits = module.apply(
     {"params": params},

@@ -10,7 +10,7 @@ from oftjax.train.sinks import kind_of
 def plot_loss(rows: list[dict], path: str, title: str) -> None:
   """Saves the training-loss curve (and the eval loss, where evaluated) as a PNG.
 
-  Uses a bare ``Figure`` (no pyplot), so it neither needs nor changes the process's
+  Uses a bare `Figure` (no pyplot), so it neither needs nor changes the process's
   matplotlib backend (a notebook calling the job keeps its inline plots).
   """
   from matplotlib.figure import Figure

@@ -1,7 +1,7 @@
 """One finetuning run end to end: load, evaluate, train, checkpoint, export, summarise.
 
 Everything a user can get wrong is checked before the output directory is touched, and
-``summary.json`` is written last, so a directory without it never looks complete.
+`summary.json` is written last, so a directory without it never looks complete.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from oftjax.train_step import make_train_step
 
 
 def _user_errors(fn, *args, flags: dict[str, str] | None = None, **kwargs):
-  """Calls ``fn``; turns input problems (bad files, values) into :class:`UsageError`.
+  """Calls `fn`; turns input problems (bad files, values) into `UsageError`.
 
-  ``flags`` maps ``fn``'s parameters to the :class:`RunConfig` fields that set them, so
-  that the message names the flag to change (see :func:`~oftjax.train.config.reword`).
+  `flags` maps `fn`'s parameters to the `RunConfig` fields that set them, so
+  that the message names the flag to change (see `oftjax.train.config.reword`).
   """
   try:
     return fn(*args, **kwargs)
@@ -45,9 +45,9 @@ def _user_errors(fn, *args, flags: dict[str, str] | None = None, **kwargs):
 
 @contextlib.contextmanager
 def _checkpoint_errors():
-  """Turns an unusable checkpoint into a one-line :class:`UsageError`.
+  """Turns an unusable checkpoint into a one-line `UsageError`.
 
-  A library :class:`checkpoint.CheckpointError` becomes a line that says which flag starts
+  A library `checkpoint.CheckpointError` becomes a line that says which flag starts
   over.
   """
   try:
@@ -66,7 +66,7 @@ _DISTRIBUTED_FLAGS = {
 
 
 def _check_resumable(c: RunConfig) -> None:
-  """``--resume`` needs a checkpoint made with the same fingerprint (checked before any write)."""
+  """`--resume` needs a checkpoint made with the same fingerprint (checked before any write)."""
   directory = os.path.join(c.output_dir, "checkpoints")
   step = None
   if os.path.isdir(directory):
@@ -114,12 +114,12 @@ def _prepare_output_dir(c: RunConfig) -> None:
 
 
 def _stale_event_files(c: RunConfig) -> list[str]:
-  """Event files a fresh run's ``--tensorboard`` folder holds (``--overwrite`` removes them).
+  """Event files a fresh run's `--tensorboard` folder holds (`--overwrite` removes them).
 
   A resumed run continues its own (its sink hides the events past the checkpoint).
 
   Raises:
-    UsageError: a fresh run without ``--overwrite`` on a folder holding event files.
+    UsageError: a fresh run without `--overwrite` on a folder holding event files.
   """
   if not c.tensorboard or c.resume:
     return []
@@ -193,9 +193,9 @@ def _load_data(c: RunConfig, tokenizer) -> tuple:
   """The training set, the held-out loss set and the exact-match sets, or a one-line error.
 
   Returns:
-    ``(train, held_out, sets)``: two :class:`oftjax.data.Dataset`, and ``{'eval': items,
-    'retention': items}`` of exact-match items (no ``'eval'`` for a ``{"text"}`` eval set,
-    which is evaluated by its loss alone; no ``'retention'`` without ``--retention-data``).
+    `(train, held_out, sets)`: two `oftjax.data.Dataset`, and ``{'eval': items,
+    'retention': items}` of exact-match items (no `'eval'` for a `{"text"}`` eval set,
+    which is evaluated by its loss alone; no `'retention'` without `--retention-data`).
   """
 
   def records(flag: str, split_flag: str):
@@ -239,7 +239,7 @@ def _load_data(c: RunConfig, tokenizer) -> tuple:
 
 
 def describe_eval(result: dict) -> str:
-  """One line of an :meth:`Evaluator.run` result: loss, perplexity and the accuracies it has."""
+  """One line of an `Evaluator.run` result: loss, perplexity and the accuracies it has."""
   parts = [f"eval loss {result['loss']:.4f}"]
   if "perplexity" in result:  # absent from the eval_before of a run made before it existed
     parts.append(f"perplexity {result['perplexity']:.3f}")
@@ -250,7 +250,7 @@ def describe_eval(result: dict) -> str:
 
 
 def run(c: RunConfig) -> dict:
-  """Executes the run described by ``c`` and returns the summary it wrote."""
+  """Executes the run described by `c` and returns the summary it wrote."""
   with _StopFlag() as stopper:
     return _run(c, stopper)
 

@@ -2,10 +2,10 @@
 
 The job asks the same questions of every run (which module the loss applies, which tree
 the evaluator and the merged export see, whether adapters are projected or watched); each
-kind of run answers them in one class, chosen once by :func:`build_run_model`, so no code
+kind of run answers them in one class, chosen once by `build_run_model`, so no code
 downstream branches on the method or the quantization again.
 
-All three take the train step's view of parameters: ``merge_params(frozen, trainable)``.
+All three take the train step's view of parameters: `merge_params(frozen, trainable)`.
 """
 
 from __future__ import annotations
@@ -21,19 +21,19 @@ from oftjax.train.objective import next_token_loss
 
 
 class FullFinetune:
-  """``--method full``: every weight is trained; nothing is frozen, nothing to fold.
+  """`--method full`: every weight is trained; nothing is frozen, nothing to fold.
 
   Attributes:
     model: the base Gemma module (its folder names the PEFT modules and the export).
-    frozen: the frozen tree (``{}``).
-    module: the Linen module the loss applies to ``merge_params(frozen, trainable)``.
-    eval_module: the Linen module the evaluator applies to :meth:`evaluated`.
-    adapter_config: the ``AdapterConfig`` trained, or ``None``.
+    frozen: the frozen tree (`{}`).
+    module: the Linen module the loss applies to `merge_params(frozen, trainable)`.
+    eval_module: the Linen module the evaluator applies to `evaluated`.
+    adapter_config: the `AdapterConfig` trained, or `None`.
     shards_trainable: whether the trainable tree is FSDP-sharded (the full model is) or
       replicated (small adapters).
     project: maps the trainable tree onto its constraint set after each update (COFT), or
-      ``None``.
-    health: jitted ``trainable -> oftjax.params.adapter_health(...)`` (OFT), or ``None``.
+      `None`.
+    health: jitted `trainable -> oftjax.params.adapter_health(...)` (OFT), or `None`.
   """
 
   adapter_config = None
@@ -46,7 +46,7 @@ class FullFinetune:
     self.frozen = {}
 
   def loss(self, params, batch: dict):
-    """Masked next-token loss of :attr:`module` on a packed batch (``has_aux`` form)."""
+    """Masked next-token loss of `module` on a packed batch (`has_aux` form)."""
     return next_token_loss(self.module, params, batch)
 
   def merged(self, trainable) -> dict:
@@ -54,11 +54,11 @@ class FullFinetune:
     return P.merge_params(self.frozen, trainable)
 
   def evaluated(self, trainable) -> dict:
-    """The params :attr:`eval_module` evaluates: here the merged tree."""
+    """The params `eval_module` evaluates: here the merged tree."""
     return self.merged(trainable)
 
   def exported(self, trainable, evaluated) -> dict:
-    """:meth:`merged`, reusing ``evaluated`` (this run's :meth:`evaluated`) where it is that."""
+    """`merged`, reusing `evaluated` (this run's `evaluated`) where it is that."""
     del trainable
     return evaluated
 
@@ -66,7 +66,7 @@ class FullFinetune:
 class AdapterFinetune(FullFinetune):
   """OFT, OFTv1 or LoRA adapters over a full-precision frozen base.
 
-  Trains ``adapted.module`` (the adapters see each layer's input); evaluates and exports
+  Trains `adapted.module` (the adapters see each layer's input); evaluates and exports
   the merged model (adapters folded into the kernels), the function a user deploys.
   """
 
@@ -90,7 +90,7 @@ class QuantizedAdapterFinetune(AdapterFinetune):
 
   Evaluates the adapted model over the quantized kernels with unmerged adapters, so an
   evaluation never materializes a full-precision copy of a model quantized to fit; only
-  the merged export dequantizes (in ``dtype``).
+  the merged export dequantizes (in `dtype`).
   """
 
   def __init__(self, model, adapted, frozen, dtype):
@@ -110,14 +110,14 @@ class QuantizedAdapterFinetune(AdapterFinetune):
 
 
 def build_run_model(model, frozen, adapted=None, quantized: bool = False, dtype=None):
-  """The run's model: :class:`FullFinetune` without ``adapted``, else adapters (quantized).
+  """The run's model: `FullFinetune` without `adapted`, else adapters (quantized).
 
   Args:
     model: the base Gemma module.
-    frozen: the frozen tree (quantized kernels where ``quantized``); ignored for full.
-    adapted: the ``AdaptedModel`` (its ``model`` is ``quant.Dequantized`` when quantized),
-      or ``None`` for full finetuning.
-    quantized: whether ``frozen`` holds quantized kernels.
+    frozen: the frozen tree (quantized kernels where `quantized`); ignored for full.
+    adapted: the `AdaptedModel` (its `model` is `quant.Dequantized` when quantized),
+      or `None` for full finetuning.
+    quantized: whether `frozen` holds quantized kernels.
     dtype: the compute dtype a merged export dequantizes into.
   """
   if adapted is None:

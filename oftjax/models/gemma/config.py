@@ -9,12 +9,11 @@ Hugging Face config object rides along, outside hashing and comparison, so that
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax.numpy as jnp
 
 from oftjax.models.gemma import gemma4_config
-from oftjax.models.remat import policy_name as remat_policy_name
+from oftjax.models.gemma.config_fields import DecoderFields, source_fields
 
 SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 _GENERATION = {"gemma": 1, "gemma2": 2, "gemma3_text": 3}
@@ -35,65 +34,32 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class GemmaConfig:
+class GemmaConfig(DecoderFields):
   """Architecture of a Gemma 1, 2 or 3 text decoder.
 
   Attributes:
     generation: 1, 2 or 3 (Gemma, Gemma 2, Gemma 3 text).
-    vocab_size: vocabulary size.
-    hidden_size: model width.
-    intermediate_size: MLP width.
-    num_layers: number of decoder layers.
-    num_heads: query heads.
     num_kv_heads: key/value heads (GQA when smaller than `num_heads`, MQA when 1).
     head_dim: width of one head (need not equal hidden_size / num_heads).
-    rms_norm_eps: RMSNorm epsilon.
-    activation: Hugging Face activation name of the gated MLP.
     query_pre_attn_scalar: attention scores are multiplied by `query_pre_attn_scalar ** -0.5`.
     attn_logit_softcapping: tanh soft-cap of attention scores (Gemma 2), or None.
-    final_logit_softcapping: tanh soft-cap of the output logits, or None.
     sliding_window: window of the local layers (a key is visible when `q - k < window`), or None.
     layer_is_sliding: one flag per layer; True for a sliding-window (local) layer.
     rope_global: rope parameters of full-attention layers.
     rope_local: rope parameters of sliding-window layers.
-    tie_word_embeddings: whether the output projection is the transposed embedding.
-    pad_token_id: padding token id (used by `generate` after EOS).
-    dtype: compute dtype.
-    param_dtype: parameter storage dtype.
-    remat: the rematerialisation policy of each decoder layer in the backward pass, one of
-      `oftjax.models.remat.POLICIES` (a bool means 'full' or 'none').
-    hf_config: the Hugging Face (text) config this was built from; not hashed or compared.
-    source_dir: the folder the checkpoint came from, if any; not hashed or compared.
+
+  Sizes, norms, dtypes, `multimodal` and the Hugging Face configs: `DecoderFields`.
   """
 
   generation: int
-  vocab_size: int
-  hidden_size: int
-  intermediate_size: int
-  num_layers: int
-  num_heads: int
   num_kv_heads: int
   head_dim: int
-  rms_norm_eps: float = 1e-6
-  activation: str = "gelu_pytorch_tanh"
   query_pre_attn_scalar: float = 256.0
   attn_logit_softcapping: float | None = None
-  final_logit_softcapping: float | None = None
   sliding_window: int | None = None
   layer_is_sliding: tuple[bool, ...] = ()
   rope_global: RopeConfig = RopeConfig()
   rope_local: RopeConfig = RopeConfig()
-  tie_word_embeddings: bool = True
-  pad_token_id: int = 0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  remat: str = "none"
-  hf_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
-  source_dir: str | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
-
-  def replace(self, **changes) -> GemmaConfig:
-    """Returns a copy with some fields changed (e.g. `remat='full'`)."""
-    return dataclasses.replace(self, **changes)
 
   @property
   def has_post_norms(self) -> bool:
@@ -150,8 +116,8 @@ def from_hf_config(
   """Builds a `GemmaConfig` from a Hugging Face config object.
 
   Args:
-    hf_config: a transformers Gemma/Gemma2/Gemma3Text config (or a multimodal Gemma3 config,
-      whose `text_config` is used).
+    hf_config: a transformers Gemma/Gemma2/Gemma3Text config, or a multimodal Gemma3 config
+      (its `text_config` is used; the whole config is kept for saving).
     dtype: compute dtype.
     param_dtype: parameter dtype; defaults to `dtype`.
     remat: the rematerialisation policy of the decoder layers in the backward pass (one of
@@ -225,8 +191,5 @@ def from_hf_config(
     rope_local=rope_local,
     tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", True)),
     pad_token_id=int(pad),
-    dtype=dtype,
-    param_dtype=param_dtype if param_dtype is not None else dtype,
-    remat=remat_policy_name(remat),
-    hf_config=cfg,
+    **source_fields(hf_config, cfg, dtype, param_dtype, remat),
   )

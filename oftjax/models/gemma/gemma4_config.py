@@ -21,11 +21,10 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax.numpy as jnp
 
-from oftjax.models.remat import policy_name as remat_policy_name
+from oftjax.models.gemma.config_fields import DecoderFields, source_fields
 
 TEXT_MODEL_TYPE = "gemma4_text"
 MULTIMODAL_MODEL_TYPE = "gemma4"
@@ -72,16 +71,12 @@ class AttentionGeometry:
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma4Config:
+class Gemma4Config(DecoderFields):
   """Architecture of a Gemma 4 text decoder.
 
   Attributes:
-    vocab_size: vocabulary size.
-    hidden_size: model width.
     intermediate_size: dense MLP width (doubled on KV-shared layers with
       `use_double_wide_mlp`).
-    num_layers: number of decoder layers.
-    num_heads: query heads (the same on every layer).
     sliding: geometry of sliding-window layers (None when there are none).
     full: geometry of full-attention layers (None when there are none).
     layer_is_sliding: one flag per layer.
@@ -97,26 +92,10 @@ class Gemma4Config:
     moe_intermediate_size: width of one expert's MLP.
     moe_implementation: 'ragged_dot' (grouped matmul over the chosen experts) or 'dense'
       (every expert on every token; cheaper on CPU), see `gemma4_moe`.
-    rms_norm_eps: RMSNorm epsilon.
-    activation: Hugging Face activation name of the gated MLPs.
-    final_logit_softcapping: tanh soft-cap of the output logits, or None.
-    tie_word_embeddings: the output projection is the transposed embedding.
-    pad_token_id: padding token id (used by `generate` after EOS).
-    multimodal: the checkpoint is a `Gemma4ForConditionalGeneration` folder.
-    dtype: compute dtype.
-    param_dtype: parameter storage dtype.
-    remat: the rematerialisation policy of each decoder layer in the backward pass, one of
-      `oftjax.models.remat.POLICIES` (a bool means 'full' or 'none').
-    hf_config: the Hugging Face text config; not hashed or compared.
-    hf_multimodal_config: the whole `Gemma4Config` of a multimodal folder, else None.
-    source_dir: the folder the checkpoint came from, if any; not hashed or compared.
+
+  Sizes, norms, dtypes, `multimodal` and the Hugging Face configs: `DecoderFields`.
   """
 
-  vocab_size: int
-  hidden_size: int
-  intermediate_size: int
-  num_layers: int
-  num_heads: int
   sliding: AttentionGeometry | None
   full: AttentionGeometry | None
   layer_is_sliding: tuple[bool, ...]
@@ -130,22 +109,6 @@ class Gemma4Config:
   top_k_experts: int | None = None
   moe_intermediate_size: int | None = None
   moe_implementation: str = "ragged_dot"
-  rms_norm_eps: float = 1e-6
-  activation: str = "gelu_pytorch_tanh"
-  final_logit_softcapping: float | None = None
-  tie_word_embeddings: bool = True
-  pad_token_id: int = 0
-  multimodal: bool = False
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  remat: str = "none"
-  hf_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
-  hf_multimodal_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
-  source_dir: str | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
-
-  def replace(self, **changes) -> Gemma4Config:
-    """Returns a copy with some fields changed (e.g. `remat='full'`)."""
-    return dataclasses.replace(self, **changes)
 
   @property
   def first_kv_shared_layer(self) -> int:
@@ -377,10 +340,5 @@ def from_hf_config(
     final_logit_softcapping=float(softcap) if softcap else None,
     tie_word_embeddings=bool(tie),
     pad_token_id=int(cfg.pad_token_id if cfg.pad_token_id is not None else 0),
-    multimodal=multimodal,
-    dtype=dtype,
-    param_dtype=param_dtype if param_dtype is not None else dtype,
-    remat=remat_policy_name(remat),
-    hf_config=cfg,
-    hf_multimodal_config=hf_config if multimodal else None,
+    **source_fields(hf_config, cfg, dtype, param_dtype, remat),
   )

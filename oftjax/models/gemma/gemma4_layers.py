@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from oftjax.models.gemma.gemma4_config import Gemma4Config
 from oftjax.models.gemma.gemma4_schedule import LayerKind
-from oftjax.models.gemma.layers import MLP, apply_rope, gelu
+from oftjax.models.gemma.layers import MLP, apply_rope, gelu, write_cache
 
 Array = Any
 
@@ -130,14 +130,7 @@ class Gemma4Attention(nn.Module):
       k = apply_rope(norm("k_norm")(k), cos, sin)
       v = norm("v_norm", with_scale=False)(v)
       if cache is not None:
-        k_cache, v_cache = cache
-        k = jax.lax.dynamic_update_slice_in_dim(
-          k_cache, k.astype(k_cache.dtype), cache_index, axis=1
-        )
-        v = jax.lax.dynamic_update_slice_in_dim(
-          v_cache, v.astype(v_cache.dtype), cache_index, axis=1
-        )
-        new_cache = (k, v)
+        k, v = new_cache = write_cache(cache, k, v, cache_index)
     out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
     y = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), name="o_proj", **dense)(out)
     return y, (k, v), new_cache

@@ -1,10 +1,10 @@
 """The Gemma 4 text decoder as a Flax Linen module, with the same calls as `Gemma`.
 
-`Gemma4(config).apply({'params': p}, tokens, positions=..., segment_ids=...,
-attention_mask=...)` returns fp32 logits `[batch, time, vocab]`, and `decode(tokens,
-positions, cache, cache_index, kv_mask)` runs against the cache of `init_cache`, exactly
-as `oftjax.models.gemma.model.Gemma` does, so the training job, the evaluator and
-`generate` use either. The layers are scanned by segment (`gemma4_stack`).
+`Gemma4(config)` is a `TextDecoder` (`oftjax.models.gemma.model`): `apply({'params': p},
+tokens, positions=..., segment_ids=..., attention_mask=...)` returns fp32 logits `[batch,
+time, vocab]`, and `decode(tokens, positions, cache, cache_index, kv_mask)` runs against the
+cache of `init_cache`, exactly as `Gemma` does. The layers are scanned by segment
+(`gemma4_stack`).
 
 Per-layer embeddings (PLE): a packed table `[per_layer_vocab, num_layers * ple]` looked up
 by token (times `sqrt(ple)`), plus a projection of the embedded tokens (times
@@ -29,20 +29,13 @@ from oftjax.models.gemma.gemma4_layers import Gemma4RMSNorm
 from oftjax.models.gemma.gemma4_rope import rope_tables
 from oftjax.models.gemma.gemma4_schedule import layer_schedule
 from oftjax.models.gemma.gemma4_stack import Gemma4Layers, shared_types
-from oftjax.models.gemma.layers import softcap
-from oftjax.models.gemma.model import decode_masks, sequence_masks
+from oftjax.models.gemma.model import TextDecoder, output_head, token_embedding
 
 Array = Any
 
 
 def init_cache(config: Gemma4Config, batch: int, max_len: int, dtype=None):
-  """Zero key/value cache for `Gemma4.decode`.
-
-  Args:
-    config: the model config.
-    batch: batch size.
-    max_len: number of slots (prompt length + tokens to generate).
-    dtype: cache dtype; defaults to the compute dtype.
+  """Zero key/value cache for `Gemma4.decode`; arguments as `model.init_cache`'s.
 
   Returns:
     One tuple per segment with one entry per slot: `(k, v)`, each `[repeats, batch,
@@ -64,22 +57,22 @@ def init_cache(config: Gemma4Config, batch: int, max_len: int, dtype=None):
   return tuple(caches)
 
 
-class Gemma4(nn.Module):
-  """Gemma 4 text decoder returning fp32 next-token logits.
+class Gemma4(TextDecoder):
+  """Gemma 4 text decoder: per-layer embeddings, layers scanned by segment (`gemma4_stack`).
 
   Attributes:
-    config: the architecture (see `Gemma4Config`).
+    config: the architecture (see `Gemma4Config`); `decode` takes the cache of this
+      module's `init_cache`, and KV-shared layers attend with their source layer's
+      updated cache.
   """
 
   config: Gemma4Config
 
   def setup(self):
     cfg = self.config
-    common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    self.embed_tokens = nn.Embed(
-      cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02), **common
-    )
+    self.embed_tokens = token_embedding(cfg)
     if cfg.per_layer_input_size:
+      common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
       packed = cfg.num_layers * cfg.per_layer_input_size
       self.embed_tokens_per_layer = nn.Embed(
         cfg.per_layer_vocab_size, packed, embedding_init=nn.initializers.normal(0.02), **common
@@ -88,8 +81,7 @@ class Gemma4(nn.Module):
       self.per_layer_projection_norm = Gemma4RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
     self.layers = Gemma4Layers(cfg)
     self.norm = Gemma4RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
-    if not cfg.tie_word_embeddings:
-      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, **common)
+    self.lm_head = output_head(cfg)
 
   def _per_layer_inputs(self, tokens, x):
     """PLE inputs `[batch, time, num_layers, ple]` (None without PLE)."""
@@ -105,8 +97,7 @@ class Gemma4(nn.Module):
 
   def _run(self, tokens, positions, masks, caches=None, cache_index=None):
     cfg = self.config
-    x = self.embed_tokens(tokens)
-    x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)
+    x = self._embed(tokens)
     per_layer_inputs = self._per_layer_inputs(tokens, x)
     context = {"cache_index": cache_index}
     for key, geom, mask in (("sliding", cfg.sliding, masks[1]), ("full", cfg.full, masks[0])):
@@ -121,29 +112,7 @@ class Gemma4(nn.Module):
       zeros = jnp.zeros((batch, kv_len, geom.num_kv_heads, geom.head_dim), kv_dtype)
       shared[key] = (zeros, zeros)
     x, new_caches = self.layers(x, per_layer_inputs, context, shared, caches)
-    x = self.norm(x)
-    logits = self.embed_tokens.attend(x) if cfg.tie_word_embeddings else self.lm_head(x)
-    return softcap(logits.astype(jnp.float32), cfg.final_logit_softcapping), new_caches
-
-  def __call__(self, tokens, positions=None, segment_ids=None, attention_mask=None):
-    """Computes logits for every position.
-
-    Arguments and result as `Gemma.__call__` (`oftjax.models.gemma.model`).
-    """
-    positions, masks = sequence_masks(
-      tokens, positions, segment_ids, attention_mask, self.config.sliding_window
-    )
-    return self._run(tokens, positions, masks)[0]
-
-  def decode(self, tokens, positions, cache, cache_index, kv_mask):
-    """Runs new tokens against a key/value cache (prefill or one decode step).
-
-    Slots, arguments and result as `Gemma.decode` (`oftjax.models.gemma.model`), with
-    `cache` from this model's `init_cache`; KV-shared layers attend with their source
-    layer's updated cache.
-    """
-    masks = decode_masks(tokens.shape[1], cache_index, kv_mask, self.config.sliding_window)
-    return self._run(tokens, positions, masks, cache, cache_index)
+    return self._logits(x), new_caches
 
 
 def from_hf_config_model(

@@ -1,13 +1,13 @@
 """The Mixture-of-Experts branch of a Gemma 4 decoder layer (26B-A4B), in Flax Linen.
 
-Follows ``transformers`` 5.24 (``models/gemma4/modeling_gemma4.py``: ``Gemma4TextRouter``,
-``Gemma4TextExperts`` and the ``enable_moe_block`` part of ``Gemma4TextDecoderLayer.forward``).
+Follows `transformers` 5.24 (`models/gemma4/modeling_gemma4.py`: `Gemma4TextRouter`,
+`Gemma4TextExperts` and the `enable_moe_block` part of `Gemma4TextDecoderLayer.forward`).
 In Hugging Face the router, the experts and their two norms are children of the decoder layer
-itself (there is no separate "moe" module); :class:`Gemma4MoE` gathers them under the same
-names, so a decoder layer that shares its scope with this module (``nn.share_scope``) has
+itself (there is no separate "moe" module); `Gemma4MoE` gathers them under the same
+names, so a decoder layer that shares its scope with this module (`nn.share_scope`) has
 exactly Hugging Face's names.
 
-What one MoE branch computes, for the residual stream ``x`` entering the feed-forward half::
+What one MoE branch computes, for the residual stream `x` entering the feed-forward half::
 
   r      = rms_normalize(x) * router.scale * hidden_size**-0.5      # no learned norm weight
   probs  = softmax(r @ router.proj, fp32)                            # [tokens, num_experts]
@@ -17,21 +17,21 @@ What one MoE branch computes, for the residual stream ``x`` entering the feed-fo
   y      = sum_k w_k * down_proj[idx_k] @ (act(gate) * up),  [gate | up] = gate_up_proj[idx_k] @ h
   out    = post_feedforward_layernorm_2(y)
 
-The router reads ``x`` *before* any norm; the experts read it after their own norm. The dense
-MLP is not part of this module: Hugging Face keeps ``mlp`` (gate_proj/up_proj/down_proj, plain
-``nn.Linear``) in the decoder layer, and so should the Linen decoder. The layer combines them as::
+The router reads `x` *before* any norm; the experts read it after their own norm. The dense
+MLP is not part of this module: Hugging Face keeps `mlp` (gate_proj/up_proj/down_proj, plain
+`nn.Linear`) in the decoder layer, and so should the Linen decoder. The layer combines them as::
 
   residual = x                                                       # after the attention half
   dense    = post_feedforward_layernorm_1(mlp(pre_feedforward_layernorm(residual)))
   x        = residual + post_feedforward_layernorm(dense + Gemma4MoE(residual))
   # ... then the optional per-layer-input block and `x *= layer_scalar`, as without MoE.
 
-Every Gemma 4 norm is ``x / rms(x) * weight`` in fp32 (weight initialised to ones), not Gemma
-1-3's ``(1 + weight)``: :class:`Gemma4RMSNorm` here.
+Every Gemma 4 norm is `x / rms(x) * weight` in fp32 (weight initialised to ones), not Gemma
+1-3's `(1 + weight)`: `Gemma4RMSNorm` here.
 
-Parameters (Hugging Face names are relative to ``model.layers.{i}.``, or
-``model.language_model.layers.{i}.`` in a multimodal checkpoint; E experts, D hidden, F
-``moe_intermediate_size``)::
+Parameters (Hugging Face names are relative to `model.layers.{i}.`, or
+`model.language_model.layers.{i}.` in a multimodal checkpoint; E experts, D hidden, F
+`moe_intermediate_size`)::
 
   HF tensor                              shape        Linen param (in Gemma4MoE)           layout
   router.proj.weight                     [E, D]       router/proj/kernel         [D, E]    'T'
@@ -42,42 +42,42 @@ Parameters (Hugging Face names are relative to ``model.layers.{i}.``, or
   pre_feedforward_layernorm_2.weight     [D]          pre_feedforward_layernorm_2/scale     'id'
   post_feedforward_layernorm_2.weight    [D]          post_feedforward_layernorm_2/scale    'id'
 
-The expert tensors keep Hugging Face's layout exactly (no transposition): ``gate_up_proj[e]``
-is a torch ``Linear`` weight ``[out=2F, in=D]`` whose first F rows are the gate and last F rows
-the up projection; ``down_proj[e]`` is ``[out=D, in=F]``. ``router/proj`` is an ``nn.Dense``
-(an adapter may target it, as PEFT may target ``router.proj``); the expert tensors are plain
+The expert tensors keep Hugging Face's layout exactly (no transposition): `gate_up_proj[e]`
+is a torch `Linear` weight `[out=2F, in=D]` whose first F rows are the gate and last F rows
+the up projection; `down_proj[e]` is `[out=D, in=F]`. `router/proj` is an `nn.Dense`
+(an adapter may target it, as PEFT may target `router.proj`); the expert tensors are plain
 3-D params, not Dense layers, so the adapter interceptor never sees them.
-:func:`hf_tensor_entries` is this table in code; :func:`params_from_hf` and
-:func:`params_to_hf` use it.
+`hf_tensor_entries` is this table in code; `params_from_hf` and
+`params_to_hf` use it.
 
-Config fields read (``transformers.Gemma4TextConfig`` -> attribute here): ``hidden_size`` ->
-``hidden_size``, ``num_experts`` -> ``num_experts``, ``top_k_experts`` -> ``top_k``,
-``moe_intermediate_size`` -> ``moe_intermediate_size``, ``hidden_activation`` -> ``activation``,
-``rms_norm_eps`` -> ``eps``, ``initializer_range`` -> ``initializer_range`` (init only). A
-layer has this branch when ``enable_moe_block`` is true (then every layer has it).
+Config fields read (`transformers.Gemma4TextConfig` -> attribute here): `hidden_size` ->
+`hidden_size`, `num_experts` -> `num_experts`, `top_k_experts` -> `top_k`,
+`moe_intermediate_size` -> `moe_intermediate_size`, `hidden_activation` -> `activation`,
+`rms_norm_eps` -> `eps`, `initializer_range` -> `initializer_range` (init only). A
+layer has this branch when `enable_moe_block` is true (then every layer has it).
 
-Formulation and cost. ``implementation="ragged_dot"`` (default) sorts the ``tokens * top_k``
+Formulation and cost. `implementation="ragged_dot"` (default) sorts the `tokens * top_k`
 (token, expert) pairs by expert and runs the two expert matmuls as grouped matmuls
-(``jax.lax.ragged_dot_general``, contracting the HF layout in place), then un-sorts and sums
-the k weighted outputs per token. Only the selected experts are computed: ``6 * k * F * D``
-flops per token (plus ``2 * D * E`` for the router). For 26B-A4B (``hidden_size`` 2816, 128
-experts, top-8, ``moe_intermediate_size`` 704; 30 layers, all MoE) that is 95.2 MFLOP per
-token per layer forward (0.72 for the router), and ``k * (2D + 3F)`` = 61,952 activations per
+(`jax.lax.ragged_dot_general`, contracting the HF layout in place), then un-sorts and sums
+the k weighted outputs per token. Only the selected experts are computed: `6 * k * F * D`
+flops per token (plus `2 * D * E` for the router). For 26B-A4B (`hidden_size` 2816, 128
+experts, top-8, `moe_intermediate_size` 704; 30 layers, all MoE) that is 95.2 MFLOP per
+token per layer forward (0.72 for the router), and `k * (2D + 3F)` = 61,952 activations per
 token per layer (124 KB in bf16) in the sorted buffers. The expert weights are
-``3 * E * F * D`` = 761M per layer (1.52 GB in bf16), read in place. On TPU ragged_dot lowers
+`3 * E * F * D` = 761M per layer (1.52 GB in bf16), read in place. On TPU ragged_dot lowers
 to the native grouped matmul and on GPU to XLA's ragged dot (not measured here; JAX can use a
-Pallas Triton kernel instead with ``jax_ragged_dot_use_gpu_pallas_triton_lowering``). JAX's CPU
-lowering expands it densely over the groups, ``E`` times the flops above: XLA's cost analysis
+Pallas Triton kernel instead with `jax_ragged_dot_use_gpu_pallas_triton_lowering`). JAX's CPU
+lowering expands it densely over the groups, `E` times the flops above: XLA's cost analysis
 on CPU (bf16, 512 tokens, the 26B-A4B dims) gives 12.2 GFLOP per token forward and 9.0 GB of
-temporaries. So on CPU ``implementation="dense"`` is the cheaper exact choice: it computes every
+temporaries. So on CPU `implementation="dense"` is the cheaper exact choice: it computes every
 expert for every token and weights the outputs by the routing (zero for unselected experts),
-``6 * E * F * D`` flops per token (1.52 GFLOP for 26B-A4B, 16x the selected-expert cost;
-measured 1.53) and ``E * (3F + D)`` activations per token (3.4 GB of temporaries at 512
+`6 * E * F * D` flops per token (1.52 GFLOP for 26B-A4B, 16x the selected-expert cost;
+measured 1.53) and `E * (3F + D)` activations per token (3.4 GB of temporaries at 512
 tokens). Both equal Hugging Face's per-expert loop; the one difference in low precision is that
 the k weighted expert outputs are summed in fp32 here (HF adds them one by one in the model
 dtype).
 
-Use in a decoder layer (``setup`` style), giving the params Hugging Face's names::
+Use in a decoder layer (`setup` style), giving the params Hugging Face's names::
 
   self.moe = Gemma4MoE(cfg.hidden_size, cfg.num_experts, cfg.top_k_experts,
                        cfg.moe_intermediate_size, cfg.hidden_activation, cfg.rms_norm_eps,
@@ -85,7 +85,7 @@ Use in a decoder layer (``setup`` style), giving the params Hugging Face's names
   nn.share_scope(self, self.moe)  # layer/router/..., layer/experts/..., not layer/moe/...
 
 References:
-  Hugging Face transformers 5.24, ``transformers/models/gemma4/modeling_gemma4.py``;
+  Hugging Face transformers 5.24, `transformers/models/gemma4/modeling_gemma4.py`;
   Gale et al., "MegaBlocks: Efficient Sparse Training with Mixture-of-Experts", MLSys 2023
   (grouped matmul over expert-sorted tokens).
 """
@@ -119,7 +119,7 @@ _RAGGED_DIMS = jax.lax.RaggedDotDimensionNumbers(
 
 
 def activation_fn(name: str) -> Callable[[Array], Array]:
-  """The JAX function for a Hugging Face ``hidden_activation`` name.
+  """The JAX function for a Hugging Face `hidden_activation` name.
 
   Raises:
     ValueError: an activation this module does not implement.
@@ -130,19 +130,19 @@ def activation_fn(name: str) -> Callable[[Array], Array]:
 
 
 def rms_normalize(x: Array, eps: float) -> Array:
-  """``x / sqrt(mean(x^2) + eps)`` over the last axis, in fp32, returned in fp32."""
+  """`x / sqrt(mean(x^2) + eps)` over the last axis, in fp32, returned in fp32."""
   xf = x.astype(jnp.float32)
   return xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
 
 
 class Gemma4RMSNorm(nn.Module):
-  """Gemma 4 RMSNorm: ``x / rms(x) * scale`` in fp32, cast back to the input dtype.
+  """Gemma 4 RMSNorm: `x / rms(x) * scale` in fp32, cast back to the input dtype.
 
   Unlike Gemma 1-3 the weight multiplies directly (HF initialises it to ones).
 
   Attributes:
     eps: epsilon added to the mean square.
-    param_dtype: dtype of ``scale``.
+    param_dtype: dtype of `scale`.
   """
 
   eps: float = 1e-6
@@ -161,7 +161,7 @@ class Gemma4Router(nn.Module):
     num_experts: number of experts E.
     top_k: experts chosen per token.
     eps: RMS-norm epsilon.
-    initializer_range: std of the normal init of ``proj``.
+    initializer_range: std of the normal init of `proj`.
     dtype: compute dtype of the projection.
     param_dtype: parameter dtype.
   """
@@ -178,12 +178,12 @@ class Gemma4Router(nn.Module):
     """Routes tokens.
 
     Args:
-      x: ``[tokens, hidden]`` residual stream (not normalised).
+      x: `[tokens, hidden]` residual stream (not normalised).
 
     Returns:
-      ``(probs, weights, index)``: ``probs`` ``[tokens, E]`` fp32 softmax over all experts;
-      ``weights`` ``[tokens, k]`` fp32, the top-k probabilities renormalised to sum to one, then
-      times ``per_expert_scale`` of the chosen expert; ``index`` ``[tokens, k]`` int32 experts,
+      `(probs, weights, index)`: `probs` `[tokens, E]` fp32 softmax over all experts;
+      `weights` `[tokens, k]` fp32, the top-k probabilities renormalised to sum to one, then
+      times `per_expert_scale` of the chosen expert; `index` `[tokens, k]` int32 experts,
       best first.
     """
     hidden = x.shape[-1]
@@ -215,8 +215,8 @@ class Gemma4Experts(nn.Module):
     num_experts: number of experts E.
     moe_intermediate_size: width F of one expert.
     activation: Hugging Face activation name of the gate.
-    implementation: ``"ragged_dot"`` (grouped matmul over expert-sorted tokens: only the
-      selected experts are computed) or ``"dense"`` (every expert for every token; see the
+    implementation: `"ragged_dot"` (grouped matmul over expert-sorted tokens: only the
+      selected experts are computed) or `"dense"` (every expert for every token; see the
       module docstring for costs).
     initializer_range: std of the normal init of the expert weights.
     dtype: compute dtype.
@@ -236,15 +236,15 @@ class Gemma4Experts(nn.Module):
     """Applies the chosen experts and sums their weighted outputs.
 
     Args:
-      x: ``[tokens, hidden]`` expert inputs.
-      index: ``[tokens, k]`` chosen experts.
-      weights: ``[tokens, k]`` routing weights.
+      x: `[tokens, hidden]` expert inputs.
+      index: `[tokens, k]` chosen experts.
+      weights: `[tokens, k]` routing weights.
 
     Returns:
-      ``[tokens, hidden]`` in ``dtype``.
+      `[tokens, hidden]` in `dtype`.
 
     Raises:
-      ValueError: an unknown ``implementation`` or ``activation``.
+      ValueError: an unknown `implementation` or `activation`.
     """
     e, f, d = self.num_experts, self.moe_intermediate_size, x.shape[-1]
     init = nn.initializers.normal(self.initializer_range)
@@ -265,7 +265,7 @@ class Gemma4Experts(nn.Module):
 
 
 def _ragged_experts(x, index, weights, gate_up, down, act, num_experts):
-  """Sort-by-expert grouped matmul; returns the fp32 weighted sum ``[tokens, hidden]``."""
+  """Sort-by-expert grouped matmul; returns the fp32 weighted sum `[tokens, hidden]`."""
   tokens, k = index.shape
   flat_expert = index.reshape(-1)
   order = jnp.argsort(flat_expert, stable=True)  # pair slots grouped by expert
@@ -281,7 +281,7 @@ def _ragged_experts(x, index, weights, gate_up, down, act, num_experts):
 
 
 def _dense_experts(x, index, weights, gate_up, down, act, num_experts):
-  """Every expert on every token, combined by the routing; returns fp32 ``[tokens, hidden]``."""
+  """Every expert on every token, combined by the routing; returns fp32 `[tokens, hidden]`."""
   gate, up = jnp.split(jnp.einsum("td,efd->tef", x, gate_up), 2, axis=-1)
   y = jnp.einsum("tef,edf->ted", act(gate) * up, down)
   combine = jnp.sum(
@@ -295,13 +295,13 @@ class Gemma4MoE(nn.Module):
   """The MoE branch of a Gemma 4 decoder layer: router, experts and their two norms.
 
   Attributes:
-    hidden_size: model width D (``hidden_size``).
-    num_experts: number of experts E (``num_experts``).
-    top_k: experts per token (``top_k_experts``).
-    moe_intermediate_size: width F of one expert (``moe_intermediate_size``).
-    activation: Hugging Face activation name (``hidden_activation``).
-    eps: RMS-norm epsilon (``rms_norm_eps``).
-    implementation: ``"ragged_dot"`` or ``"dense"`` (see the module docstring).
+    hidden_size: model width D (`hidden_size`).
+    num_experts: number of experts E (`num_experts`).
+    top_k: experts per token (`top_k_experts`).
+    moe_intermediate_size: width F of one expert (`moe_intermediate_size`).
+    activation: Hugging Face activation name (`hidden_activation`).
+    eps: RMS-norm epsilon (`rms_norm_eps`).
+    implementation: `"ragged_dot"` or `"dense"` (see the module docstring).
     initializer_range: std of the normal init of the router and expert weights.
     dtype: compute dtype.
     param_dtype: parameter dtype.
@@ -323,16 +323,16 @@ class Gemma4MoE(nn.Module):
     """Applies the branch.
 
     Args:
-      x: ``[batch, time, hidden]`` residual stream entering the feed-forward half (before
-        ``pre_feedforward_layernorm``).
+      x: `[batch, time, hidden]` residual stream entering the feed-forward half (before
+        `pre_feedforward_layernorm`).
 
     Returns:
-      ``[batch, time, hidden]``: ``post_feedforward_layernorm_2`` of the expert mixture, to be
+      `[batch, time, hidden]`: `post_feedforward_layernorm_2` of the expert mixture, to be
       added to the dense MLP's normalised output.
 
     Raises:
-      ValueError: ``x``'s last axis is not ``hidden_size``, or ``top_k`` is not in
-        ``[1, num_experts]``.
+      ValueError: `x`'s last axis is not `hidden_size`, or `top_k` is not in
+        `[1, num_experts]`.
     """
     if x.shape[-1] != self.hidden_size:
       raise ValueError(f"MoE input width {x.shape[-1]} differs from hidden_size {self.hidden_size}")
@@ -374,9 +374,9 @@ def hf_tensor_entries(
     moe_intermediate_size: F.
 
   Returns:
-    ``(hf_suffix, path, kind, hf_shape)`` per tensor: ``hf_suffix`` relative to the decoder
-    layer (``router.proj.weight``), ``path`` relative to :class:`Gemma4MoE`, ``kind`` ``'id'``
-    (same array) or ``'T'`` (transposed), as in ``hf_names.to_flax``.
+    `(hf_suffix, path, kind, hf_shape)` per tensor: `hf_suffix` relative to the decoder
+    layer (`router.proj.weight`), `path` relative to `Gemma4MoE`, `kind` `'id'`
+    (same array) or `'T'` (transposed), as in `hf_names.to_flax`.
   """
   d, e, f = hidden_size, num_experts, moe_intermediate_size
   return [
@@ -401,20 +401,20 @@ def _to_numpy(value) -> np.ndarray:
 
 
 def params_from_hf(state_dict: Mapping[str, Any], prefix: str = "") -> dict:
-  """Builds :class:`Gemma4MoE`'s params from one decoder layer's Hugging Face tensors.
+  """Builds `Gemma4MoE`'s params from one decoder layer's Hugging Face tensors.
 
   Args:
     state_dict: mapping from names to arrays (numpy, torch or jax), e.g. a decoder layer's
-      ``state_dict()``; extra keys are ignored.
-    prefix: prepended to every name (``"model.layers.3."``).
+      `state_dict()`; extra keys are ignored.
+    prefix: prepended to every name (`"model.layers.3."`).
 
   Returns:
-    The nested params dict of one ``Gemma4MoE`` (numpy arrays; torch bf16 becomes fp32).
+    The nested params dict of one `Gemma4MoE` (numpy arrays; torch bf16 becomes fp32).
 
   Raises:
     KeyError: a tensor of the table is missing.
     ValueError: a tensor's shape disagrees with the others (the dims are read from
-      ``router.proj.weight`` and ``experts.down_proj``).
+      `router.proj.weight` and `experts.down_proj`).
   """
 
   def get(suffix):
@@ -438,14 +438,14 @@ def params_from_hf(state_dict: Mapping[str, Any], prefix: str = "") -> dict:
 
 
 def params_to_hf(params: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-  """Inverse of :func:`params_from_hf`: one ``Gemma4MoE``'s params as Hugging Face tensors.
+  """Inverse of `params_from_hf`: one `Gemma4MoE`'s params as Hugging Face tensors.
 
   Args:
-    params: the params of one (unstacked) ``Gemma4MoE``.
+    params: the params of one (unstacked) `Gemma4MoE`.
     prefix: prepended to every name.
 
   Returns:
-    ``{name: numpy array}`` in Hugging Face layout.
+    `{name: numpy array}` in Hugging Face layout.
   """
   num_experts, hidden, moe_width = np.shape(params["experts"]["down_proj"])
   out = {}

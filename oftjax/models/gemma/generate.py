@@ -6,9 +6,9 @@ sampling settings (`sampling.next_token`) and the EOS/pad ids are traced, so swi
 greedy and sampling does not recompile. A token callback streams each step's tokens to the
 host while the compiled loop runs (`jax.experimental.io_callback`, ordered).
 
-``model`` may also be an ``oftjax.Adapted`` Gemma: generation then runs with unmerged
-adapters, over whatever kernels ``params`` holds (quantized ones included, as in QOFT, under
-``Adapted(quant.Dequantized(model), config)``), with no merged or dequantized copy of the model.
+`model` may also be an `oftjax.Adapted` Gemma: generation then runs with unmerged
+adapters, over whatever kernels `params` holds (quantized ones included, as in QOFT, under
+`Adapted(quant.Dequantized(model), config)`), with no merged or dequantized copy of the model.
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ def init_cache(config, batch: int, max_len: int, dtype=None):
 
 
 def _gemma_of(model):
-  """The Gemma module itself, under any wrappers around it (each exposes its ``wrapped``)."""
+  """The Gemma module itself, under any wrappers around it (each exposes its `wrapped`)."""
   while not isinstance(model, _DECODERS):
     model = model.wrapped
   return model
 
 
 def _decode(model, params, *args):
-  """One ``decode`` call; through the wrapper's interceptor when adapters are attached."""
+  """One `decode` call; through the wrapper's interceptor when adapters are attached."""
   if isinstance(model, _DECODERS):
     return model.apply({"params": params}, *args, method=type(model).decode)
   return model.apply({"params": params}, *args, method=lambda m, *a: m.call_method("decode", *a))

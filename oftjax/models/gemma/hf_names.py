@@ -3,6 +3,12 @@
 HF stores `nn.Linear` weights as `[out, in]`; our kernels are `[in, out]`, with the head axes
 split out for the attention projections (`q_proj` `[hidden, heads, head_dim]`, `o_proj`
 `[heads, head_dim, hidden]`), and per-layer tensors stacked on a leading layer axis.
+
+Names are the text model's (`model.layers.3.mlp.up_proj.weight`). A multimodal Gemma 3
+folder (`Gemma3ForConditionalGeneration`) stores them under `language_model.model.` and
+`language_model.lm_head.` (as transformers saves it and the hub's gemma-3-4b+ files do;
+`model.language_model.` is read too), beside its vision tower and projector: *tower
+tensors*, never read, and copied byte for byte by `save`.
 """
 
 from __future__ import annotations
@@ -13,13 +19,14 @@ import numpy as np
 
 from oftjax.models.gemma.config import GemmaConfig
 
-# Prefixes of multimodal Gemma 3 checkpoints, rewritten to the text model's own names.
-_PREFIX_REWRITES = (
-  ("model.language_model.", "model."),
+# Prefixes of multimodal Gemma 3 checkpoints and the text model's names they stand for: the
+# layout `save` writes, then the one transformers' modules use.
+_MULTIMODAL_PREFIXES = (
   ("language_model.model.", "model."),
   ("language_model.lm_head.", "lm_head."),
 )
-_IGNORED_PREFIXES = (
+_PREFIX_REWRITES = _MULTIMODAL_PREFIXES + (("model.language_model.", "model."),)
+_TOWER_PREFIXES = (
   "vision_tower.",
   "multi_modal_projector.",
   "model.vision_tower.",
@@ -111,11 +118,25 @@ def canonical_name(name: str) -> str | None:
     The canonical text-model name, or None for tensors to ignore (vision tower, projector,
     stale rotary buffers).
   """
-  if name.startswith(_IGNORED_PREFIXES) or name.endswith("rotary_emb.inv_freq"):
+  if name.startswith(_TOWER_PREFIXES) or name.endswith("rotary_emb.inv_freq"):
     return None
   for old, new in _PREFIX_REWRITES:
     if name.startswith(old):
       return new + name[len(old) :]
+  return name
+
+
+def is_tower_tensor(name: str, cfg: GemmaConfig) -> bool:
+  """Whether `name` (as in the file) is a vision-tower tensor of a multimodal Gemma 3 folder."""
+  return cfg.multimodal and name.startswith(_TOWER_PREFIXES)
+
+
+def file_name(name: str, cfg: GemmaConfig) -> str:
+  """Inverse of `canonical_name` for text tensors: the name `save` writes."""
+  if cfg.multimodal:
+    for prefix, text_prefix in _MULTIMODAL_PREFIXES:
+      if name.startswith(text_prefix):
+        return prefix + name[len(text_prefix) :]
   return name
 
 

@@ -79,10 +79,28 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def softcap(x: Array, cap: float | None) -> Array:
-  """``tanh(x / cap) * cap`` (Gemma 2's logit soft-capping); ``x`` itself without a cap."""
+  """`tanh(x / cap) * cap` (Gemma 2's logit soft-capping); `x` itself without a cap."""
   if cap is None:
     return x
   return jnp.tanh(x / cap) * cap
+
+
+def write_cache(cache, k: Array, v: Array, cache_index) -> tuple[Array, Array]:
+  """Writes new keys/values into a key/value cache from slot `cache_index` on.
+
+  Args:
+    cache: `(k_cache, v_cache)`, each `[batch, max_len, kv_heads, head_dim]`.
+    k: `[batch, time, kv_heads, head_dim]` keys of the new tokens.
+    v: their values, shaped as `k`.
+    cache_index: scalar slot of the first new token.
+
+  Returns:
+    The updated `(k_cache, v_cache)`, in the cache's dtype.
+  """
+  return tuple(
+    jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), cache_index, axis=1)
+    for c, x in zip(cache, (k, v))
+  )
 
 
 class Attention(nn.Module):
@@ -122,15 +140,8 @@ class Attention(nn.Module):
 
     new_cache = None
     if cache is not None:
-      k_cache, v_cache = cache
-      k_cache = jax.lax.dynamic_update_slice_in_dim(
-        k_cache, k.astype(k_cache.dtype), cache_index, axis=1
-      )
-      v_cache = jax.lax.dynamic_update_slice_in_dim(
-        v_cache, v.astype(v_cache.dtype), cache_index, axis=1
-      )
-      new_cache = (k_cache, v_cache)
-      k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+      new_cache = write_cache(cache, k, v, cache_index)
+      k, v = (c.astype(q.dtype) for c in new_cache)
 
     batch, time = q.shape[:2]
     groups = cfg.num_heads // cfg.num_kv_heads

@@ -3,7 +3,7 @@
 Weights are read parameter by parameter (all layers of one stacked parameter, then the next;
 large 2-D tensors such as the embedding in row blocks) into a buffer in the target dtype,
 through a donated in-place update on the device, so host memory never holds the model twice,
-and an ``on_param`` hook (e.g. quantization) can shrink each parameter before the next is
+and an `on_param` hook (e.g. quantization) can shrink each parameter before the next is
 read. Safetensors files are read with plain positioned reads (the format is an 8-byte header
 length, a JSON header and raw little-endian data) rather than `safe_open`'s memory map, whose
 touched pages would count as a second copy of the weights in the process's resident memory.
@@ -235,7 +235,7 @@ def model_from_hf_config(hf_config, dtype=jnp.float32, param_dtype=None, remat: 
 def load_model(path_or_id, dtype=jnp.float32, param_dtype=None, remat: bool | str = False):
   """The `Gemma` or `Gemma4` module of a Hugging Face folder or hub id, from its config alone.
 
-  Lets a caller trace the model (e.g. record adapter geometries) before :func:`load`.
+  Lets a caller trace the model (e.g. record adapter geometries) before `load`.
   """
   folder = resolve_folder(path_or_id)
   model = model_from_hf_config(

@@ -119,37 +119,39 @@ def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype=None):
   return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
-class Gemma(nn.Module):
-  """Gemma 1/2/3 text decoder returning fp32 next-token logits.
+def token_embedding(config) -> nn.Embed:
+  """The token embedding `embed_tokens` of a Gemma 1-4 config (normal(0.02) init)."""
+  return nn.Embed(
+    config.vocab_size,
+    config.hidden_size,
+    dtype=config.dtype,
+    param_dtype=config.param_dtype,
+    embedding_init=nn.initializers.normal(0.02),
+  )
+
+
+def output_head(config) -> nn.Dense | None:
+  """The untied output projection `lm_head` of a Gemma 1-4 config (None when tied)."""
+  if config.tie_word_embeddings:
+    return None
+  return nn.Dense(
+    config.vocab_size, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype
+  )
+
+
+class TextDecoder(nn.Module):
+  """What every Gemma text decoder shares: its two calls, the embedding scale and the head.
+
+  A subclass builds `embed_tokens` (`token_embedding`), `norm` and `lm_head`
+  (`output_head`) in `setup`, and runs its layers in `_run(tokens, positions, masks, cache,
+  cache_index) -> (logits, new_cache)`, embedding with `_embed` and ending with `_logits`.
+  The training job, the evaluator and `generate` use any subclass the same way.
 
   Attributes:
-    config: the architecture (see `GemmaConfig`).
+    config: the architecture (`GemmaConfig` or `Gemma4Config`).
   """
 
-  config: GemmaConfig
-
-  def setup(self):
-    cfg = self.config
-    self.embed_tokens = nn.Embed(
-      cfg.vocab_size,
-      cfg.hidden_size,
-      dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype,
-      embedding_init=nn.initializers.normal(0.02),
-    )
-    layer = remat.checkpointed(DecoderLayer, cfg.remat)
-    self.layers = nn.scan(
-      layer,
-      variable_axes={"params": 0},
-      split_rngs={"params": True},
-      in_axes=(0, nn.broadcast),
-      length=cfg.num_layers,
-    )(cfg)
-    self.norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
-    if not cfg.tie_word_embeddings:
-      self.lm_head = nn.Dense(
-        cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype
-      )
+  config: Any
 
   def _embed(self, tokens):
     x = self.embed_tokens(tokens)
@@ -157,21 +159,8 @@ class Gemma(nn.Module):
 
   def _logits(self, x):
     x = self.norm(x)
-    if self.config.tie_word_embeddings:
-      logits = self.embed_tokens.attend(x)
-    else:
-      logits = self.lm_head(x)
-    logits = logits.astype(jnp.float32)
-    return softcap(logits, self.config.final_logit_softcapping)
-
-  def _run_layers(self, x, positions, masks, cache=None, cache_index=None):
-    cfg = self.config
-    ropes = [
-      rope_tables(positions, r, cfg.head_dim, cfg.dtype) for r in (cfg.rope_global, cfg.rope_local)
-    ]
-    is_sliding = jnp.asarray(cfg.layer_is_sliding, dtype=bool)
-    shared = (ropes[0], ropes[1], masks[0], masks[1], cache_index)
-    return self.layers(x, (is_sliding, cache), shared)
+    logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+    return softcap(logits.astype(jnp.float32), self.config.final_logit_softcapping)
 
   def __call__(self, tokens, positions=None, segment_ids=None, attention_mask=None):
     """Computes logits for every position.
@@ -190,8 +179,7 @@ class Gemma(nn.Module):
     positions, masks = sequence_masks(
       tokens, positions, segment_ids, attention_mask, self.config.sliding_window
     )
-    x, _ = self._run_layers(self._embed(tokens), positions, masks)
-    return self._logits(x)
+    return self._run(tokens, positions, masks)[0]
 
   def decode(self, tokens, positions, cache, cache_index, kv_mask):
     """Runs new tokens against a key/value cache (prefill or one decode step).
@@ -202,7 +190,7 @@ class Gemma(nn.Module):
     Args:
       tokens: `[batch, time]` new token ids.
       positions: `[batch, time]` their rope positions.
-      cache: `(k, v)` from `init_cache` or a previous `decode`.
+      cache: from the model's `init_cache` or a previous `decode`.
       cache_index: scalar int, the first slot written.
       kv_mask: `[batch, max_len]`, 1 for slots holding real tokens (including these ones).
 
@@ -210,7 +198,40 @@ class Gemma(nn.Module):
       `(logits, cache)`: `[batch, time, vocab]` fp32 logits and the updated cache.
     """
     masks = decode_masks(tokens.shape[1], cache_index, kv_mask, self.config.sliding_window)
-    x, new_cache = self._run_layers(self._embed(tokens), positions, masks, cache, cache_index)
+    return self._run(tokens, positions, masks, cache, cache_index)
+
+
+class Gemma(TextDecoder):
+  """Gemma 1/2/3 text decoder returning fp32 next-token logits, its layers under one scan.
+
+  Attributes:
+    config: the architecture (see `GemmaConfig`); `decode` takes the cache of `init_cache`.
+  """
+
+  config: GemmaConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embed_tokens = token_embedding(cfg)
+    layer = remat.checkpointed(DecoderLayer, cfg.remat)
+    self.layers = nn.scan(
+      layer,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(0, nn.broadcast),
+      length=cfg.num_layers,
+    )(cfg)
+    self.norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
+    self.lm_head = output_head(cfg)
+
+  def _run(self, tokens, positions, masks, cache=None, cache_index=None):
+    cfg = self.config
+    ropes = [
+      rope_tables(positions, r, cfg.head_dim, cfg.dtype) for r in (cfg.rope_global, cfg.rope_local)
+    ]
+    is_sliding = jnp.asarray(cfg.layer_is_sliding, dtype=bool)
+    shared = (ropes[0], ropes[1], masks[0], masks[1], cache_index)
+    x, new_cache = self.layers(self._embed(tokens), (is_sliding, cache), shared)
     return self._logits(x), new_cache
 
 

@@ -1,7 +1,9 @@
 """Write our Gemma parameters as a Hugging Face folder that `transformers` loads.
 
 The folder is written to a temporary sibling and renamed into place at the end, so a crash
-never leaves a folder that looks complete.
+never leaves a folder that looks complete. A model loaded from a multimodal folder (Gemma 3
+or Gemma 4) is written as one again: the whole multimodal config, the text decoder under
+the layout transformers writes, and the other towers copied byte for byte (`towers`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ import jax
 import numpy as np
 
 from oftjax import atomic
-from oftjax.models.gemma import gemma4_names, gemma4_saving
+from oftjax.models.gemma import gemma4_names, hf_names, towers
 from oftjax.models.gemma.gemma4_config import Gemma4Config
-from oftjax.models.gemma.hf_names import tensor_specs, to_hf
 
 TOKENIZER_FILES = (
   "tokenizer.json",
@@ -30,6 +31,7 @@ TOKENIZER_FILES = (
   "generation_config.json",
 )
 _ARCHITECTURES = {1: "GemmaForCausalLM", 2: "Gemma2ForCausalLM", 3: "Gemma3ForCausalLM"}
+_MULTIMODAL_ARCHITECTURES = {3: "Gemma3ForConditionalGeneration"}
 
 
 def _flat(params) -> dict:
@@ -37,11 +39,24 @@ def _flat(params) -> dict:
   return {tuple(str(getattr(k, "key", k)) for k in path): v for path, v in leaves}
 
 
-def _write_config(folder: str, cfg, dtype_name: str) -> None:
+def _family(cfg):
+  """`(architecture, tensor specs, names)` of a Gemma 1-3 or Gemma 4 config.
+
+  `names` is the family's naming module: `file_name(name, cfg)`, `is_tower_tensor(name, cfg)`.
+  """
+  if isinstance(cfg, Gemma4Config):
+    arch = "Gemma4ForConditionalGeneration" if cfg.multimodal else "Gemma4ForCausalLM"
+    return arch, gemma4_names.tensor_specs(cfg), gemma4_names
+  arch = (_MULTIMODAL_ARCHITECTURES if cfg.multimodal else _ARCHITECTURES)[cfg.generation]
+  return arch, hf_names.tensor_specs(cfg), hf_names
+
+
+def _write_config(folder: str, cfg, architecture: str, dtype_name: str) -> None:
+  """Writes `config.json`: the whole config of a multimodal model, else the text one."""
   if cfg.hf_config is None:
     raise ValueError("model.config.hf_config is None: build the model with from_hf_config or load")
-  hf = copy.deepcopy(cfg.hf_config)
-  hf.architectures = [_ARCHITECTURES[cfg.generation]]
+  hf = copy.deepcopy(cfg.hf_multimodal_config if cfg.multimodal else cfg.hf_config)
+  hf.architectures = [architecture]
   hf.dtype = dtype_name
   hf.save_pretrained(folder)
 
@@ -63,7 +78,7 @@ def _shards(specs, flat, max_shard_bytes: int):
 def _hf_tensor(spec, flat) -> np.ndarray:
   leaf = flat[spec.path]
   arr = np.asarray(leaf[spec.layer]) if spec.layer is not None else np.asarray(leaf)
-  return np.ascontiguousarray(to_hf(arr, spec.kind))
+  return np.ascontiguousarray(hf_names.to_hf(arr, spec.kind))
 
 
 def save(
@@ -76,8 +91,9 @@ def save(
 ):
   """Writes a Hugging Face Gemma folder: `config.json`, safetensors weights, tokenizer files.
 
-  A Gemma 4 model loaded from a multimodal folder is written as one again: its vision and
-  audio tensors are copied byte for byte from the source folder (see `gemma4_saving`).
+  A model loaded from a multimodal folder (`Gemma3ForConditionalGeneration`,
+  `Gemma4ForConditionalGeneration`) is written as one again, with the same config: its
+  vision (and audio) tensors are copied byte for byte from the source folder (`towers`).
 
   Args:
     path: the folder to create.
@@ -97,7 +113,7 @@ def save(
   Raises:
     FileExistsError: `path` exists and `overwrite` is False.
     ValueError: params hold leaves the checkpoint format does not (e.g. unmerged adapters),
-      or leaves are missing, or a multimodal Gemma 4 has no source folder for its towers.
+      or leaves are missing, or a multimodal model has no source folder for its towers.
   """
   from safetensors.numpy import save_file
 
@@ -105,10 +121,10 @@ def save(
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
-  gemma4 = isinstance(cfg, Gemma4Config)
-  specs = gemma4_names.tensor_specs(cfg) if gemma4 else tensor_specs(cfg)
-  file_name = (lambda n: gemma4_names.file_name(n, cfg)) if gemma4 else (lambda n: n)
-  towers = gemma4_saving.tower_tensors(cfg) if gemma4 else []
+  architecture, specs, names = _family(cfg)
+  kept_towers = []
+  if cfg.multimodal:
+    kept_towers = towers.tower_tensors(cfg.source_dir, lambda n: names.is_tower_tensor(n, cfg))
   flat = _flat(params)
   expected = {s.path for s in specs}
   extra = sorted("/".join(p) for p in flat if p not in expected)
@@ -122,21 +138,21 @@ def save(
   dtype_name = str(np.dtype(flat[specs[0].path].dtype))
 
   with atomic.replace_folder(path) as tmp:
-    (gemma4_saving.write_config if gemma4 else _write_config)(tmp, cfg, dtype_name)
+    _write_config(tmp, cfg, architecture, dtype_name)
     shards = _shards(specs, flat, max_shard_bytes)
-    files = len(shards) + (1 if towers else 0)  # the towers, if any, go in the last file
+    files = len(shards) + (1 if kept_towers else 0)  # the towers, if any, go in the last file
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
       name = "model.safetensors" if files == 1 else f"model-{i + 1:05d}-of-{files:05d}.safetensors"
-      tensors = {file_name(s.hf_name): _hf_tensor(s, flat) for s in shard}
+      tensors = {names.file_name(s.hf_name, cfg): _hf_tensor(s, flat) for s in shard}
       total += sum(t.nbytes for t in tensors.values())
       save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
       weight_map.update({n: name for n in tensors})
       del tensors
-    if towers:
+    if kept_towers:
       last = f"model-{files:05d}-of-{files:05d}.safetensors"
-      weight_map.update(gemma4_saving.copy_towers(tmp, last, towers))
-      total += sum(e["data_offsets"][1] - e["data_offsets"][0] for _, _, e, _ in towers)
+      weight_map.update(towers.write_towers(tmp, last, kept_towers))
+      total += sum(t.nbytes for t in kept_towers)
     if files > 1:
       index = {"metadata": {"total_size": total}, "weight_map": weight_map}
       with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as fh:
