@@ -41,6 +41,8 @@ class RunRecord:
     loop: what the training loop measured (:class:`oftjax.train.loop.LoopStats`).
     train: the training ``Dataset`` (its example and truncation counts are reported).
     t_start: ``time.time()`` when the run started.
+    lora_export: the `--export-lora` summary (:func:`oftjax.train.lora_export.export_lora`),
+      or ``None``.
   """
 
   eval_before: dict
@@ -49,6 +51,7 @@ class RunRecord:
   loop: LoopStats
   train: Any
   t_start: float
+  lora_export: dict | None = None
 
 
 def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
@@ -116,6 +119,7 @@ def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
     "peft_adapter": adapter_dir,
     "peft_export_skipped": skipped_export,
     "export_merged": c.export_merged or None,
+    "lora_export": record.lora_export,
   }
   atomic.write_json(os.path.join(out, "summary.json"), summary, indent=2, sort_keys=True)
   return summary
