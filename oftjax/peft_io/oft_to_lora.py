@@ -217,6 +217,6 @@ def lora_from_oft(
     "curve": curve,
   }
   lora_config = dataclasses.replace(
-    config, method="lora", lora_rank=rank, lora_alpha=float(rank), coft_eps=None
+    config, method="lora", lora_rank=rank, lora_alpha=float(rank), coft_eps=None, block_dropout=0.0
   )
   return tree, lora_config, report
