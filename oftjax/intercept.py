@@ -88,7 +88,9 @@ class AdapterInterceptor:
     blocks = adapters.oft_blocks(leaves, config, path)
     if config.block_dropout and not self.deterministic:
       rng = module.make_rng("dropout")
-      blocks = adapters.drop_blocks(blocks, rng, config.block_dropout, geom.d_in // blocks.shape[-1])
+      blocks = adapters.drop_blocks(
+        blocks, rng, config.block_dropout, geom.d_in // blocks.shape[-1]
+      )
     if config.method == "oft":
       rotated = adapters.rotate_input(x, geom, blocks, config.precision)
       return next_fun(rotated, *rest, **kwargs)

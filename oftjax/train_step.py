@@ -90,14 +90,14 @@ def make_train_step(
 
     def micro(acc, mb_and_index):
       mb, i = mb_and_index
-      (loss, a), g = grads_of(trainable, frozen, mb, None if key is None else jax.random.fold_in(key, i))
+      (loss, a), g = grads_of(
+        trainable, frozen, mb, None if key is None else jax.random.fold_in(key, i)
+      )
       n = jnp.asarray(1.0 if weight_key is None else a[weight_key], jnp.float32)
       return jax.tree_util.tree_map(lambda s, x: s + n * x, acc, g), (n, loss, a)
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
-    summed, (counts, losses, auxes) = jax.lax.scan(
-      micro, zeros, (batch, jnp.arange(accum_steps))
-    )
+    summed, (counts, losses, auxes) = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum_steps)))
     total = counts.sum()
     total = jnp.where(total > 0, total, 1.0)  # no term in any micro-batch: all weights 0
     weights = counts / total

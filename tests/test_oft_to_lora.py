@@ -110,7 +110,9 @@ def test_reported_error_is_the_measured_error(trained):
   np.testing.assert_allclose(report["relative_to_weight"], np.sqrt(res_sq / weight_sq), rtol=1e-3)
   curve = {row["rank"]: row for row in report["curve"]}
   errors = [row["relative_error"] for row in report["curve"]]
-  assert errors == sorted(errors, reverse=True) and curve[report["full_rank"]]["relative_error"] < 1e-6
+  assert (
+    errors == sorted(errors, reverse=True) and curve[report["full_rank"]]["relative_error"] < 1e-6
+  )
 
 
 def test_peft_loads_the_lora_export_and_agrees(trained, tmp_path):

@@ -173,7 +173,9 @@ def lora_from_oft(
       plain float `kernel` (dequantize first), or a layer's output layout cannot hold LoRA.
   """
   if config.leaf_name != "oft":
-    raise ValueError(f"lora_from_oft converts OFT adapters; this config's method is {config.method!r}")
+    raise ValueError(
+      f"lora_from_oft converts OFT adapters; this config's method is {config.method!r}"
+    )
   if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
     raise ValueError(f"rank must be a positive integer (got {rank!r})")
   base, adapter = P.split_params(params)

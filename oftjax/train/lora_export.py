@@ -134,4 +134,3 @@ def export_lora(c, job, trainable, examples, pad_id: int, naming) -> dict:
     )
   summary = {k: v for k, v in report.items() if k not in ("layers", "curve")}
   return {"dir": adapter_dir, **summary}
-
