@@ -57,6 +57,7 @@ QUESTIONS = {
   "oft_v1_vs_v2": "cost against d_model and b",
   "forgetting": "does OFT forget less?",
   "qoft_vs_qlora": "QOFT vs QLoRA on NF4",
+  "block_dropout": "does OFT's block dropout help?",
 }
 
 
