@@ -188,6 +188,12 @@ def test_peft_export_writes_module_dropout_and_inference_ignores_it(tiny_gemma, 
   np.testing.assert_allclose(ours, PH.logits(peft_model, tokens), atol=1e-4)
   _, icfg = peft_io.import_peft(str(tmp_path / "a"), naming=naming)
   assert icfg.block_dropout == 0.3
+  cfg_file = tmp_path / "a" / "adapter_config.json"
+  cfg_file.write_text(
+    cfg_file.read_text().replace('"module_dropout": 0.3', '"module_dropout": 1.5')
+  )
+  with pytest.raises(ValueError, match=r"module_dropout=1.5 is not a probability in \[0, 1\)"):
+    peft_io.import_peft(str(tmp_path / "a"), naming=naming)
 
 
 def test_bad_rates_are_refused():
