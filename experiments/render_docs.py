@@ -365,13 +365,24 @@ def render_lora_export() -> str:
     f"{x['relative_logit_error']:.3g} | {x['eval_loss']:.4f} | {x['accuracy']:.3f} |"
     for x in r["ranks"]
   ]
+  # lora_export.py evaluates as the default job does: the default run's eval set size
+  n_eval = _summary()["config"]["eval_limit"]
+  matched = [x for x in r["ranks"] if x["accuracy"] >= oft["accuracy"]]
   prose = _paragraph(
     f"On the shipped default run (`{' '.join(r['command'])}`, {run['steps']} steps, "
     f"{run['trainable_params']:,} OFT parameters; `experiments/results/lora_export.json`, "
     f"written by `python experiments/lora_export.py`) the OFT model has eval loss "
-    f"{oft['eval_loss']:.4f} and accuracy {oft['accuracy']:.3f}; its LoRA exports:"
+    f"{oft['eval_loss']:.4f} and accuracy {oft['accuracy']:.3f} (exact match on {n_eval} "
+    f"examples); its LoRA exports (logit errors over the eval set's tokens) are:"
   )
-  return _block(prose + "\n\n" + "\n".join(rows))
+  after = _paragraph(
+    f"The smallest rank that keeps the OFT model's accuracy here is {matched[0]['rank']} of "
+    f"{r['job_report']['full_rank']} (full rank), with {matched[0]['lora_params']:,} LoRA "
+    f"parameters against OFT's {run['trainable_params']:,}."
+    if matched
+    else "No rank below full keeps the OFT model's accuracy here."
+  )
+  return _block(prose + "\n\n" + "\n".join(rows) + "\n\n" + after)
 
 
 def render_notebook_count() -> str:
