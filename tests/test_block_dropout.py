@@ -128,7 +128,7 @@ def _scanned_case(d, rate, weight=None):
   return adapted, {"layers": {"proj": {"kernel": kernel, "oft": {"weight": weight}}}}, x
 
 
-def _train_step_outputs(rate, with_rng):
+def _train_step_outputs(rate, with_rng, accum_steps=1):
   weight = 0.1 * jax.random.normal(jax.random.key(7), (3, 32, 1))
   adapted, params, x = _scanned_case(64, rate, weight)
   base, adapter = oftjax.split_params(params)
@@ -139,8 +139,11 @@ def _train_step_outputs(rate, with_rng):
     return jnp.mean(jnp.sin(y))
 
   optimizer = optax.sgd(0.1)
-  step = oftjax.make_train_step(loss, optimizer, with_rng=with_rng, donate=False)
-  args = (adapter, optimizer.init(adapter), base, x)
+  step = oftjax.make_train_step(
+    loss, optimizer, with_rng=with_rng, donate=False, accum_steps=accum_steps
+  )
+  batch = x if accum_steps == 1 else jnp.stack([x * (i + 1) for i in range(accum_steps)])
+  args = (adapter, optimizer.init(adapter), base, batch)
   key = np.asarray(jax.random.key_data(jax.random.key(3)))
   return step(*args, key) if with_rng else step(*args)
 
@@ -152,6 +155,15 @@ def test_rate_zero_train_step_is_bit_identical():
     assert np.array_equal(np.asarray(a), np.asarray(b))
   dropped = _train_step_outputs(0.5, with_rng=True)
   assert float(dropped[2]) != float(plain[2])  # a positive rate does change the step
+
+
+@pytest.mark.slow  # two more step compiles: ~20-60 s on a loaded 2-core machine
+def test_rate_zero_accumulated_step_is_bit_identical():
+  # micro-batch i draws from fold_in(key, i)
+  plain = _train_step_outputs(0.0, with_rng=False, accum_steps=2)
+  keyed = _train_step_outputs(0.0, with_rng=True, accum_steps=2)
+  assert np.array_equal(np.asarray(plain[2]), np.asarray(keyed[2]))
+  assert float(_train_step_outputs(0.5, with_rng=True, accum_steps=2)[2]) != float(plain[2])
 
 
 def test_scanned_layers_draw_their_own_masks():
