@@ -12,6 +12,8 @@ training, no oftjax import but to write the files, a second or two):
   `experiments/bench_report.py`, the code that prints the benchmark's own tables;
 - `experiments/results/default_run*.json` (`experiments/record_runs.py`: what the shipped
   job printed and summarised);
+- `experiments/results/lora_export.json` (`experiments/lora_export.py`: the rank-vs-error
+  curve of the default run's LoRA export);
 - `experiments/results/quant_storage.json` (what `tests/test_quant.py` measures and
   checks against this file);
 - the tests themselves, read as source (`ast`): the bad-input catalogue of RELIABILITY.md
@@ -57,6 +59,7 @@ QUESTIONS = {
   "oft_v1_vs_v2": "cost against d_model and b",
   "forgetting": "does OFT forget less?",
   "qoft_vs_qlora": "QOFT vs QLoRA on NF4",
+  "block_dropout": "does OFT's block dropout help?",
 }
 
 
@@ -346,6 +349,40 @@ def _eval_sizes() -> list[int]:
       for m in re.findall(r"(?:N_EVAL|EVAL_LIMIT)\s*=\s*pick\(\d+, (\d+)\)", notebook_code(name))
     }
   return sorted(sizes)
+
+
+def render_lora_export() -> str:
+  r = _json("experiments", "results", "lora_export.json")
+  run, oft = r["run"], r["oft"]
+  rows = [
+    "| LoRA rank | LoRA params | update error ‖Δ-AB‖/‖Δ‖ | vs ‖W‖ | max logit error | "
+    "rel. logit error | eval loss | accuracy |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  rows += [
+    f"| {x['rank']} | {x['lora_params']:,} | {x['relative_error']:.3f} | "
+    f"{x['relative_to_weight']:.4f} | {x['max_abs_logit_error']:.3g} | "
+    f"{x['relative_logit_error']:.3g} | {x['eval_loss']:.4f} | {x['accuracy']:.3f} |"
+    for x in r["ranks"]
+  ]
+  # lora_export.py evaluates as the default job does: the default run's eval set size
+  n_eval = _summary()["config"]["eval_limit"]
+  matched = [x for x in r["ranks"] if x["accuracy"] >= oft["accuracy"]]
+  prose = _paragraph(
+    f"On the shipped default run (`{' '.join(r['command'])}`, {run['steps']} steps, "
+    f"{run['trainable_params']:,} OFT parameters; `experiments/results/lora_export.json`, "
+    f"written by `python experiments/lora_export.py`) the OFT model has eval loss "
+    f"{oft['eval_loss']:.4f} and accuracy {oft['accuracy']:.3f} (exact match on {n_eval} "
+    f"examples); its LoRA exports (logit errors over the eval set's tokens) are:"
+  )
+  after = _paragraph(
+    f"The smallest rank that keeps the OFT model's accuracy here is {matched[0]['rank']} of "
+    f"{r['job_report']['full_rank']} (full rank), with {matched[0]['lora_params']:,} LoRA "
+    f"parameters against OFT's {run['trainable_params']:,}."
+    if matched
+    else "No rank below full keeps the OFT model's accuracy here."
+  )
+  return _block(prose + "\n\n" + "\n".join(rows) + "\n\n" + after)
 
 
 def render_notebook_count() -> str:
@@ -915,6 +952,7 @@ RENDERERS = {
   "quant-storage": render_quant_storage,
   "qoft-accuracy": render_qoft_accuracy,
   "peft-logits-tolerance": render_peft_logits_tolerance,
+  "lora-export": render_lora_export,
   "notebook-count": render_notebook_count,
   "ablation-eval": render_ablation_eval,
   "ablation-table": render_ablation_table,

@@ -24,7 +24,14 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from oftjax import atomic  # noqa: E402
 
-NOTEBOOKS = ("neumann_terms", "block_size", "oft_v1_vs_v2", "forgetting", "qoft_vs_qlora")
+NOTEBOOKS = (
+  "neumann_terms",
+  "block_size",
+  "oft_v1_vs_v2",
+  "forgetting",
+  "qoft_vs_qlora",
+  "block_dropout",
+)
 
 
 def execute(name: str, mode: str, cell_timeout: int = 1800):

@@ -36,6 +36,10 @@ class AdaptedModel:
     geometries: read-only `{path: LayerGeometry}` of every adapted layer.
     module: `Adapted(model, config)`, the Linen module to apply (or to hand to
       `gemma.generate`); its params are the base tree merged with the adapter tree.
+      Deterministic: no block dropout.
+    training_module: the module to train: `module` itself, or with
+      `config.block_dropout > 0` the same adapters with block dropout on, applied with
+      `rngs={'dropout': key}`.
   """
 
   def __init__(
@@ -49,6 +53,9 @@ class AdaptedModel:
     self.config = config
     self.geometries = types.MappingProxyType(dict(geometries))
     self.module = intercept.Adapted(model, config)
+    self.training_module = (
+      intercept.Adapted(model, config, deterministic=False) if config.block_dropout else self.module
+    )
     self._example = example
     args, kwargs = example
     self._init = jax.jit(

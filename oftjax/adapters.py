@@ -40,6 +40,11 @@ class AdapterConfig:
     parameterization: `"cayley_neumann"` or `"cayley"` (exact).
     block_share: one block shared by all chunks of a layer (`[1, …]` leaves).
     coft_eps: COFT radius (PEFT's `eps`); `None` disables the constraint.
+    block_dropout: OFT's multiplicative dropout rate `p` (Qiu et al. 2023): while
+      training, each block of each layer is replaced by the identity with probability
+      `p`, drawn afresh every forward from the `'dropout'` rng (`drop_blocks`).
+      Evaluation, folding and export are unaffected (inference uses every block).
+      Exported as PEFT's `module_dropout` (which PEFT builds but never applies).
     lora_rank, lora_alpha: LoRA rank and scale numerator (scale = alpha / rank).
     precision: matmul precision of the adapter's own products (Neumann powers,
       rotation, LoRA's two products, fold): `"highest"` (true float32 on every
@@ -56,6 +61,7 @@ class AdapterConfig:
   parameterization: str = "cayley_neumann"
   block_share: bool = False
   coft_eps: float | None = None
+  block_dropout: float = 0.0
   lora_rank: int = 16
   lora_alpha: float = 16.0
   precision: str = "highest"
@@ -79,6 +85,13 @@ class AdapterConfig:
       raise ValueError(f"num_terms must be >= 2 (got {self.num_terms})")
     if self.lora_rank < 1:
       raise ValueError(f"lora_rank must be a positive integer (got {self.lora_rank})")
+    if not 0.0 <= self.block_dropout < 1.0:
+      raise ValueError(f"block_dropout must be in [0, 1) (got {self.block_dropout})")
+    if self.block_dropout and self.method == "lora":
+      raise ValueError(
+        f"block_dropout={self.block_dropout} drops OFT blocks, and a LoRA adapter has none; "
+        "set it to 0 for method 'lora'"
+      )
     targets_pattern(self.targets)
     orthogonal.check_precision(self.precision)
 
@@ -160,6 +173,33 @@ def project_oft(leaves: dict, config: AdapterConfig) -> dict:
     packed.astype(jnp.float32), config.block_size, config.coft_eps
   )
   return {**leaves, "weight": projected.astype(packed.dtype)}
+
+
+def drop_blocks(blocks: jax.Array, rng: jax.Array, rate: float, num_blocks: int) -> jax.Array:
+  """OFT's multiplicative dropout: each block replaced by the identity with probability `rate`.
+
+  Independent Bernoulli draws per block (the paper's rule; PEFT's unused
+  `MultiplicativeDropoutLayer` instead replaces exactly `int(p·r)` blocks and skips
+  shared blocks). With a shared block (`[1, b, b]`) each of the `r` chunks it rotates
+  is dropped on its own.
+
+  Args:
+    blocks: orthogonal blocks `[*lead, r or 1, b, b]`.
+    rng: a PRNG key.
+    rate: the dropout probability `p` in `[0, 1)`.
+    num_blocks: `r`, the chunks of the layer's input (`d_in / b`).
+
+  Returns:
+    `[*lead, r, b, b]` blocks, the dropped ones exactly `I`.
+
+  References:
+    Qiu et al. "Controlling Text-to-Image Diffusion by Orthogonal Finetuning" (OFT),
+    arXiv:2306.07280 (its multiplicative dropout).
+  """
+  b = blocks.shape[-1]
+  full = jnp.broadcast_to(blocks, (*blocks.shape[:-3], num_blocks, b, b))
+  dropped = jax.random.bernoulli(rng, rate, full.shape[:-2])
+  return jnp.where(dropped[..., None, None], jnp.eye(b, dtype=full.dtype), full)
 
 
 def rotate_input(

@@ -40,13 +40,17 @@ class AdapterInterceptor:
   """Linen method interceptor that applies `oftjax.adapters.AdapterConfig`.
 
   Attributes:
+    config: the adapter config.
+    deterministic: ignore `config.block_dropout` (evaluation); when False and the rate
+      is positive, each OFT layer draws its dropout mask from the `'dropout'` rng.
     geometries: `{path: LayerGeometry}` of every layer it adapted so far.
     seen: paths of every linear layer it saw (for the "matched nothing" error).
     packed: paths of matrix-shaped parameters of non-linear modules the targets match.
   """
 
-  def __init__(self, config: adapters.AdapterConfig):
+  def __init__(self, config: adapters.AdapterConfig, deterministic: bool = True):
     self.config = config
+    self.deterministic = deterministic
     self.geometries: dict[str, geo.LayerGeometry] = {}
     self.seen: list[str] = []
     self.packed: list[str] = []
@@ -82,6 +86,11 @@ class AdapterInterceptor:
       module, path, "oft", lambda rng: adapters.init_oft(geom.d_in, config, path)
     )
     blocks = adapters.oft_blocks(leaves, config, path)
+    if config.block_dropout and not self.deterministic:
+      rng = module.make_rng("dropout")
+      blocks = adapters.drop_blocks(
+        blocks, rng, config.block_dropout, geom.d_in // blocks.shape[-1]
+      )
     if config.method == "oft":
       rotated = adapters.rotate_input(x, geom, blocks, config.precision)
       return next_fun(rotated, *rest, **kwargs)
@@ -156,9 +165,9 @@ def _adapter_leaves(module: nn.Module, path: str, name: str, init_fn) -> dict:
 
 
 @contextlib.contextmanager
-def _adapters_active(config: adapters.AdapterConfig):
+def _adapters_active(config: adapters.AdapterConfig, deterministic: bool = True):
   """Opens an `AdapterInterceptor`; on exit, raises if it adapted nothing."""
-  interceptor = AdapterInterceptor(config)
+  interceptor = AdapterInterceptor(config, deterministic)
   with nn.intercept_methods(interceptor):
     yield interceptor
   interceptor.check_matched()
@@ -205,10 +214,14 @@ class Adapted(layer.InterceptingWrapper):
     model: the base Linen module (never modified); may itself be a wrapper such as
       `quant.Dequantized`.
     config: which adapter, where, and its hyper-parameters.
+    deterministic: ignore `config.block_dropout` (the default: evaluation and
+      inference). With `False` and a positive rate, applying the module needs a
+      `'dropout'` rng (`rngs={'dropout': key}`), as Flax's `nn.Dropout`.
   """
 
   model: nn.Module
   config: adapters.AdapterConfig
+  deterministic: bool = True
 
   @property
   def wrapped(self) -> nn.Module:
@@ -217,4 +230,4 @@ class Adapted(layer.InterceptingWrapper):
   @nn.nowrap
   def intercepting(self):
     """Context in which `AdapterInterceptor` applies `config`."""
-    return _adapters_active(self.config)
+    return _adapters_active(self.config, self.deterministic)

@@ -16,7 +16,7 @@ import optax
 
 from oftjax import params as P
 
-LossFn = Callable[[Any, Any], Any]  # (full params, batch) -> (scalar loss, aux dict)
+LossFn = Callable[..., Any]  # (full params, batch[, rng]) -> (scalar loss, aux dict)
 
 
 def make_train_step(
@@ -28,8 +28,15 @@ def make_train_step(
   state_shardings: tuple[Any, Any] | None = None,
   weight_key: str | None = None,
   project: Callable[[Any], Any] | None = None,
+  with_rng: bool = False,
 ):
   """Builds `step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss, aux)`.
+
+  With `with_rng` the step takes a fifth argument, the raw data of a PRNG key
+  (`jax.random.key_data(key)`, a `uint32` array, so that a host NumPy value serves
+  every process), and calls `loss_fn(params, batch, key)`; micro-batch `i` of an
+  accumulated step gets `fold_in(key, i)`. For stochastic regularisers such as OFT's
+  block dropout.
 
   Gradient accumulation: with `accum_steps = k > 1` every batch leaf has a leading
   axis of `k` micro-batches, of which one's activations live at a time. A loss that
@@ -51,6 +58,7 @@ def make_train_step(
       a sharded step's results feed the next step unchanged (e.g. replicated adapters).
     weight_key: with `has_aux`, the `aux` entry counting the terms a micro-batch's
       loss averages (e.g. `'tokens'`); used when `accum_steps > 1`.
+    with_rng: the step takes a key for `loss_fn` (see above).
     project: maps the trainable tree onto its constraint set (e.g. COFT's
       `oftjax.params.project_adapters`). Applied to the incoming tree before the
       forward and to the updated tree after the optimizer, so the stored parameter
@@ -69,23 +77,27 @@ def make_train_step(
     raise ValueError("weight_key names an aux entry, so it needs has_aux=True")
   constrain = project or (lambda tree: tree)
 
-  def grads_of(trainable, frozen, batch):
+  def grads_of(trainable, frozen, batch, key):
     def objective(t):
-      out = loss_fn(P.merge_params(frozen, t), batch)
+      params = P.merge_params(frozen, t)
+      out = loss_fn(params, batch, key) if with_rng else loss_fn(params, batch)
       return out if has_aux else (out, {})
 
     return jax.value_and_grad(objective, has_aux=True)(trainable)
 
-  def accumulated(trainable, frozen, batch):
+  def accumulated(trainable, frozen, batch, key):
     """Loss, aux and gradient of `accum_steps` micro-batches as one batch."""
 
-    def micro(acc, mb):
-      (loss, a), g = grads_of(trainable, frozen, mb)
+    def micro(acc, mb_and_index):
+      mb, i = mb_and_index
+      (loss, a), g = grads_of(
+        trainable, frozen, mb, None if key is None else jax.random.fold_in(key, i)
+      )
       n = jnp.asarray(1.0 if weight_key is None else a[weight_key], jnp.float32)
       return jax.tree_util.tree_map(lambda s, x: s + n * x, acc, g), (n, loss, a)
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
-    summed, (counts, losses, auxes) = jax.lax.scan(micro, zeros, batch)
+    summed, (counts, losses, auxes) = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum_steps)))
     total = counts.sum()
     total = jnp.where(total > 0, total, 1.0)  # no term in any micro-batch: all weights 0
     weights = counts / total
@@ -94,12 +106,13 @@ def make_train_step(
     grads = jax.tree_util.tree_map(lambda s: s / total, summed)
     return (mean(losses), aux), grads
 
-  def step(trainable, opt_state, frozen, batch):
+  def step(trainable, opt_state, frozen, batch, key_data=None):
+    key = None if key_data is None else jax.random.wrap_key_data(key_data)
     trainable = constrain(trainable)
     if accum_steps == 1:
-      (loss, aux), grads = grads_of(trainable, frozen, batch)
+      (loss, aux), grads = grads_of(trainable, frozen, batch, key)
     else:
-      (loss, aux), grads = accumulated(trainable, frozen, batch)
+      (loss, aux), grads = accumulated(trainable, frozen, batch, key)
     updates, new_state = optimizer.update(grads, opt_state, trainable)
     new_trainable = constrain(optax.apply_updates(trainable, updates))
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
@@ -110,4 +123,10 @@ def make_train_step(
     return new_trainable, new_state, loss, (aux if has_aux else None)
 
   out = None if state_shardings is None else (*state_shardings, None, None)
-  return jax.jit(step, donate_argnums=(0, 1) if donate else (), out_shardings=out)
+  if with_rng:
+    run = lambda trainable, opt_state, frozen, batch, key_data: step(
+      trainable, opt_state, frozen, batch, key_data
+    )
+  else:
+    run = lambda trainable, opt_state, frozen, batch: step(trainable, opt_state, frozen, batch)
+  return jax.jit(run, donate_argnums=(0, 1) if donate else (), out_shardings=out)

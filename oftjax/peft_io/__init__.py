@@ -19,7 +19,15 @@ Example:
 
 from oftjax.peft_io.fields import PEFT_VERSION
 from oftjax.peft_io.naming import ModuleNaming
+from oftjax.peft_io.oft_to_lora import lora_from_oft
 from oftjax.peft_io.reading import import_peft
 from oftjax.peft_io.writing import export_peft, unexportable_reason
 
-__all__ = ["PEFT_VERSION", "ModuleNaming", "export_peft", "import_peft", "unexportable_reason"]
+__all__ = [
+  "PEFT_VERSION",
+  "ModuleNaming",
+  "export_peft",
+  "import_peft",
+  "lora_from_oft",
+  "unexportable_reason",
+]

@@ -29,6 +29,7 @@ OFT_DEFAULTS = {
   "bias": "none",
   "fan_in_fan_out": False,
   "layers_to_transform": None,
+  "module_dropout": 0.0,  # training only (PEFT never applies it); read as block_dropout
 }
 LORA_DEFAULTS = {
   "r": 8,
@@ -56,7 +57,7 @@ _INERT = {
   "layers_pattern",
   "modules_to_save",  # a set value is refused in resolve()
 }
-_INERT_OFT = {"module_dropout", "init_weights"}
+_INERT_OFT = {"init_weights"}
 _INERT_LORA = {
   "lora_dropout",
   "megatron_core",
@@ -117,6 +118,10 @@ def resolve(meta: dict, kind: str, source: str) -> dict:
   for key in (("eps",) if settings["coft"] else ()) if kind == "OFT" else ("lora_alpha",):
     if not _finite_number(settings[key]):
       raise ValueError(f"{source}: {key}={settings[key]!r} is not a finite number")
+  if kind == "OFT":
+    dropout = settings["module_dropout"]
+    if not (_finite_number(dropout) and 0 <= dropout < 1):
+      raise ValueError(f"{source}: module_dropout={dropout!r} is not a probability in [0, 1)")
   if kind == "LORA":
     _check_lora(settings, source)
   return settings

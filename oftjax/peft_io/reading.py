@@ -203,6 +203,7 @@ def _import_oft(settings, by_path, naming, cfg_path):
     parameterization="cayley_neumann" if neumann else "cayley",
     block_share=bool(settings["block_share"]),
     coft_eps=float(settings["eps"]) if coft else None,
+    block_dropout=float(settings["module_dropout"]),
   )
   return tree, config
 

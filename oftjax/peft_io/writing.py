@@ -91,7 +91,7 @@ def _config(config: adapters.AdapterConfig, target_modules: str, base_model: str
     "peft_type": "OFT",
     "r": 0,
     "oft_block_size": config.block_size,
-    "module_dropout": 0.0,
+    "module_dropout": config.block_dropout,  # training only: PEFT builds it, never applies it
     "coft": config.coft_eps is not None,
     "eps": config.coft_eps if config.coft_eps is not None else 6e-5,
     "block_share": config.block_share,

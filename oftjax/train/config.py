@@ -124,6 +124,12 @@ class RunConfig:
     choices=("default", "high", "highest"),
     resume=True,
   )
+  oft_dropout: float = _field(
+    0.0,
+    "OFT multiplicative dropout (Qiu et al. 2023): while training, each block is replaced "
+    "by the identity with this probability; evaluation and exports use every block",
+    resume=True,
+  )
   lora_rank: int = _field(16, "LoRA rank", resume=True)
   lora_alpha: float = _field(16.0, "LoRA alpha (scale = alpha / rank)", resume=True)
   targets: str = _field(
@@ -188,6 +194,12 @@ class RunConfig:
   resume: bool = _field(False, "continue from the latest checkpoint in --output-dir")
   overwrite: bool = _field(False, "replace an existing run in --output-dir")
   export_merged: str = _field("", "also write a Hugging Face folder with the adapter folded in")
+  export_lora: int = _field(
+    0,
+    "also write the OFT adapter as a PEFT LoRA adapter of this rank (lora_adapter/, for "
+    "servers without OFT such as vLLM/SGLang) and lora_export.json (truncation and logit "
+    "errors, error vs rank); 0: off",
+  )
   init_adapter: str = _field("", "start from a PEFT OFT/LoRA adapter folder", resume=True)
   truncate: bool = _field(
     False,
@@ -258,6 +270,7 @@ _ADAPTER_FIELDS = {
   "block_size": "block_size",
   "num_terms": "neumann_terms",
   "lora_rank": "lora_rank",
+  "block_dropout": "oft_dropout",
 }
 
 
@@ -282,6 +295,7 @@ def adapter_config(c: RunConfig):
       parameterization=c.parameterization,
       lora_rank=c.lora_rank,
       lora_alpha=c.lora_alpha,
+      block_dropout=c.oft_dropout if method != "lora" else 0.0,
       precision=c.adapter_precision,
     )
   except ValueError as e:
@@ -363,6 +377,14 @@ def validate(c: RunConfig) -> None:
       )
   if c.warmup_steps < 0 or c.warmup_steps >= c.steps:
     raise UsageError(f"--warmup-steps must be in [0, --steps) (got {c.warmup_steps})")
+  if c.oft_dropout and c.method not in ("oft", "oftv1"):
+    raise UsageError(f"--oft-dropout needs --method oft or oftv1 (got --method {c.method})")
+  if c.export_lora < 0:
+    raise UsageError(f"--export-lora must be a rank >= 1, or 0 for none (got {c.export_lora})")
+  if c.export_lora and c.method not in ("oft", "oftv1"):
+    raise UsageError(
+      f"--export-lora converts an OFT adapter; it needs --method oft or oftv1 (got {c.method})"
+    )
   adapter_config(c)  # AdapterConfig checks the adapter flags (for every --method)
   if c.num_processes < 0:
     raise UsageError(f"--num-processes must be >= 0 (got {c.num_processes})")

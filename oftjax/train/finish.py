@@ -43,6 +43,8 @@ class RunRecord:
     train: the training `Dataset` (its record, example, target-token, truncation and
       split counts are reported).
     t_start: `time.time()` when the run started.
+    lora_export: the `--export-lora` summary (`oftjax.train.lora_export.export_lora`),
+      or `None`.
   """
 
   eval_before: dict
@@ -51,6 +53,7 @@ class RunRecord:
   loop: LoopStats
   train: Any
   t_start: float
+  lora_export: dict | None = None
 
 
 def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
@@ -126,6 +129,7 @@ def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
     "peft_adapter": adapter_dir,
     "peft_export_skipped": skipped_export,
     "export_merged": c.export_merged or None,
+    "lora_export": record.lora_export,
   }
   atomic.write_json(os.path.join(out, "summary.json"), summary, indent=2, sort_keys=True)
   return summary

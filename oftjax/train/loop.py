@@ -31,12 +31,23 @@ class TrainStep:
     frozen: the frozen tree passed to every step.
     mesh: the device mesh the batches are split over.
     health: `health(trainable)` (OFT only, `oftjax.params.adapter_health`), or `None`.
+    seed: with a stochastic loss (`fn` built `with_rng`: OFT block dropout), the seed
+      of its keys: step `s` gets `fold_in(key(seed), s)`, so a resumed run draws the
+      same masks as an uninterrupted one. `None`: `fn` takes no key.
   """
 
   fn: Callable
   frozen: Any
   mesh: Any
   health: Callable | None = None
+  seed: int | None = None
+
+  def args(self, batch, step: int) -> tuple:
+    """The arguments after the state: `(frozen, batch)`, and the key of step `step`."""
+    if self.seed is None:
+      return (self.frozen, batch)
+    key = jax.random.fold_in(jax.random.key(self.seed), step)
+    return (self.frozen, batch, np.asarray(jax.random.key_data(key)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +167,7 @@ def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunStat
 
   batch, ntok = next_batch()
   t0 = time.time()
-  compiled = step.fn.lower(state.trainable, state.opt_state, step.frozen, batch).compile()
+  compiled = step.fn.lower(state.trainable, state.opt_state, *step.args(batch, 0)).compile()
   compile_s = time.time() - t0
   schedule = lr_schedule(c.lr, c.steps, c.warmup_steps)
   times, tokens_seen, loss = [], 0, float("nan")
@@ -168,7 +179,7 @@ def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunStat
       lambda x: jax.device_put(x, x.sharding, may_alias=False), (state.trainable, state.opt_state)
     )
     t0 = time.time()
-    jax.block_until_ready(compiled(*copies, step.frozen, batch))
+    jax.block_until_ready(compiled(*copies, *step.args(batch, state.step)))
     times.append(time.time() - t0)
     tokens_seen += ntok
   bar = tqdm(
@@ -182,7 +193,7 @@ def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunStat
   while state.step < c.steps:
     t0 = time.time()
     trainable, opt_state, loss_arr, aux = compiled(
-      state.trainable, state.opt_state, step.frozen, batch
+      state.trainable, state.opt_state, *step.args(batch, state.step)
     )
     loss = distributed.scalar(loss_arr)
     times.append(time.time() - t0)

@@ -44,7 +44,7 @@ def masked_xent(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
   return (nll * mask).sum() / count, {"token_accuracy": correct.sum() / count, "tokens": mask.sum()}
 
 
-def next_token_loss(module, params, batch: dict) -> tuple[jax.Array, dict]:
+def next_token_loss(module, params, batch: dict, rng=None) -> tuple[jax.Array, dict]:
   """`masked_xent` of `module`'s logits on a packed batch (`oftjax.data.batching`).
 
   Args:
@@ -52,6 +52,7 @@ def next_token_loss(module, params, batch: dict) -> tuple[jax.Array, dict]:
       positions=..., segment_ids=...)` (a Gemma model or an `Adapted` one).
     params: its parameter tree.
     batch: `inputs`, `positions`, `segment_ids`, `targets` and `loss_mask`.
+    rng: the `'dropout'` key of a stochastic module (OFT block dropout), or `None`.
 
   Returns:
     `(loss, {'token_accuracy', 'tokens'})` as `masked_xent`.
@@ -61,5 +62,6 @@ def next_token_loss(module, params, batch: dict) -> tuple[jax.Array, dict]:
     batch["inputs"],
     positions=batch["positions"],
     segment_ids=batch["segment_ids"],
+    rngs=None if rng is None else {"dropout": rng},
   )
   return masked_xent(logits, batch)

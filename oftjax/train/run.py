@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from oftjax import checkpoint, data, distributed, peft_io, quant, sharding
 from oftjax.adapted_model import adapt
 from oftjax.models import gemma
-from oftjax.train import sinks
+from oftjax.train import lora_export, sinks
 from oftjax.train.config import RunConfig, UsageError, adapter_config, remat_policy, reword
 from oftjax.train.evaluate import Evaluator
 from oftjax.train.finish import RunRecord, peft_naming, write_outputs
@@ -184,7 +184,8 @@ def _init_adapters(c, model, acfg, example):
     if problem:
       raise UsageError(f"--init-adapter {c.init_adapter} does not fit: {problem}")
     adapter = jax.tree_util.tree_map(jnp.asarray, imported)
-    icfg = dataclasses.replace(icfg, precision=acfg.precision)  # a run choice, not the file's
+    # run choices, not the file's: matmul precision and (training-only) block dropout
+    icfg = dataclasses.replace(icfg, precision=acfg.precision, block_dropout=acfg.block_dropout)
     adapted = _user_errors(adapted.with_config, icfg)
   return adapted, adapter
 
@@ -284,6 +285,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   if c.method != "full":  # adapters first: their geometries say which kernels to quantize
     adapted, trainable = _init_adapters(c, model, adapter_config(c), jnp.zeros((1, 8), jnp.int32))
     geoms = adapted.geometries
+    lora_export.check_exportable(c, adapted)
     if reason := peft_io.unexportable_reason(adapted.config):
       _say(main, f"note: no peft_adapter/ will be written: {reason}")
   # QOFT / QLoRA: each targeted kernel is quantized as soon as the loader completes it, so
@@ -320,6 +322,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     weight_key="tokens",
     project=job.project,
     state_shardings=shardings,
+    with_rng=job.uses_rng,
   )
 
   evaluator = Evaluator(
@@ -354,7 +357,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     state, stats = train_loop(
       c,
       state,
-      TrainStep(step_fn, frozen, mesh, job.health),
+      TrainStep(step_fn, frozen, mesh, job.health, seed=c.seed if job.uses_rng else None),
       LoopIO(stream, ckpt, sink, meta, stopper, lambda t: evaluator.run(job.evaluated(t))),
     )
   finally:
@@ -366,6 +369,18 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     return {"stopped_at": state.step}
   final = job.evaluated(state.trainable)
   eval_after = stats.last_eval or evaluator.run(final)
+  lora_summary = None
+  if c.export_lora:
+    lora_summary = lora_export.export_lora(
+      c, job, state.trainable, held_out.examples, evaluator.pad_id, peft_naming(model)
+    )
+    _say(
+      main,
+      f"LoRA export at rank {c.export_lora}: relative update error "
+      f"{lora_summary['relative_error']:.3g}, max logit error "
+      f"{lora_summary['logits']['max_abs_logit_error']:.3g} "
+      f"(details in {os.path.join(c.output_dir, 'lora_export.json')})",
+    )
   host_state = state.replace(trainable=distributed.to_host(state.trainable), opt_state=None)
   host_merged = None
   if c.export_merged:
@@ -377,7 +392,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     job,
     host_state,
     host_merged,
-    RunRecord(eval_before, eval_after, metrics.rows, stats, train, t_start),
+    RunRecord(eval_before, eval_after, metrics.rows, stats, train, t_start, lora_summary),
   )
 
 

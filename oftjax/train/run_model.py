@@ -34,20 +34,22 @@ class FullFinetune:
     project: maps the trainable tree onto its constraint set after each update (COFT), or
       `None`.
     health: jitted `trainable -> oftjax.params.adapter_health(...)` (OFT), or `None`.
+    uses_rng: whether `loss` takes a `'dropout'` key (OFT block dropout).
   """
 
   adapter_config = None
   shards_trainable = True
   project: Callable[[Any], Any] | None = None
   health: Callable[[Any], dict] | None = None
+  uses_rng = False
 
   def __init__(self, model):
     self.model = self.module = self.eval_module = model
     self.frozen = {}
 
-  def loss(self, params, batch: dict):
+  def loss(self, params, batch: dict, rng=None):
     """Masked next-token loss of `module` on a packed batch (`has_aux` form)."""
-    return next_token_loss(self.module, params, batch)
+    return next_token_loss(self.module, params, batch, rng)
 
   def merged(self, trainable) -> dict:
     """The trained function as one full-precision base-shaped tree (what an export holds)."""
@@ -56,6 +58,10 @@ class FullFinetune:
   def evaluated(self, trainable) -> dict:
     """The params `eval_module` evaluates: here the merged tree."""
     return self.merged(trainable)
+
+  def float_frozen(self) -> dict:
+    """The frozen tree with float kernels (a quantized one dequantized to float32)."""
+    return self.frozen
 
   def exported(self, trainable, evaluated) -> dict:
     """`merged`, reusing `evaluated` (this run's `evaluated`) where it is that."""
@@ -74,8 +80,9 @@ class AdapterFinetune(FullFinetune):
 
   def __init__(self, model, adapted, frozen):
     self.model, self.adapted, self.frozen = model, adapted, frozen
-    self.module, self.eval_module = adapted.module, model
+    self.module, self.eval_module = adapted.training_module, model
     config = self.adapter_config = adapted.config
+    self.uses_rng = bool(config.block_dropout)
     if config.coft_eps is not None:  # PEFT's write-back after each update
       self.project = lambda tree: P.project_adapters(tree, config)
     if config.leaf_name == "oft":
@@ -103,6 +110,9 @@ class QuantizedAdapterFinetune(AdapterFinetune):
 
   def evaluated(self, trainable) -> dict:
     return P.merge_params(self.frozen, trainable)
+
+  def float_frozen(self) -> dict:
+    return quant.dequantize_params(self.frozen, self.adapted.geometries)
 
   def exported(self, trainable, evaluated) -> dict:
     del evaluated

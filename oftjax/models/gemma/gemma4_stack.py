@@ -117,7 +117,7 @@ class Gemma4Layers(nn.Module):
       scan = nn.scan(
         LayerGroup,
         variable_axes={"params": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, "dropout": True},
         in_axes=(0, nn.broadcast),
         length=segment.repeats,
       )

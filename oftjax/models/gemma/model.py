@@ -217,7 +217,7 @@ class Gemma(TextDecoder):
     self.layers = nn.scan(
       layer,
       variable_axes={"params": 0},
-      split_rngs={"params": True},
+      split_rngs={"params": True, "dropout": True},
       in_axes=(0, nn.broadcast),
       length=cfg.num_layers,
     )(cfg)
