@@ -46,6 +46,22 @@ class TorchRunner:
     self.model = self.optimizer = None
 
 
+def _peft_config(name, block_size, num_terms):
+  import peft
+
+  if name == "peft_oft":
+    return peft.OFTConfig(
+      target_modules=TARGET_NAMES,
+      r=0,
+      oft_block_size=block_size,
+      use_cayley_neumann=True,
+      num_cayley_neumann_terms=num_terms,
+    )
+  if name == "peft_lora16":
+    return peft.LoraConfig(target_modules=TARGET_NAMES, r=16, lora_alpha=16)
+  raise ValueError(f"unknown PEFT method {name!r}")
+
+
 def build_peft_runners(
   d_model, block_size, seq, tokens, methods, *, layers=1, num_terms=6, seed=0, log=print
 ):
@@ -60,19 +76,61 @@ def build_peft_runners(
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     base = transformers.Gemma3ForCausalLM(cfg).to(torch.float32)
-    if name == "peft_oft":
-      pcfg = peft.OFTConfig(
-        target_modules=TARGET_NAMES,
-        r=0,
-        oft_block_size=block_size,
-        use_cayley_neumann=True,
-        num_cayley_neumann_terms=num_terms,
-      )
-    elif name == "peft_lora16":
-      pcfg = peft.LoraConfig(target_modules=TARGET_NAMES, r=16, lora_alpha=16)
-    else:
-      raise ValueError(f"unknown PEFT method {name!r}")
+    pcfg = _peft_config(name, block_size, num_terms)
     runners[name] = TorchRunner(name, peft.get_peft_model(base, pcfg), tokens)
     runners[name].stats["build_s"] = time.perf_counter() - t0
     log(f"  built {name:10s} in {time.perf_counter() - t0:5.1f}s")
   return runners
+
+
+def build_peft_runners_on_folder(folder, shape, tokens, *, num_terms=6, log=print):
+  """``peft_oft`` on the Hugging Face folder ``folder`` (fp32), fed the same ``tokens``."""
+  import peft
+  import torch
+  import transformers
+
+  t0 = time.perf_counter()
+  base = transformers.Gemma3ForCausalLM.from_pretrained(folder, dtype=torch.float32)
+  pcfg = _peft_config("peft_oft", shape["block_size"], num_terms)
+  runner = TorchRunner("peft_oft", peft.get_peft_model(base, pcfg), tokens)
+  runner.stats["build_s"] = time.perf_counter() - t0
+  log(f"  built peft_oft   in {time.perf_counter() - t0:5.1f}s")
+  return {"peft_oft": runner}
+
+
+class TorchPeakRunner:
+  """PyTorch's fp32 matmul throughput as a round-robin "method": one n x n x n product."""
+
+  def __init__(self, n: int = 2048):
+    import torch
+
+    self.a = torch.randn(n, n, dtype=torch.float32)
+    self.b = self.a + 1.0
+    torch.mm(self.a, self.b)
+    self.stats = {"n": n, "flops": 2.0 * n**3}
+    self.loss = float("nan")
+
+  def step(self):
+    import torch
+
+    torch.mm(self.a, self.b)
+
+  def close(self):
+    self.a = self.b = None
+
+
+def torch_matmul_peak(n: int = 2048, reps: int = 7) -> dict:
+  """PyTorch's fp32 matmul throughput: median of ``reps`` n x n x n products (cf. XLA's)."""
+  runner = TorchPeakRunner(n)
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    runner.step()
+    times.append(time.perf_counter() - t0)
+  flops = 2.0 * n**3
+  return {
+    "n": n,
+    "median_s": float(np.median(times)),
+    "flops_per_s": flops / float(np.median(times)),
+    "best_flops_per_s": flops / min(times),
+  }
