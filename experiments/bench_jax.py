@@ -181,15 +181,27 @@ class JaxRunner:
 
 
 def build_jax_runners(
-  d_model, tokens_per_step, block_size, seq, methods, *, layers=1, num_terms=6, seed=0, log=print
+  d_model,
+  tokens_per_step,
+  block_size,
+  seq,
+  methods,
+  *,
+  layers=1,
+  num_terms=6,
+  seed=0,
+  log=print,
+  dtype=jnp.float32,
 ):
   """Builds a :class:`JaxRunner` per method on one Gemma-shaped config.
+
+  ``dtype`` is the compute and frozen-weight dtype (adapters stay float32).
 
   Returns:
     ``(runners, info)``; ``info`` holds the config and the matched LoRA rank.
   """
   cfg = hf_config(d_model, layers=layers, seq=seq)
-  model = gemma.from_hf_config(cfg, dtype=jnp.float32)
+  model = gemma.from_hf_config(cfg, dtype=dtype)
   base = gemma.init_params(model, jax.random.key(seed))
   batch = max(1, tokens_per_step // seq)
   tokens = jax.random.randint(jax.random.key(seed + 1), (batch, seq), 0, cfg.vocab_size)
@@ -317,10 +329,10 @@ def matmul_peak(n: int = 2048, reps: int = 7) -> dict:
 
 
 class PeakRunner:
-  """XLA's fp32 matmul throughput as a round-robin "method": one jitted n x n x n product."""
+  """XLA's matmul throughput as a round-robin "method": one jitted n x n x n product."""
 
-  def __init__(self, n: int = 2048):
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  def __init__(self, n: int = 2048, dtype=jnp.float32):
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     self.args = (a, a + 1.0)
     self.fn = jax.jit(lambda a, b: a @ b)
     self.fn(*self.args).block_until_ready()

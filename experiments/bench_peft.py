@@ -23,15 +23,15 @@ def configure_threads(threads: int) -> dict:
 class TorchRunner:
   """A PEFT-wrapped ``Gemma3ForCausalLM`` and its AdamW optimizer; ``step()`` = one update."""
 
-  def __init__(self, name, model, tokens):
+  def __init__(self, name, model, tokens, device="cpu"):
     import torch
 
     self.name = name
-    self.model = model
+    self.model = model.to(device)
     self.model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     self.optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
-    self.tokens = torch.from_numpy(np.asarray(tokens, np.int64))
+    self.tokens = torch.from_numpy(np.asarray(tokens, np.int64)).to(device)
     self.stats = {"trainable_params": int(sum(p.numel() for p in trainable))}
     self.loss = float("nan")
 
@@ -63,9 +63,23 @@ def _peft_config(name, block_size, num_terms):
 
 
 def build_peft_runners(
-  d_model, block_size, seq, tokens, methods, *, layers=1, num_terms=6, seed=0, log=print
+  d_model,
+  block_size,
+  seq,
+  tokens,
+  methods,
+  *,
+  layers=1,
+  num_terms=6,
+  seed=0,
+  log=print,
+  dtype="float32",
+  device="cpu",
 ):
-  """PEFT runners on the config ``bench_jax.hf_config`` builds, fed the same ``tokens``."""
+  """PEFT runners on the config ``bench_jax.hf_config`` builds, fed the same ``tokens``.
+
+  ``dtype`` (a torch dtype name) is the base model's; the adapters get PEFT's default dtype.
+  """
   import peft
   import torch
   import transformers
@@ -75,9 +89,9 @@ def build_peft_runners(
   for name in methods:
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    base = transformers.Gemma3ForCausalLM(cfg).to(torch.float32)
+    base = transformers.Gemma3ForCausalLM(cfg).to(getattr(torch, dtype))
     pcfg = _peft_config(name, block_size, num_terms)
-    runners[name] = TorchRunner(name, peft.get_peft_model(base, pcfg), tokens)
+    runners[name] = TorchRunner(name, peft.get_peft_model(base, pcfg), tokens, device)
     runners[name].stats["build_s"] = time.perf_counter() - t0
     log(f"  built {name:10s} in {time.perf_counter() - t0:5.1f}s")
   return runners
@@ -99,14 +113,15 @@ def build_peft_runners_on_folder(folder, shape, tokens, *, num_terms=6, log=prin
 
 
 class TorchPeakRunner:
-  """PyTorch's fp32 matmul throughput as a round-robin "method": one n x n x n product."""
+  """PyTorch's matmul throughput as a round-robin "method": one n x n x n product."""
 
-  def __init__(self, n: int = 2048):
+  def __init__(self, n: int = 2048, dtype="float32", device="cpu"):
     import torch
 
-    self.a = torch.randn(n, n, dtype=torch.float32)
+    self.a = torch.randn(n, n, dtype=getattr(torch, dtype), device=device)
     self.b = self.a + 1.0
-    torch.mm(self.a, self.b)
+    self.cuda = device != "cpu"
+    self.step()
     self.stats = {"n": n, "flops": 2.0 * n**3}
     self.loss = float("nan")
 
@@ -114,6 +129,8 @@ class TorchPeakRunner:
     import torch
 
     torch.mm(self.a, self.b)
+    if self.cuda:
+      torch.cuda.synchronize()
 
   def close(self):
     self.a = self.b = None

@@ -203,7 +203,7 @@ def plots(result: dict, folder: str) -> list[str]:
 
   os.makedirs(folder, exist_ok=True)
   written = []
-  title = (
+  title = result.get("plot_title") or (
     f"1 Gemma-3-shaped layer, fp32, {result['machine']['threads']} CPU threads "
     f"({result['mode']} run)"
   )

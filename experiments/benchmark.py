@@ -20,12 +20,14 @@ import gc
 import json
 import os
 import platform
+import re
 import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 
 JAX_METHODS = ("floor", "oft", "oftv1", "lora16", "lora_match", "full")
 PEFT_METHODS = ("peft_oft", "peft_lora16")
@@ -399,7 +401,12 @@ def main(argv=None):
   mode = parser.add_mutually_exclusive_group()
   mode.add_argument("--quick", action="store_true", help="a small subset (<= ~5 min, 2 cores)")
   mode.add_argument("--smoke", action="store_true", help="one tiny config (seconds; tests)")
-  parser.add_argument("--out", default="benchmark_results.json", help="JSON results file")
+  parser.add_argument(
+    "--out",
+    default=None,
+    help="JSON results file (default: experiments/results/benchmark/<cpu>_<mode>.json, "
+    "the per-machine runs that render_docs.py quotes)",
+  )
   parser.add_argument("--plots", default=None, help="folder for PNG plots (none if unset)")
   parser.add_argument(
     "--methods", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}"
@@ -498,6 +505,10 @@ def main(argv=None):
     result["job"] = job
   if check:
     result["flops_check"] = check
+  if args.out is None:
+    slug = re.sub(r"[^a-z0-9]+", "-", info.get("cpu_model", "cpu").lower()).strip("-")
+    kind = mode_name + ("_job" if args.job_only else "")
+    args.out = os.path.join(HERE, "results", "benchmark", f"{slug}_{kind}.json")
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
