@@ -858,7 +858,9 @@ def render_bench_machines() -> str:
       (x for x in r["configs"] if x["sweep"] == "d_model" and x["config"]["d_model"] == d), None
     )
     ratios, methods = (e["ratios"], e["methods"]) if e else ({}, {})
-    pct = lambda name: (methods.get(name, {}).get("fraction_of_peak") or 0) * 100 or None
+    pct = lambda name, methods=methods: (
+      (methods.get(name, {}).get("fraction_of_peak") or 0) * 100 or None
+    )
     torch_peak = r.get("torch_matmul_peak", {}).get("flops_per_s")
     job = r.get("job", {}).get("ratios", {})
     rows.append(
