@@ -7,9 +7,16 @@ hits every method alike. Figures per method: XLA's compiled flops and temp/argum
 bytes (deterministic), compile time, median step time after one warm-up step, trainable
 params, achieved FLOP/s as a fraction of XLA's fp32 matmul peak measured in the same run.
 
+PEFT's rows get PyTorch's own fp32 matmul peak, timed in the same rounds, and oftjax's
+compiled flops of the same math, so every oftjax/PEFT comparison has a wall-clock ratio and
+each framework's fraction of its own peak. `--job` adds the main job's step beside the bare
+step and PEFT on one Hugging Face folder (`bench_job`); `--flops-at` compiles (never runs)
+OFT v1 and OFTv2 at a large d_model. Flops are scan-aware (`bench_jax.compiled_costs`).
+
 Usage:
-  python experiments/benchmark.py --quick --out results.json --plots experiments/benchmark_plots
-  python experiments/benchmark.py                 # full grid (~35 min on 2 shared cores)
+  python experiments/benchmark.py --quick --job --xla-variants eigen   # this machine's row
+  python experiments/benchmark.py --out experiments/benchmark_plots/results_full.json \
+      --plots experiments/benchmark_plots       # full grid (~35 min on 2 shared cores)
   python experiments/benchmark.py --smoke --out /tmp/smoke.json   # seconds, for the tests
 """
 
@@ -423,7 +430,9 @@ def main(argv=None):
     action="store_true",
     help="also time the main job's step against the bare step and PEFT on one HF folder",
   )
-  parser.add_argument("--job-only", action="store_true", help="--job without the method grid")
+  parser.add_argument(
+    "--no-grid", action="store_true", help="skip the method grid (e.g. with --job or --flops-at)"
+  )
   parser.add_argument(
     "--job-shape",
     default="",
@@ -472,10 +481,10 @@ def main(argv=None):
     f"{torch_peaks[0]['flops_per_s'] / 1e9:.1f} GFLOP/s"
   )
   configs = []
-  if not args.job_only:
+  if not args.no_grid:
     for spec in _grid(mode_name):
       configs.append(run_config(spec, mode_name, args, log))
-  job = run_job(shape, mode_name, variants, log) if args.job or args.job_only else None
+  job = run_job(shape, mode_name, variants, log) if args.job else None
   check = flops_check(flops_at, log) if flops_at else None
   peaks.append(bench_jax.matmul_peak(n))
   torch_peaks.append(bench_peft.torch_matmul_peak(n))
@@ -507,7 +516,9 @@ def main(argv=None):
     result["flops_check"] = check
   if args.out is None:
     slug = re.sub(r"[^a-z0-9]+", "-", info.get("cpu_model", "cpu").lower()).strip("-")
-    kind = mode_name + ("_job" if args.job_only else "")
+    # A run with the grid is this machine's row; a partial one gets a file of its own.
+    parts = [] if not args.no_grid else ["job"] * args.job + ["flops"] * bool(flops_at)
+    kind = "_".join([mode_name] + parts)
     args.out = os.path.join(HERE, "results", "benchmark", f"{slug}_{kind}.json")
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:

@@ -151,12 +151,13 @@ def bench_runs() -> list[tuple[str, dict]]:
   return sorted(runs, key=lambda run: run[1].get("finished_utc", ""))
 
 
-def latest_run(key: str) -> tuple[str, dict]:
-  """The newest committed run that has ``key`` (e.g. ``job``, ``flops_check``)."""
+NOT_RUN = "no committed run has this yet: run `python experiments/benchmark.py --quick --job`"
+
+
+def latest_run(key: str) -> tuple[str, dict] | None:
+  """The newest committed run that has ``key`` (e.g. ``job``, ``flops_check``), or ``None``."""
   runs = [run for run in bench_runs() if key in run[1]]
-  if not runs:
-    raise ValueError(f"no committed benchmark run has {key!r}; run experiments/benchmark.py")
-  return runs[-1]
+  return runs[-1] if runs else None
 
 
 def bench_entry(sweep: str, **config) -> dict:
@@ -318,7 +319,7 @@ def render_benchmark_summary() -> str:
 
 
 def render_benchmark_latest() -> str:
-  path, r = bench_runs()[-1]
+  path, r = [run for run in bench_runs() if run[1]["configs"] or "job" in run[1]][-1]
   m = r["machine"]
   parts = []
   sweep = [e for e in r["configs"] if e["sweep"] == "d_model" and "peft_oft" in e["methods"]]
@@ -342,7 +343,7 @@ def render_benchmark_latest() -> str:
       f"{j['peft_oft_over_job_time']:.2f}x the job's"
     )
   return (
-    f"latest run ({m['cpu_model']}, `{r['mode']}`, {r.get('finished_utc', '')[:10]}, "
+    f"latest run ({m['cpu_model']}, `{r['mode']}`, {r.get('finished_utc', '')[:10] or 'undated'}, "
     f"`{path}`): " + "; ".join(parts)
   )
 
@@ -864,7 +865,7 @@ def render_bench_machines() -> str:
     torch_peak = r.get("torch_matmul_peak", {}).get("flops_per_s")
     job = r.get("job", {}).get("ratios", {})
     rows.append(
-      f"| {m['cpu_model']} | `{r['mode']}` {r.get('finished_utc', '')[:10]} "
+      f"| {m['cpu_model']} | `{r['mode']}` {r.get('finished_utc', '')[:10] or 'undated'} "
       f"| {m['loadavg_start'][0]:.1f} / {m['loadavg_end'][0]:.1f} "
       f"| {r['matmul_peak']['flops_per_s'] / 1e9:.0f} / {f(torch_peak and torch_peak / 1e9, '{:.0f}')} "
       f"| {f(ratios.get('oft_over_floor_time'))} | {f(ratios.get('peft_oft_over_oft_time'))} "
@@ -880,16 +881,20 @@ def render_bench_machines() -> str:
 
 
 def render_bench_job() -> str:
+  if latest_run("job") is None:
+    return _block(NOT_RUN)
   path, r = latest_run("job")
   m = r["machine"]
   return _block(
-    f"Latest job run: {m['cpu_model']}, `{r['mode']}`, {r.get('finished_utc', '')[:10]}, load "
+    f"Latest job run: {m['cpu_model']}, `{r['mode']}`, {r.get('finished_utc', '')[:10] or 'undated'}, load "
     f"{m['loadavg_start'][0]:.1f} / {m['loadavg_end'][0]:.1f} (`{path}`).\n\n"
     + bench_report.job_markdown(r)
   )
 
 
 def render_bench_flops_check() -> str:
+  if latest_run("flops_check") is None:
+    return NOT_RUN
   path, r = latest_run("flops_check")
   return bench_report.flops_check_markdown(r["flops_check"]) + f" (`{path}`)"
 
