@@ -865,7 +865,10 @@ def render_bench_machines() -> str:
     torch_peak = r.get("torch_matmul_peak", {}).get("flops_per_s")
     job = r.get("job", {}).get("ratios", {})
     rows.append(
-      f"| {m['cpu_model']} | `{r['mode']}` {r.get('finished_utc', '')[:10] or 'undated'} "
+      f"| {m['cpu_model']} | `{r['mode']}` "
+      + "+".join(["grid"] * bool(r["configs"]) + ["job"] * ("job" in r))
+      + ("(compile-only flops)" if "flops_check" in r and not r["configs"] else "")
+      + f" {r.get('finished_utc', '')[:10] or 'undated'} "
       f"| {m['loadavg_start'][0]:.1f} / {m['loadavg_end'][0]:.1f} "
       f"| {r['matmul_peak']['flops_per_s'] / 1e9:.0f} / {f(torch_peak and torch_peak / 1e9, '{:.0f}')} "
       f"| {f(ratios.get('oft_over_floor_time'))} | {f(ratios.get('peft_oft_over_oft_time'))} "
