@@ -23,7 +23,61 @@ def _f(x, fmt="{:.2f}"):
 
 
 def markdown(result: dict) -> str:
-  """One row per (config, method), then the targets."""
+  """One row per (config, method), the targets, the job and the compile-only flops check."""
+  parts = [_grid_markdown(result)] if result["configs"] else []
+  if "job" in result:
+    parts.append(job_markdown(result))
+  if "flops_check" in result:
+    parts.append(flops_check_markdown(result["flops_check"]))
+  return "\n\n".join(parts)
+
+
+def job_markdown(result: dict) -> str:
+  """The job's step against the bare step and PEFT's OFT, each against its own matmul peak."""
+  e = result["job"]
+  c, m, r = e["config"], e["methods"], e["ratios"]
+  lines = [
+    f"Job step (`benchmark.py --job`): d_model {c['d_model']}, ffn {c['ffn']}, "
+    f"{c['layers']} layers, vocab {c['vocab']}, {c['batch']}×{c['seq']} tokens, "
+    f"b={c['block_size']}, all 7 projections; matmul peaks interleaved with these steps: "
+    f"XLA {e['matmul_peak']['flops_per_s'] / 1e9:.0f}, PyTorch "
+    f"{e['torch_matmul_peak']['flops_per_s'] / 1e9:.0f} GFLOP/s",
+    "",
+    "| runner | step s | × bare | GFLOP | compile s | % own matmul peak |",
+    "|---|---|---|---|---|---|",
+  ]
+  labels = {
+    "job": "job step (finetune_gemma.py's)",
+    "bare": "bare OFTv2 step",
+    "peft_oft": "PEFT OFT (torch)",
+  }
+  for name, s in m.items():
+    label = labels.get(name, f"bare step, XLA options {name[5:-1]}")
+    lines.append(
+      f"| {label} | {s['step_s']:.3f} | {_f(s.get('time_vs_oft'))} "
+      f"| {_f(s.get('flops') and s['flops'] / 1e9, '{:.1f}')} "
+      f"| {_f(s.get('compile_s'), '{:.1f}')} "
+      f"| {_f(s.get('fraction_of_peak') and 100 * s['fraction_of_peak'], '{:.0f}')} |"
+    )
+  keys = [k for k in r if "job" in k or "bare" in k]
+  lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+  lines.append("| " + " | ".join(_f(r[k]) for k in keys) + " |")
+  return "\n".join(lines)
+
+
+def flops_check_markdown(check: dict) -> str:
+  """OFT v1 against OFTv2 from compiled figures alone."""
+  m = check["methods"]
+  return (
+    f"Compile-only check at d_model {check['d_model']} ({check['tokens']} tokens, "
+    f"b={check['block_size']}): OFT v1 {m['oftv1']['flops'] / 1e9:.0f} GFLOP vs OFTv2 "
+    f"{m['oft']['flops'] / 1e9:.0f} GFLOP per step ({check['oftv1_over_oft_flops']:.1f}×); "
+    f"temp {m['oftv1']['temp_bytes'] / 2**20:.0f} vs {m['oft']['temp_bytes'] / 2**20:.0f} MiB "
+    f"({check['oftv1_over_oft_temp']:.1f}×)."
+  )
+
+
+def _grid_markdown(result: dict) -> str:
   peak = result["matmul_peak"]["flops_per_s"]
   per_config = ", ".join(
     f"{e['config']['d_model']}/{e['config']['tokens']}/{e['config']['block_size']}: "
@@ -41,7 +95,7 @@ def markdown(result: dict) -> str:
     ),
     "",
     "| sweep | d_model | tokens | b | method | trainable | step s | × OFTv2 | GFLOP "
-    "| flops × OFTv2 | temp MiB | temp × OFTv2 | args MiB | compile s | % peak |",
+    "| flops × OFTv2 | temp MiB | temp × OFTv2 | args MiB | compile s | % own peak |",
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for entry in result["configs"]:
@@ -72,6 +126,8 @@ def markdown(result: dict) -> str:
     "oftv1_over_oft_temp",
     "peft_oft_over_oft_time",
     "peft_lora16_over_lora16_time",
+    "oft_over_peft_oft_peak_fraction",
+    "lora16_over_peft_lora16_peak_fraction",
   )
   lines += [
     "",
@@ -86,6 +142,13 @@ def markdown(result: dict) -> str:
       f"| {c['d_model']} | {c['tokens']} | {c['block_size']} | "
       + " | ".join(_f(r.get(k)) for k in keys)
       + " |"
+    )
+  if "torch_matmul_peak" in result:
+    lines[0] += (
+      f". PyTorch fp32 matmul peak, start/end of run: "
+      f"{result['torch_matmul_peak']['flops_per_s'] / 1e9:.1f} GFLOP/s (PEFT rows' % own peak: "
+      f"of the PyTorch peak interleaved with the config, on oftjax's compiled flops of the same "
+      f"math)"
     )
   t = result["targets"]
   c = t["config"]
@@ -140,7 +203,7 @@ def plots(result: dict, folder: str) -> list[str]:
 
   os.makedirs(folder, exist_ok=True)
   written = []
-  title = (
+  title = result.get("plot_title") or (
     f"1 Gemma-3-shaped layer, fp32, {result['machine']['threads']} CPU threads "
     f"({result['mode']} run)"
   )

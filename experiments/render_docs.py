@@ -141,6 +141,28 @@ def bench() -> dict:
   return _json("experiments", "benchmark_plots", "results_full.json")
 
 
+BENCH_RUNS = ("experiments", "results", "benchmark")  # benchmark.py's default --out folder
+
+
+def bench_runs() -> list[tuple[str, dict]]:
+  """Every committed benchmark run, oldest first: the full run and one file per machine/mode."""
+  runs = [("experiments/benchmark_plots/results_full.json", bench())]
+  folder = _path(*BENCH_RUNS)
+  for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+    if name.endswith(".json"):
+      runs.append(("/".join(BENCH_RUNS + (name,)), _json(*BENCH_RUNS, name)))
+  return sorted(runs, key=lambda run: run[1].get("finished_utc", ""))
+
+
+NOT_RUN = "no committed run has this yet: run `python experiments/benchmark.py --quick --job`"
+
+
+def latest_run(key: str) -> tuple[str, dict] | None:
+  """The newest committed run that has `key` (e.g. `job`, `flops_check`), or `None`."""
+  runs = [run for run in bench_runs() if key in run[1]]
+  return runs[-1] if runs else None
+
+
 def bench_entry(sweep: str, **config) -> dict:
   """The one benchmark configuration of `sweep` whose config has these values."""
   found = [
@@ -296,6 +318,36 @@ def render_benchmark_summary() -> str:
     f"{v['oftv1_over_oft_temp']:.1f}x less temp memory than the original OFT, "
     f"{_x(v['oft_over_floor_time'])} the no-adapter floor, {_x(v['oft_over_lora16_time'])} "
     f"LoRA r=16, {_x(v['peft_oft_over_oft_time'])} faster than PEFT's OFT"
+  )
+
+
+def render_benchmark_latest() -> str:
+  path, r = [run for run in bench_runs() if run[1]["configs"] or "job" in run[1]][-1]
+  m = r["machine"]
+  parts = []
+  sweep = [e for e in r["configs"] if e["sweep"] == "d_model" and "peft_oft" in e["methods"]]
+  if sweep:
+    e = max(sweep, key=lambda e: e["config"]["d_model"])
+    ratios = e["ratios"]
+    parts.append(
+      f"at d_model {e['config']['d_model']} PEFT's OFT step takes "
+      f"{ratios['peft_oft_over_oft_time']:.2f}x oftjax's OFTv2 step"
+      + (
+        f", and oftjax gets {ratios['oft_over_peft_oft_peak_fraction']:.2f}x the fraction of "
+        "its own matmul peak that PEFT gets of PyTorch's"
+        if "oft_over_peft_oft_peak_fraction" in ratios
+        else ""
+      )
+    )
+  if "job" in r:
+    j = r["job"]["ratios"]
+    parts.append(
+      f"the job's step takes {j['job_over_bare_time']:.2f}x the bare step and PEFT's OFT "
+      f"{j['peft_oft_over_job_time']:.2f}x the job's"
+    )
+  return (
+    f"latest run ({m['cpu_model']}, `{r['mode']}`, {r.get('finished_utc', '')[:10] or 'undated'}, "
+    f"`{path}`): " + "; ".join(parts)
   )
 
 
@@ -821,6 +873,72 @@ def render_bench_machine() -> str:
   )
 
 
+def render_bench_machines() -> str:
+  runs = bench_runs()
+  common = set.intersection(
+    *(
+      {e["config"]["d_model"] for e in r["configs"] if e["sweep"] == "d_model"}
+      for _, r in runs
+      if r["configs"]
+    )
+  )
+  d = max(common) if common else None
+  rows = [
+    f"| machine (lscpu) | run | load start/end | XLA / PyTorch fp32 matmul GFLOP/s | d_model {d}: "
+    "OFTv2 / floor | PEFT OFT / OFTv2 | OFTv2 % XLA peak | PEFT OFT % PyTorch peak | "
+    "job / bare step | PEFT OFT / job | file |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  f = lambda x, fmt="{:.2f}": "–" if x is None else fmt.format(x)
+  for path, r in runs:
+    m = r["machine"]
+    e = next(
+      (x for x in r["configs"] if x["sweep"] == "d_model" and x["config"]["d_model"] == d), None
+    )
+    ratios, methods = (e["ratios"], e["methods"]) if e else ({}, {})
+    pct = lambda name, methods=methods: (
+      (methods.get(name, {}).get("fraction_of_peak") or 0) * 100 or None
+    )
+    torch_peak = r.get("torch_matmul_peak", {}).get("flops_per_s")
+    job = r.get("job", {}).get("ratios", {})
+    rows.append(
+      f"| {m['cpu_model']} | `{r['mode']}` "
+      + "+".join(["grid"] * bool(r["configs"]) + ["job"] * ("job" in r))
+      + ("(compile-only flops)" if "flops_check" in r and not r["configs"] else "")
+      + f" {r.get('finished_utc', '')[:10] or 'undated'} "
+      f"| {m['loadavg_start'][0]:.1f} / {m['loadavg_end'][0]:.1f} "
+      f"| {r['matmul_peak']['flops_per_s'] / 1e9:.0f} / {f(torch_peak and torch_peak / 1e9, '{:.0f}')} "
+      f"| {f(ratios.get('oft_over_floor_time'))} | {f(ratios.get('peft_oft_over_oft_time'))} "
+      f"| {f(pct('oft'), '{:.0f}')} | {f(pct('peft_oft'), '{:.0f}')} "
+      f"| {f(job.get('job_over_bare_time'))} | {f(job.get('peft_oft_over_job_time'))} "
+      f"| `{path}` |"
+    )
+  return _block(
+    "\n".join(rows)
+    + "\n\nPeaks: start/end of each run (the `% peak` columns use the peak interleaved with "
+    "each config's steps where the run has it). `–`: not measured by that run's version."
+  )
+
+
+def render_bench_job() -> str:
+  if latest_run("job") is None:
+    return _block(NOT_RUN)
+  path, r = latest_run("job")
+  m = r["machine"]
+  return _block(
+    f"Latest job run: {m['cpu_model']}, `{r['mode']}`, {r.get('finished_utc', '')[:10] or 'undated'}, load "
+    f"{m['loadavg_start'][0]:.1f} / {m['loadavg_end'][0]:.1f} (`{path}`).\n\n"
+    + bench_report.job_markdown(r)
+  )
+
+
+def render_bench_flops_check() -> str:
+  if latest_run("flops_check") is None:
+    return NOT_RUN
+  path, r = latest_run("flops_check")
+  return bench_report.flops_check_markdown(r["flops_check"]) + f" (`{path}`)"
+
+
 def render_bench_results() -> str:
   return _block(bench_report.markdown(bench()))
 
@@ -949,6 +1067,7 @@ def render_bench_skipped() -> str:
 RENDERERS = {
   "default-run": render_default_run,
   "benchmark-summary": render_benchmark_summary,
+  "benchmark-latest": render_benchmark_latest,
   "quant-storage": render_quant_storage,
   "qoft-accuracy": render_qoft_accuracy,
   "peft-logits-tolerance": render_peft_logits_tolerance,
@@ -976,6 +1095,9 @@ RENDERERS = {
   "bench-lora-match": render_bench_lora_match,
   "bench-machine": render_bench_machine,
   "bench-results": render_bench_results,
+  "bench-machines": render_bench_machines,
+  "bench-job": render_bench_job,
+  "bench-flops-check": render_bench_flops_check,
   "bench-targets": render_bench_targets,
   "bench-peak": render_bench_peak,
   "bench-small-configs": render_bench_small_configs,

@@ -110,3 +110,108 @@ def test_values_are_sane(result):
   }
   assert all(isinstance(c["met"], bool) for c in checks.values())
   assert "fraction_of_peak.png" in result["_plots"]
+
+
+def _bench_module(name):
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  try:
+    return __import__(name)
+  finally:
+    sys.path.pop(0)
+
+
+def test_scan_aware_flops_count_every_layer():
+  """XLA CPU counts a scanned body once; `compiled_costs` counts it once per trip."""
+  import jax
+  import jax.numpy as jnp
+
+  bench_jax = _bench_module("bench_jax")
+
+  def loss(x, w):
+    return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w)[0].sum()
+
+  matmul = 2.0 * 64**3
+  counted = {}
+  for layers in (2, 4):
+    x, w = jnp.ones((64, 64)), jnp.ones((layers, 64, 64))
+    compiled = jax.jit(jax.grad(loss, 1)).lower(x, w).compile()
+    costs = bench_jax.compiled_costs(compiled)
+    counted[layers] = costs["xla_cost_analysis_flops"]
+    # forward, input gradient and weight gradient: three matmuls per layer (+ tanh etc.)
+    assert 3 * layers <= costs["flops"] / matmul < 3 * layers + 0.1, (layers, costs)
+  assert counted[2] == counted[4]  # what the correction is for
+
+
+@pytest.fixture(scope="module")
+def job_result(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench_job") / "job.json"
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "experiments", "benchmark.py"),
+      "--smoke",
+      "--no-grid",
+      "--job",
+      "--xla-variants",
+      "eigen",
+      "--out",
+      str(out),
+      "--threads",
+      "1",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  with open(out) as f:
+    return json.load(f)
+
+
+@pytest.mark.slow
+def test_job_mode_times_the_jobs_step_beside_bare_and_peft(job_result):
+  job = job_result["job"]
+  m, r = job["methods"], job["ratios"]
+  assert set(m) == {"job", "bare", "peft_oft", "bare[eigen]"}
+  assert job_result["configs"] == [] and "targets" not in job_result
+  # The job's compiled step is the bare step plus small reductions (masks, metrics, clipping).
+  assert 1.0 <= r["job_over_bare_flops"] < 1.05
+  # Two scanned layers: the scan-aware count adds the second layer's dots.
+  assert m["bare"]["flops"] > 1.5 * m["bare"]["xla_cost_analysis_flops"]
+  assert m["job"]["trainable_params"] == m["bare"]["trainable_params"]
+  assert m["peft_oft"]["flops_from"] == "bare" and m["peft_oft"]["framework"] == "torch"
+  for name in m:
+    assert _finite_positive(m[name]["step_s"]) and _finite_positive(m[name]["fraction_of_peak"])
+  for key in ("job_over_bare_time", "peft_oft_over_job_time", "job_over_peft_oft_peak_fraction"):
+    assert _finite_positive(r[key]), key
+  assert 0 < m["job"]["real_tokens_per_step"] <= job["config"]["batch"] * job["config"]["seq"]
+  assert m["bare[eigen]"]["compiler_options"] == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  assert _finite_positive(job_result["torch_matmul_peak"]["flops_per_s"])
+  assert job_result["machine"]["lscpu"]["Model name"]
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "experiments", "gpu_benchmark.py"),
+      "--tiny",
+      "--out-dir",
+      str(tmp_path),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  with open(tmp_path / "gpu_benchmark.json") as f:
+    result = json.load(f)
+  assert result["mode"] == "tiny" and result["machine"]["dtype"] == "bfloat16"
+  first = result["configs"][0]["methods"]
+  assert {"floor", "oft", "lora16", "oftv1", "peft_oft", "peft_lora16"} <= set(first)
+  for name in ("oft", "peft_oft"):
+    assert _finite_positive(first[name]["fraction_of_peak"]), name
+  assert "step_time_vs_d_model.png" in os.listdir(tmp_path)

@@ -215,3 +215,42 @@ def test_nonfinite_starting_weights_are_refused_before_training():
       LoopIO(_Stream(), _Checkpoints(), None, {}, types.SimpleNamespace(stop=False)),
     )
   assert step.calls == 0
+
+
+class _CountingStream:
+  """A stream whose `state` is the number of batches handed out so far."""
+
+  def __init__(self):
+    self.rows = 0
+
+  @property
+  def state(self):
+    return {"epoch": 0, "row": self.rows}
+
+  def __next__(self):
+    self.rows += 1
+    return {"inputs": np.zeros((1, 4), np.int32), "segment_ids": np.ones((1, 4), np.int32)}
+
+
+class _MetaCheckpoints(_Checkpoints):
+  def save(self, step, state, meta, force=False):
+    super().save(step, state, meta, force)
+    self.saved[-1] = (step, meta["data_state"]["row"])
+
+
+def test_checkpoints_record_the_steps_own_stream_position():
+  """The loop reads batch k+1 while step k runs; step k's checkpoint still says k batches."""
+  from oftjax import sharding
+  from oftjax.train.loop import LoopIO, TrainStep, train_loop
+  from oftjax.train.state import RunState
+
+  ckpt, stream, step = _MetaCheckpoints(), _CountingStream(), _Compiled(99)
+  state, stats = train_loop(
+    _config(),
+    RunState({"w": jnp.zeros((2, 2))}, {}),
+    TrainStep(step, {}, sharding.make_mesh("")),
+    LoopIO(stream, ckpt, None, {}, types.SimpleNamespace(stop=False)),
+  )
+  assert ckpt.saved == [(2, 2), (4, 4), (6, 6)]
+  assert state.data_state == {"epoch": 0, "row": 6} and stream.rows == 6  # none read past the end
+  assert step.calls == 6 and stats.tokens == 6 * 4

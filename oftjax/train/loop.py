@@ -123,6 +123,26 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def batch_reader(stream, grad_accum: int, mesh) -> Callable[[], tuple[dict, int]]:
+  """The loop's batches: `read() -> (global batch, real tokens in it)`.
+
+  Each call takes `grad_accum` host batches from `stream` (stacked on a leading
+  micro-batch axis when `grad_accum > 1`) and places this process's rows on `mesh`.
+  """
+  lead = 1 if grad_accum > 1 else 0
+  batch_sharding = sharding.batch_sharding(mesh, 2 + lead, lead)
+
+  def read():
+    rows = [next(stream) for _ in range(grad_accum)]
+    host = {k: np.stack([r[k] for r in rows]) if lead else rows[0][k] for k in rows[0]}
+    return (
+      distributed.global_batch(host, batch_sharding, lead),
+      int(sum((r["segment_ids"] > 0).sum() for r in rows)),
+    )
+
+  return read
+
+
 def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunState, LoopStats]:
   """Runs optimizer steps `state.step+1 … c.steps`; checkpoints every `c.save_every` steps.
 
@@ -154,17 +174,7 @@ def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunStat
       "the trainable weights hold NaN or Inf before training (check "
       "--init-adapter); nothing was trained or saved"
     )
-  lead = 1 if c.grad_accum > 1 else 0
-  batch_sharding = sharding.batch_sharding(step.mesh, 2 + lead, lead)
-
-  def next_batch():
-    rows = [next(io.stream) for _ in range(c.grad_accum)]
-    host = {k: np.stack([r[k] for r in rows]) if lead else rows[0][k] for k in rows[0]}
-    return (
-      distributed.global_batch(host, batch_sharding, lead),
-      int(sum((r["segment_ids"] > 0).sum() for r in rows)),
-    )
-
+  next_batch = batch_reader(io.stream, c.grad_accum, step.mesh)
   batch, ntok = next_batch()
   t0 = time.time()
   compiled = step.fn.lower(state.trainable, state.opt_state, *step.args(batch, 0)).compile()
@@ -195,16 +205,21 @@ def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunStat
     trainable, opt_state, loss_arr, aux = compiled(
       state.trainable, state.opt_state, *step.args(batch, state.step)
     )
+    # The step runs asynchronously: the host packs and places the next batch meanwhile
+    # (the stream's position is taken first: it is this step's, what a checkpoint saves).
+    data_state, ran = io.stream.state, ntok
+    if state.step + 1 < c.steps and not io.stopper.stop:
+      upcoming = next_batch()
     loss = distributed.scalar(loss_arr)
     times.append(time.time() - t0)
-    tokens_seen += ntok
-    since_log = [since_log[0] + ntok, since_log[1] + times[-1]]
+    tokens_seen += ran
+    since_log = [since_log[0] + ran, since_log[1] + times[-1]]
     skipped = int(distributed.scalar(aux["skipped"]))
     state = state.replace(
       trainable=trainable,
       opt_state=opt_state,
       step=state.step + 1,
-      data_state=io.stream.state,
+      data_state=data_state,
       skipped_steps=state.skipped_steps + skipped,
       loss=state.loss if skipped else loss,
     )
@@ -285,12 +300,12 @@ def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunStat
         )
       state.save(io.checkpoints, io.checkpoint_meta)
       last_saved = state.step
-    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{ntok / np.median(times[-20:]):.0f}")
+    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{ran / np.median(times[-20:]):.0f}")
     bar.update(1)
     if io.stopper.stop:
       break
     if state.step < c.steps:
-      batch, ntok = next_batch()
+      batch, ntok = upcoming
   bar.close()
   return state, LoopStats(
     times,

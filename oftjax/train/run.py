@@ -6,12 +6,14 @@ Everything a user can get wrong is checked before the output directory is touche
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import contextlib
 import dataclasses
 import os
 import shutil
 import signal
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -250,6 +252,81 @@ def describe_eval(result: dict) -> str:
   return " ".join(parts)
 
 
+def load_weights(c: RunConfig, model, dtype, say=print):
+  """The adapted model and the trainable and frozen host trees of run `c`.
+
+  Adapters are built first: their geometries say which kernels `--quantize` stores
+  quantized (each as soon as the loader completes it, so at most one parameter is ever
+  held in full precision).
+
+  Args:
+    c: the run's configuration.
+    model: the base Gemma module (`gemma.load_model`).
+    dtype: the compute dtype.
+    say: prints a note (e.g. why no PEFT adapter will be written).
+
+  Returns:
+    `(adapted, trainable, frozen)`; `adapted` is `None` and `frozen` `{}` for
+    `--method full`.
+  """
+  param_dtype = jnp.float32 if c.method == "full" else dtype
+  adapted, geoms = None, {}
+  if c.method != "full":
+    adapted, trainable = _init_adapters(c, model, adapter_config(c), jnp.zeros((1, 8), jnp.int32))
+    geoms = adapted.geometries
+    lora_export.check_exportable(c, adapted)
+    if reason := peft_io.unexportable_reason(adapted.config):
+      say(f"note: no peft_adapter/ will be written: {reason}")
+  on_param = quant.quantize_on_load(geoms, c.quantize) if c.quantize != "none" else None
+  _, base = _user_errors(
+    gemma.load,
+    model.config.source_dir,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    on_param=on_param,
+    on_host=jax.default_backend() != "cpu" or jax.process_count() > 1,
+  )
+  return (adapted, base, {}) if c.method == "full" else (adapted, trainable, base)
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+  """What `build_training` returns: the run model, placed trees and the jitted step."""
+
+  job: Any
+  frozen: Any
+  state: RunState
+  step: Callable
+
+
+def build_training(c: RunConfig, model, adapted, trainable, frozen, mesh, dtype) -> Training:
+  """Places the trees on `mesh` and builds the job's train step (the one the loop runs).
+
+  Host arrays go straight into their shards: no device holds the whole FSDP-sharded model.
+  Also used by `experiments/benchmark.py --job`, so that the benchmark times this step.
+  """
+  frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
+  job = build_run_model(model, frozen, adapted, quantized=c.quantize != "none", dtype=dtype)
+  optimizer = make_optimizer(c.lr, c.steps, c.warmup_steps, c.weight_decay, c.clip_norm)
+  trainable = distributed.to_host(trainable)
+  shardings = sharding.train_state_shardings(
+    optimizer.init, trainable, mesh, shard=job.shards_trainable
+  )
+  trainable = jax.device_put(trainable, shardings[0])
+  state = RunState(trainable, jax.jit(optimizer.init, out_shardings=shardings[1])(trainable))
+  step = make_train_step(
+    job.loss,
+    optimizer,
+    has_aux=True,
+    accum_steps=c.grad_accum,
+    weight_key="tokens",
+    project=job.project,
+    state_shardings=shardings,
+    with_rng=job.uses_rng,
+  )
+  return Training(job, frozen, state, step)
+
+
 def run(c: RunConfig) -> dict:
   """Executes the run described by `c` and returns the summary it wrote."""
   with _StopFlag() as stopper:
@@ -281,49 +358,12 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     (len(tokenizer.encode(x.expected, add_special_tokens=False)) for s in sets.values() for x in s),
     default=0,
   )
-  adapted, geoms = None, {}
-  if c.method != "full":  # adapters first: their geometries say which kernels to quantize
-    adapted, trainable = _init_adapters(c, model, adapter_config(c), jnp.zeros((1, 8), jnp.int32))
-    geoms = adapted.geometries
-    lora_export.check_exportable(c, adapted)
-    if reason := peft_io.unexportable_reason(adapted.config):
-      _say(main, f"note: no peft_adapter/ will be written: {reason}")
-  # QOFT / QLoRA: each targeted kernel is quantized as soon as the loader completes it, so
-  # at most one parameter (one projection, all layers) is ever held in full precision.
-  on_param = quant.quantize_on_load(geoms, c.quantize) if c.quantize != "none" else None
-  _, base = _user_errors(
-    gemma.load,
-    model.config.source_dir,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    on_param=on_param,
-    on_host=jax.default_backend() != "cpu" or jax.process_count() > 1,
-  )
-  trainable, frozen = (base, {}) if c.method == "full" else (trainable, base)
+  adapted, trainable, frozen = load_weights(c, model, dtype, say=lambda t: _say(main, t))
   if main:
     _prepare_output_dir(c)
   distributed.barrier("output directory ready")
-
-  # Host arrays go straight into their shards: no device holds the whole FSDP-sharded model.
-  frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
-  job = build_run_model(model, frozen, adapted, quantized=c.quantize != "none", dtype=dtype)
-  optimizer = make_optimizer(c.lr, c.steps, c.warmup_steps, c.weight_decay, c.clip_norm)
-  trainable = distributed.to_host(trainable)
-  shardings = sharding.train_state_shardings(
-    optimizer.init, trainable, mesh, shard=job.shards_trainable
-  )
-  trainable = jax.device_put(trainable, shardings[0])
-  state = RunState(trainable, jax.jit(optimizer.init, out_shardings=shardings[1])(trainable))
-  step_fn = make_train_step(
-    job.loss,
-    optimizer,
-    has_aux=True,
-    accum_steps=c.grad_accum,
-    weight_key="tokens",
-    project=job.project,
-    state_shardings=shardings,
-    with_rng=job.uses_rng,
-  )
+  training = build_training(c, model, adapted, trainable, frozen, mesh, dtype)
+  job, frozen, state, step_fn = training.job, training.frozen, training.state, training.step
 
   evaluator = Evaluator(
     job.eval_module, tokenizer, held_out.examples, sets, c.seq_len, c.batch_size, max_new
