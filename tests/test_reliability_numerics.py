@@ -143,6 +143,9 @@ class _Compiled:
   def lower(self, *args):
     return types.SimpleNamespace(compile=lambda: self)
 
+  def memory_analysis(self):
+    return None  # as a backend without memory analysis
+
   def __call__(self, trainable, opt_state, frozen, batch):
     self.calls += 1
     value = jnp.inf if self.calls >= self.bad_step else float(self.calls)
@@ -176,6 +179,9 @@ def _config(**kw):
     method="oft",
     parameterization="cayley_neumann",
     on_nonfinite="skip",
+    lr=1e-3,
+    warmup_steps=0,
+    eval_every=None,
   )
   return types.SimpleNamespace(**{**base, **kw})
 
