@@ -105,6 +105,7 @@ def test_trained_adapter_folds_into_the_models_own_weights(method):
   chex.assert_trees_all_close(restored, base_params(), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["oft", "lora"])
 def test_a_second_call_still_applies_the_adapters(method):
   """`Transformer.__call__` is under nn.jit: its cache must not serve a trace without adapters."""
@@ -120,6 +121,7 @@ def test_a_second_call_still_applies_the_adapters(method):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["oft", "lora"])
 def test_steps_lower_the_loss_with_frozen_weights_bit_identical(method):
   adapted = oftjax.adapt(standin.Transformer(), METHODS[method], TOKENS)
@@ -131,7 +133,7 @@ def test_steps_lower_the_loss_with_frozen_weights_bit_identical(method):
     out = adapted.module.apply({"params": params}, batch[:, :-1]).logits
     return optax.softmax_cross_entropy_with_integer_labels(out, batch[:, 1:]).mean()
 
-  optimizer = optax.adam(1e-2)
+  optimizer = optax.adam(3e-2)
   step = oftjax.make_train_step(loss_fn, optimizer)
   trainable = adapted.init(jax.random.key(8))
   opt_state = optimizer.init(trainable)
@@ -139,7 +141,7 @@ def test_steps_lower_the_loss_with_frozen_weights_bit_identical(method):
   for _ in range(4):
     trainable, opt_state, loss, _ = step(trainable, opt_state, frozen, tokens)
     losses.append(float(loss))
-  assert losses[-1] < losses[0] - 1e-2, losses
+  assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 1e-3, losses
   chex.assert_trees_all_equal(jax.tree_util.tree_map(np.asarray, frozen), frozen_copy)
 
 
@@ -175,7 +177,8 @@ def test_user_registered_layer_adapts_and_folds():
     params = oftjax.merge_params(base, random_adapter(adapted, seed=10, scale=0.3))
     y = adapted.apply(params, h=x)
     assert float(jnp.abs(y - Projection(8).apply({"params": base}, h=x)).max()) > 1e-2
-    chex.assert_trees_all_close(Projection(8).apply({"params": adapted.fold(params)}, h=x), y)
+    folded = Projection(8).apply({"params": adapted.fold(params)}, h=x)
+    chex.assert_trees_all_close(folded, y, atol=1e-5)
 
 
 def test_nn_jit_deeper_in_the_model_is_refused():
