@@ -133,7 +133,7 @@ def test_steps_lower_the_loss_with_frozen_weights_bit_identical(method):
     out = adapted.module.apply({"params": params}, batch[:, :-1]).logits
     return optax.softmax_cross_entropy_with_integer_labels(out, batch[:, 1:]).mean()
 
-  optimizer = optax.adam(3e-2)
+  optimizer = optax.adam({"oft": 3e-2, "lora": 1e-2}[method])
   step = oftjax.make_train_step(loss_fn, optimizer)
   trainable = adapted.init(jax.random.key(8))
   opt_state = optimizer.init(trainable)
