@@ -4,15 +4,17 @@ Skipped unless `gemma` imports: the library pulls tensorflow and ~100 packages, 
 an optional extra (`pip install oftjax[gemma-lib]`), not a test dependency. The main
 suite covers the same layer forms with a stand-in (tests/test_layer_kinds.py).
 
-Run once in a separate venv, /work/gemma-venv (Python 3.11.7), with:
-gemma 3.3.0, kauldron 1.3.0 (the last release with `kd.ckpts.AbstractPartialLoader`, which
-gemma 3.3.0 subclasses; kauldron 1.3.0 patches `jax._src.random._check_prng_key`, gone
-in jax 0.10.2, hence) jax 0.10.1 / jaxlib 0.10.1, flax 0.12.8, optax 0.2.8, chex 0.1.92,
-orbax-checkpoint 0.12.8, numpy 2.4.6, ml_dtypes 0.7.0, safetensors 0.8.0, pytest 9.2,
-and, installed `--no-deps` as imports asked for them: etils 1.15, einops 0.8.2, jaxtyping
-0.3.11, sentencepiece 0.2.3, treescope 0.1.10, absl-py 2.5.1, tqdm, lark, ml_collections,
-immutabledict, typeguard, clu, tensorflow and its import-time dependencies. Command:
-`PYTHONPATH=$PWD /work/gemma-venv/bin/python -m pytest -p no:cacheprovider
+Run (both cases pass) in a separate venv, /work/gemma-venv (Python 3.11.7); its full
+`pip freeze` is experiments/gemma_library_venv.txt. `pip install gemma==3.3.0` with jax
+pinned to 0.10.2 did not resolve in 35 min, so the packages went in `--no-deps`, one by
+one as imports asked: gemma 3.3.0; kauldron 1.3.0 (1.4.x dropped
+`kd.ckpts.AbstractPartialLoader`, which gemma 3.3.0 subclasses); jax/jaxlib 0.10.1
+(kauldron 1.3.0 patches `jax._src.random._check_prng_key`, gone in 0.10.2); typeguard
+4.4.1 (kauldron's type checks fail on 4.6); flax 0.12.8, optax 0.2.8, chex 0.1.92,
+orbax-checkpoint 0.12.8, numpy 2.4.6, safetensors 0.8.0, pytest 9.2; and the import-time
+rest (etils, einops, jaxtyping, sentencepiece, treescope, clu, grain, tensorflow 2.21,
+keras 3.15, tensorflow-datasets 4.9.10, matplotlib, IPython, ...). Command:
+`JAX_PLATFORMS=cpu PYTHONPATH=$PWD /work/gemma-venv/bin/python -m pytest -p no:cacheprovider
 tests/test_gemma_library.py`.
 """
 
