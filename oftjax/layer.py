@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import contextvars
+import functools
 import types
 from typing import Any
 
@@ -173,10 +174,15 @@ def beneath_nn_jit(method) -> Callable | None:
   return None
 
 
-def jitted_methods(module: nn.Module) -> list[str]:
+def jitted_methods(module: nn.Module) -> tuple[str, ...]:
   """Names of ``module``'s methods wrapped in ``nn.jit``."""
-  names = {n for c in type(module).__mro__ for n, v in vars(c).items() if callable(v)}
-  return sorted(n for n in names if beneath_nn_jit(getattr(type(module), n, None)))
+  return _jitted_method_names(type(module))
+
+
+@functools.cache
+def _jitted_method_names(cls: type) -> tuple[str, ...]:
+  names = {n for c in cls.__mro__ for n, v in vars(c).items() if callable(v)}
+  return tuple(sorted(n for n in names if beneath_nn_jit(getattr(cls, n, None))))
 
 
 def runs_beneath_jit(module: nn.Module, method_name: str) -> bool:
