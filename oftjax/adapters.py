@@ -258,8 +258,8 @@ def init_lora(rng: jax.Array, geom: geo.LayerGeometry, config: AdapterConfig, pa
   """PEFT's LoRA init: `a` Kaiming-uniform (a=sqrt(5)), `b` zeros (adapted = base)."""
   if not geom.lora_ok:
     raise ValueError(
-      f"layer '{path}': LoRA needs the kernel's free axes to be the trailing output "
-      "axes; exclude this einsum from the targets regex"
+      f"layer '{path}': LoRA needs the output to be the input's and the kernel's free axes "
+      "(no axis shared or summed on one side only); exclude this einsum from the targets regex"
     )
   bound = 1.0 / math.sqrt(geom.d_in)
   a = jax.random.uniform(rng, (geom.d_in, config.lora_rank), jnp.float32, -bound, bound)
@@ -276,7 +276,9 @@ def lora_delta(
   gradients `xᵀ·g` by first copying the big activation / cotangent into a transposed
   layout, which made a LoRA step ~1.5x slower than the no-adapter floor (measured in
   `experiments/benchmark.py`; 2-D: ~1.0x). The scale is folded into the small `B`
-  instead of multiplying the `[tokens, d_out]` output (and its cotangent).
+  instead of multiplying the `[tokens, d_out]` output (and its cotangent). The term
+  is formed as `[*input rest, *kernel free axes]` and transposed into the output's
+  axis order when the layer's equation orders them otherwise (`'BSD,CKDH->CBSKH'`).
 
   Both products run in the activation dtype at `config.precision`: with float32
   activations `"highest"` keeps them true float32 (no TF32 / single bf16 pass); with
@@ -288,8 +290,8 @@ def lora_delta(
   a = leaves["a"].astype(x.dtype)
   b = (leaves["b"] * (config.lora_alpha / config.lora_rank)).astype(x.dtype)
   hidden = jnp.matmul(flat.reshape(-1, flat.shape[-1]), a, precision=config.precision)
-  delta = jnp.matmul(hidden, b, precision=config.precision)
-  return delta.reshape(*lead, *free)
+  delta = jnp.matmul(hidden, b, precision=config.precision).reshape(*lead, *free)
+  return delta if geom.output_perm is None else jnp.transpose(delta, geom.output_perm)
 
 
 def fold_lora(

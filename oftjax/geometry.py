@@ -1,23 +1,25 @@
-"""Which axes of a linear layer's input and kernel are contracted.
+"""Which axes of a linear layer's input and weight are contracted.
 
-Every supported layer (`nn.Dense`, `nn.DenseGeneral`, `nn.Einsum`) is described
-by one einsum equation over its input and kernel. OFT rotates the contracted input
-axes, flattened row-major in the input's order (so an output projection over
-`heads × head_dim` matches a PyTorch Linear over the concatenated heads); merging
-folds the rotation into the matching kernel axes, through the one kernel layout
-`kernel_to_matrix` (also the layout quantized kernels are stored in).
+Every linear layer call is described by one einsum equation over its input and its
+weight (`oftjax.layer_kinds` says which modules are linear layers and gives the
+equation of a call). OFT rotates the contracted input axes, flattened row-major in the
+input's order (so an output projection over `heads × head_dim` matches a PyTorch
+Linear over the concatenated heads); merging folds the rotation into the matching weight
+axes, through the one kernel layout `kernel_to_matrix` (also the layout quantized
+kernels are stored in). LoRA computes its term as `[*input rest, *weight free axes]`
+and transposes it into the output's own axis order.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import string
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-SUPPORTED_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Einsum)
+PLAIN_WEIGHT = "kernel"  # the weight name of flax's own linear layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,14 +30,20 @@ class LayerGeometry:
     x_axes: input axes contracted with the kernel, in the input's order.
     kernel_axes: the matching kernel axes (same order as `x_axes`).
     kernel_shape: shape of one (un-stacked) kernel.
-    lora_ok: whether the non-contracted kernel axes map one-to-one onto trailing
-      output axes (no batch axes shared by input, kernel and output).
+    lora_ok: whether the output is the non-contracted input axes and the free kernel
+      axes, in some order (no axis shared by input, kernel and output, none summed
+      on one side only): then LoRA's low-rank term has the output's shape.
+    weight: name of the weight parameter (`'kernel'` for flax's layers).
+    output_perm: the output's axes as positions in LoRA's canonical layout
+      `[*input rest, *kernel free]`; `None` when the two orders agree.
   """
 
   x_axes: tuple[int, ...]
   kernel_axes: tuple[int, ...]
   kernel_shape: tuple[int, ...]
   lora_ok: bool
+  weight: str = PLAIN_WEIGHT
+  output_perm: tuple[int, ...] | None = None
 
   @property
   def d_in(self) -> int:
@@ -46,53 +54,66 @@ class LayerGeometry:
     return math.prod(self.kernel_shape) // self.d_in
 
 
-def _normalize(axes, ndim: int) -> tuple[int, ...]:
-  axes = (axes,) if isinstance(axes, int) else tuple(axes)
-  return tuple(a % ndim for a in axes)
+def _ellipsis_letters(xs: str, ndim: int, fresh: str, path: str, equation: str) -> str:
+  """The letters `...` stands for in the input spec `xs` of rank `ndim`."""
+  explicit = xs.replace("...", "")
+  if "." in explicit or ndim < len(explicit) or ("..." not in xs and ndim != len(xs)):
+    raise ValueError(f"layer '{path}': einsum '{equation}' does not fit an input of rank {ndim}")
+  return fresh[: ndim - len(explicit)] if "..." in xs else ""
 
 
-def geometry_of(module: nn.Module, path: str, x: jax.Array, kwargs: dict) -> LayerGeometry:
-  """Derives the contraction structure of `module` applied to `x`.
+def geometry_of_equation(
+  equation: str, weight_shape: tuple[int, ...], x_ndim: int, weight: str, path: str
+) -> LayerGeometry:
+  """The geometry of `y = einsum(equation, x, w)` for an input of rank `x_ndim`.
+
+  Args:
+    equation: `'x,w->y'`; `...` may stand for leading axes of `x` and `y`.
+    weight_shape: shape of `w`.
+    x_ndim: rank of the input.
+    weight: the weight's parameter name (kept in the geometry for folding).
+    path: the layer's path, for messages.
 
   Raises:
-    ValueError: for a layer form oftjax cannot adapt, naming the layer and the fix.
+    ValueError: for an equation adapters cannot take (implicit output, `...` on the
+      weight, a repeated axis, no contracted axis), naming the layer and the fix.
   """
-  if isinstance(module, nn.Dense):
-    return LayerGeometry((x.ndim - 1,), (0,), (x.shape[-1], module.features), True)
-  if isinstance(module, nn.DenseGeneral):
-    if module.batch_dims:
-      raise ValueError(
-        f"layer '{path}': DenseGeneral with batch_dims={module.batch_dims} is not "
-        "supported by adapters; exclude it from the targets regex"
-      )
-    axis = _normalize(module.axis, x.ndim)
-    features = _normalize(module.features, 1 << 30)
-    shape = tuple(x.shape[a] for a in axis) + tuple(features)
-    return LayerGeometry(axis, tuple(range(len(axis))), shape, True)
-  if isinstance(module, nn.Einsum):
-    equation = kwargs.get("einsum_str") or module.einsum_str
-    equation = equation.replace(" ", "")
-    if "..." in equation or "->" not in equation or equation.count(",") != 1:
-      raise ValueError(
-        f"layer '{path}': einsum '{equation}' is not supported (need explicit "
-        "'x,kernel->out' without '...'); exclude it from the targets regex"
-      )
-    lhs, out = equation.split("->")
-    xs, ks = lhs.split(",")
-    contracted = [c for c in xs if c in ks and c not in out]
-    if not contracted:
-      raise ValueError(f"layer '{path}': einsum '{equation}' contracts no input axis")
-    shared = [c for c in ks if c in xs and c in out]
-    return LayerGeometry(
-      tuple(xs.index(c) for c in contracted),
-      tuple(ks.index(c) for c in contracted),
-      tuple(module.shape),
-      lora_ok=not shared
-      and out == "".join(c for c in xs if c not in ks) + "".join(c for c in ks if c not in xs),
+  eq = equation.replace(" ", "")
+  fix = "exclude it from the targets regex"
+  if "->" not in eq or eq.count(",") != 1:
+    raise ValueError(
+      f"layer '{path}': einsum '{equation}' is not supported (need 'x,weight->out'); {fix}"
     )
-  raise ValueError(
-    f"layer '{path}' is a {type(module).__name__}; adapters support nn.Dense, "
-    "nn.DenseGeneral and nn.Einsum only: narrow the targets regex"
+  lhs, out = eq.split("->")
+  xs, ws = lhs.split(",")
+  if "." in ws or len(ws) != len(weight_shape):
+    raise ValueError(
+      f"layer '{path}': einsum '{equation}' does not name the {len(weight_shape)} axes of "
+      f"its weight {list(weight_shape)} explicitly; {fix}"
+    )
+  fresh = "".join(c for c in string.ascii_letters if c not in eq)
+  batch = _ellipsis_letters(xs, x_ndim, fresh, path, equation)
+  if "..." in out and "..." not in xs:
+    raise ValueError(f"layer '{path}': einsum '{equation}' has '...' on its output only; {fix}")
+  xs, out = xs.replace("...", batch), out.replace("...", batch)
+  for spec in (xs, ws, out):
+    if len(set(spec)) != len(spec):
+      raise ValueError(f"layer '{path}': einsum '{equation}' repeats an axis; {fix}")
+  contracted = [c for c in xs if c in ws and c not in out]
+  if not contracted:
+    raise ValueError(f"layer '{path}': einsum '{equation}' contracts no input axis")
+  x_rest = [c for c in xs if c not in contracted]
+  k_free = [c for c in ws if c not in contracted]
+  canonical = x_rest + k_free
+  lora_ok = sorted(canonical) == sorted(out) and not set(x_rest) & set(k_free)
+  perm = tuple(canonical.index(c) for c in out) if lora_ok else None
+  return LayerGeometry(
+    tuple(xs.index(c) for c in contracted),
+    tuple(ws.index(c) for c in contracted),
+    tuple(weight_shape),
+    lora_ok=lora_ok,
+    weight=weight,
+    output_perm=None if perm is None or perm == tuple(range(len(perm))) else perm,
   )
 
 

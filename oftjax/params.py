@@ -1,6 +1,11 @@
 """Parameter trees: base vs adapter split/merge, Optax masks, counting, folding adapters.
 
-Adapter sub-trees are the `'oft'` and `'lora'` entries that sit beside a kernel.
+An adapter sub-tree sits beside the weight it adapts, keyed by its kind and that weight
+(`adapter_key`): `'oft'` / `'lora'` beside a flax `kernel`, `'oft_<weight>'`
+/ `'lora_<weight>'` beside any other weight, so two layers that share one scope (the
+gemma library's MLP einsums `gating_einsum` and `linear`) keep separate adapters.
+The geometries of an adapted model are keyed the same way (`weight_key`): by the
+layer's path for a `kernel`, by `<layer path>/<weight>` otherwise.
 """
 
 from __future__ import annotations
@@ -17,19 +22,60 @@ from oftjax import adapters, orthogonal
 from oftjax import geometry as geo
 
 ADAPTER_KEYS = ("oft", "lora")
+PLAIN_WEIGHT = geo.PLAIN_WEIGHT
 
 Params = Mapping[str, Any]
 
 
+def adapter_key(kind: str, weight: str = PLAIN_WEIGHT) -> str:
+  """Name of the adapter sub-tree of `kind` (`'oft'` / `'lora'`) beside `weight`."""
+  return kind if weight == PLAIN_WEIGHT else f"{kind}_{weight}"
+
+
+def adapter_kind(key: str, value: Any = None) -> str | None:
+  """`'oft'` / `'lora'` when `key` names an adapter sub-tree, else `None`.
+
+  `oft_<weight>` / `lora_<weight>` count only as sub-trees (`value` a mapping; pass
+  `{}` when only the name is known), never as a base model's own array of that name.
+  """
+  if key in ADAPTER_KEYS:
+    return key
+  prefixed = next((k for k in ADAPTER_KEYS if key.startswith(k + "_")), None)
+  return prefixed if isinstance(value, Mapping) else None
+
+
+def is_adapter_key(key: str, value: Any = None) -> bool:
+  """Whether `key` (holding `value`) is an adapter sub-tree (`adapter_kind`)."""
+  return adapter_kind(key, value) is not None
+
+
+def weight_key(layer_path: str, weight: str = PLAIN_WEIGHT) -> str:
+  """How geometries key an adapted weight: the layer path for a `kernel`, else `path/weight`."""
+  if weight == PLAIN_WEIGHT:
+    return layer_path
+  return f"{layer_path}/{weight}" if layer_path else weight
+
+
+def layer_path_of(key: str, geom: geo.LayerGeometry) -> str:
+  """Inverse of `weight_key`: the path of the layer (scope) holding the weight."""
+  if geom.weight == PLAIN_WEIGHT:
+    return key
+  return key[: -len(geom.weight)].rstrip("/")
+
+
 def _is_adapter_path(path) -> bool:
-  return any(getattr(k, "key", None) in ADAPTER_KEYS for k in path)
+  keys = [getattr(k, "key", None) for k in path]
+  return any(
+    isinstance(k, str) and is_adapter_key(k, {} if i < len(keys) - 1 else None)
+    for i, k in enumerate(keys)
+  )
 
 
 def split_params(params: Params) -> tuple[dict, dict]:
   """Splits a tree into `(base, adapters)`: two nested dicts with disjoint leaves."""
   base, adapter = {}, {}
   for key, value in params.items():
-    if key in ADAPTER_KEYS:
+    if is_adapter_key(key, value):
       adapter[key] = value
     elif isinstance(value, Mapping):
       b, a = split_params(value)
@@ -98,14 +144,17 @@ def edit_layers(tree: Params, geometries: Mapping[str, geo.LayerGeometry]):
 
   Returns:
     `(copy, layers)`: `copy` has new containers and shares `tree`'s leaves;
-    `layers` is `[(path, geometry, node)]` in the order of `geometries`, `node`
-    being the copy's dict of that layer (replacing a leaf in it leaves `tree` as it was).
+    `layers` is `[(key, geometry, node)]` in the order of `geometries`, `node`
+    being the copy's dict of the layer holding the weight `geometry.weight` (replacing
+    a leaf in it leaves `tree` as it was).
 
   Raises:
     KeyError: a layer of `geometries` is not in `tree`.
   """
   out = copy_containers(tree)
-  return out, [(path, geom, node_at(out, path)) for path, geom in geometries.items()]
+  return out, [
+    (key, geom, node_at(out, layer_path_of(key, geom))) for key, geom in geometries.items()
+  ]
 
 
 def over_stacked_axes(fn, lead: int):
@@ -120,10 +169,16 @@ def over_stacked_axes(fn, lead: int):
 
 
 def adapter_nodes(tree: Params, prefix: tuple[str, ...] = ()):
-  """Yields `(layer path, 'oft' | 'lora', leaves)` for every adapter in `tree`."""
+  """Yields `(weight key, 'oft' | 'lora', leaves)` for every adapter in `tree`.
+
+  The key is the one geometries use (`weight_key`): the layer path for an adapter
+  of a `kernel`, `<layer path>/<weight>` for one of another weight.
+  """
   for key, value in tree.items():
-    if key in ADAPTER_KEYS:
-      yield "/".join(prefix), key, value
+    kind = adapter_kind(key, value)
+    if kind is not None:
+      weight = key[len(kind) + 1 :] or PLAIN_WEIGHT
+      yield weight_key("/".join(prefix), weight), kind, value
     elif isinstance(value, Mapping):
       yield from adapter_nodes(value, prefix + (key,))
 
@@ -143,15 +198,17 @@ def fold_adapters(
     unfold: apply the inverse fold instead (recovers the base kernels).
 
   Returns:
-    A base-shaped tree (no adapter leaves) whose kernels include the adapters.
+    A base-shaped tree (no adapter leaves) whose weights include the adapters, each
+    under its own name (`kernel`, or e.g. the gemma library's `w`).
   """
   base, adapter = split_params(params)
   base, layers = edit_layers(base, geometries)
-  for path, geom, node in layers:
-    leaves = node_at(adapter, path)[config.leaf_name]
-    lead = node["kernel"].ndim - len(geom.kernel_shape)
-    fold = _layer_fold(path, geom, config, unfold)
-    node["kernel"] = over_stacked_axes(fold, lead)(node["kernel"], leaves)
+  for key, geom, node in layers:
+    name = adapter_key(config.leaf_name, geom.weight)
+    leaves = node_at(adapter, layer_path_of(key, geom))[name]
+    lead = node[geom.weight].ndim - len(geom.kernel_shape)
+    fold = _layer_fold(key, geom, config, unfold)
+    node[geom.weight] = over_stacked_axes(fold, lead)(node[geom.weight], leaves)
   return base
 
 
@@ -180,7 +237,7 @@ def project_adapters(tree: Params, config: adapters.AdapterConfig) -> dict:
   def walk(node):
     return {
       key: adapters.project_oft(value, config)
-      if key == "oft"
+      if adapter_kind(key, value) == "oft"
       else walk(value)
       if isinstance(value, Mapping)
       else value

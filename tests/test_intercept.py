@@ -145,9 +145,28 @@ def test_unsupported_layer_forms_are_errors():
   batched = oftjax.Adapted(nn.DenseGeneral(4, batch_dims=(0,)), oftjax.AdapterConfig(block_size=2))
   with pytest.raises(ValueError, match="batch_dims"):
     batched.init(jax.random.key(0), jnp.ones((2, 3, 4)))
-  ellipsis = oftjax.Adapted(nn.Einsum((4, 2), "...d,de->...e"), oftjax.AdapterConfig(block_size=2))
+  implicit = oftjax.Adapted(nn.Einsum((4, 2), "bd,de"), oftjax.AdapterConfig(block_size=2))
   with pytest.raises(ValueError, match="not supported"):
-    ellipsis.init(jax.random.key(0), jnp.ones((3, 4)))
+    implicit.init(jax.random.key(0), jnp.ones((3, 4)))
+  weight_ellipsis = oftjax.Adapted(nn.Einsum((4, 2), "bd,d...->b..."), oftjax.AdapterConfig())
+  with pytest.raises(ValueError, match="explicitly"):
+    weight_ellipsis.init(jax.random.key(0), jnp.ones((3, 4)))
+
+
+def test_ellipsis_einsum_adapts_and_folds():
+  layer = nn.Einsum((2, 6, 8), "...f,nhf->...nh")  # the gemma library's transposed gating
+  x = jax.random.normal(jax.random.key(2), (2, 3, 8))
+  for config in (oftjax.AdapterConfig(block_size=4), oftjax.AdapterConfig(method="lora")):
+    adapted = oftjax.adapt(layer, config, x)
+    params = adapted.module.init(jax.random.key(3), x)["params"]
+    _, adapter = oftjax.split_params(params)
+    adapter = jax.tree_util.tree_map(
+      lambda a: 0.3 * jax.random.normal(jax.random.key(4), a.shape), adapter
+    )
+    params = oftjax.merge_params(oftjax.split_params(params)[0], adapter)
+    y = adapted.apply(params, x)
+    chex.assert_shape(y, (2, 3, 2, 6))
+    assert float(jnp.abs(y - layer.apply({"params": adapted.fold(params)}, x)).max()) < 1e-5
 
 
 def test_packed_vector_of_wrong_length_is_an_error():

@@ -17,8 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from oftjax import geometry as geo
-from oftjax import layer
+from oftjax import layer, layer_kinds
 from oftjax import params as P
 from oftjax.quant.kernel import QUANT_KEY, dequantize_kernel, is_quantized
 
@@ -36,19 +35,22 @@ def dequantizing_interceptor(next_fun, args, kwargs, context):
   if (
     context.method_name != "__call__"
     or layer.replaying()
-    or not isinstance(module, geo.SUPPORTED_LAYERS)
+    or layer_kinds.kind_of(module) is None
     or not is_quantized(module)
   ):
     return next_fun(*args, **kwargs)
-  x, rest = args[0], args[1:]
-  geom = geo.geometry_of(module, "/".join(str(p) for p in module.scope.path), x, kwargs)
-  own = module.variables["params"]
-  others = {k: v for k, v in own.items() if k not in P.ADAPTER_KEYS and k != QUANT_KEY}
+  path = "/".join(str(p) for p in module.scope.path)
+  call = layer_kinds.describe_call(module, path, args, kwargs)
+  x = call.input_of(args, kwargs)
+  geom = call.geometry(x, path)
+  own = module.scope.variables()["params"]
+  others = {k: v for k, v in own.items() if not P.is_adapter_key(k, v) and k != QUANT_KEY}
   dtype = getattr(module, "param_dtype", jnp.float32)
 
   def run(quantized, x):
     kernel = dequantize_kernel(quantized, geom, dtype)
-    return layer.call_layer(module, {**others, "kernel": kernel}, x, *rest, **kwargs)
+    call_args, call_kwargs = call.with_input(args, kwargs, x)
+    return layer.call_layer(module, {**others, "kernel": kernel}, *call_args, **call_kwargs)
 
   return jax.checkpoint(run)(own[QUANT_KEY], x)
 

@@ -57,6 +57,11 @@ def quantize_params(
     raise ValueError(f"unknown quantization {mode!r}; use one of {codes.MODES}")
   out, layers = P.edit_layers(params, geometries)
   for path, geom, node in layers:
+    if geom.weight != geo.PLAIN_WEIGHT:
+      raise ValueError(
+        f"layer '{path}': quantization stores a weight named 'kernel', not "
+        f"'{geom.weight}'; exclude the layer from the quantized geometries"
+      )
     if QUANT_KEY in node:
       raise ValueError(f"layer '{path}' is already quantized")
     kernel = node.pop("kernel")
