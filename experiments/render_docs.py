@@ -909,7 +909,92 @@ def render_bench_skipped() -> str:
   )
 
 
+def real_scale() -> dict:
+  return _json("experiments", "results", "real_scale.json")
+
+
+def _gb(n: float) -> str:
+  return f"{n / 1e9:.2f} GB"
+
+
+def _gib(n: float) -> str:
+  return f"{n / 2**30:.2f} GiB"
+
+
+def render_real_scale() -> str:
+  r = real_scale()
+  runs, memory = r["runs"], r["compiled_memory"]
+  lines = [
+    "| model (random weights, real shapes) | params | fp32 weights | load | peak host RSS | "
+    "tokens/s | step | compile | outside steps | wall |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for name, x in runs.items():
+    f = x["folder"]
+    lines.append(
+      f"| {name} ({x['why']}) | {f['params'] / 1e9:.3f} B | {_gb(f['fp32_bytes'])} | "
+      f"{x['load_s']:.0f} s | {_gb(x['peak_rss_bytes'])} "
+      f"({x['peak_rss_over_fp32_weights']:.2f}× fp32 weights) | {x['train_tokens_per_s']:.1f} | "
+      f"{x['step_time_s']:.1f} s | {x['compile_s']:.0f} s | {x['outside_train_steps_s']:.0f} s | "
+      f"{x['wall_s']:.0f} s |"
+    )
+  names = list(runs)
+  phases = [p for p in next(iter(runs.values()))["phases"]] if runs else []
+  lines += [
+    "",
+    "Phase wall time and the peak host RSS sampled within it:",
+    "",
+    "| phase | " + " | ".join(names) + " |",
+    "|---|" + "---|" * len(names),
+  ]
+  for phase in phases:
+    cells = []
+    for name in names:
+      e = runs[name]["phases"].get(phase)
+      cells.append(f"{e['s']:.1f} s, {_gb(e['sampled_peak_rss_bytes'])}" if e else "–")
+    lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+  lines += [
+    "",
+    "The job's train step compiled on the same shapes (no weights; "
+    "`compiled.memory_analysis()`, XLA CPU):",
+    "",
+    "| model | dtype | remat | batch × seq | temp | arguments (weights, adapters, optimizer, "
+    "batch) |",
+    "|---|---|---|---|---|---|",
+  ]
+  for name, rows in memory.items():
+    for m in rows:
+      lines.append(
+        f"| {name} | {m['dtype']} | {'yes' if m['remat'] else 'no'} | "
+        f"{m['batch']} × {m['seq_len']} | {_gib(m['temp_bytes'])} | {_gib(m['argument_bytes'])} |"
+      )
+  return _block("\n".join(lines))
+
+
+def render_real_scale_flags() -> str:
+  r = real_scale()
+  return "`" + " ".join(r["job_flags"]) + "`"
+
+
+def render_real_scale_24gb() -> str:
+  rows = real_scale()["compiled_memory"].get("gemma-3-1b-pt", [])
+  bf16 = [m for m in rows if m["dtype"] == "bfloat16"]
+  if not bf16:
+    return "not measured"
+  parts = []
+  for m in bf16:
+    total = m["temp_bytes"] + m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"]
+    parts.append(
+      f"{m['batch']} × {m['seq_len']} tokens {'with' if m['remat'] else 'without'} remat: "
+      f"{_gib(total)}"
+    )
+  return "; ".join(parts)
+
+
 RENDERERS = {
+  "real-scale": render_real_scale,
+  "real-scale-flags": render_real_scale_flags,
+  "real-scale-24gb": render_real_scale_24gb,
   "default-run": render_default_run,
   "benchmark-summary": render_benchmark_summary,
   "quant-storage": render_quant_storage,

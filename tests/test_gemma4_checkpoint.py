@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from oftjax.models import gemma
-from oftjax.models.gemma import gemma4_names, loading
+from oftjax.models.gemma import gemma4_names, loading, safetensors_file
 from oftjax.models.gemma.gemma4_schedule import layer_schedule
 
 
@@ -38,7 +38,7 @@ def _raw_tensors(folder) -> dict:
   out = {}
   for path in loading._weight_files(folder, allow_pickle=False):
     with open(path, "rb") as fh:
-      header, start = loading._safetensors_header(path, fh)
+      header, start = safetensors_file.read_header(path, fh)
       for name, info in header.items():
         begin, end = info["data_offsets"]
         fh.seek(start + begin)

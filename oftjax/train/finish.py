@@ -20,6 +20,7 @@ from oftjax import params as P
 from oftjax.models import gemma
 from oftjax.train import outputs
 from oftjax.train.loop import LoopStats
+from oftjax.train.phases import PhaseClock, peak_rss_bytes
 from oftjax.train.state import RunState
 
 
@@ -41,6 +42,8 @@ class RunRecord:
     loop: what the training loop measured (:class:`oftjax.train.loop.LoopStats`).
     train: the training ``Dataset`` (its example and truncation counts are reported).
     t_start: ``time.time()`` when the run started.
+    clock: the run's phase timings so far (:class:`oftjax.train.phases.PhaseClock`); the
+      exports are timed here.
   """
 
   eval_before: dict
@@ -49,6 +52,7 @@ class RunRecord:
   loop: LoopStats
   train: Any
   t_start: float
+  clock: PhaseClock
 
 
 def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
@@ -59,7 +63,8 @@ def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
     job: the run's model (:mod:`oftjax.train.run_model`): base module, frozen tree,
       adapter config.
     state: the final state, its ``trainable`` a host (numpy) tree.
-    merged: the merged host tree, only needed with ``--export-merged`` (else ``None``).
+    merged: the merged tree, only needed with ``--export-merged`` (else ``None``): host
+      arrays, or on one process the arrays where they are (saved tensor by tensor).
     record: what the run measured.
 
   Returns:
@@ -75,11 +80,14 @@ def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
     peft_io.export_peft(
       adapter_dir, trainable, acfg, base_model=c.model, naming=peft_naming(job.model)
     )
+  record.clock.mark("export_peft")
   if c.export_merged:
     gemma.save(c.export_merged, job.model, merged, tokenizer_dir=c.model, overwrite=c.overwrite)
+    record.clock.mark("export_merged")
   outputs.plot_loss(
     record.rows, os.path.join(out, "loss.png"), f"{c.method} on {os.path.basename(c.data)}"
   )
+  record.clock.mark("plot")
   times = record.loop.times
   steady = times[1:] if len(times) > 1 else times
   tokens_per_step = record.loop.tokens / max(len(times), 1)
@@ -104,6 +112,9 @@ def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
     "train_tokens_per_s": tokens_per_step / float(np.median(steady)) if steady else None,
     "step_time_s": float(np.median(steady)) if steady else None,
     "compile_s": record.loop.compile_s,
+    "train_steps_s": float(sum(times)),
+    "phases": record.clock.phases,
+    "peak_rss_bytes": peak_rss_bytes(),
     "wall_s": time.time() - record.t_start,
     "final_loss": state.loss,
     "processes": jax.process_count(),

@@ -25,6 +25,7 @@ from oftjax.train.evaluate import Evaluator
 from oftjax.train.finish import RunRecord, peft_naming, write_outputs
 from oftjax.train.loop import LoopIO, TrainStep, train_loop
 from oftjax.train.objective import make_optimizer
+from oftjax.train.phases import PhaseClock
 from oftjax.train.run_model import build_run_model
 from oftjax.train.state import RunState
 from oftjax.train_step import make_train_step
@@ -173,6 +174,7 @@ def run(c: RunConfig) -> dict:
 
 def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   t_start = time.time()
+  clock = PhaseClock(t_start)
   _user_errors(
     distributed.initialize,
     c.coordinator_address,
@@ -209,6 +211,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     )
     + 2
   )
+  clock.mark("setup")
   adapted, geoms = None, {}
   if c.method != "full":  # adapters first: their geometries say which kernels to quantize
     adapted, trainable = _init_adapters(c, model, adapter_config(c), jnp.zeros((1, 8), jnp.int32))
@@ -218,6 +221,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   # QOFT / QLoRA: each targeted kernel is quantized as soon as the loader completes it, so
   # at most one parameter (one projection, all layers) is ever held in full precision.
   on_param = quant.quantize_on_load(geoms, c.quantize) if c.quantize != "none" else None
+  clock.mark("adapters")
   _, base = _user_errors(
     gemma.load,
     model.config.source_dir,
@@ -227,6 +231,8 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     on_host=jax.default_backend() != "cpu" or jax.process_count() > 1,
   )
   trainable, frozen = (base, {}) if c.method == "full" else (trainable, base)
+  del base  # host arrays (GPU/TPU): once on the device, no host copy may stay alive
+  clock.mark("load")
   if main:
     _prepare_output_dir(c)
   distributed.barrier("output directory ready")
@@ -257,6 +263,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   ckpt = checkpoint.RunCheckpoints(
     os.path.join(c.output_dir, "checkpoints"), c.keep_checkpoints, c.save_every
   )
+  clock.mark("place")
   eval_before = None
   if c.resume:
     with _checkpoint_errors():
@@ -265,6 +272,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     _say(main, f"resumed from step {state.step}")
   if eval_before is None:
     eval_before = evaluator.run(job.evaluated(state.trainable))
+  clock.mark("eval_before")
   _say(
     main,
     f"before: eval loss {eval_before['loss']:.4f} accuracy {eval_before['accuracy']:.3f}"
@@ -294,15 +302,23 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     LoopIO(stream, ckpt, metrics, meta, stopper),
   )
   ckpt.close()
+  clock.mark("train")
   if stats.stopped:
     _say(main, f"stopped at step {state.step}; rerun with --resume to continue")
     return {"stopped_at": state.step}
-  final = job.evaluated(state.trainable)
+  final = job.final(state.trainable)  # the frozen base is consumed: folded in place
+  jax.block_until_ready(final)
+  clock.mark("fold")
   eval_after = evaluator.run(final)
+  clock.mark("eval_after")
   host_state = state.replace(trainable=distributed.to_host(state.trainable), opt_state=None)
   host_merged = None
   if c.export_merged:
-    host_merged = distributed.to_host(job.exported(state.trainable, final))
+    merged = job.exported(state.trainable, final)
+    # One process: the save converts tensor by tensor; gathering to the host first would hold
+    # a second full copy of the model there.
+    host_merged = merged if jax.process_count() == 1 else distributed.to_host(merged)
+  del final
   if not main:
     return {"stopped_at": None, "process": jax.process_index()}
   return write_outputs(
@@ -310,7 +326,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     job,
     host_state,
     host_merged,
-    RunRecord(eval_before, eval_after, metrics.rows, stats, train, t_start),
+    RunRecord(eval_before, eval_after, metrics.rows, stats, train, t_start, clock),
   )
 
 

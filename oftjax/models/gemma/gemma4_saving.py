@@ -11,12 +11,12 @@ memory).
 from __future__ import annotations
 
 import copy
-import json
+import functools
 import os
 
-from oftjax.models.gemma import gemma4_names
+from oftjax.models.gemma import gemma4_names, safetensors_file
 from oftjax.models.gemma.gemma4_config import Gemma4Config
-from oftjax.models.gemma.loading import _safetensors_header, _weight_files
+from oftjax.models.gemma.loading import _weight_files
 
 _COPY_CHUNK = 16 * 1024 * 1024
 
@@ -62,7 +62,7 @@ def tower_tensors(cfg: Gemma4Config) -> list[tuple[str, str, dict, int]]:
   found = []
   for path in _weight_files(cfg.source_dir, allow_pickle=False):
     with open(path, "rb") as fh:
-      header, data_start = _safetensors_header(path, fh)
+      header, data_start = safetensors_file.read_header(path, fh)
     entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
     found += [
       (name, path, entry, data_start)
@@ -85,29 +85,27 @@ def copy_towers(
   Returns:
     `{tensor name: file_name}` for the weight-map index.
   """
-  header, offset = {"__metadata__": {"format": "pt"}}, 0
-  for name, _, entry, _ in towers:
+
+  def blocks(path, entry, data_start, name):
     begin, end = entry["data_offsets"]
-    header[name] = {
-      "dtype": entry["dtype"],
-      "shape": entry["shape"],
-      "data_offsets": [offset, offset + end - begin],
-    }
-    offset += end - begin
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
-  with open(os.path.join(folder, file_name), "wb") as out:
-    out.write(len(blob).to_bytes(8, "little"))
-    out.write(blob)
-    for name, path, entry, data_start in towers:
-      begin, end = entry["data_offsets"]
-      with open(path, "rb") as src:
-        src.seek(data_start + begin)
-        left = end - begin
-        while left:
-          chunk = src.read(min(left, _COPY_CHUNK))
-          if not chunk:
-            raise ValueError(f"{os.path.basename(path)}: tensor data of {name!r} is truncated")
-          out.write(chunk)
-          left -= len(chunk)
+    with open(path, "rb") as src:
+      src.seek(data_start + begin)
+      left = end - begin
+      while left:
+        chunk = src.read(min(left, _COPY_CHUNK))
+        if not chunk:
+          raise ValueError(f"{os.path.basename(path)}: tensor data of {name!r} is truncated")
+        yield chunk
+        left -= len(chunk)
+
+  entries = [
+    (
+      name,
+      tuple(entry["shape"]),
+      entry["dtype"],
+      functools.partial(blocks, path, entry, start, name),
+    )
+    for name, path, entry, start in towers
+  ]
+  safetensors_file.write(os.path.join(folder, file_name), entries, metadata={"format": "pt"})
   return {name: file_name for name, *_ in towers}

@@ -1,7 +1,8 @@
 """Write our Gemma parameters as a Hugging Face folder that `transformers` loads.
 
 The folder is written to a temporary sibling and renamed into place at the end, so a crash
-never leaves a folder that looks complete.
+never leaves a folder that looks complete. Tensors are streamed into each file one at a
+time (large ones in row blocks, see `safetensors_file`), so saving holds no second copy.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 
 from oftjax import atomic
-from oftjax.models.gemma import gemma4_names, gemma4_saving
+from oftjax.models.gemma import gemma4_names, gemma4_saving, safetensors_file
 from oftjax.models.gemma.gemma4_config import Gemma4Config
 from oftjax.models.gemma.hf_names import tensor_specs, to_hf
 
@@ -60,10 +61,32 @@ def _shards(specs, flat, max_shard_bytes: int):
   return shards
 
 
-def _hf_tensor(spec, flat) -> np.ndarray:
+_BLOCK_BYTES = 64 * 1024 * 1024
+
+
+def _hf_blocks(spec, flat):
+  """`blocks()` of one HF tensor: one layer's slice, or row blocks of a large 2-D tensor.
+
+  Only one block is converted to NumPy (and transposed) at a time, so a save never holds
+  a second copy of the model, nor even of the embedding.
+  """
   leaf = flat[spec.path]
-  arr = np.asarray(leaf[spec.layer]) if spec.layer is not None else np.asarray(leaf)
-  return np.ascontiguousarray(to_hf(arr, spec.kind))
+
+  def blocks():
+    if spec.layer is not None:
+      yield to_hf(np.asarray(leaf[spec.layer]), spec.kind)
+      return
+    if leaf.ndim != 2 or spec.kind not in ("id", "T"):
+      yield to_hf(np.asarray(leaf), spec.kind)
+      return
+    rows, row_bytes = spec.hf_shape[0], spec.hf_shape[1] * np.dtype(leaf.dtype).itemsize
+    step = max(1, _BLOCK_BYTES // max(row_bytes, 1))
+    for start in range(0, rows, step):
+      stop = min(rows, start + step)
+      part = leaf[start:stop] if spec.kind == "id" else leaf[:, start:stop]
+      yield to_hf(np.asarray(part), spec.kind)
+
+  return blocks
 
 
 def save(
@@ -99,8 +122,6 @@ def save(
     ValueError: params hold leaves the checkpoint format does not (e.g. unmerged adapters),
       or leaves are missing, or a multimodal Gemma 4 has no source folder for its towers.
   """
-  from safetensors.numpy import save_file
-
   cfg = model.config
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path) and not overwrite:
@@ -128,11 +149,11 @@ def save(
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
       name = "model.safetensors" if files == 1 else f"model-{i + 1:05d}-of-{files:05d}.safetensors"
-      tensors = {file_name(s.hf_name): _hf_tensor(s, flat) for s in shard}
-      total += sum(t.nbytes for t in tensors.values())
-      save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
-      weight_map.update({n: name for n in tensors})
-      del tensors
+      entries = [
+        (file_name(s.hf_name), s.hf_shape, flat[s.path].dtype, _hf_blocks(s, flat)) for s in shard
+      ]
+      total += safetensors_file.write(os.path.join(tmp, name), entries, metadata={"format": "pt"})
+      weight_map.update({n: name for n, *_ in entries})
     if towers:
       last = f"model-{files:05d}-of-{files:05d}.safetensors"
       weight_map.update(gemma4_saving.copy_towers(tmp, last, towers))
