@@ -37,6 +37,7 @@ from oftjax import atomic  # noqa: E402
 RESULT = os.path.join(ROOT, "experiments", "results", "real_scale.json")
 JOB = os.path.join(ROOT, "experiments", "finetune_gemma.py")
 MAKE = os.path.join(ROOT, "experiments", "make_real_shaped.py")
+TASK = os.path.join(ROOT, "experiments", "assets", "task", "train.jsonl")
 
 # name -> (make_real_shaped arguments, job dtype, why this cut). Gemma 4 E2B's full text
 # decoder is ~4.6B parameters (its per-layer-embedding table alone 262144 x 35 x 256): fp32
@@ -51,7 +52,10 @@ MODELS = {
     "real widths, first 10 of 35 layers (the full model does not fit 12 GB of host memory)",
   ),
 }
-STEPS, BATCH, SEQ, BLOCK, EVAL_LIMIT = 4, 1, 512, 32, 8
+# Two steps (the second is the steady-state one) and a 4-example eval set with no retention
+# set: on 2 shared cores a 1B model's forward pass over one 512-token row takes minutes, and
+# the job evaluates the held-out loss over every row of --eval-data, before and after.
+STEPS, BATCH, SEQ, BLOCK, EVAL_ROWS = 2, 1, 512, 32, 4
 JOB_FLAGS = [
   "--method",
   "oft",
@@ -64,7 +68,9 @@ JOB_FLAGS = [
   "--seq-len",
   str(SEQ),
   "--eval-limit",
-  str(EVAL_LIMIT),
+  str(EVAL_ROWS),
+  "--retention-data",
+  "",
   "--log-every",
   "1",
   "--save-every",
@@ -74,11 +80,14 @@ JOB_FLAGS = [
 MEMORY_CONFIGS = [
   ("float32", False, 1, 512),
   ("float32", True, 1, 512),
-  ("bfloat16", False, 1, 512),
-  ("bfloat16", True, 1, 512),
   ("bfloat16", False, 8, 1024),
   ("bfloat16", True, 8, 1024),
 ]
+# Compiled memory needs only a config: the full Gemma 4 E2B is compiled too.
+MEMORY_MODELS = {
+  "gemma-3-1b-pt": ["gemma-3-1b-pt"],
+  "gemma-4-E2B": ["gemma-4-E2B"],
+}
 PHASES = [
   "setup",
   "adapters",
@@ -144,7 +153,13 @@ def run_job(name: str, scratch: str) -> dict:
   folder_info = json.loads(made.stdout.strip().splitlines()[-1])
   folder_info["make_s"] = time.time() - t0
   out, export = os.path.join(scratch, name + "-run"), os.path.join(scratch, name + "-merged")
+  eval_data = os.path.join(scratch, "eval_head.jsonl")
+  with open(os.path.join(ROOT, "experiments", "assets", "task", "eval.jsonl")) as fh:
+    head = [next(fh) for _ in range(EVAL_ROWS)]
+  with open(eval_data, "w") as fh:
+    fh.writelines(head)
   flags = ["--model", folder, "--dtype", dtype, *JOB_FLAGS, "--output-dir", out]
+  flags += ["--eval-data", eval_data]
   flags += ["--export-merged", export]
   env = dict(_env(), TQDM_DISABLE="1")
   load_start = os.getloadavg()[0]
@@ -203,6 +218,55 @@ def run_job(name: str, scratch: str) -> dict:
   }
 
 
+_LOAD_CHILD = r"""
+import json, sys, time
+import jax
+from oftjax.models import gemma
+from oftjax import params as P
+t0 = time.time()
+model, params = gemma.load(sys.argv[1])
+jax.block_until_ready(params)
+print(json.dumps({"load_s": time.time() - t0, "weight_bytes": P.tree_bytes(params)}))
+"""
+
+
+def load_only(name: str, scratch: str) -> dict:
+  """Makes `name`'s folder and times `gemma.load` of it alone (RSS sampled), fp32."""
+  make_args, _, why = MODELS[name]
+  folder = os.path.join(scratch, name)
+  t0 = time.time()
+  made = subprocess.run(
+    [sys.executable, MAKE, *make_args, folder],
+    env=_env(),
+    check=True,
+    capture_output=True,
+    text=True,
+  )
+  folder_info = json.loads(made.stdout.strip().splitlines()[-1])
+  folder_info["make_s"] = time.time() - t0
+  load_start = os.getloadavg()[0]
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _LOAD_CHILD, folder], env=_env(), stdout=subprocess.PIPE, text=True
+  )
+  sampler = RssSampler(proc.pid)
+  out, _ = proc.communicate()
+  sampler.join()
+  shutil.rmtree(folder)
+  if proc.returncode != 0:
+    raise RuntimeError(f"loading {name} failed (exit {proc.returncode})")
+  loaded = json.loads(out.strip().splitlines()[-1])
+  peak = sampler.peak()
+  return {
+    "why": why,
+    "folder": folder_info,
+    "load_only": True,
+    **loaded,
+    "peak_rss_bytes": peak,
+    "peak_rss_over_fp32_weights": peak / folder_info["fp32_bytes"],
+    "loadavg_start_end": [load_start, os.getloadavg()[0]],
+  }
+
+
 _MEMORY_CHILD = r"""
 import json, sys
 import jax, jax.numpy as jnp
@@ -213,7 +277,7 @@ from oftjax.train.objective import make_optimizer
 from oftjax.train.run_model import build_run_model
 from oftjax.train_step import make_train_step
 
-folder, dtype, remat, batch_size, seq_len, block = sys.argv[1:7]
+folder, dtype, remat, batch_size, seq_len, block, task = sys.argv[1:8]
 dtype = jnp.dtype(dtype)
 model = gemma.load_model(folder, dtype=dtype, param_dtype=dtype, remat=remat == "1")
 c = RunConfig(model=folder, block_size=int(block), batch_size=int(batch_size), seq_len=int(seq_len))
@@ -225,7 +289,7 @@ optimizer = make_optimizer(1e-3, 10, 1, 0.0, 1.0)
 opt_state = jax.eval_shape(optimizer.init, trainable)
 step = make_train_step(job.loss, optimizer, has_aux=True, weight_key="tokens")
 tokenizer = data.load_tokenizer(folder)
-train = data.load_dataset(c.data, tokenizer, int(seq_len))
+train = data.load_dataset(task, tokenizer, int(seq_len))
 batch = next(data.PackedBatches(train.examples, batch_size=int(batch_size), seq_len=int(seq_len), seed=0))
 batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
 compiled = step.lower(trainable, opt_state, frozen, batch).compile()
@@ -242,7 +306,7 @@ print(json.dumps({
 
 def compiled_memory(name: str, scratch: str) -> list[dict]:
   """The job's train step compiled on `name`'s shapes, per `MEMORY_CONFIGS` (no weights read)."""
-  make_args, _, _ = MODELS[name]
+  make_args = MEMORY_MODELS[name]
   folder = os.path.join(scratch, name + "-config")
   # The config and tokenizer are all the compile needs: a folder with one layer's weights
   # would do, but the config must keep every layer, so make it and drop the weights.
@@ -255,7 +319,7 @@ def compiled_memory(name: str, scratch: str) -> list[dict]:
   )
   rows = []
   for dtype, remat, batch, seq in MEMORY_CONFIGS:
-    args = [folder, dtype, "1" if remat else "0", str(batch), str(seq), str(BLOCK)]
+    args = [folder, dtype, "1" if remat else "0", str(batch), str(seq), str(BLOCK), TASK]
     done = subprocess.run(
       [sys.executable, "-c", _MEMORY_CHILD, *args],
       env=_env(),
@@ -298,27 +362,37 @@ def _machine() -> dict:
   }
 
 
+def _store(section: str, name: str, value) -> None:
+  """Sets `result[section][name]` in the results file, re-read first (runs may overlap)."""
+  result = json.load(open(RESULT)) if os.path.exists(RESULT) else {}
+  result.setdefault(section, {})[name] = value
+  result["machine"], result["job_flags"] = _machine(), JOB_FLAGS
+  atomic.write_json(RESULT, result, indent=2, sort_keys=True)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("models", nargs="*", default=list(MODELS), choices=list(MODELS))
+  names = list(dict.fromkeys([*MODELS, *MEMORY_MODELS]))
+  parser.add_argument("models", nargs="*", default=names, choices=names)
   parser.add_argument("--memory-only", action="store_true", help="only the compiled memory")
   parser.add_argument("--runs-only", action="store_true", help="only the job runs")
+  parser.add_argument(
+    "--load-only", action="store_true", help="time the load alone instead of running the job"
+  )
   args = parser.parse_args()
-  result = json.load(open(RESULT)) if os.path.exists(RESULT) else {}
-  result.setdefault("runs", {})
-  result.setdefault("compiled_memory", {})
-  result["machine"] = _machine()
-  result["job_flags"] = JOB_FLAGS
   with tempfile.TemporaryDirectory(prefix="oftjax_real_scale_") as scratch:
     for name in args.models:
-      if not args.runs_only:
-        result["compiled_memory"][name] = compiled_memory(name, scratch)
-        atomic.write_json(RESULT, result, indent=2, sort_keys=True)
-      if not args.memory_only:
+      if not args.runs_only and name in MEMORY_MODELS:
+        _store("compiled_memory", name, compiled_memory(name, scratch))
+      if not args.memory_only and name in MODELS:
+        if args.load_only:
+          r = load_only(name, scratch)
+          _store("loads", name, r)
+          print(f"  {name}: load {r['load_s']:.1f} s, peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB")
+          continue
         print(f"running the job on {name} ...", flush=True)
-        result["runs"][name] = run_job(name, scratch)
-        atomic.write_json(RESULT, result, indent=2, sort_keys=True)
-        r = result["runs"][name]
+        r = run_job(name, scratch)
+        _store("runs", name, r)
         print(
           f"  load {r['load_s']:.1f} s, peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB "
           f"({r['peak_rss_over_fp32_weights']:.2f}x fp32 weights), "

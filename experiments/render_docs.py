@@ -923,12 +923,17 @@ def _gib(n: float) -> str:
 
 def render_real_scale() -> str:
   r = real_scale()
-  runs, memory = r["runs"], r["compiled_memory"]
-  lines = [
-    "| model (random weights, real shapes) | params | fp32 weights | load | peak host RSS | "
-    "tokens/s | step | compile | outside steps | wall |",
-    "|---|---|---|---|---|---|---|---|---|---|",
-  ]
+  runs, memory = r.get("runs", {}), r.get("compiled_memory", {})
+  lines = [] if runs else ["No job run recorded yet (`python experiments/real_scale_run.py`).", ""]
+  lines += (
+    [
+      "| model (random weights, real shapes) | params | fp32 weights | load | peak host RSS | "
+      "tokens/s | step | compile | outside steps | wall |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    if runs
+    else []
+  )
   for name, x in runs.items():
     f = x["folder"]
     lines.append(
@@ -938,15 +943,32 @@ def render_real_scale() -> str:
       f"{x['step_time_s']:.1f} s | {x['compile_s']:.0f} s | {x['outside_train_steps_s']:.0f} s | "
       f"{x['wall_s']:.0f} s |"
     )
+  loads = r.get("loads", {})
+  if loads:
+    lines += [
+      "",
+      "Load alone (`gemma.load`, fp32; no training: the job would not fit this machine's budget):",
+      "",
+      "| model | params | fp32 weights | load | peak host RSS |",
+      "|---|---|---|---|---|",
+    ]
+    for name, x in loads.items():
+      f = x["folder"]
+      lines.append(
+        f"| {name} ({x['why']}) | {f['params'] / 1e9:.3f} B | {_gb(f['fp32_bytes'])} | "
+        f"{x['load_s']:.0f} s | {_gb(x['peak_rss_bytes'])} "
+        f"({x['peak_rss_over_fp32_weights']:.2f}× fp32 weights) |"
+      )
   names = list(runs)
   phases = [p for p in next(iter(runs.values()))["phases"]] if runs else []
-  lines += [
-    "",
-    "Phase wall time and the peak host RSS sampled within it:",
-    "",
-    "| phase | " + " | ".join(names) + " |",
-    "|---|" + "---|" * len(names),
-  ]
+  if runs:
+    lines += [
+      "",
+      "Phase wall time and the peak host RSS sampled within it:",
+      "",
+      "| phase | " + " | ".join(names) + " |",
+      "|---|" + "---|" * len(names),
+    ]
   for phase in phases:
     cells = []
     for name in names:
@@ -976,19 +998,34 @@ def render_real_scale_flags() -> str:
   return "`" + " ".join(r["job_flags"]) + "`"
 
 
+_GPU_USABLE_GIB = 22  # of a 24 GB card, leaving ~2 GiB to the CUDA context and XLA's reserve
+
+
 def render_real_scale_24gb() -> str:
   rows = real_scale()["compiled_memory"].get("gemma-3-1b-pt", [])
   bf16 = [m for m in rows if m["dtype"] == "bfloat16"]
   if not bf16:
     return "not measured"
-  parts = []
+  parts, fits = [], []
   for m in bf16:
-    total = m["temp_bytes"] + m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"]
+    fixed = m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"]
+    tokens = m["batch"] * m["seq_len"]
+    per_token = m["temp_bytes"] / tokens
+    how = "with" if m["remat"] else "without"
     parts.append(
-      f"{m['batch']} × {m['seq_len']} tokens {'with' if m['remat'] else 'without'} remat: "
-      f"{_gib(total)}"
+      f"{m['batch']} × {m['seq_len']} tokens {how} remat: {_gib(m['temp_bytes'] + fixed)} "
+      f"({per_token / 2**20:.1f} MiB of temp per token)"
     )
-  return "; ".join(parts)
+    fit = int((_GPU_USABLE_GIB * 2**30 - fixed) / per_token)
+    fits.append(f"about {fit // 512 * 512} tokens per micro-batch {how} remat")
+  vocab_mib = 262144 * 4 / 2**20
+  return (
+    "; ".join(parts)
+    + f". Temp grows with the tokens of a step; with remat it is about three fp32 copies of "
+    f"the logits ({vocab_mib:.0f} MiB per token over the 262144-entry vocabulary). So with "
+    f"{_GPU_USABLE_GIB} GiB usable: " + ", ".join(fits) + " (use `--grad-accum` for larger "
+    "batches)"
+  )
 
 
 RENDERERS = {

@@ -29,6 +29,12 @@ def test_default_job_learns_the_shipped_task_quickly(tmp_path):
   ):
     assert key in summary, key
   assert summary["trainable_params"] < 0.1 * summary["total_params"]
+  phases = summary["phases"]  # in run order, each ending where the next begins
+  assert list(phases)[:6] == ["setup", "adapters", "load", "place", "eval_before", "train"]
+  assert 0 < sum(p["s"] for p in phases.values()) <= summary["wall_s"]
+  assert summary["train_steps_s"] < phases["train"]["s"]
+  peaks = [p["peak_rss_bytes"] for p in phases.values()]
+  assert peaks == sorted(peaks) and 0 < peaks[-1] <= summary["peak_rss_bytes"]
   rows = read_jsonl(out / "metrics.jsonl")
   assert rows[-1]["step"] == 80 and rows[-1]["loss"] < rows[0]["loss"]
   assert (out / "loss.png").stat().st_size > 1000

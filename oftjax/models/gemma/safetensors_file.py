@@ -87,7 +87,8 @@ def write(path: str, entries: list[Entry], metadata: dict[str, str] | None = Non
     else:
       dtype_name, itemsize = _NAMES.get(np.dtype(dtype)), np.dtype(dtype).itemsize
     if dtype_name is None or itemsize is None:
-      raise ValueError(f"tensor {name!r}: dtype {dtype} has no safetensors name")
+      shown = dtype if isinstance(dtype, str) else np.dtype(dtype)
+      raise ValueError(f"tensor {name!r}: dtype {shown} has no safetensors name")
     nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
     header[name] = {
       "dtype": dtype_name,
