@@ -330,6 +330,7 @@ def compiled_memory(name: str, scratch: str) -> list[dict]:
       raise RuntimeError(f"compiling {name} {dtype} remat={remat} failed:\n{done.stderr[-3000:]}")
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     rows.append({"dtype": dtype, "remat": remat, "batch": batch, "seq_len": seq, **figures})
+    _store("compiled_memory", name, rows)  # each figure kept as it lands
     print(
       f"  {name} {dtype} remat={remat} {batch}x{seq}: temp {figures['temp_bytes'] / 2**30:.2f} GiB"
     )
@@ -383,7 +384,7 @@ def main() -> None:
   with tempfile.TemporaryDirectory(prefix="oftjax_real_scale_") as scratch:
     for name in args.models:
       if not args.runs_only and name in MEMORY_MODELS:
-        _store("compiled_memory", name, compiled_memory(name, scratch))
+        compiled_memory(name, scratch)
       if not args.memory_only and name in MODELS:
         if args.load_only:
           r = load_only(name, scratch)

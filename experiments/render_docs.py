@@ -921,6 +921,21 @@ def _gib(n: float) -> str:
   return f"{n / 2**30:.2f} GiB"
 
 
+_PHASE_ORDER = (  # oftjax.train.run's phases, in the order a run passes them
+  "setup",
+  "adapters",
+  "load",
+  "place",
+  "eval_before",
+  "train",
+  "fold",
+  "eval_after",
+  "export_peft",
+  "export_merged",
+  "plot",
+)
+
+
 def render_real_scale() -> str:
   r = real_scale()
   runs, memory = r.get("runs", {}), r.get("compiled_memory", {})
@@ -960,7 +975,7 @@ def render_real_scale() -> str:
         f"({x['peak_rss_over_fp32_weights']:.2f}× fp32 weights) |"
       )
   names = list(runs)
-  phases = [p for p in next(iter(runs.values()))["phases"]] if runs else []
+  phases = [p for p in _PHASE_ORDER if any(p in x["phases"] for x in runs.values())]
   if runs:
     lines += [
       "",
@@ -975,6 +990,15 @@ def render_real_scale() -> str:
       e = runs[name]["phases"].get(phase)
       cells.append(f"{e['s']:.1f} s, {_gb(e['sampled_peak_rss_bytes'])}" if e else "–")
     lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+  for name, x in runs.items():
+    rest = max(e["sampled_peak_rss_bytes"] for p, e in x["phases"].items() if p != "train")
+    lines += [
+      "",
+      f"{name}: outside the train phase the sampled peak was {_gb(rest)} "
+      f"({rest / x['folder']['fp32_bytes']:.2f}× fp32 weights); the train phase's "
+      f"{_gb(x['phases']['train']['sampled_peak_rss_bytes'])} is the weights plus the step's "
+      "compiled temp (below; the job ran without remat).",
+    ]
   lines += [
     "",
     "The job's train step compiled on the same shapes (no weights; "
