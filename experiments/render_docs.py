@@ -962,7 +962,7 @@ def render_real_scale() -> str:
   if loads:
     lines += [
       "",
-      "Load alone (`gemma.load`, fp32; no training: the job would not fit this machine's budget):",
+      "Load alone (`gemma.load`, fp32, in a fresh process; no job run on it was recorded):",
       "",
       "| model | params | fp32 weights | load | peak host RSS |",
       "|---|---|---|---|---|",
