@@ -304,7 +304,7 @@ print(json.dumps({
 """
 
 
-def compiled_memory(name: str, scratch: str) -> list[dict]:
+def compiled_memory(name: str, scratch: str, configs=MEMORY_CONFIGS) -> list[dict]:
   """The job's train step compiled on `name`'s shapes, per `MEMORY_CONFIGS` (no weights read)."""
   make_args = MEMORY_MODELS[name]
   folder = os.path.join(scratch, name + "-config")
@@ -318,7 +318,7 @@ def compiled_memory(name: str, scratch: str) -> list[dict]:
     text=True,
   )
   rows = []
-  for dtype, remat, batch, seq in MEMORY_CONFIGS:
+  for dtype, remat, batch, seq in configs:
     args = [folder, dtype, "1" if remat else "0", str(batch), str(seq), str(BLOCK), TASK]
     done = subprocess.run(
       [sys.executable, "-c", _MEMORY_CHILD, *args],
@@ -378,13 +378,17 @@ def main() -> None:
   parser.add_argument("--memory-only", action="store_true", help="only the compiled memory")
   parser.add_argument("--runs-only", action="store_true", help="only the job runs")
   parser.add_argument(
+    "--one-row", action="store_true", help="compiled memory of the 1 x 512 step only"
+  )
+  parser.add_argument(
     "--load-only", action="store_true", help="time the load alone instead of running the job"
   )
   args = parser.parse_args()
   with tempfile.TemporaryDirectory(prefix="oftjax_real_scale_") as scratch:
     for name in args.models:
       if not args.runs_only and name in MEMORY_MODELS:
-        compiled_memory(name, scratch)
+        configs = [m for m in MEMORY_CONFIGS if m[2] == 1] if args.one_row else MEMORY_CONFIGS
+        compiled_memory(name, scratch, configs)
       if not args.memory_only and name in MODELS:
         if args.load_only:
           r = load_only(name, scratch)
