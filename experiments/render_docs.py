@@ -1064,7 +1064,153 @@ def render_bench_skipped() -> str:
   )
 
 
+def real_scale() -> dict:
+  return _json("experiments", "results", "real_scale.json")
+
+
+def _gb(n: float) -> str:
+  return f"{n / 1e9:.2f} GB"
+
+
+def _gib(n: float) -> str:
+  return f"{n / 2**30:.2f} GiB"
+
+
+_PHASE_ORDER = (  # oftjax.train.run's phases, in the order a run passes them
+  "setup",
+  "adapters",
+  "load",
+  "place",
+  "eval_before",
+  "train",
+  "fold",
+  "eval_after",
+  "export_peft",
+  "export_merged",
+  "plot",
+)
+
+
+def render_real_scale() -> str:
+  r = real_scale()
+  runs, memory = r.get("runs", {}), r.get("compiled_memory", {})
+  lines = [] if runs else ["No job run recorded yet (`python experiments/real_scale_run.py`).", ""]
+  lines += (
+    [
+      "| model (random weights, real shapes) | params | fp32 weights | load | peak host RSS | "
+      "tokens/s | step | compile | outside steps | wall |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    if runs
+    else []
+  )
+  for name, x in runs.items():
+    f = x["folder"]
+    lines.append(
+      f"| {name} ({x['why']}) | {f['params'] / 1e9:.3f} B | {_gb(f['fp32_bytes'])} | "
+      f"{x['load_s']:.0f} s | {_gb(x['peak_rss_bytes'])} "
+      f"({x['peak_rss_over_fp32_weights']:.2f}× fp32 weights) | {x['train_tokens_per_s']:.1f} | "
+      f"{x['step_time_s']:.1f} s | {x['compile_s']:.0f} s | {x['outside_train_steps_s']:.0f} s | "
+      f"{x['wall_s']:.0f} s |"
+    )
+  loads = r.get("loads", {})
+  if loads:
+    lines += [
+      "",
+      "Load alone (`gemma.load`, fp32, in a fresh process; no job run on it was recorded):",
+      "",
+      "| model | params | fp32 weights | load | peak host RSS |",
+      "|---|---|---|---|---|",
+    ]
+    for name, x in loads.items():
+      f = x["folder"]
+      lines.append(
+        f"| {name} ({x['why']}) | {f['params'] / 1e9:.3f} B | {_gb(f['fp32_bytes'])} | "
+        f"{x['load_s']:.0f} s | {_gb(x['peak_rss_bytes'])} "
+        f"({x['peak_rss_over_fp32_weights']:.2f}× fp32 weights) |"
+      )
+  names = list(runs)
+  phases = [p for p in _PHASE_ORDER if any(p in x["phases"] for x in runs.values())]
+  if runs:
+    lines += [
+      "",
+      "Phase wall time and the peak host RSS sampled within it:",
+      "",
+      "| phase | " + " | ".join(names) + " |",
+      "|---|" + "---|" * len(names),
+    ]
+  for phase in phases:
+    cells = []
+    for name in names:
+      e = runs[name]["phases"].get(phase)
+      cells.append(f"{e['s']:.1f} s, {_gb(e['sampled_peak_rss_bytes'])}" if e else "–")
+    lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+  for name, x in runs.items():
+    rest = max(e["sampled_peak_rss_bytes"] for p, e in x["phases"].items() if p != "train")
+    lines += [
+      "",
+      f"{name}: outside the train phase the sampled peak was {_gb(rest)} "
+      f"({rest / x['folder']['fp32_bytes']:.2f}× fp32 weights); the train phase's "
+      f"{_gb(x['phases']['train']['sampled_peak_rss_bytes'])} is the weights plus the step's "
+      "compiled temp (below; the job ran without remat).",
+    ]
+  lines += [
+    "",
+    "The job's train step compiled on the same shapes (no weights; "
+    "`compiled.memory_analysis()`, XLA CPU):",
+    "",
+    "| model | dtype | remat | batch × seq | temp | arguments (weights, adapters, optimizer, "
+    "batch) |",
+    "|---|---|---|---|---|---|",
+  ]
+  for name, rows in memory.items():
+    for m in rows:
+      lines.append(
+        f"| {name} | {m['dtype']} | {'yes' if m['remat'] else 'no'} | "
+        f"{m['batch']} × {m['seq_len']} | {_gib(m['temp_bytes'])} | {_gib(m['argument_bytes'])} |"
+      )
+  return _block("\n".join(lines))
+
+
+def render_real_scale_flags() -> str:
+  r = real_scale()
+  return "`" + " ".join(r["job_flags"]) + "`"
+
+
+_GPU_USABLE_GIB = 22  # of a 24 GB card, leaving ~2 GiB to the CUDA context and XLA's reserve
+
+
+def render_real_scale_24gb() -> str:
+  rows = real_scale()["compiled_memory"].get("gemma-3-1b-pt", [])
+  bf16 = [m for m in rows if m["dtype"] == "bfloat16"]
+  if not bf16:
+    return "not measured"
+  parts, fits = [], []
+  for m in bf16:
+    fixed = m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"]
+    tokens = m["batch"] * m["seq_len"]
+    per_token = m["temp_bytes"] / tokens
+    how = "with" if m["remat"] else "without"
+    parts.append(
+      f"{m['batch']} × {m['seq_len']} tokens {how} remat: {_gib(m['temp_bytes'] + fixed)} "
+      f"({per_token / 2**20:.1f} MiB of temp per token)"
+    )
+    fit = int((_GPU_USABLE_GIB * 2**30 - fixed) / per_token)
+    fits.append(f"about {fit // 512 * 512} tokens per micro-batch {how} remat")
+  vocab_mib = 262144 * 4 / 2**20
+  return (
+    "; ".join(parts)
+    + f". Temp grows with the tokens of a step; with remat it is about three fp32 copies of "
+    f"the logits ({vocab_mib:.0f} MiB per token over the 262144-entry vocabulary). So with "
+    f"{_GPU_USABLE_GIB} GiB usable: " + ", ".join(fits) + " (use `--grad-accum` for larger "
+    "batches)"
+  )
+
+
 RENDERERS = {
+  "real-scale": render_real_scale,
+  "real-scale-flags": render_real_scale_flags,
+  "real-scale-24gb": render_real_scale_24gb,
   "default-run": render_default_run,
   "benchmark-summary": render_benchmark_summary,
   "benchmark-latest": render_benchmark_latest,

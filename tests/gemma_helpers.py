@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import transformers
 
-from oftjax.models.gemma import loading
+from oftjax.models.gemma import loading, safetensors_file
 
 VOCAB = 128
 torch.set_num_threads(1)  # tiny models: threads only add contention on a shared 2-core machine
@@ -151,7 +151,7 @@ def raw_tensors(folder) -> dict:
   out = {}
   for path in loading._weight_files(folder, allow_pickle=False):
     with open(path, "rb") as fh:
-      header, start = loading._safetensors_header(path, fh)
+      header, start = safetensors_file.read_header(path, fh)
       for name, info in header.items():
         begin, end = info["data_offsets"]
         fh.seek(start + begin)

@@ -29,6 +29,13 @@ def test_default_job_learns_the_shipped_task_quickly(tmp_path):
   ):
     assert key in summary, key
   assert summary["trainable_params"] < 0.1 * summary["total_params"]
+  phases = summary["phases"]  # each phase starts where the one before it ended
+  order = sorted(phases, key=lambda p: phases[p]["start"])
+  assert order[:6] == ["setup", "adapters", "load", "place", "eval_before", "train"]
+  assert 0 < sum(p["s"] for p in phases.values()) <= summary["wall_s"]
+  assert summary["train_steps_s"] < phases["train"]["s"]
+  peaks = [phases[p]["peak_rss_bytes"] for p in order]
+  assert peaks == sorted(peaks) and 0 < peaks[-1] <= summary["peak_rss_bytes"]
   rows = read_jsonl(out / "metrics.jsonl")
   assert rows[-1]["step"] == 80 and rows[-1]["loss"] < rows[0]["loss"]
   assert (out / "loss.png").stat().st_size > 1000

@@ -154,7 +154,7 @@ def test_save_is_atomic_and_refuses_to_clobber(saved, tmp_path, monkeypatch):
   def boom(*args, **kwargs):
     raise OSError("disk full")
 
-  monkeypatch.setattr("safetensors.numpy.save_file", boom)
+  monkeypatch.setattr("oftjax.models.gemma.safetensors_file.write", boom)
   with pytest.raises(OSError, match="disk full"):
     gemma.save(tmp_path / "crash", model, params)
   assert sorted(os.listdir(tmp_path)) == ["out"]  # nothing half-written, no temp folder

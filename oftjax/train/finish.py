@@ -21,6 +21,7 @@ from oftjax.models import gemma
 from oftjax.train import outputs
 from oftjax.train.config import remat_policy
 from oftjax.train.loop import LoopStats
+from oftjax.train.phases import PhaseClock, peak_rss_bytes
 from oftjax.train.state import RunState
 
 
@@ -43,6 +44,8 @@ class RunRecord:
     train: the training `Dataset` (its record, example, target-token, truncation and
       split counts are reported).
     t_start: `time.time()` when the run started.
+    clock: the run's phase timings so far (`oftjax.train.phases.PhaseClock`); the
+      exports are timed here.
     lora_export: the `--export-lora` summary (`oftjax.train.lora_export.export_lora`),
       or `None`.
   """
@@ -53,6 +56,7 @@ class RunRecord:
   loop: LoopStats
   train: Any
   t_start: float
+  clock: PhaseClock
   lora_export: dict | None = None
 
 
@@ -64,7 +68,8 @@ def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
     job: the run's model (`oftjax.train.run_model`): base module, frozen tree,
       adapter config.
     state: the final state, its `trainable` a host (numpy) tree.
-    merged: the merged host tree, only needed with `--export-merged` (else `None`).
+    merged: the merged tree, only needed with `--export-merged` (else `None`): host
+      arrays, or on one process the arrays where they are (saved tensor by tensor).
     record: what the run measured.
 
   Returns:
@@ -80,13 +85,16 @@ def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
     peft_io.export_peft(
       adapter_dir, trainable, acfg, base_model=c.model, naming=peft_naming(job.model)
     )
+  record.clock.mark("export_peft")
   if c.export_merged:
     gemma.save(c.export_merged, job.model, merged, tokenizer_dir=c.model, overwrite=c.overwrite)
+    record.clock.mark("export_merged")
   outputs.plot_loss(
     record.rows,
     os.path.join(out, "loss.png"),
     f"{c.method} on {os.path.basename(os.path.normpath(c.data))}",
   )
+  record.clock.mark("plot")
   times = record.loop.times
   steady = times[1:] if len(times) > 1 else times
   tokens_per_step = record.loop.tokens / max(len(times), 1)
@@ -113,6 +121,9 @@ def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
     "compile_s": record.loop.compile_s,
     "remat": remat_policy(c),
     "train_step_temp_bytes": record.loop.temp_bytes,
+    "train_steps_s": float(sum(times)),
+    "phases": record.clock.phases,
+    "peak_rss_bytes": peak_rss_bytes(),
     "wall_s": time.time() - record.t_start,
     "final_loss": state.loss,
     "processes": jax.process_count(),

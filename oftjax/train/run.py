@@ -27,6 +27,7 @@ from oftjax.train.evaluate import Evaluator
 from oftjax.train.finish import RunRecord, peft_naming, write_outputs
 from oftjax.train.loop import LoopIO, TrainStep, eval_row, train_loop
 from oftjax.train.objective import make_optimizer
+from oftjax.train.phases import PhaseClock
 from oftjax.train.run_model import build_run_model
 from oftjax.train.state import RunState
 from oftjax.train_step import make_train_step
@@ -335,6 +336,7 @@ def run(c: RunConfig) -> dict:
 
 def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   t_start = time.time()
+  clock = PhaseClock(t_start)
   _user_errors(
     distributed.initialize,
     c.coordinator_address,
@@ -358,7 +360,9 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     (len(tokenizer.encode(x.expected, add_special_tokens=False)) for s in sets.values() for x in s),
     default=0,
   )
+  clock.mark("setup")
   adapted, trainable, frozen = load_weights(c, model, dtype, say=lambda t: _say(main, t))
+  clock.mark("load")
   if main:
     _prepare_output_dir(c)
   distributed.barrier("output directory ready")
@@ -371,6 +375,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   ckpt = checkpoint.RunCheckpoints(
     os.path.join(c.output_dir, "checkpoints"), c.keep_checkpoints, c.save_every
   )
+  clock.mark("place")
   eval_before = None
   if c.resume:
     with _checkpoint_errors():
@@ -379,6 +384,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     _say(main, f"resumed from step {state.step}")
   if eval_before is None:
     eval_before = evaluator.run(job.evaluated(state.trainable))
+  clock.mark("eval_before")
   _say(main, f"before: {describe_eval(eval_before)}")
 
   stream = data.PackedBatches(
@@ -404,13 +410,12 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     if sink is not None:
       sink.close()
   ckpt.close()
+  clock.mark("train")
   if stats.stopped:
     _say(main, f"stopped at step {state.step}; rerun with --resume to continue")
     return {"stopped_at": state.step}
-  final = job.evaluated(state.trainable)
-  eval_after = stats.last_eval or evaluator.run(final)
   lora_summary = None
-  if c.export_lora:
+  if c.export_lora:  # before the fold below, which consumes the frozen base it reads
     lora_summary = lora_export.export_lora(
       c, job, state.trainable, held_out.examples, evaluator.pad_id, peft_naming(model)
     )
@@ -421,10 +426,20 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
       f"{lora_summary['logits']['max_abs_logit_error']:.3g} "
       f"(details in {os.path.join(c.output_dir, 'lora_export.json')})",
     )
+    clock.mark("export_lora")
+  final = job.final(state.trainable)  # the frozen base is consumed: folded in place
+  jax.block_until_ready(final)
+  clock.mark("fold")
+  eval_after = stats.last_eval or evaluator.run(final)
+  clock.mark("eval_after")
   host_state = state.replace(trainable=distributed.to_host(state.trainable), opt_state=None)
   host_merged = None
   if c.export_merged:
-    host_merged = distributed.to_host(job.exported(state.trainable, final))
+    merged = job.exported(state.trainable, final)
+    # One process: the save converts tensor by tensor; gathering to the host first would hold
+    # a second full copy of the model there.
+    host_merged = merged if jax.process_count() == 1 else distributed.to_host(merged)
+  del final
   if not main:
     return {"stopped_at": None, "process": jax.process_index()}
   return write_outputs(
@@ -432,7 +447,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     job,
     host_state,
     host_merged,
-    RunRecord(eval_before, eval_after, metrics.rows, stats, train, t_start, lora_summary),
+    RunRecord(eval_before, eval_after, metrics.rows, stats, train, t_start, clock, lora_summary),
   )
 
 

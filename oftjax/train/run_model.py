@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from oftjax import params as P
 from oftjax import quant
@@ -68,6 +69,10 @@ class FullFinetune:
     del trainable
     return evaluated
 
+  def final(self, trainable) -> dict:
+    """`evaluated` after the last step, when the frozen tree is needed no more."""
+    return self.evaluated(trainable)
+
 
 class AdapterFinetune(FullFinetune):
   """OFT, OFTv1 or LoRA adapters over a full-precision frozen base.
@@ -90,6 +95,30 @@ class AdapterFinetune(FullFinetune):
 
   def merged(self, trainable) -> dict:
     return self.adapted.fold(P.merge_params(self.frozen, trainable))
+
+  def evaluated(self, trainable) -> dict:
+    """The merged tree; the frozen tree itself while every adapter leaf is zero.
+
+    A zero OFT adapter is the identity rotation (`R = I` exactly), so folding it would
+    only copy every targeted kernel: evaluating a fresh adapter needs no second model.
+    """
+    leaves = jax.tree_util.tree_leaves(trainable)
+    if self.adapter_config.leaf_name == "oft" and not any(bool(jnp.any(x != 0)) for x in leaves):
+      return self.frozen
+    return self.merged(trainable)
+
+  def final(self, trainable) -> dict:
+    """The merged tree, folded into the frozen kernels' own buffers (donated).
+
+    After the last step the frozen base is needed no more, so each targeted kernel is
+    overwritten by its folded one rather than copied: the merged model costs no second copy
+    of the targeted kernels (host memory on CPU, device memory on an accelerator).
+    `frozen` is left holding the shapes it had (the summary counts its bytes).
+    """
+    frozen = self.frozen
+    self.frozen = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
+    fold = jax.jit(lambda f, t: self.adapted.fold(P.merge_params(f, t)), donate_argnums=0)
+    return fold(frozen, trainable)
 
 
 class QuantizedAdapterFinetune(AdapterFinetune):
@@ -117,6 +146,9 @@ class QuantizedAdapterFinetune(AdapterFinetune):
   def exported(self, trainable, evaluated) -> dict:
     del evaluated
     return self.merged(trainable)
+
+  def final(self, trainable) -> dict:
+    return self.evaluated(trainable)
 
 
 def build_run_model(model, frozen, adapted=None, quantized: bool = False, dtype=None):

@@ -19,10 +19,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
-from oftjax.models.gemma import gemma4_config, gemma4_names
+from oftjax.models.gemma import gemma4_config, gemma4_names, safetensors_file
 from oftjax.models.gemma.config import SUPPORTED_MODEL_TYPES, from_hf_config
 from oftjax.models.gemma.gemma4_model import Gemma4
 from oftjax.models.gemma.hf_names import TensorSpec, canonical_name, tensor_specs, to_flax
@@ -123,33 +122,6 @@ def _weight_files(folder: str, allow_pickle: bool) -> list[str]:
   raise FileNotFoundError(f"{folder}: no *.safetensors weight files")
 
 
-_ST_DTYPES = {
-  "F64": np.float64,
-  "F32": np.float32,
-  "F16": np.float16,
-  "BF16": ml_dtypes.bfloat16,
-  "I64": np.int64,
-  "I32": np.int32,
-  "I16": np.int16,
-  "I8": np.int8,
-  "U8": np.uint8,
-  "BOOL": np.bool_,
-}
-
-
-def _safetensors_header(path: str, fh) -> tuple[dict, int]:
-  head = fh.read(8)
-  if len(head) != 8:
-    raise ValueError(f"{os.path.basename(path)}: not a safetensors file (truncated header)")
-  size = int.from_bytes(head, "little")
-  try:
-    header = json.loads(fh.read(size))
-  except (json.JSONDecodeError, UnicodeDecodeError):
-    raise ValueError(f"{os.path.basename(path)}: not a safetensors file (bad header)") from None
-  header.pop("__metadata__", None)
-  return header, 8 + size
-
-
 def _iter_tensors(path: str):
   """Yields `(name, shape, read(rows=None))` for each tensor of one weight file.
 
@@ -169,9 +141,9 @@ def _iter_tensors(path: str):
       yield name, tuple(t.shape), read
     return
   with open(path, "rb") as fh:
-    header, data_start = _safetensors_header(path, fh)
+    header, data_start = safetensors_file.read_header(path, fh)
   for name, info in header.items():
-    dtype = _ST_DTYPES.get(info["dtype"])
+    dtype = safetensors_file.DTYPES.get(info["dtype"])
     if dtype is None:
       raise ValueError(
         f"{os.path.basename(path)}: tensor {name!r} has unsupported dtype {info['dtype']}"

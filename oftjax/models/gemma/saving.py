@@ -3,7 +3,8 @@
 The folder is written to a temporary sibling and renamed into place at the end, so a crash
 never leaves a folder that looks complete. A model loaded from a multimodal folder (Gemma 3
 or Gemma 4) is written as one again: the whole multimodal config, the text decoder under
-the layout transformers writes, and the other towers copied byte for byte (`towers`).
+the layout transformers writes, and the other towers copied byte for byte (`towers`). Tensors are streamed into each file one
+at a time (large ones in row blocks, see `safetensors_file`), so saving holds no second copy.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 
 from oftjax import atomic
-from oftjax.models.gemma import gemma4_names, hf_names, towers
+from oftjax.models.gemma import gemma4_names, hf_names, safetensors_file, towers
 from oftjax.models.gemma.gemma4_config import Gemma4Config
 
 TOKENIZER_FILES = (
@@ -75,10 +76,32 @@ def _shards(specs, flat, max_shard_bytes: int):
   return shards
 
 
-def _hf_tensor(spec, flat) -> np.ndarray:
+_BLOCK_BYTES = 64 * 1024 * 1024
+
+
+def _hf_blocks(spec, flat):
+  """`blocks()` of one HF tensor: one layer's slice, or row blocks of a large 2-D tensor.
+
+  Only one block is converted to NumPy (and transposed) at a time, so a save never holds
+  a second copy of the model, nor even of the embedding.
+  """
   leaf = flat[spec.path]
-  arr = np.asarray(leaf[spec.layer]) if spec.layer is not None else np.asarray(leaf)
-  return np.ascontiguousarray(hf_names.to_hf(arr, spec.kind))
+
+  def blocks():
+    if spec.layer is not None:
+      yield hf_names.to_hf(np.asarray(leaf[spec.layer]), spec.kind)
+      return
+    if leaf.ndim != 2 or spec.kind not in ("id", "T"):
+      yield hf_names.to_hf(np.asarray(leaf), spec.kind)
+      return
+    rows, row_bytes = spec.hf_shape[0], spec.hf_shape[1] * np.dtype(leaf.dtype).itemsize
+    step = max(1, _BLOCK_BYTES // max(row_bytes, 1))
+    for start in range(0, rows, step):
+      stop = min(rows, start + step)
+      part = leaf[start:stop] if spec.kind == "id" else leaf[:, start:stop]
+      yield hf_names.to_hf(np.asarray(part), spec.kind)
+
+  return blocks
 
 
 def save(
@@ -115,8 +138,6 @@ def save(
     ValueError: params hold leaves the checkpoint format does not (e.g. unmerged adapters),
       or leaves are missing, or a multimodal model has no source folder for its towers.
   """
-  from safetensors.numpy import save_file
-
   cfg = model.config
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path) and not overwrite:
@@ -144,11 +165,12 @@ def save(
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
       name = "model.safetensors" if files == 1 else f"model-{i + 1:05d}-of-{files:05d}.safetensors"
-      tensors = {names.file_name(s.hf_name, cfg): _hf_tensor(s, flat) for s in shard}
-      total += sum(t.nbytes for t in tensors.values())
-      save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
-      weight_map.update({n: name for n in tensors})
-      del tensors
+      entries = [
+        (names.file_name(s.hf_name, cfg), s.hf_shape, flat[s.path].dtype, _hf_blocks(s, flat))
+        for s in shard
+      ]
+      total += safetensors_file.write(os.path.join(tmp, name), entries, metadata={"format": "pt"})
+      weight_map.update({n: name for n, *_ in entries})
     if kept_towers:
       last = f"model-{files:05d}-of-{files:05d}.safetensors"
       weight_map.update(towers.write_towers(tmp, last, kept_towers))

@@ -15,7 +15,8 @@ import dataclasses
 import json
 import os
 
-from oftjax.models.gemma.loading import _safetensors_header, _weight_files
+from oftjax.models.gemma import safetensors_file
+from oftjax.models.gemma.loading import _weight_files
 
 _COPY_CHUNK = 16 * 1024 * 1024
 
@@ -62,7 +63,7 @@ def tower_tensors(source_dir: str | None, is_tower: Callable[[str], bool]) -> li
   found = []
   for path in _weight_files(source_dir, allow_pickle=False):
     with open(path, "rb") as fh:
-      header, data_start = _safetensors_header(path, fh)
+      header, data_start = safetensors_file.read_header(path, fh)
     for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
       if is_tower(name):
         begin, end = entry["data_offsets"]
