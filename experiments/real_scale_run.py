@@ -95,6 +95,7 @@ PHASES = [
   "place",
   "eval_before",
   "train",
+  "export_lora",
   "fold",
   "eval_after",
   "export_peft",

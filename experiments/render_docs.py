@@ -1083,6 +1083,7 @@ _PHASE_ORDER = (  # oftjax.train.run's phases, in the order a run passes them
   "place",
   "eval_before",
   "train",
+  "export_lora",
   "fold",
   "eval_after",
   "export_peft",

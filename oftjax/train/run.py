@@ -253,7 +253,7 @@ def describe_eval(result: dict) -> str:
   return " ".join(parts)
 
 
-def load_weights(c: RunConfig, model, dtype, say=print):
+def load_weights(c: RunConfig, model, dtype, say=print, clock: PhaseClock | None = None):
   """The adapted model and the trainable and frozen host trees of run `c`.
 
   Adapters are built first: their geometries say which kernels `--quantize` stores
@@ -265,6 +265,7 @@ def load_weights(c: RunConfig, model, dtype, say=print):
     model: the base Gemma module (`gemma.load_model`).
     dtype: the compute dtype.
     say: prints a note (e.g. why no PEFT adapter will be written).
+    clock: the run's phase clock, if any: the adapters' set-up is its `adapters` phase.
 
   Returns:
     `(adapted, trainable, frozen)`; `adapted` is `None` and `frozen` `{}` for
@@ -279,6 +280,8 @@ def load_weights(c: RunConfig, model, dtype, say=print):
     if reason := peft_io.unexportable_reason(adapted.config):
       say(f"note: no peft_adapter/ will be written: {reason}")
   on_param = quant.quantize_on_load(geoms, c.quantize) if c.quantize != "none" else None
+  if clock is not None:
+    clock.mark("adapters")
   _, base = _user_errors(
     gemma.load,
     model.config.source_dir,
@@ -361,7 +364,9 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     default=0,
   )
   clock.mark("setup")
-  adapted, trainable, frozen = load_weights(c, model, dtype, say=lambda t: _say(main, t))
+  adapted, trainable, frozen = load_weights(
+    c, model, dtype, say=lambda t: _say(main, t), clock=clock
+  )
   clock.mark("load")
   if main:
     _prepare_output_dir(c)
