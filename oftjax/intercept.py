@@ -202,7 +202,8 @@ def _weight_centric_call(module, next_fun, call, geom, blocks, args, kwargs, con
   """Original OFT: runs the same layer with `blockdiag(R) @ kernel` as its kernel."""
   if not layer.has_kernel(module, geom.weight):
     return next_fun(*args, **kwargs)  # initialisation: creates the weight (R = I anyway)
-  base = layer.float_params(module, geom, exclude=lambda name: P.is_adapter_key(name, {}))
+  own = module.scope.variables()["params"]
+  base = layer.float_params(module, geom, exclude=lambda name: P.is_adapter_key(name, own[name]))
   base[geom.weight] = adapters.weight_centric_kernel(
     base[geom.weight], geom, blocks, config.precision
   )

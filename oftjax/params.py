@@ -22,6 +22,10 @@ from oftjax import adapters, orthogonal
 from oftjax import geometry as geo
 
 ADAPTER_KEYS = ("oft", "lora")
+# The leaves each kind's sub-tree holds (`adapters.init_oft`, `adapters.init_lora`): a
+# prefixed key counts as an adapter only when it holds exactly these arrays, so a model's own
+# submodule that happens to be named `lora_proj` is never taken for one (and trained).
+ADAPTER_LEAVES = {"oft": frozenset({"weight"}), "lora": frozenset({"a", "b"})}
 PLAIN_WEIGHT = geo.PLAIN_WEIGHT
 
 Params = Mapping[str, Any]
@@ -35,13 +39,18 @@ def adapter_key(kind: str, weight: str = PLAIN_WEIGHT) -> str:
 def adapter_kind(key: str, value: Any = None) -> str | None:
   """`'oft'` / `'lora'` when `key` names an adapter sub-tree, else `None`.
 
-  `oft_<weight>` / `lora_<weight>` count only as sub-trees (`value` a mapping; pass
-  `{}` when only the name is known), never as a base model's own array of that name.
+  `oft_<weight>` / `lora_<weight>` count only as sub-trees holding exactly that kind's
+  leaves (`ADAPTER_LEAVES`), never as a base model's own array or submodule of that name.
   """
   if key in ADAPTER_KEYS:
     return key
   prefixed = next((k for k in ADAPTER_KEYS if key.startswith(k + "_")), None)
-  return prefixed if isinstance(value, Mapping) else None
+  if prefixed is None or not isinstance(value, Mapping):
+    return None
+  holds_leaves = set(value) == ADAPTER_LEAVES[prefixed] and not any(
+    isinstance(v, Mapping) for v in value.values()
+  )
+  return prefixed if holds_leaves else None
 
 
 def is_adapter_key(key: str, value: Any = None) -> bool:
@@ -63,12 +72,17 @@ def layer_path_of(key: str, geom: geo.LayerGeometry) -> str:
   return key[: -len(geom.weight)].rstrip("/")
 
 
-def _is_adapter_path(path) -> bool:
-  keys = [getattr(k, "key", None) for k in path]
-  return any(
-    isinstance(k, str) and is_adapter_key(k, {} if i < len(keys) - 1 else None)
-    for i, k in enumerate(keys)
-  )
+def _is_adapter_path(params: Params, path) -> bool:
+  """Whether the leaf at `path` lies in an adapter sub-tree of `params` (`is_adapter_key`)."""
+  node = params
+  for entry in path:
+    key = getattr(entry, "key", None)
+    if not isinstance(node, Mapping) or key not in node:
+      return False
+    if isinstance(key, str) and is_adapter_key(key, node[key]):
+      return True
+    node = node[key]
+  return False
 
 
 def split_params(params: Params) -> tuple[dict, dict]:
@@ -103,7 +117,7 @@ def merge_params(base: Params, adapter: Params) -> dict:
 
 def trainable_mask(params: Params) -> Any:
   """A tree of bools, True exactly on adapter leaves (for `optax.masked`)."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: _is_adapter_path(p), params)
+  return jax.tree_util.tree_map_with_path(lambda p, _: _is_adapter_path(params, p), params)
 
 
 def adapter_only(

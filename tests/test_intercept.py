@@ -212,3 +212,29 @@ def test_adapt_builds_one_object_for_layers_init_fold_and_peft_files(tmp_path):
   lora = adapted.with_config(oftjax.AdapterConfig(method="lora", lora_rank=4, targets=".*q_proj"))
   assert list(lora.geometries) == ["layers/q_proj"] and lora.module.config.method == "lora"
   assert len(adapted.geometries) == 7  # each object traced on its own: no shared recorder
+
+
+class _NamedLikeAnAdapter(nn.Module):
+  """A model whose own submodules are named `lora_proj` and `oft_gate`."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(8, name="lora_proj")(x)
+    return nn.Dense(8, name="oft_gate")(x) + nn.Dense(8, name="out")(x)
+
+
+@pytest.mark.parametrize("method", ["oft", "lora"])
+def test_own_submodules_named_like_adapters_stay_frozen(method):
+  """Only sub-trees holding exactly an adapter's leaves are adapters, whatever their name."""
+  from oftjax import params as P
+
+  config = oftjax.AdapterConfig(method=method, block_size=4, lora_rank=2, targets=r".*out")
+  model = oftjax.Adapted(_NamedLikeAnAdapter(), config)
+  variables = model.init(jax.random.PRNGKey(0), jnp.ones((1, 8)))
+  base, adapter = P.split_params(variables["params"])
+  assert {"lora_proj", "oft_gate"} <= set(base)
+  assert set(adapter) == {"out"} and set(adapter["out"]) == {method}
+  mask = P.trainable_mask(variables["params"])
+  assert not any(jax.tree_util.tree_leaves(mask["lora_proj"]))
+  assert not any(jax.tree_util.tree_leaves(mask["oft_gate"]))
+  assert all(jax.tree_util.tree_leaves(mask["out"][method]))
