@@ -139,8 +139,8 @@ class RssSampler:
     return max((r for t, r in self.samples if start <= t <= end), default=0)
 
 
-def run_job(name: str, scratch: str) -> dict:
-  """Makes `name`'s folder, runs the job on it, returns the measured record."""
+def run_job(name: str, scratch: str, remat: str | None = None) -> dict:
+  """Makes `name`'s folder, runs the job on it (with `--remat remat` if given), returns the record."""
   make_args, dtype, why = MODELS[name]
   folder = os.path.join(scratch, name)
   t0 = time.time()
@@ -162,6 +162,7 @@ def run_job(name: str, scratch: str) -> dict:
   flags = ["--model", folder, "--dtype", dtype, *JOB_FLAGS, "--output-dir", out]
   flags += ["--eval-data", eval_data]
   flags += ["--export-merged", export]
+  flags += ["--remat", remat] if remat else []
   env = dict(_env(), TQDM_DISABLE="1")
   load_start = os.getloadavg()[0]
   with open(os.path.join(scratch, name + ".log"), "w") as log:
@@ -384,6 +385,11 @@ def main() -> None:
   parser.add_argument(
     "--load-only", action="store_true", help="time the load alone instead of running the job"
   )
+  parser.add_argument(
+    "--remat",
+    default=None,
+    help="run the job with this --remat policy (recorded as 'NAME --remat P')",
+  )
   args = parser.parse_args()
   with tempfile.TemporaryDirectory(prefix="oftjax_real_scale_") as scratch:
     for name in args.models:
@@ -397,8 +403,8 @@ def main() -> None:
           print(f"  {name}: load {r['load_s']:.1f} s, peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB")
           continue
         print(f"running the job on {name} ...", flush=True)
-        r = run_job(name, scratch)
-        _store("runs", name, r)
+        r = run_job(name, scratch, args.remat)
+        _store("runs", f"{name} --remat {args.remat}" if args.remat else name, r)
         print(
           f"  load {r['load_s']:.1f} s, peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB "
           f"({r['peak_rss_over_fp32_weights']:.2f}x fp32 weights), "

@@ -86,6 +86,7 @@ def test_bad_input_is_one_line_error(case, tiny_model_dir, tmp_path, capsys):
   assert not out.exists(), "a failed pre-check must not create the output directory"
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten_and_resume_checks_config(tiny_model_dir, tmp_path, capsys):
   out = tmp_path / "out"
   code, err = run_main(capsys, job_args(tiny_model_dir, out) + ["--steps", "3"])

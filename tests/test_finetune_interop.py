@@ -22,6 +22,7 @@ import peft_helpers as PH  # noqa: E402  (needs torch and peft)
 TOKENS = np.array([[2, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]], np.int64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["oft", "lora"])
 def test_peft_adapter_and_merged_export_match_oftjax(tiny_model_dir, tmp_path, method):
   out, merged_dir = tmp_path / "run", tmp_path / "merged"
@@ -78,6 +79,7 @@ def test_peft_adapter_and_merged_export_match_oftjax(tiny_model_dir, tmp_path, m
   assert abs(restarted["eval_before"]["loss"] - summary["eval_after"]["loss"]) < 1e-4
 
 
+@pytest.mark.slow
 def test_adapter_peft_cannot_hold_finishes_without_peft_export(tiny_model_dir, tmp_path):
   out = tmp_path / "n2"
   proc = run_job(

@@ -3,10 +3,12 @@
 import json
 
 from finetune_helpers import read_jsonl, run_job
+import pytest
 
 FP32_FROZEN_BYTES = 1014016  # the shipped tiny Gemma 3's frozen tree in float32 (unquantized run)
 
 
+@pytest.mark.slow
 def test_qoft_nf4_learns_the_shipped_task_quickly(tmp_path):
   out = tmp_path / "qoft"
   proc = run_job(

@@ -49,6 +49,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
   assert read_jsonl(killed / "metrics.jsonl") == read_jsonl(first / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tiny_model_dir, tmp_path):
   out = tmp_path / "t"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}

@@ -145,6 +145,7 @@ def _largest_file(step_dir):
   return max(files, key=os.path.getsize)
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_is_skipped_and_resume_is_bit_identical(rel, tmp_path):
   ref = reference_run(rel)
   out = tmp_path / "damaged"

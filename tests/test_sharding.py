@@ -56,6 +56,7 @@ def test_mesh_spec_errors():
   assert sharding.make_mesh("", jax.devices()[:1]).shape["data"] == 1
 
 
+@pytest.mark.slow
 def test_meshes_match_single_device_and_fsdp_shards_weights():
   meshes = ["single", "data=8", "fsdp=8", "data=2,fsdp=4"]
   results = _run_steps("sharded_steps.py", meshes, devices=8)
@@ -76,6 +77,7 @@ def _start_processes(spec, kill_one_after=None, bound=240):
   return run_group(commands, _cpu_env(devices=2), bound, kill_last_after=kill_one_after)
 
 
+@pytest.mark.slow
 def test_two_processes_on_loopback_equal_single_process():
   codes, out, _ = _start_processes("data=2,fsdp=2")
   assert codes == [0, 0], codes
@@ -84,6 +86,7 @@ def test_two_processes_on_loopback_equal_single_process():
   _assert_same_training(multi, single)
 
 
+@pytest.mark.slow
 def test_dead_peer_fails_instead_of_hanging():
   codes, _, seconds = _start_processes("data=4", kill_one_after=2.0, bound=120)
   assert codes[1] != 0 and codes[0] != 0, codes
