@@ -88,20 +88,6 @@ MEMORY_MODELS = {
   "gemma-3-1b-pt": ["gemma-3-1b-pt"],
   "gemma-4-E2B": ["gemma-4-E2B"],
 }
-PHASES = [
-  "setup",
-  "adapters",
-  "load",
-  "place",
-  "eval_before",
-  "train",
-  "export_lora",
-  "fold",
-  "eval_after",
-  "export_peft",
-  "export_merged",
-  "plot",
-]
 
 
 def _env() -> dict:

@@ -45,6 +45,8 @@ sys.path.insert(1, ROOT)
 
 import bench_report  # noqa: E402  (experiments/bench_report.py: stdlib only at import)
 
+from oftjax.train.phases import PHASES  # noqa: E402
+
 DOCS = ("README.md", "RELIABILITY.md", "BENCHMARKS.md")
 # NAME, or NAME[ARG] for a renderer that takes an argument (e.g. one table cell per test case)
 REGION = re.compile(
@@ -1076,22 +1078,6 @@ def _gib(n: float) -> str:
   return f"{n / 2**30:.2f} GiB"
 
 
-_PHASE_ORDER = (  # oftjax.train.run's phases, in the order a run passes them
-  "setup",
-  "adapters",
-  "load",
-  "place",
-  "eval_before",
-  "train",
-  "export_lora",
-  "fold",
-  "eval_after",
-  "export_peft",
-  "export_merged",
-  "plot",
-)
-
-
 def render_real_scale() -> str:
   r = real_scale()
   runs, memory = r.get("runs", {}), r.get("compiled_memory", {})
@@ -1131,7 +1117,7 @@ def render_real_scale() -> str:
         f"({x['peak_rss_over_fp32_weights']:.2f}× fp32 weights) |"
       )
   names = list(runs)
-  phases = [p for p in _PHASE_ORDER if any(p in x["phases"] for x in runs.values())]
+  phases = [p for p in PHASES if any(p in x["phases"] for x in runs.values())]
   if runs:
     lines += [
       "",

@@ -14,6 +14,23 @@ import resource
 import sys
 import time
 
+# The phases of `oftjax.train.run`, in the order a run passes them (a run skips those it
+# has no work for: `export_lora` without `--export-lora`, ...).
+PHASES = (
+  "setup",
+  "adapters",
+  "load",
+  "place",
+  "eval_before",
+  "train",
+  "export_lora",
+  "fold",
+  "eval_after",
+  "export_peft",
+  "export_merged",
+  "plot",
+)
+
 
 def current_rss_bytes() -> int:
   """The process's resident set size now (Linux `/proc/self/statm`; 0 where unavailable)."""
