@@ -319,6 +319,11 @@ def matmul_peak(n: int = 2048, reps: int = 7) -> dict:
     t0 = time.perf_counter()
     f(a, b).block_until_ready()
     times.append(time.perf_counter() - t0)
+  return peak_record(n, times)
+
+
+def peak_record(n: int, times: list[float]) -> dict:
+  """The matmul-peak record of `n`^3 fp32 matmuls timed `times` (seconds each), any framework."""
   flops = 2.0 * n**3
   return {
     "n": n,

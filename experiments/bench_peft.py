@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from bench_jax import TARGET_NAMES, hf_config
+from bench_jax import TARGET_NAMES, hf_config, peak_record
 import numpy as np
 
 
@@ -144,10 +144,4 @@ def torch_matmul_peak(n: int = 2048, reps: int = 7) -> dict:
     t0 = time.perf_counter()
     runner.step()
     times.append(time.perf_counter() - t0)
-  flops = 2.0 * n**3
-  return {
-    "n": n,
-    "median_s": float(np.median(times)),
-    "flops_per_s": flops / float(np.median(times)),
-    "best_flops_per_s": flops / min(times),
-  }
+  return peak_record(n, times)

@@ -25,12 +25,10 @@ import oftjax
 TARGETS = r".*(q_einsum|kv_einsum|attn_vec_einsum|mlp)"
 
 
-def build(checkpoint: str | None):
+def tiny_model():
+  """Gemma3_270M's config shrunk: 2 layers, width 32, 4 heads of 16, one KV head, vocab 128."""
   from gemma import gm
 
-  if checkpoint:
-    model = gm.nn.Gemma3_270M(dtype=jnp.float32)
-    return model, gm.ckpts.load_params(checkpoint), model.config.num_embed
   config = dataclasses.replace(
     gm.nn.Gemma3_270M.config,
     num_embed=128,
@@ -44,9 +42,19 @@ def build(checkpoint: str | None):
     ),
     sliding_window_size=8,
   )
-  model = gm.nn.Transformer(config=config, dtype=jnp.float32)
+  return gm.nn.Transformer(config=config, dtype=jnp.float32)
+
+
+def build(checkpoint: str | None):
+  """`(model, params, vocab size)`: the library's Gemma3_270M from `checkpoint`, else tiny."""
+  from gemma import gm
+
+  if checkpoint:
+    model = gm.nn.Gemma3_270M(dtype=jnp.float32)
+    return model, gm.ckpts.load_params(checkpoint), model.config.num_embed
+  model = tiny_model()
   example = jnp.ones((1, 8), jnp.int32)
-  return model, model.init(jax.random.key(0), example)["params"], config.num_embed
+  return model, model.init(jax.random.key(0), example)["params"], model.config.num_embed
 
 
 def main():

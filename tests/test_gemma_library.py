@@ -18,7 +18,8 @@ keras 3.15, tensorflow-datasets 4.9.10, matplotlib, IPython, ...). Command:
 tests/test_gemma_library.py`.
 """
 
-import dataclasses
+import os
+import sys
 
 import chex
 import jax
@@ -30,31 +31,14 @@ import pytest
 import oftjax
 
 gm = pytest.importorskip("gemma.gm")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+from finetune_gemma_library import TARGETS, tiny_model  # noqa: E402  (the example's model)
 
-TARGETS = r".*(q_einsum|kv_einsum|attn_vec_einsum|mlp)"
 TOKENS = jax.random.randint(jax.random.key(0), (2, 7), 1, 128)
 CONFIGS = {
   "oft": oftjax.AdapterConfig(block_size=8, targets=TARGETS),
   "lora": oftjax.AdapterConfig(method="lora", lora_rank=4, targets=TARGETS),
 }
-
-
-def tiny_model():
-  """Gemma3_270M's config shrunk: 2 layers, width 32, 4 heads of 16, one KV head, vocab 128."""
-  config = dataclasses.replace(
-    gm.nn.Gemma3_270M.config,
-    num_embed=128,
-    embed_dim=32,
-    hidden_dim=64,
-    num_heads=4,
-    head_dim=16,
-    num_kv_heads=1,
-    attention_types=gm.nn.config.make_attention_layers_types(
-      gm.nn.config.GEMMA3_ATTENTION_PATTERN, num_layers=2
-    ),
-    sliding_window_size=8,
-  )
-  return gm.nn.Transformer(config=config, dtype=jnp.float32)
 
 
 def random_adapter(adapted, seed, scale=0.1):
