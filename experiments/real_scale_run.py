@@ -125,20 +125,26 @@ class RssSampler:
     return max((r for t, r in self.samples if start <= t <= end), default=0)
 
 
-def run_job(name: str, scratch: str, remat: str | None = None) -> dict:
-  """Makes `name`'s folder, runs the job on it (with `--remat remat` if given), returns the record."""
-  make_args, dtype, why = MODELS[name]
+def _make_folder(name: str, scratch: str) -> tuple[str, dict]:
+  """Makes `name`'s random-weight folder under `scratch`: `(folder, what make_real_shaped said)`."""
   folder = os.path.join(scratch, name)
   t0 = time.time()
   made = subprocess.run(
-    [sys.executable, MAKE, *make_args, folder],
+    [sys.executable, MAKE, *MODELS[name][0], folder],
     env=_env(),
     check=True,
     capture_output=True,
     text=True,
   )
-  folder_info = json.loads(made.stdout.strip().splitlines()[-1])
-  folder_info["make_s"] = time.time() - t0
+  info = json.loads(made.stdout.strip().splitlines()[-1])
+  info["make_s"] = time.time() - t0
+  return folder, info
+
+
+def run_job(name: str, scratch: str, remat: str | None = None) -> dict:
+  """Makes `name`'s folder, runs the job on it (with `--remat remat` if given), returns the record."""
+  _, dtype, why = MODELS[name]
+  folder, folder_info = _make_folder(name, scratch)
   out, export = os.path.join(scratch, name + "-run"), os.path.join(scratch, name + "-merged")
   eval_data = os.path.join(scratch, "eval_head.jsonl")
   with open(os.path.join(ROOT, "experiments", "assets", "task", "eval.jsonl")) as fh:
@@ -220,18 +226,8 @@ print(json.dumps({"load_s": time.time() - t0, "weight_bytes": P.tree_bytes(param
 
 def load_only(name: str, scratch: str) -> dict:
   """Makes `name`'s folder and times `gemma.load` of it alone (RSS sampled), fp32."""
-  make_args, _, why = MODELS[name]
-  folder = os.path.join(scratch, name)
-  t0 = time.time()
-  made = subprocess.run(
-    [sys.executable, MAKE, *make_args, folder],
-    env=_env(),
-    check=True,
-    capture_output=True,
-    text=True,
-  )
-  folder_info = json.loads(made.stdout.strip().splitlines()[-1])
-  folder_info["make_s"] = time.time() - t0
+  why = MODELS[name][2]
+  folder, folder_info = _make_folder(name, scratch)
   load_start = os.getloadavg()[0]
   proc = subprocess.Popen(
     [sys.executable, "-c", _LOAD_CHILD, folder], env=_env(), stdout=subprocess.PIPE, text=True
