@@ -265,9 +265,7 @@ def from_hf_config(
       is used; the vision and audio configs are kept only for saving).
     dtype: compute dtype.
     param_dtype: parameter dtype; defaults to `dtype`.
-    remat: the rematerialisation policy of the decoder layers in the backward pass (one of
-      `oftjax.models.remat.POLICIES`: 'none', 'full', 'dots', 'dots_no_batch'; `True` is
-      'full', `False` 'none').
+    remat: the decoder layers' rematerialisation policy, as in `oftjax.models.gemma.config.from_hf_config`.
 
   Returns:
     The `Gemma4Config`.

@@ -244,9 +244,7 @@ def from_hf_config_model(
     hf_config: a transformers Gemma/Gemma2/Gemma3Text (or multimodal Gemma3) config.
     dtype: compute dtype.
     param_dtype: parameter dtype; defaults to `dtype`.
-    remat: the rematerialisation policy of the decoder layers in the backward pass (one of
-      `oftjax.models.remat.POLICIES`: 'none', 'full', 'dots', 'dots_no_batch'; `True` is
-      'full', `False` 'none').
+    remat: the decoder layers' rematerialisation policy, as in `oftjax.models.gemma.config.from_hf_config`.
 
   Returns:
     The Linen module; `model.config.hf_config` holds the text config.
