@@ -1078,6 +1078,12 @@ def _gib(n: float) -> str:
   return f"{n / 2**30:.2f} GiB"
 
 
+def remat_of(run_name: str) -> str:
+  """How a real-scale run name (`NAME` or `NAME --remat POLICY`) ran: its remat policy."""
+  policy = run_name.partition(" --remat ")[2]
+  return f"with --remat {policy}" if policy else "without remat, as --remat auto does on CPU"
+
+
 def render_real_scale() -> str:
   r = real_scale()
   runs, memory = r.get("runs", {}), r.get("compiled_memory", {})
@@ -1139,7 +1145,7 @@ def render_real_scale() -> str:
       f"{name}: outside the train phase the sampled peak was {_gb(rest)} "
       f"({rest / x['folder']['fp32_bytes']:.2f}× fp32 weights); the train phase's "
       f"{_gb(x['phases']['train']['sampled_peak_rss_bytes'])} is the weights plus the step's "
-      "compiled temp (below; the job ran without remat).",
+      f"compiled temp (below; the job ran {remat_of(name)}).",
     ]
   lines += [
     "",
