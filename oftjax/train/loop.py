@@ -98,10 +98,10 @@ class LoopStats:
 
 def eval_row(step: int, result: dict) -> dict:
   """The `'eval'` metrics row of an evaluator `result` at `step` (its numbers only)."""
-  numbers = {
+  values = {
     k: v for k, v in result.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)
   }
-  return {"kind": "eval", "step": step, **numbers}
+  return {"kind": "eval", "step": step, **values}
 
 
 def _temp_bytes(compiled) -> int | None:
