@@ -271,7 +271,7 @@ def load_weights(c: RunConfig, model, dtype, say=print, clock: PhaseClock | None
     `(adapted, trainable, frozen)`; `adapted` is `None` and `frozen` `{}` for
     `--method full`.
   """
-  param_dtype = jnp.float32 if c.method == "full" else dtype
+  param_dtype = model.config.param_dtype  # as `_run` loaded the model: fp32 for --method full
   adapted, geoms = None, {}
   if c.method != "full":
     adapted, trainable = _init_adapters(c, model, adapter_config(c), jnp.zeros((1, 8), jnp.int32))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
-import json
 import os
 
 from oftjax.models.gemma import safetensors_file
@@ -88,20 +87,9 @@ def write_towers(folder: str, file_name: str, towers: list[TowerTensor]) -> dict
   Raises:
     ValueError: a source file is shorter than its header says.
   """
-  header, offset = {"__metadata__": {"format": "pt"}}, 0
-  for t in towers:
-    header[t.name] = {
-      "dtype": t.dtype,
-      "shape": list(t.shape),
-      "data_offsets": [offset, offset + t.nbytes],
-    }
-    offset += t.nbytes
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
-  with open(os.path.join(folder, file_name), "wb") as out:
-    out.write(len(blob).to_bytes(8, "little"))
-    out.write(blob)
-    for t in towers:
+
+  def chunks(t: TowerTensor):
+    def blocks():
       with open(t.source, "rb") as src:
         src.seek(t.start)
         left = t.nbytes
@@ -111,6 +99,11 @@ def write_towers(folder: str, file_name: str, towers: list[TowerTensor]) -> dict
             raise ValueError(
               f"{os.path.basename(t.source)}: tensor data of {t.name!r} is truncated"
             )
-          out.write(chunk)
+          yield chunk
           left -= len(chunk)
+
+    return blocks
+
+  entries = [(t.name, t.shape, t.dtype, chunks(t)) for t in towers]
+  safetensors_file.write(os.path.join(folder, file_name), entries, metadata={"format": "pt"})
   return {t.name: file_name for t in towers}
