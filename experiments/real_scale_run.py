@@ -199,6 +199,8 @@ def run_job(name: str, scratch: str, remat: str | None = None) -> dict:
     "compile_s": summary["compile_s"],
     "train_steps_s": summary["train_steps_s"],
     "step_time_s": summary["step_time_s"],
+    "remat": summary["remat"],
+    "train_step_temp_bytes": summary["train_step_temp_bytes"],
     "train_tokens_per_s": summary["train_tokens_per_s"],
     "wall_s": summary["wall_s"],
     "outside_train_steps_s": summary["wall_s"] - summary["train_steps_s"],

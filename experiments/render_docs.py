@@ -1078,10 +1078,11 @@ def _gib(n: float) -> str:
   return f"{n / 2**30:.2f} GiB"
 
 
-def remat_of(run_name: str) -> str:
-  """How a real-scale run name (`NAME` or `NAME --remat POLICY`) ran: its remat policy."""
-  policy = run_name.partition(" --remat ")[2]
-  return f"with --remat {policy}" if policy else "without remat, as --remat auto does on CPU"
+def remat_of(run_name: str, run: dict) -> str:
+  """How a real-scale run (named `NAME` or `NAME --remat POLICY`) ran: its remat policy."""
+  if policy := run_name.partition(" --remat ")[2]:
+    return f"with --remat {policy}"
+  return f"with --remat {run['remat']}, which --remat auto chose"
 
 
 def render_real_scale() -> str:
@@ -1145,7 +1146,7 @@ def render_real_scale() -> str:
       f"{name}: outside the train phase the sampled peak was {_gb(rest)} "
       f"({rest / x['folder']['fp32_bytes']:.2f}× fp32 weights); the train phase's "
       f"{_gb(x['phases']['train']['sampled_peak_rss_bytes'])} is the weights plus the step's "
-      f"compiled temp (below; the job ran {remat_of(name)}).",
+      f"compiled temp (below; the job ran {remat_of(name, x)}).",
     ]
   lines += [
     "",

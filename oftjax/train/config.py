@@ -157,7 +157,8 @@ class RunConfig:
     "auto",
     "rematerialisation of each decoder layer in the backward pass: none, full (keep only "
     "its input), dots (keep matmul outputs), dots_no_batch (keep weight-matmul outputs); "
-    "auto: none on CPU, dots_no_batch on GPU/TPU (README: Memory)",
+    "auto: the first of none, dots_no_batch, full whose compiled step fits the memory "
+    "budget (README: Memory)",
     choices=REMAT_CHOICES,
   )
   dtype: str = _field(
@@ -303,18 +304,12 @@ def adapter_config(c: RunConfig):
 
 
 def remat_policy(c: RunConfig) -> str:
-  """The `--remat` policy of this backend: `auto` is `none` on CPU, else `dots_no_batch`.
+  """The `--remat` policy the model is built with: `auto` starts at `none`.
 
-  CPU runs have host memory to spare and are compute-bound, so recomputing costs speed for
-  nothing; GPU/TPU runs are bound by device memory, and `dots_no_batch` keeps the weight
-  matmuls' outputs (the costly FLOPs) while recomputing the cheap rest, including the
-  attention scores whose size grows with the square of `--seq-len`.
+  With `auto` the loop then compiles the step with less and less kept until its
+  temporaries fit the memory budget (`oftjax.train.remat_choice`).
   """
-  if c.remat != "auto":
-    return c.remat
-  import jax  # heavy: only once argparse has accepted the flags
-
-  return "none" if jax.default_backend() == "cpu" else "dots_no_batch"
+  return "none" if c.remat == "auto" else c.remat
 
 
 def check_assets(c: RunConfig) -> None:

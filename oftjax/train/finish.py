@@ -19,7 +19,6 @@ from oftjax import atomic, peft_io, quant
 from oftjax import params as P
 from oftjax.models import gemma
 from oftjax.train import outputs
-from oftjax.train.config import remat_policy
 from oftjax.train.loop import LoopStats
 from oftjax.train.phases import PhaseClock, peak_rss_bytes
 from oftjax.train.state import RunState
@@ -119,7 +118,7 @@ def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
     "train_tokens_per_s": tokens_per_step / float(np.median(steady)) if steady else None,
     "step_time_s": float(np.median(steady)) if steady else None,
     "compile_s": record.loop.compile_s,
-    "remat": remat_policy(c),
+    "remat": record.loop.remat,
     "train_step_temp_bytes": record.loop.temp_bytes,
     "train_steps_s": float(sum(times)),
     "phases": record.clock.phases,

@@ -14,6 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from oftjax import distributed, sharding
+from oftjax.train import remat_choice
 from oftjax.train.config import UsageError
 from oftjax.train.objective import lr_schedule
 from oftjax.train.state import RunState
@@ -34,6 +35,10 @@ class TrainStep:
     seed: with a stochastic loss (`fn` built `with_rng`: OFT block dropout), the seed
       of its keys: step `s` gets `fold_in(key(seed), s)`, so a resumed run draws the
       same masks as an uninterrupted one. `None`: `fn` takes no key.
+    remat: the rematerialisation policy `fn` was built with.
+    remat_auto: with `--remat auto`, `(build, budget)`: `build(policy)` is the step of
+      any policy and `budget` the temp bytes allowed (`oftjax.train.remat_choice`);
+      `None`: `fn` is run as given.
   """
 
   fn: Callable
@@ -41,6 +46,16 @@ class TrainStep:
   mesh: Any
   health: Callable | None = None
   seed: int | None = None
+  remat: str = "none"
+  remat_auto: tuple | None = None
+
+  def compile(self, *args) -> remat_choice.Choice:
+    """The step compiled on `args`: `fn`, or with `remat_auto` the policy that fits."""
+    if self.remat_auto is not None:
+      build, budget = self.remat_auto
+      return remat_choice.compile_within_budget(build, args, budget)
+    compiled = self.fn.lower(*args).compile()
+    return remat_choice.Choice(self.remat, compiled, remat_choice.temp_bytes(compiled), "")
 
   def args(self, batch, step: int) -> tuple:
     """The arguments after the state: `(frozen, batch)`, and the key of step `step`."""
@@ -84,6 +99,7 @@ class LoopStats:
     stopped: whether a signal stopped the run before its last step.
     temp_bytes: the compiled step's temporary (activation) memory per device, from XLA's
       `memory_analysis()`, or `None` where the backend does not report it.
+    remat: the rematerialisation policy of the step run (`--remat auto` resolved).
     last_eval: the evaluation at the last step (`--eval-every`), when this session ran
       it, else `None`.
   """
@@ -94,6 +110,7 @@ class LoopStats:
   stopped: bool
   temp_bytes: int | None = None
   last_eval: dict | None = None
+  remat: str = "none"
 
 
 def eval_row(step: int, result: dict) -> dict:
@@ -102,15 +119,6 @@ def eval_row(step: int, result: dict) -> dict:
     k: v for k, v in result.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)
   }
   return {"kind": "eval", "step": step, **values}
-
-
-def _temp_bytes(compiled) -> int | None:
-  """The compiled step's temp bytes, or `None` where the backend has no memory analysis."""
-  try:
-    analysis = compiled.memory_analysis()
-  except NotImplementedError:
-    return None
-  return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
 @jax.jit
@@ -177,8 +185,10 @@ def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunStat
   next_batch = batch_reader(io.stream, c.grad_accum, step.mesh)
   batch, ntok = next_batch()
   t0 = time.time()
-  compiled = step.fn.lower(state.trainable, state.opt_state, *step.args(batch, 0)).compile()
-  compile_s = time.time() - t0
+  choice = step.compile(state.trainable, state.opt_state, *step.args(batch, 0))
+  compiled, compile_s = choice.compiled, time.time() - t0
+  if choice.note and distributed.is_main():
+    print(choice.note, flush=True)
   schedule = lr_schedule(c.lr, c.steps, c.warmup_steps)
   times, tokens_seen, loss = [], 0, float("nan")
   since_log = [0, 0.0]  # training tokens and seconds since the last speed row
@@ -312,6 +322,7 @@ def train_loop(c, state: RunState, step: TrainStep, io: LoopIO) -> tuple[RunStat
     tokens_seen,
     compile_s,
     stopped=io.stopper.stop and state.step < c.steps,
-    temp_bytes=_temp_bytes(compiled),
+    temp_bytes=choice.temp_bytes,
     last_eval=last_eval,
+    remat=choice.policy,
   )

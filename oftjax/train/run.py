@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from oftjax import checkpoint, data, distributed, peft_io, quant, sharding
 from oftjax.adapted_model import adapt
 from oftjax.models import gemma
-from oftjax.train import lora_export, sinks
+from oftjax.train import lora_export, remat_choice, sinks
 from oftjax.train.config import RunConfig, UsageError, adapter_config, remat_policy, reword
 from oftjax.train.evaluate import Evaluator
 from oftjax.train.finish import RunRecord, peft_naming, write_outputs
@@ -301,6 +301,7 @@ class Training:
   frozen: Any
   state: RunState
   step: Callable
+  step_with_remat: Callable[[str], Callable]
 
 
 def build_training(c: RunConfig, model, adapted, trainable, frozen, mesh, dtype) -> Training:
@@ -318,17 +319,32 @@ def build_training(c: RunConfig, model, adapted, trainable, frozen, mesh, dtype)
   )
   trainable = jax.device_put(trainable, shardings[0])
   state = RunState(trainable, jax.jit(optimizer.init, out_shardings=shardings[1])(trainable))
-  step = make_train_step(
-    job.loss,
-    optimizer,
-    has_aux=True,
-    accum_steps=c.grad_accum,
-    weight_key="tokens",
-    project=job.project,
-    state_shardings=shardings,
-    with_rng=job.uses_rng,
-  )
-  return Training(job, frozen, state, step)
+
+  def step_of(run_model):
+    return make_train_step(
+      run_model.loss,
+      optimizer,
+      has_aux=True,
+      accum_steps=c.grad_accum,
+      weight_key="tokens",
+      project=job.project,
+      state_shardings=shardings,
+      with_rng=job.uses_rng,
+    )
+
+  return Training(job, frozen, state, step_of(job), lambda p: step_of(job.with_remat(p)))
+
+
+def _remat_auto(c: RunConfig, training: Training, frozen) -> tuple | None:
+  """`TrainStep.remat_auto` of run `c`: with `--remat auto`, the step builder and budget.
+
+  The budget is set by the weights this process's devices hold (frozen and trained).
+  """
+  if c.remat != "auto":
+    return None
+  leaves = jax.tree_util.tree_leaves((frozen, training.state.trainable))
+  held = sum(s.data.nbytes for x in leaves for s in x.addressable_shards)
+  return training.step_with_remat, remat_choice.budget_bytes(held)
 
 
 def run(c: RunConfig) -> dict:
@@ -408,7 +424,15 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     state, stats = train_loop(
       c,
       state,
-      TrainStep(step_fn, frozen, mesh, job.health, seed=c.seed if job.uses_rng else None),
+      TrainStep(
+        step_fn,
+        frozen,
+        mesh,
+        job.health,
+        seed=c.seed if job.uses_rng else None,
+        remat=remat_policy(c),
+        remat_auto=_remat_auto(c, training, frozen),
+      ),
       LoopIO(stream, ckpt, sink, meta, stopper, lambda t: evaluator.run(job.evaluated(t))),
     )
   finally:

@@ -11,6 +11,7 @@ All three take the train step's view of parameters: `merge_params(frozen, traina
 from __future__ import annotations
 
 from collections.abc import Callable
+import copy
 from typing import Any
 
 import jax
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 
 from oftjax import params as P
 from oftjax import quant
+from oftjax.train import remat_choice
 from oftjax.train.objective import next_token_loss
 
 
@@ -51,6 +53,12 @@ class FullFinetune:
   def loss(self, params, batch: dict, rng=None):
     """Masked next-token loss of `module` on a packed batch (`has_aux` form)."""
     return next_token_loss(self.module, params, batch, rng)
+
+  def with_remat(self, policy: str):
+    """A copy whose `loss` rematerialises the decoder layers with `policy` (the rest shared)."""
+    other = copy.copy(self)
+    other.module = remat_choice.with_remat(self.module, policy)
+    return other
 
   def merged(self, trainable) -> dict:
     """The trained function as one full-precision base-shaped tree (what an export holds)."""
