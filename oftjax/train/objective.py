@@ -9,6 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from oftjax import layer
+from oftjax.models.gemma.model import TextDecoder
+from oftjax.train import linear_xent
+
 
 def lr_schedule(lr: float, steps: int, warmup_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to `lr` then cosine decay to 10% of `lr` at `steps`.
@@ -44,8 +48,34 @@ def masked_xent(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
   return (nll * mask).sum() / count, {"token_accuracy": correct.sum() / count, "tokens": mask.sum()}
 
 
-def next_token_loss(module, params, batch: dict, rng=None) -> tuple[jax.Array, dict]:
-  """`masked_xent` of `module`'s logits on a packed batch (`oftjax.data.batching`).
+def _text_decoder(module) -> TextDecoder | None:
+  """The Gemma decoder under `module`'s oftjax wrappers, or `None` for another model."""
+  while isinstance(module, layer.InterceptingWrapper):
+    module = module.wrapped
+  return module if isinstance(module, TextDecoder) else None
+
+
+def _plain_head(params) -> tuple[jax.Array, bool] | None:
+  """`(weight, transposed)` of the output head when it is a plain float matrix, else `None`.
+
+  An adapted (adapter leaves beside the kernel) or quantized `lm_head` is not plain: only
+  the module itself computes it right, so its loss goes through the full logits.
+  """
+  if "lm_head" in params:
+    head = params["lm_head"]
+    return (head["kernel"], True) if set(head) == {"kernel"} else None
+  embed = params.get("embed_tokens", {})
+  return (embed["embedding"], False) if set(embed) == {"embedding"} else None
+
+
+def next_token_loss(
+  module, params, batch: dict, rng=None, head_grad: bool = False
+) -> tuple[jax.Array, dict]:
+  """Masked next-token cross-entropy of `module` on a packed batch (`oftjax.data.batching`).
+
+  On a Gemma decoder (wrapped or not) with a plain output head, the loss runs through the
+  head a chunk of tokens at a time (`oftjax.train.linear_xent`: the same values, without
+  holding the `[batch, time, vocab]` logits); any other model is `masked_xent` of its logits.
 
   Args:
     module: a Linen language model called as `module.apply({'params': params}, inputs,
@@ -53,15 +83,34 @@ def next_token_loss(module, params, batch: dict, rng=None) -> tuple[jax.Array, d
     params: its parameter tree.
     batch: `inputs`, `positions`, `segment_ids`, `targets` and `loss_mask`.
     rng: the `'dropout'` key of a stochastic module (OFT block dropout), or `None`.
+    head_grad: the output head's weight is trained (full finetuning): give it a gradient.
 
   Returns:
     `(loss, {'token_accuracy', 'tokens'})` as `masked_xent`.
   """
-  logits = module.apply(
-    {"params": params},
-    batch["inputs"],
+  decoder, head = _text_decoder(module), _plain_head(params)
+  kwargs = dict(
     positions=batch["positions"],
     segment_ids=batch["segment_ids"],
     rngs=None if rng is None else {"dropout": rng},
   )
-  return masked_xent(logits, batch)
+  if decoder is None or head is None:
+    return masked_xent(module.apply({"params": params}, batch["inputs"], **kwargs), batch)
+  hidden = module.apply(
+    {"params": params},
+    batch["inputs"],
+    method=lambda m, *a, **k: layer.call_through(m, "features", *a, **k),
+    **kwargs,
+  )
+  mask = batch["loss_mask"].astype(jnp.float32)
+  nll, correct = linear_xent.linear_xent(
+    hidden,
+    head[0],
+    batch["targets"],
+    mask,
+    transposed=head[1],
+    softcap=decoder.config.final_logit_softcapping,
+    head_grad=head_grad,
+  )
+  count = jnp.maximum(mask.sum(), 1.0)
+  return nll / count, {"token_accuracy": correct / count, "tokens": mask.sum()}

@@ -34,6 +34,7 @@ class FullFinetune:
     adapter_config: the `AdapterConfig` trained, or `None`.
     shards_trainable: whether the trainable tree is FSDP-sharded (the full model is) or
       replicated (small adapters).
+    trains_head: whether the output head's weight is trained (its loss gradient is needed).
     project: maps the trainable tree onto its constraint set after each update (COFT), or
       `None`.
     health: jitted `trainable -> oftjax.params.adapter_health(...)` (OFT), or `None`.
@@ -42,6 +43,7 @@ class FullFinetune:
 
   adapter_config = None
   shards_trainable = True
+  trains_head = True
   project: Callable[[Any], Any] | None = None
   health: Callable[[Any], dict] | None = None
   uses_rng = False
@@ -52,7 +54,7 @@ class FullFinetune:
 
   def loss(self, params, batch: dict, rng=None):
     """Masked next-token loss of `module` on a packed batch (`has_aux` form)."""
-    return next_token_loss(self.module, params, batch, rng)
+    return next_token_loss(self.module, params, batch, rng, head_grad=self.trains_head)
 
   def with_remat(self, policy: str):
     """A copy whose `loss` rematerialises the decoder layers with `policy` (the rest shared)."""
@@ -90,6 +92,7 @@ class AdapterFinetune(FullFinetune):
   """
 
   shards_trainable = False
+  trains_head = False
 
   def __init__(self, model, adapted, frozen):
     self.model, self.adapted, self.frozen = model, adapted, frozen

@@ -111,8 +111,7 @@ class Gemma4(TextDecoder):
       geom = cfg.geometry(key == "sliding")
       zeros = jnp.zeros((batch, kv_len, geom.num_kv_heads, geom.head_dim), kv_dtype)
       shared[key] = (zeros, zeros)
-    x, new_caches = self.layers(x, per_layer_inputs, context, shared, caches)
-    return self._logits(x), new_caches
+    return self.layers(x, per_layer_inputs, context, shared, caches)
 
 
 def from_hf_config_model(

@@ -144,7 +144,8 @@ class TextDecoder(nn.Module):
 
   A subclass builds `embed_tokens` (`token_embedding`), `norm` and `lm_head`
   (`output_head`) in `setup`, and runs its layers in `_run(tokens, positions, masks, cache,
-  cache_index) -> (logits, new_cache)`, embedding with `_embed` and ending with `_logits`.
+  cache_index) -> (hidden, new_cache)`, embedding with `_embed`; the calls end with
+  `_logits` (the final norm and the output head).
   The training job, the evaluator and `generate` use any subclass the same way.
 
   Attributes:
@@ -161,6 +162,19 @@ class TextDecoder(nn.Module):
     x = self.norm(x)
     logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
     return softcap(logits.astype(jnp.float32), self.config.final_logit_softcapping)
+
+  def features(self, tokens, positions=None, segment_ids=None, attention_mask=None):
+    """The normed final hidden states `[batch, time, hidden]` (arguments as `__call__`).
+
+    `__call__`'s logits are these through the output head (`lm_head`, or the tied
+    `embed_tokens`), cast to fp32 and soft-capped by `config.final_logit_softcapping`: a
+    loss can apply the head itself, a chunk of tokens at a time
+    (`oftjax.train.linear_xent`), and never hold all the logits.
+    """
+    positions, masks = sequence_masks(
+      tokens, positions, segment_ids, attention_mask, self.config.sliding_window
+    )
+    return self.norm(self._run(tokens, positions, masks)[0])
 
   def __call__(self, tokens, positions=None, segment_ids=None, attention_mask=None):
     """Computes logits for every position.
@@ -179,7 +193,7 @@ class TextDecoder(nn.Module):
     positions, masks = sequence_masks(
       tokens, positions, segment_ids, attention_mask, self.config.sliding_window
     )
-    return self._run(tokens, positions, masks)[0]
+    return self._logits(self._run(tokens, positions, masks)[0])
 
   def decode(self, tokens, positions, cache, cache_index, kv_mask):
     """Runs new tokens against a key/value cache (prefill or one decode step).
@@ -198,7 +212,8 @@ class TextDecoder(nn.Module):
       `(logits, cache)`: `[batch, time, vocab]` fp32 logits and the updated cache.
     """
     masks = decode_masks(tokens.shape[1], cache_index, kv_mask, self.config.sliding_window)
-    return self._run(tokens, positions, masks, cache, cache_index)
+    x, cache = self._run(tokens, positions, masks, cache, cache_index)
+    return self._logits(x), cache
 
 
 class Gemma(TextDecoder):
@@ -231,8 +246,7 @@ class Gemma(TextDecoder):
     ]
     is_sliding = jnp.asarray(cfg.layer_is_sliding, dtype=bool)
     shared = (ropes[0], ropes[1], masks[0], masks[1], cache_index)
-    x, new_cache = self.layers(self._embed(tokens), (is_sliding, cache), shared)
-    return self._logits(x), new_cache
+    return self.layers(self._embed(tokens), (is_sliding, cache), shared)
 
 
 def from_hf_config_model(
