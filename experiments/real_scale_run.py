@@ -360,7 +360,7 @@ def _store(section: str, name: str, value) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   names = list(dict.fromkeys([*MODELS, *MEMORY_MODELS]))
-  parser.add_argument("models", nargs="*", default=names, choices=names)
+  parser.add_argument("models", nargs="*", choices=names, help="default: all")
   parser.add_argument("--memory-only", action="store_true", help="only the compiled memory")
   parser.add_argument("--runs-only", action="store_true", help="only the job runs")
   parser.add_argument(
@@ -376,7 +376,7 @@ def main() -> None:
   )
   args = parser.parse_args()
   with tempfile.TemporaryDirectory(prefix="oftjax_real_scale_") as scratch:
-    for name in args.models:
+    for name in args.models or names:
       if not args.runs_only and name in MEMORY_MODELS:
         configs = [m for m in MEMORY_CONFIGS if m[2] == 1] if args.one_row else MEMORY_CONFIGS
         compiled_memory(name, scratch, configs)
