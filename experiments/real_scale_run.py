@@ -360,7 +360,7 @@ def _store(section: str, name: str, value) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   names = list(dict.fromkeys([*MODELS, *MEMORY_MODELS]))
-  parser.add_argument("models", nargs="*", choices=names, help="default: all")
+  parser.add_argument("models", nargs="*", help=f"of {', '.join(names)} (default: all)")
   parser.add_argument("--memory-only", action="store_true", help="only the compiled memory")
   parser.add_argument("--runs-only", action="store_true", help="only the job runs")
   parser.add_argument(
@@ -375,6 +375,8 @@ def main() -> None:
     help="run the job with this --remat policy (recorded as 'NAME --remat P')",
   )
   args = parser.parse_args()
+  if unknown := sorted(set(args.models) - set(names)):
+    parser.error(f"unknown model {', '.join(unknown)}: choose from {', '.join(names)}")
   with tempfile.TemporaryDirectory(prefix="oftjax_real_scale_") as scratch:
     for name in args.models or names:
       if not args.runs_only and name in MEMORY_MODELS:
