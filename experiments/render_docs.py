@@ -1194,8 +1194,8 @@ def render_real_scale_24gb() -> str:
   vocab_mib = 262144 * 4 / 2**20
   return (
     "; ".join(parts)
-    + f". Temp grows with the tokens of a step; with remat it is about three fp32 copies of "
-    f"the logits ({vocab_mib:.0f} MiB per token over the 262144-entry vocabulary). So with "
+    + f". Temp grows with the tokens of a step (the loss holds no full logits, which would be "
+    f"{vocab_mib:.0f} MiB per token in fp32 over the 262144-entry vocabulary). So with "
     f"{_GPU_USABLE_GIB} GiB usable: " + ", ".join(fits) + " (use `--grad-accum` for larger "
     "batches)"
   )
