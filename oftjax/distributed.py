@@ -94,6 +94,13 @@ def scalar(x) -> float:
   return float(np.asarray(x.addressable_data(0)))
 
 
+def smallest(value: int) -> int:
+  """The smallest of every process's `value` (itself with one process): a choice all share."""
+  if jax.process_count() == 1:
+    return value
+  return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
 def barrier(name: str) -> None:
   """Waits until every process reaches this point (no-op for one process)."""
   if jax.process_count() > 1:

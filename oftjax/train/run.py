@@ -338,13 +338,19 @@ def build_training(c: RunConfig, model, adapted, trainable, frozen, mesh, dtype)
 def _remat_auto(c: RunConfig, training: Training, frozen) -> tuple | None:
   """`TrainStep.remat_auto` of run `c`: with `--remat auto`, the step builder and budget.
 
-  The budget is set by the weights this process's devices hold (frozen and trained).
+  The budget is set by the weights this process's devices hold (frozen and trained); with
+  several processes it is the smallest of theirs, so that all compile the same policy.
   """
   if c.remat != "auto":
     return None
   leaves = jax.tree_util.tree_leaves((frozen, training.state.trainable))
   held = sum(s.data.nbytes for x in leaves for s in x.addressable_shards)
-  return training.step_with_remat, remat_choice.budget_bytes(held)
+  budget = remat_choice.budget_bytes(held)
+  if jax.process_count() > 1:  # every process must compile the same policy
+    unknown = 1 << 62
+    budget = distributed.smallest(unknown if budget is None else budget)
+    budget = None if budget == unknown else budget
+  return training.step_with_remat, budget
 
 
 def run(c: RunConfig) -> dict:
