@@ -1137,7 +1137,9 @@ def render_real_scale() -> str:
     cells = []
     for name in names:
       e = runs[name]["phases"].get(phase)
-      cells.append(f"{e['s']:.1f} s, {_gb(e['sampled_peak_rss_bytes'])}" if e else "–")
+      # a phase shorter than the 0.1 s sampling interval may hold no sample
+      rss = _gb(e["sampled_peak_rss_bytes"]) if e and e["sampled_peak_rss_bytes"] else "not sampled"
+      cells.append(f"{e['s']:.1f} s, {rss}" if e else "–")
     lines.append(f"| {phase} | " + " | ".join(cells) + " |")
   for name, x in runs.items():
     rest = max(e["sampled_peak_rss_bytes"] for p, e in x["phases"].items() if p != "train")
