@@ -228,3 +228,16 @@ def test_bf16_job_learns_the_shipped_task(tmp_path):
     .decode(errors="ignore")
   )
   assert '"dtype":"F32"' in header and '"dtype":"BF16"' not in header
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_a_16_bit_load_is_the_fp32_load_rounded(dtype):
+  """On CPU 16-bit float buffers are filled as their uint16 bits (XLA updates those in place):
+  the tree must still be every fp32 tensor rounded once, bit for bit, in the asked dtype."""
+  folder = os.path.join(ASSETS, "tiny-gemma3")
+  _, want = gemma.load(folder)
+  _, got = gemma.load(folder, dtype=dtype, param_dtype=dtype)
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    assert a.dtype == jnp.dtype(dtype)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(dtype)))
