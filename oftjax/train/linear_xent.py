@@ -31,7 +31,6 @@ def chunk_tokens(vocab: int) -> int:
 
 def _chunk_logits(h, w, transposed: bool, cap):
   """fp32 (soft-capped) logits of `h [n, d]` by `w` (`[vocab, d]`, or `[d, vocab]` if transposed)."""
-  w = w.astype(h.dtype)  # as the head module computes: in the compute dtype
   raw = (h @ w if transposed else h @ w.T).astype(jnp.float32)
   return raw if cap is None else jnp.tanh(raw / cap) * cap
 
@@ -51,8 +50,7 @@ def _chunk(h, w, targets, weights, transposed, cap, grads: bool, w_grad: bool):
   if cap is not None:  # d(cap * tanh(z / cap)) / dz = 1 - tanh^2
     d_logits = d_logits * (1.0 - (logits / cap) ** 2)
   d_logits = d_logits.astype(h.dtype)
-  wc = w.astype(h.dtype)
-  dh = d_logits @ wc.T if transposed else d_logits @ wc
+  dh = d_logits @ w.T if transposed else d_logits @ w
   dw = None
   if w_grad:
     dw = (h.T @ d_logits if transposed else d_logits.T @ h).astype(jnp.float32)
@@ -131,7 +129,7 @@ def linear_xent(
   d = hidden.shape[-1]
   return _linear_xent(
     hidden.reshape(-1, d),
-    head,
+    head.astype(hidden.dtype),  # once, outside the chunk scan: as the head module computes
     targets.reshape(-1).astype(jnp.int32),
     weights.reshape(-1).astype(jnp.float32),
     transposed,

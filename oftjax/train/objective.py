@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from oftjax import layer
-from oftjax.models.gemma.model import TextDecoder
+from oftjax.models.gemma.model import decoder_of
 from oftjax.train import linear_xent
 
 
@@ -48,13 +48,6 @@ def masked_xent(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
   return (nll * mask).sum() / count, {"token_accuracy": correct.sum() / count, "tokens": mask.sum()}
 
 
-def _text_decoder(module) -> TextDecoder | None:
-  """The Gemma decoder under `module`'s oftjax wrappers, or `None` for another model."""
-  while isinstance(module, layer.InterceptingWrapper):
-    module = module.wrapped
-  return module if isinstance(module, TextDecoder) else None
-
-
 def _plain_head(params) -> tuple[jax.Array, bool] | None:
   """`(weight, transposed)` of the output head when it is a plain float matrix, else `None`.
 
@@ -88,7 +81,7 @@ def next_token_loss(
   Returns:
     `(loss, {'token_accuracy', 'tokens'})` as `masked_xent`.
   """
-  decoder, head = _text_decoder(module), _plain_head(params)
+  decoder, head = decoder_of(module), _plain_head(params)
   kwargs = dict(
     positions=batch["positions"],
     segment_ids=batch["segment_ids"],

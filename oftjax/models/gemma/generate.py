@@ -22,7 +22,7 @@ import numpy as np
 
 from oftjax.models.gemma import gemma4_model, sampling
 from oftjax.models.gemma.gemma4_config import Gemma4Config
-from oftjax.models.gemma.model import Gemma, default_positions
+from oftjax.models.gemma.model import Gemma, decoder_of, default_positions
 from oftjax.models.gemma.model import init_cache as _gemma_init_cache
 
 _DECODERS = (Gemma, gemma4_model.Gemma4)
@@ -33,13 +33,6 @@ def init_cache(config, batch: int, max_len: int, dtype=None):
   if isinstance(config, Gemma4Config):
     return gemma4_model.init_cache(config, batch, max_len, dtype)
   return _gemma_init_cache(config, batch, max_len, dtype)
-
-
-def _gemma_of(model):
-  """The Gemma module itself, under any wrappers around it (each exposes its `wrapped`)."""
-  while not isinstance(model, _DECODERS):
-    model = model.wrapped
-  return model
 
 
 def _decode(model, params, *args):
@@ -67,7 +60,7 @@ def _generate(
 ):
   batch, prompt_len = tokens.shape
   total = prompt_len + max_new_tokens
-  cache = init_cache(_gemma_of(model).config, batch, total)
+  cache = init_cache(decoder_of(model).config, batch, total)
   kv_mask = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(mask)
   positions = default_positions(mask, from_mask_only=True)
   logits, cache = _decode(model, params, tokens, positions, cache, 0, kv_mask)
@@ -160,7 +153,7 @@ def generate(
   else:
     eos = [int(e) for e in eos_token_id] or [-1]
   sampling.check_settings(temperature, top_k, top_p)
-  pad = _gemma_of(model).config.pad_token_id if pad_token_id is None else pad_token_id
+  pad = decoder_of(model).config.pad_token_id if pad_token_id is None else pad_token_id
   return _generate(
     params,
     tokens,

@@ -145,7 +145,7 @@ class TextDecoder(nn.Module):
   A subclass builds `embed_tokens` (`token_embedding`), `norm` and `lm_head`
   (`output_head`) in `setup`, and runs its layers in `_run(tokens, positions, masks, cache,
   cache_index) -> (hidden, new_cache)`, embedding with `_embed`; the calls end with
-  `_logits` (the final norm and the output head).
+  `_logits` (the final norm, then `_head`: the output head and soft-cap).
   The training job, the evaluator and `generate` use any subclass the same way.
 
   Attributes:
@@ -158,10 +158,13 @@ class TextDecoder(nn.Module):
     x = self.embed_tokens(tokens)
     return x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
 
-  def _logits(self, x):
-    x = self.norm(x)
-    logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+  def _head(self, h):
+    """fp32 soft-capped logits of normed hidden states `h` (the output head)."""
+    logits = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
     return softcap(logits.astype(jnp.float32), self.config.final_logit_softcapping)
+
+  def _logits(self, x):
+    return self._head(self.norm(x))
 
   def features(self, tokens, positions=None, segment_ids=None, attention_mask=None):
     """The normed final hidden states `[batch, time, hidden]` (arguments as `__call__`).
@@ -190,10 +193,7 @@ class TextDecoder(nn.Module):
     Returns:
       `[batch, time, vocab]` fp32 logits (padding positions hold meaningless values).
     """
-    positions, masks = sequence_masks(
-      tokens, positions, segment_ids, attention_mask, self.config.sliding_window
-    )
-    return self._logits(self._run(tokens, positions, masks)[0])
+    return self._head(self.features(tokens, positions, segment_ids, attention_mask))
 
   def decode(self, tokens, positions, cache, cache_index, kv_mask):
     """Runs new tokens against a key/value cache (prefill or one decode step).
@@ -214,6 +214,15 @@ class TextDecoder(nn.Module):
     masks = decode_masks(tokens.shape[1], cache_index, kv_mask, self.config.sliding_window)
     x, cache = self._run(tokens, positions, masks, cache, cache_index)
     return self._logits(x), cache
+
+
+def decoder_of(module) -> TextDecoder | None:
+  """The Gemma decoder under any wrappers (each exposes its `wrapped`), or `None` for another model."""
+  while not isinstance(module, TextDecoder):
+    if not hasattr(module, "wrapped"):
+      return None
+    module = module.wrapped
+  return module
 
 
 class Gemma(TextDecoder):
