@@ -148,7 +148,8 @@ def _run(capsys, argv) -> str:
 
 @pytest.mark.slow  # three tiny end-to-end runs
 def test_eval_rows_tensorboard_and_remat_across_a_resume(tiny_model_dir, tmp_path, capsys):
-  """Two runs, plain and `--remat full`; the second loses its last checkpoint (a crash while
+  """Two runs, plain (layers unrolled, the CPU default) and `--remat full --unroll-layers
+  off` (a rematerialised scan); the second loses its last checkpoint (a crash while
   saving step 6, after rows up to step 6 were logged) and resumes from step 3. Both end
   with the same rows: one eval row at 0, 2, 4, 6, one train row per step, the same
   numbers (fp32), and TensorBoard holds exactly metrics.jsonl's values (plus tokens/s)."""
@@ -164,11 +165,13 @@ def test_eval_rows_tensorboard_and_remat_across_a_resume(tiny_model_dir, tmp_pat
     -1500:
   ]  # tokens/s and ETA
   assert "step 2: eval loss" in log
-  _run(capsys, args(remat, "--remat", "full"))
+  _run(capsys, args(remat, "--remat", "full", "--unroll-layers", "off"))
   shutil.rmtree(remat / "checkpoints" / "6")
   os.remove(remat / "summary.json")
   assert read_jsonl(remat / "metrics.jsonl")[-1]["step"] == 6  # rows past checkpoint 3 stay
-  assert "resumed from step 3" in _run(capsys, args(remat, "--remat", "full", "--resume"))
+  assert "resumed from step 3" in _run(
+    capsys, args(remat, "--remat", "full", "--unroll-layers", "off", "--resume")
+  )
 
   expected = [("eval", 0)]
   for step in range(1, 7):
@@ -186,6 +189,7 @@ def test_eval_rows_tensorboard_and_remat_across_a_resume(tiny_model_dir, tmp_pat
 
   summary = {out: json.loads((out / "summary.json").read_text()) for out in (plain, remat)}
   assert summary[plain]["remat"] == "none" and summary[remat]["remat"] == "full"
+  assert summary[plain]["unroll_layers"] is True and summary[remat]["unroll_layers"] is False
   temp = {out: summary[out]["train_step_temp_bytes"] for out in (plain, remat)}
   print("train step temp bytes (tiny model):", temp)
   assert 0 < temp[remat] < temp[plain], temp

@@ -161,6 +161,13 @@ class RunConfig:
     "budget (README: Memory)",
     choices=REMAT_CHOICES,
   )
+  unroll_layers: str = _field(
+    "auto",
+    "trace the decoder's layer scan unrolled (same math; no per-step copies of each layer's "
+    "weights and saved activations out of and into stacked arrays, longer compile): on, "
+    "off, auto (on for the CPU backend, whose while loops pay those copies; off on GPU/TPU)",
+    choices=("auto", "on", "off"),
+  )
   dtype: str = _field(
     "auto",
     "compute dtype: auto (float32 on CPU, bfloat16 on GPU/TPU), float32, bfloat16",
@@ -310,6 +317,11 @@ def remat_policy(c: RunConfig) -> str:
   temporaries fit the memory budget (`oftjax.train.remat_choice`).
   """
   return "none" if c.remat == "auto" else c.remat
+
+
+def unrolls_layers(c: RunConfig, backend: str) -> bool:
+  """Whether run `c` traces the layer scan unrolled on `backend` (`jax.default_backend()`)."""
+  return c.unroll_layers == "on" or (c.unroll_layers == "auto" and backend == "cpu")
 
 
 def check_assets(c: RunConfig) -> None:

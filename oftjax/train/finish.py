@@ -19,6 +19,7 @@ from oftjax import atomic, peft_io, quant
 from oftjax import params as P
 from oftjax.models import gemma
 from oftjax.train import outputs
+from oftjax.train.config import unrolls_layers
 from oftjax.train.loop import LoopStats
 from oftjax.train.phases import PhaseClock, peak_rss_bytes
 from oftjax.train.state import RunState
@@ -119,6 +120,7 @@ def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
     "step_time_s": float(np.median(steady)) if steady else None,
     "compile_s": record.loop.compile_s,
     "remat": record.loop.remat,
+    "unroll_layers": unrolls_layers(c, jax.default_backend()),
     "train_step_temp_bytes": record.loop.temp_bytes,
     "train_steps_s": float(sum(times)),
     "phases": record.clock.phases,

@@ -22,7 +22,14 @@ from oftjax import checkpoint, data, distributed, peft_io, quant, sharding
 from oftjax.adapted_model import adapt
 from oftjax.models import gemma
 from oftjax.train import lora_export, remat_choice, sinks
-from oftjax.train.config import RunConfig, UsageError, adapter_config, remat_policy, reword
+from oftjax.train.config import (
+  RunConfig,
+  UsageError,
+  adapter_config,
+  remat_policy,
+  reword,
+  unrolls_layers,
+)
 from oftjax.train.evaluate import Evaluator
 from oftjax.train.finish import RunRecord, peft_naming, write_outputs
 from oftjax.train.loop import LoopIO, TrainStep, eval_row, train_loop
@@ -379,6 +386,9 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   param_dtype = jnp.float32 if c.method == "full" else dtype
   model = _user_errors(
     gemma.load_model, c.model, dtype=dtype, param_dtype=param_dtype, remat=remat_policy(c)
+  )
+  model = model.clone(
+    config=model.config.replace(unroll_layers=unrolls_layers(c, jax.default_backend()))
   )
   train, held_out, sets = _load_data(c, tokenizer)
   max_new = 2 + max(

@@ -41,6 +41,11 @@ class DecoderFields:
     param_dtype: parameter storage dtype.
     remat: the rematerialisation policy of each decoder layer in the backward pass, one of
       `oftjax.models.remat.POLICIES` (a bool means 'full' or 'none').
+    unroll_layers: trace the layer scan fully unrolled (`nn.scan(unroll=...)`): the same
+      parameters, math and results as straight-line code. XLA CPU runs a scan as a `while`
+      loop that copies each layer's weights out of the stacked arrays and its saved
+      activations into stacked buffers on every step; unrolled, those copies go (the
+      job's default on CPU, `--unroll-layers`). Compile time grows with the layer count.
     hf_config: the Hugging Face text config this was built from; not hashed or compared.
     hf_multimodal_config: the whole config of a multimodal folder, else None.
     source_dir: the folder the checkpoint came from, if any; not hashed or compared.
@@ -60,6 +65,7 @@ class DecoderFields:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: str = "none"
+  unroll_layers: bool = False
   hf_config: Any = dataclasses.field(**_UNHASHED)
   hf_multimodal_config: Any = dataclasses.field(**_UNHASHED)
   source_dir: str | None = dataclasses.field(**_UNHASHED)

@@ -120,6 +120,7 @@ class Gemma4Layers(nn.Module):
         split_rngs={"params": True, "dropout": True},
         in_axes=(0, nn.broadcast),
         length=segment.repeats,
+        unroll=segment.repeats if cfg.unroll_layers else 1,
       )
       seg_caches = caches[index] if caches is not None else (None,) * len(segment.kinds)
       (x, shared), seg_caches = scan(cfg, segment.kinds, name=f"segment_{index}")(

@@ -244,6 +244,7 @@ class Gemma(TextDecoder):
       split_rngs={"params": True, "dropout": True},
       in_axes=(0, nn.broadcast),
       length=cfg.num_layers,
+      unroll=cfg.num_layers if cfg.unroll_layers else 1,
     )(cfg)
     self.norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
     self.lm_head = output_head(cfg)

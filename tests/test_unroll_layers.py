@@ -1,0 +1,78 @@
+"""`unroll_layers`: the layer scan traced unrolled keeps parameters, loss and gradients."""
+
+import gemma4_helpers as G4
+import gemma_helpers as H
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import oftjax
+from oftjax import params as P
+from oftjax.models import gemma
+from oftjax.train import config as job_config
+
+
+def _deep_gemma3(layers=4):
+  cfg = H.hf_config("gemma3")
+  cfg.num_hidden_layers = layers
+  cfg.layer_types = ["sliding_attention", "full_attention"] * (layers // 2)
+  return cfg
+
+
+def _with_unroll(model, unroll: bool):
+  return model.clone(config=model.config.replace(unroll_layers=unroll))
+
+
+@pytest.mark.parametrize(
+  "hf_config",
+  [_deep_gemma3(), G4.text_config("shared")],
+  ids=["gemma3", "gemma4"],
+)
+def test_unrolled_layers_keep_params_loss_and_oft_gradients(hf_config):
+  """Scanned and unrolled: one parameter tree, the same loss and adapter gradients (fp32,
+  random non-identity rotations), and only the scanned step keeps a `while` loop."""
+  model = gemma.from_hf_config(hf_config)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 24)))
+  rng = np.random.default_rng(1)
+  shapes = jax.eval_shape(lambda: gemma.init_params(model, jax.random.key(0)))
+  frozen = jax.tree_util.tree_map(
+    lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype), shapes
+  )
+  acfg = oftjax.AdapterConfig(method="oft", targets=r".*(q_proj|down_proj)", block_size=8)
+  results, trainable = {}, None
+  for unroll in (False, True):
+    adapted = oftjax.adapt(_with_unroll(model, unroll), acfg, tokens[:, :8])
+    own = jax.eval_shape(lambda a=adapted: gemma.init_params(a.module.wrapped, jax.random.key(0)))
+    assert jax.tree_util.tree_structure(own) == jax.tree_util.tree_structure(shapes)
+    if trainable is None:
+      trainable = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype),
+        adapted.init(jax.random.key(2)),
+      )
+
+    def loss(trainable, frozen, tokens, module=adapted.module):
+      logits = module.apply({"params": P.merge_params(frozen, trainable)}, tokens)
+      logp = jax.nn.log_softmax(logits[:, :-1])
+      return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(trainable, frozen, tokens).compile()
+    assert (" while(" in compiled.as_text()) is not unroll, unroll
+    results[unroll] = compiled(trainable, frozen, tokens)
+  (v0, g0), (v1, g1) = results[False], results[True]
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+    scale = float(jnp.abs(b).max())
+    assert scale > 0
+    # fp32 reassociation only: XLA fuses the unrolled layers differently (1e-5 of the scale).
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize(
+  "flag, backend, expected",
+  [("auto", "cpu", True), ("auto", "gpu", False), ("auto", "tpu", False), ("on", "gpu", True)]
+  + [("off", "cpu", False)],
+)
+def test_the_job_unrolls_on_cpu_by_default(flag, backend, expected):
+  c = job_config.RunConfig(unroll_layers=flag)
+  assert job_config.unrolls_layers(c, backend) is expected
