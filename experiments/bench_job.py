@@ -1,7 +1,7 @@
 """The main job's own step in the benchmark (`benchmark.py --job`).
 
 On a Hugging Face folder of a given shape (random weights, made locally with
-transformers, the shipped tokenizer), three runners share one round-robin:
+transformers, the shipped tokenizer), these runners share one round-robin:
 
 * `job`: the step `experiments/finetune_gemma.py` trains with, built by the same
   `oftjax.train.run.build_training` from a `RunConfig`: packed batches with segment ids
@@ -12,6 +12,8 @@ transformers, the shipped tokenizer), three runners share one round-robin:
 * `bare`: `oftjax.make_train_step` on the same adapted model, frozen tree and token
   rows, with plain next-token loss (no packing, masks, clipping or metrics): what
   `bench_jax` times.
+* `bare[scan]` (or `bare[unrolled]`): `bare` with the layer scan the other way round
+  from the job's `--unroll-layers` choice, to time what that choice buys.
 * `peft_oft`: PEFT's OFT on the same folder (loaded by transformers) and tokens.
 
 The job's overhead is `job / bare` (median over rounds of back-to-back steps).
@@ -19,6 +21,7 @@ The job's overhead is `job / bare` (median over rounds of back-to-back steps).
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -76,13 +79,12 @@ class JobRunner:
   def __init__(self, c, log=print):
     import oftjax
     from oftjax import data, sharding
-    from oftjax.models import gemma
     from oftjax.train import run
     from oftjax.train.loop import batch_reader
 
     dtype = jnp.float32
     self.mesh = sharding.make_mesh(c.mesh)
-    model = gemma.load_model(c.model, dtype=dtype, param_dtype=dtype)
+    model = run.job_model(c, dtype, dtype)
     tokenizer = data.load_tokenizer(c.model)
     train = data.load_dataset(c.data, tokenizer, c.seq_len)
     adapted, trainable, frozen = run.load_weights(c, model, dtype, say=log)
@@ -127,12 +129,26 @@ class JobRunner:
 
 
 class BareRunner:
-  """`oftjax.make_train_step` with plain next-token loss on the job's model and rows."""
+  """`oftjax.make_train_step` with plain next-token loss on the job's model and rows.
 
-  def __init__(self, job: JobRunner, tokens, compiler_options: dict | None = None):
+  `compiler_options` (XLA CPU options) and `unroll_layers` (the layer scan traced unrolled or
+  not, against the job's own setting) make the A/B variants timed beside it.
+  """
+
+  def __init__(
+    self,
+    job: JobRunner,
+    tokens,
+    compiler_options: dict | None = None,
+    unroll_layers: bool | None = None,
+  ):
     import oftjax
+    from oftjax.train import remat_choice
 
     adapted = job.adapted
+    if unroll_layers is not None:  # the same adapted model with the layer scan (un)rolled
+      adapted = copy.copy(adapted)
+      adapted.module = remat_choice.with_decoder_config(adapted.module, unroll_layers=unroll_layers)
     optimizer = optax.adamw(1e-4, weight_decay=0.0)
     trainable = jax.tree.map(jnp.copy, job.state.trainable)
     self.state = [trainable, optimizer.init(trainable)]
@@ -144,6 +160,7 @@ class BareRunner:
     self.compiled = lowered.compile(compiler_options=compiler_options or None)
     self.stats = compiled_costs(self.compiled)
     self.stats["compiler_options"] = compiler_options or {}
+    self.stats["unroll_layers"] = bool(_decoder_config(adapted.module).unroll_layers)
     self.stats["compile_s"] = time.perf_counter() - t0
     self.stats["trainable_params"] = job.stats["trainable_params"]
     self.loss = float("nan")
@@ -155,6 +172,12 @@ class BareRunner:
 
   def close(self):
     self.state = self.frozen = self.compiled = None
+
+
+def _decoder_config(module):
+  while not hasattr(module, "config") or not hasattr(module.config, "unroll_layers"):
+    module = module.wrapped
+  return module.config
 
 
 def build_job_runners(folder: str, shape: dict, log=print) -> tuple[dict, dict]:
@@ -183,6 +206,12 @@ def build_job_runners(folder: str, shape: dict, log=print) -> tuple[dict, dict]:
   t0 = time.perf_counter()
   runners["bare"] = BareRunner(job, tokens)
   log(f"  built bare       in {time.perf_counter() - t0:5.1f}s")
+  unrolled = runners["bare"].stats["unroll_layers"]
+  t0 = time.perf_counter()
+  runners["bare[scan]" if unrolled else "bare[unrolled]"] = BareRunner(
+    job, tokens, unroll_layers=not unrolled
+  )
+  log(f"  built bare[{'scan' if unrolled else 'unrolled'}] in {time.perf_counter() - t0:5.1f}s")
   runners.update(bench_peft.build_peft_runners_on_folder(folder, shape, tokens, log=log))
   runners["matmul_peak"] = PeakRunner(2048 if shape["d_model"] >= 512 else 256)
   runners["torch_matmul_peak"] = bench_peft.TorchPeakRunner(

@@ -50,6 +50,8 @@ def job_markdown(result: dict) -> str:
     "job": "job step (finetune_gemma.py's)",
     "bare": "bare OFTv2 step",
     "peft_oft": "PEFT OFT (torch)",
+    "bare[scan]": "bare OFTv2 step, layer scan (`--unroll-layers off`)",
+    "bare[unrolled]": "bare OFTv2 step, layers unrolled (`--unroll-layers on`)",
   }
   for name, s in m.items():
     label = labels.get(name, f"bare step, XLA options {name[5:-1]}")

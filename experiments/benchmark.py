@@ -36,6 +36,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from bench_must_hold import V1_SWEEP, must_hold  # noqa: E402 (needs HERE on sys.path)
+
 JAX_METHODS = ("floor", "oft", "oftv1", "lora16", "lora_match", "full")
 PEFT_METHODS = ("peft_oft", "peft_lora16")
 ALL = JAX_METHODS + PEFT_METHODS
@@ -83,7 +85,10 @@ def _grid(mode: str) -> list[dict]:
     return [cfg("d_model", 256, 64, 16, seq=64)]
   few = ("floor", "oft", "oftv1", "lora16", "lora_match", "peft_oft")
   if mode == "quick":
-    return [cfg("d_model", d, 512, 32) for d in (512, 1024, 2048)]
+    # d_model 4096 times only what issue 17's OFT v1 claim needs (one OFT v1 step: ~30 s).
+    return [cfg("d_model", d, 512, 32) for d in (512, 1024, 2048)] + [
+      cfg(V1_SWEEP, 4096, 512, 32, ("floor", "oft", "oftv1"))
+    ]
   return (
     [cfg("d_model", d, 512, 32) for d in (512, 1024, 2048, 4096)]
     + [cfg("tokens", 1024, t, 32) for t in (2048, 4096)]
@@ -512,6 +517,8 @@ def main(argv=None):
     result["targets"] = targets(configs)
   if job:
     result["job"] = job
+  if mode_name == "quick":
+    result["must_hold"] = must_hold(configs, job)
   if check:
     result["flops_check"] = check
   if args.out is None:
@@ -526,6 +533,10 @@ def main(argv=None):
   import bench_report
 
   log(bench_report.markdown(result))
+  if "must_hold" in result:
+    import bench_must_hold
+
+    log(bench_must_hold.markdown(result))
   if args.plots:
     for path in bench_report.plots(result, args.plots):
       log(f"wrote {path}")

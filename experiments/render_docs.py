@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 sys.path.insert(1, ROOT)
 
 import bench_report  # noqa: E402  (experiments/bench_report.py: stdlib only at import)
+import bench_must_hold  # noqa: E402  (experiments/bench_must_hold.py: stdlib only)
 
 from oftjax.train.phases import PHASES  # noqa: E402
 
@@ -934,6 +935,17 @@ def render_bench_job() -> str:
   )
 
 
+def render_bench_must_hold() -> str:
+  if latest_run("must_hold") is None:
+    return _block(NOT_RUN)
+  path, r = latest_run("must_hold")
+  m = r["machine"]
+  return _block(
+    f"Latest run judged: {m['cpu_model']}, `{r['mode']}`, {r['finished_utc'][:10]} (`{path}`).\n\n"
+    + bench_must_hold.markdown(r)
+  )
+
+
 def render_bench_flops_check() -> str:
   if latest_run("flops_check") is None:
     return NOT_RUN
@@ -1239,6 +1251,7 @@ RENDERERS = {
   "bench-results": render_bench_results,
   "bench-machines": render_bench_machines,
   "bench-job": render_bench_job,
+  "bench-must-hold": render_bench_must_hold,
   "bench-flops-check": render_bench_flops_check,
   "bench-targets": render_bench_targets,
   "bench-peak": render_bench_peak,

@@ -39,15 +39,26 @@ def with_remat(module, policy: str):
   Raises:
     TypeError: `module` holds no Gemma decoder config (nothing to rematerialise).
   """
+  return with_decoder_config(module, remat=policy)
+
+
+def with_decoder_config(module, **changes):
+  """`module` with its Gemma decoder's config fields `changes` replaced, through wrappers.
+
+  Through any oftjax wrappers (`Adapted`, `Dequantized`): e.g. `remat=` or `unroll_layers=`.
+
+  Raises:
+    TypeError: `module` holds no Gemma decoder config.
+  """
   if isinstance(module, layer.InterceptingWrapper):
     field = next(
       f.name for f in dataclasses.fields(module) if getattr(module, f.name) is module.wrapped
     )
-    return module.clone(**{field: with_remat(module.wrapped, policy)})
+    return module.clone(**{field: with_decoder_config(module.wrapped, **changes)})
   config = getattr(module, "config", None)
   if not isinstance(config, DecoderFields):
-    raise TypeError(f"{type(module).__name__} holds no Gemma decoder config to rematerialise")
-  return module.clone(config=config.replace(remat=policy))
+    raise TypeError(f"{type(module).__name__} holds no Gemma decoder config to change")
+  return module.clone(config=config.replace(**changes))
 
 
 def temp_bytes(compiled) -> int | None:

@@ -260,6 +260,21 @@ def describe_eval(result: dict) -> str:
   return " ".join(parts)
 
 
+def job_model(c: RunConfig, dtype, param_dtype):
+  """The base Gemma module run `c` trains (no weights), as the job builds it.
+
+  With its `--remat` start policy and its `--unroll-layers` choice on this backend.
+
+  Raises:
+    UsageError: `--model` is no Gemma folder or hub id this can build.
+  """
+  model = _user_errors(
+    gemma.load_model, c.model, dtype=dtype, param_dtype=param_dtype, remat=remat_policy(c)
+  )
+  unroll = unrolls_layers(c, jax.default_backend())
+  return model.clone(config=model.config.replace(unroll_layers=unroll))
+
+
 def load_weights(c: RunConfig, model, dtype, say=print, clock: PhaseClock | None = None):
   """The adapted model and the trainable and frozen host trees of run `c`.
 
@@ -384,12 +399,7 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
   # Frozen weights are stored in the compute dtype; weights that full finetuning trains keep an
   # fp32 master copy (bf16 storage would round away updates below its 8-bit mantissa).
   param_dtype = jnp.float32 if c.method == "full" else dtype
-  model = _user_errors(
-    gemma.load_model, c.model, dtype=dtype, param_dtype=param_dtype, remat=remat_policy(c)
-  )
-  model = model.clone(
-    config=model.config.replace(unroll_layers=unrolls_layers(c, jax.default_backend()))
-  )
+  model = job_model(c, dtype, param_dtype)
   train, held_out, sets = _load_data(c, tokenizer)
   max_new = 2 + max(
     (len(tokenizer.encode(x.expected, add_special_tokens=False)) for s in sets.values() for x in s),
