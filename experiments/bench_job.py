@@ -160,7 +160,9 @@ class BareRunner:
     self.compiled = lowered.compile(compiler_options=compiler_options or None)
     self.stats = compiled_costs(self.compiled)
     self.stats["compiler_options"] = compiler_options or {}
-    self.stats["unroll_layers"] = bool(_decoder_config(adapted.module).unroll_layers)
+    self.stats["unroll_layers"] = (
+      job.adapted.model.config.unroll_layers if unroll_layers is None else unroll_layers
+    )
     self.stats["compile_s"] = time.perf_counter() - t0
     self.stats["trainable_params"] = job.stats["trainable_params"]
     self.loss = float("nan")
@@ -172,12 +174,6 @@ class BareRunner:
 
   def close(self):
     self.state = self.frozen = self.compiled = None
-
-
-def _decoder_config(module):
-  while not hasattr(module, "config") or not hasattr(module.config, "unroll_layers"):
-    module = module.wrapped
-  return module.config
 
 
 def build_job_runners(folder: str, shape: dict, log=print) -> tuple[dict, dict]:
