@@ -43,8 +43,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 sys.path.insert(1, ROOT)
 
-import bench_report  # noqa: E402  (experiments/bench_report.py: stdlib only at import)
 import bench_must_hold  # noqa: E402  (experiments/bench_must_hold.py: stdlib only)
+import bench_report  # noqa: E402  (experiments/bench_report.py: stdlib only at import)
 
 from oftjax.train.phases import PHASES  # noqa: E402
 

@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
 
-import bench_must_hold as B  # noqa: E402
+import bench_must_hold as B
 
 
 def _grid(floor_1024, lora_2048, v1_time):
