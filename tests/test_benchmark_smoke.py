@@ -173,12 +173,20 @@ def job_result(tmp_path_factory):
 def test_job_mode_times_the_jobs_step_beside_bare_and_peft(job_result):
   job = job_result["job"]
   m, r = job["methods"], job["ratios"]
-  assert set(m) == {"job", "bare", "peft_oft", "bare[eigen]"}
+  assert set(m) == {"job", "bare", "bare[scan]", "peft_oft", "bare[eigen]"}
   assert job_result["configs"] == [] and "targets" not in job_result
   # The job's compiled step is the bare step plus small reductions (masks, metrics, clipping).
   assert 1.0 <= r["job_over_bare_flops"] < 1.05
-  # Two scanned layers: the scan-aware count adds the second layer's dots.
-  assert m["bare"]["flops"] > 1.5 * m["bare"]["xla_cost_analysis_flops"]
+  # On CPU the job unrolls its layers; `bare[scan]` is the same step with the layer scan.
+  assert m["bare"]["unroll_layers"] is True and m["bare[scan]"]["unroll_layers"] is False
+  # Two scanned layers: the scan-aware count adds the second layer's dots, and then equals
+  # the unrolled step's count (which XLA's cost analysis gets whole) up to the loop's
+  # uncounted elementwise flops.
+  scan = m["bare[scan]"]
+  assert scan["flops"] > 1.5 * scan["xla_cost_analysis_flops"]
+  assert m["bare"]["flops"] == m["bare"]["xla_cost_analysis_flops"]
+  assert abs(scan["flops"] / m["bare"]["flops"] - 1) < 0.02
+  assert _finite_positive(scan["time_vs_default"])
   assert m["job"]["trainable_params"] == m["bare"]["trainable_params"]
   assert m["peft_oft"]["flops_from"] == "bare" and m["peft_oft"]["framework"] == "torch"
   for name in m:
