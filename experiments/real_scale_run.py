@@ -142,8 +142,11 @@ def _make_folder(name: str, scratch: str) -> tuple[str, dict]:
   return folder, info
 
 
-def run_job(name: str, scratch: str, remat: str | None = None) -> dict:
-  """Makes `name`'s folder, runs the job on it (with `--remat remat` if given), returns the record."""
+def run_job(name: str, scratch: str, remat: str | None = None, unroll: str | None = None) -> dict:
+  """Makes `name`'s folder, runs the job on it, returns the record.
+
+  `remat` and `unroll`, if given, are passed as `--remat` and `--unroll-layers`.
+  """
   _, dtype, why = MODELS[name]
   folder, folder_info = _make_folder(name, scratch)
   out, export = os.path.join(scratch, name + "-run"), os.path.join(scratch, name + "-merged")
@@ -156,6 +159,7 @@ def run_job(name: str, scratch: str, remat: str | None = None) -> dict:
   flags += ["--eval-data", eval_data]
   flags += ["--export-merged", export]
   flags += ["--remat", remat] if remat else []
+  flags += ["--unroll-layers", unroll] if unroll else []
   env = dict(_env(), TQDM_DISABLE="1")
   load_start = os.getloadavg()[0]
   with open(os.path.join(scratch, name + ".log"), "w") as log:
@@ -201,6 +205,7 @@ def run_job(name: str, scratch: str, remat: str | None = None) -> dict:
     "train_steps_s": summary["train_steps_s"],
     "step_time_s": summary["step_time_s"],
     "remat": summary["remat"],
+    "unroll_layers": summary["unroll_layers"],
     "train_step_temp_bytes": summary["train_step_temp_bytes"],
     "train_tokens_per_s": summary["train_tokens_per_s"],
     "wall_s": summary["wall_s"],
@@ -375,6 +380,12 @@ def main() -> None:
     default=None,
     help="run the job with this --remat policy (recorded as 'NAME --remat P')",
   )
+  parser.add_argument(
+    "--unroll-layers",
+    default=None,
+    choices=("on", "off"),
+    help="run the job with this --unroll-layers (recorded as 'NAME --unroll-layers V')",
+  )
   args = parser.parse_args()
   if unknown := sorted(set(args.models) - set(names)):
     parser.error(f"unknown model {', '.join(unknown)}: choose from {', '.join(names)}")
@@ -390,8 +401,10 @@ def main() -> None:
           print(f"  {name}: load {r['load_s']:.1f} s, peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB")
           continue
         print(f"running the job on {name} ...", flush=True)
-        r = run_job(name, scratch, args.remat)
-        _store("runs", f"{name} --remat {args.remat}" if args.remat else name, r)
+        r = run_job(name, scratch, args.remat, args.unroll_layers)
+        label = name + (f" --remat {args.remat}" if args.remat else "")
+        label += f" --unroll-layers {args.unroll_layers}" if args.unroll_layers else ""
+        _store("runs", label, r)
         print(
           f"  load {r['load_s']:.1f} s, peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB "
           f"({r['peak_rss_over_fp32_weights']:.2f}x fp32 weights), "

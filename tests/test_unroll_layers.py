@@ -68,11 +68,14 @@ def test_unrolled_layers_keep_params_loss_and_oft_gradients(hf_config):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
 
 
+SMALL, LARGE = job_config.UNROLL_MAX_BYTES, job_config.UNROLL_MAX_BYTES + 1
+
+
 @pytest.mark.parametrize(
-  "flag, backend, expected",
-  [("auto", "cpu", True), ("auto", "gpu", False), ("auto", "tpu", False), ("on", "gpu", True)]
-  + [("off", "cpu", False)],
+  "flag, backend, weight_bytes, expected",
+  [("auto", "cpu", SMALL, True), ("auto", "cpu", LARGE, False), ("auto", "gpu", SMALL, False)]
+  + [("auto", "tpu", SMALL, False), ("on", "gpu", LARGE, True), ("off", "cpu", SMALL, False)],
 )
-def test_the_job_unrolls_on_cpu_by_default(flag, backend, expected):
+def test_the_job_unrolls_small_decoders_on_cpu_by_default(flag, backend, weight_bytes, expected):
   c = job_config.RunConfig(unroll_layers=flag)
-  assert job_config.unrolls_layers(c, backend) is expected
+  assert job_config.unrolls_layers(c, backend, weight_bytes) is expected

@@ -164,8 +164,9 @@ class RunConfig:
   unroll_layers: str = _field(
     "auto",
     "trace the decoder's layer scan unrolled (same math; no per-step copies of each layer's "
-    "weights and saved activations out of and into stacked arrays, longer compile): on, "
-    "off, auto (on for the CPU backend, whose while loops pay those copies; off on GPU/TPU)",
+    "weights and saved activations out of and into stacked arrays, but a longer compile and "
+    "one more copy of the weights in memory): on, off, auto (on for the CPU backend when the "
+    "decoder's weights are at most 1 GiB; off on GPU/TPU and for larger models)",
     choices=("auto", "on", "off"),
   )
   dtype: str = _field(
@@ -319,9 +320,25 @@ def remat_policy(c: RunConfig) -> str:
   return "none" if c.remat == "auto" else c.remat
 
 
-def unrolls_layers(c: RunConfig, backend: str) -> bool:
-  """Whether run `c` traces the layer scan unrolled on `backend` (`jax.default_backend()`)."""
-  return c.unroll_layers == "on" or (c.unroll_layers == "auto" and backend == "cpu")
+# `--unroll-layers auto` unrolls only decoders whose weights are at most this many bytes.
+# Unrolled, XLA CPU materialises every layer's weight slices as copies that live at once (a
+# static slice is a copy too), about one more copy of the weights in the step's temporaries:
+# cheap for a small model, while a real-shaped gemma-3-1b compiled ten times longer, needed
+# `--remat full` to fit and ran slower than its scan (BENCHMARKS: "Real-shaped runs").
+UNROLL_MAX_BYTES = 1 << 30
+
+
+def unrolls_layers(c: RunConfig, backend: str, weight_bytes: int) -> bool:
+  """Whether run `c` traces the layer scan unrolled.
+
+  Args:
+    c: the run's configuration.
+    backend: `jax.default_backend()`.
+    weight_bytes: the decoder's parameter bytes as stored.
+  """
+  if c.unroll_layers != "auto":
+    return c.unroll_layers == "on"
+  return backend == "cpu" and weight_bytes <= UNROLL_MAX_BYTES
 
 
 def check_assets(c: RunConfig) -> None:

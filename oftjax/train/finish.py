@@ -19,7 +19,6 @@ from oftjax import atomic, peft_io, quant
 from oftjax import params as P
 from oftjax.models import gemma
 from oftjax.train import outputs
-from oftjax.train.config import unrolls_layers
 from oftjax.train.loop import LoopStats
 from oftjax.train.phases import PhaseClock, peak_rss_bytes
 from oftjax.train.state import RunState
@@ -48,6 +47,7 @@ class RunRecord:
       exports are timed here.
     lora_export: the `--export-lora` summary (`oftjax.train.lora_export.export_lora`),
       or `None`.
+    unroll_layers: whether the decoder's layer scan ran unrolled (`--unroll-layers`).
   """
 
   eval_before: dict
@@ -58,6 +58,7 @@ class RunRecord:
   t_start: float
   clock: PhaseClock
   lora_export: dict | None = None
+  unroll_layers: bool = False
 
 
 def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
@@ -120,7 +121,7 @@ def write_outputs(c, job, state: RunState, merged, record: RunRecord) -> dict:
     "step_time_s": float(np.median(steady)) if steady else None,
     "compile_s": record.loop.compile_s,
     "remat": record.loop.remat,
-    "unroll_layers": unrolls_layers(c, jax.default_backend()),
+    "unroll_layers": record.unroll_layers,
     "train_step_temp_bytes": record.loop.temp_bytes,
     "train_steps_s": float(sum(times)),
     "phases": record.clock.phases,

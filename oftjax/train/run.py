@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from oftjax import checkpoint, data, distributed, peft_io, quant, sharding
+from oftjax import params as P
 from oftjax.adapted_model import adapt
 from oftjax.models import gemma
 from oftjax.train import lora_export, remat_choice, sinks
@@ -271,7 +272,8 @@ def job_model(c: RunConfig, dtype, param_dtype):
   model = _user_errors(
     gemma.load_model, c.model, dtype=dtype, param_dtype=param_dtype, remat=remat_policy(c)
   )
-  unroll = unrolls_layers(c, jax.default_backend())
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+  unroll = unrolls_layers(c, jax.default_backend(), P.tree_bytes(shapes["params"]))
   return model.clone(config=model.config.replace(unroll_layers=unroll))
 
 
@@ -502,7 +504,17 @@ def _run(c: RunConfig, stopper: _StopFlag) -> dict:
     job,
     host_state,
     host_merged,
-    RunRecord(eval_before, eval_after, metrics.rows, stats, train, t_start, clock, lora_summary),
+    RunRecord(
+      eval_before,
+      eval_after,
+      metrics.rows,
+      stats,
+      train,
+      t_start,
+      clock,
+      lora_summary,
+      unroll_layers=model.config.unroll_layers,
+    ),
   )
 
 

@@ -44,8 +44,10 @@ class DecoderFields:
     unroll_layers: trace the layer scan fully unrolled (`nn.scan(unroll=...)`): the same
       parameters, math and results as straight-line code. XLA CPU runs a scan as a `while`
       loop that copies each layer's weights out of the stacked arrays and its saved
-      activations into stacked buffers on every step; unrolled, those copies go (the
-      job's default on CPU, `--unroll-layers`). Compile time grows with the layer count.
+      activations into stacked buffers on every step; unrolled, those copies go, but
+      every layer's weight slices are materialised at once (about one more copy of the
+      weights) and compile time grows with the layer count. The job's default on CPU for
+      decoders of at most 1 GiB (`--unroll-layers`).
     hf_config: the Hugging Face text config this was built from; not hashed or compared.
     hf_multimodal_config: the whole config of a multimodal folder, else None.
     source_dir: the folder the checkpoint came from, if any; not hashed or compared.
