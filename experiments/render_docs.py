@@ -946,6 +946,29 @@ def render_bench_must_hold() -> str:
   )
 
 
+def render_rotation_ablation() -> str:
+  r = _json("experiments", "results", "rotation_ablation.json")
+  names = {
+    "oft": "OFTv2 as shipped",
+    "oft_no_neumann": "OFTv2, rotation by `I` (no Cayley–Neumann blocks)",
+    "oft_no_rotation": "OFTv2, blocks built, activations not rotated",
+  }
+  ds = [c["d_model"] for c in r["configs"]]
+  rows = [
+    "| step / floor | " + " | ".join(f"d_model {d}" for d in ds) + " |",
+    "|---|" + "---|" * len(ds),
+  ]
+  for key, label in names.items():
+    rows.append(
+      f"| {label} | " + " | ".join(f"{c['over_floor'][key]:.3f}" for c in r["configs"]) + " |"
+    )
+  return _block(
+    f"{r['cpu_model']}, {r['finished_utc'][:10]}, one process, round-robin "
+    f"(`experiments/results/rotation_ablation.json`, `python experiments/rotation_ablation.py`):"
+    "\n\n" + "\n".join(rows)
+  )
+
+
 def render_bench_flops_check() -> str:
   if latest_run("flops_check") is None:
     return NOT_RUN
@@ -1252,6 +1275,7 @@ RENDERERS = {
   "bench-machines": render_bench_machines,
   "bench-job": render_bench_job,
   "bench-must-hold": render_bench_must_hold,
+  "rotation-ablation": render_rotation_ablation,
   "bench-flops-check": render_bench_flops_check,
   "bench-targets": render_bench_targets,
   "bench-peak": render_bench_peak,
