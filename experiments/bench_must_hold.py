@@ -18,7 +18,8 @@ V1_SWEEP = "v1_scale"  # the quick grid's d_model-4096 config of floor, OFTv2 an
 PEFT_FACTOR = 1.3
 
 
-def _check(name, value, op, bound):
+def check(name: str, value, op: str, bound: float) -> dict:
+  """`{name, value, target, met}`: `value` against `op bound`; `met` is None when unmeasured."""
   met = None if value is None else (value >= bound if op == ">=" else value <= bound)
   return {"name": name, "value": value, "target": f"{op} {bound:g}", "met": met}
 
@@ -40,24 +41,24 @@ def must_hold(configs: list, job: dict | None) -> dict:
   checks = []
   for d in GRID_D_MODELS:
     r = (_entry(configs, "d_model", d) or {}).get("ratios", {})
-    checks.append(_check(f"OFTv2 / floor, d_model {d}", r.get("oft_over_floor_time"), "<=", 1.05))
+    checks.append(check(f"OFTv2 / floor, d_model {d}", r.get("oft_over_floor_time"), "<=", 1.05))
     checks.append(
-      _check(f"OFTv2 / LoRA r=16, d_model {d}", r.get("oft_over_lora16_time"), "<=", 1.00)
+      check(f"OFTv2 / LoRA r=16, d_model {d}", r.get("oft_over_lora16_time"), "<=", 1.00)
     )
   v1 = (_entry(configs, V1_SWEEP, 4096) or {}).get("ratios", {})
   checks.append(
-    _check("OFT v1 / OFTv2 step time, d_model 4096", v1.get("oftv1_over_oft_time"), ">=", 10)
+    check("OFT v1 / OFTv2 step time, d_model 4096", v1.get("oftv1_over_oft_time"), ">=", 10)
   )
   checks.append(
-    _check("OFT v1 / OFTv2 flops, d_model 4096", v1.get("oftv1_over_oft_flops"), ">=", 10)
+    check("OFT v1 / OFTv2 flops, d_model 4096", v1.get("oftv1_over_oft_flops"), ">=", 10)
   )
   peft = {"met": None}
   if job is not None:
     r, m = job["ratios"], job["methods"]
-    speed = _check(
+    speed = check(
       "job OFT tokens/s / PEFT OFT tokens/s", r.get("peft_oft_over_job_time"), ">=", PEFT_FACTOR
     )
-    efficiency = _check(
+    efficiency = check(
       "job % of XLA peak / PEFT % of PyTorch peak",
       r.get("job_over_peft_oft_peak_fraction"),
       ">=",

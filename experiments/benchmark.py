@@ -36,7 +36,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_must_hold import V1_SWEEP, must_hold  # noqa: E402 (needs HERE on sys.path)
+from bench_must_hold import V1_SWEEP, check, must_hold  # noqa: E402 (needs HERE on sys.path)
 
 JAX_METHODS = ("floor", "oft", "oftv1", "lora16", "lora_match", "full")
 PEFT_METHODS = ("peft_oft", "peft_lora16")
@@ -354,10 +354,7 @@ def targets(configs):
   out = {}
   for key, value in checks.items():
     name, op, bound = key.split()
-    met = (
-      None if value is None else (value >= float(bound) if op == ">=" else value <= float(bound))
-    )
-    out[name] = {"value": value, "target": f"{op} {bound}", "met": met}
+    out[name] = {k: v for k, v in check(name, value, op, float(bound)).items() if k != "name"}
   return {"config": big["config"], "checks": out}
 
 

@@ -923,27 +923,24 @@ def render_bench_machines() -> str:
   )
 
 
-def render_bench_job() -> str:
-  if latest_run("job") is None:
+def _latest_run_block(key: str, title: str, markdown) -> str:
+  """The newest committed run that has `key`, introduced by `title`, then `markdown(run)`."""
+  if latest_run(key) is None:
     return _block(NOT_RUN)
-  path, r = latest_run("job")
+  path, r = latest_run(key)
   m = r["machine"]
   return _block(
-    f"Latest job run: {m['cpu_model']}, `{r['mode']}`, {r.get('finished_utc', '')[:10] or 'undated'}, load "
-    f"{m['loadavg_start'][0]:.1f} / {m['loadavg_end'][0]:.1f} (`{path}`).\n\n"
-    + bench_report.job_markdown(r)
+    f"{title}: {m['cpu_model']}, `{r['mode']}`, {r.get('finished_utc', '')[:10] or 'undated'}, "
+    f"load {m['loadavg_start'][0]:.1f} / {m['loadavg_end'][0]:.1f} (`{path}`).\n\n" + markdown(r)
   )
+
+
+def render_bench_job() -> str:
+  return _latest_run_block("job", "Latest job run", bench_report.job_markdown)
 
 
 def render_bench_must_hold() -> str:
-  if latest_run("must_hold") is None:
-    return _block(NOT_RUN)
-  path, r = latest_run("must_hold")
-  m = r["machine"]
-  return _block(
-    f"Latest run judged: {m['cpu_model']}, `{r['mode']}`, {r['finished_utc'][:10]} (`{path}`).\n\n"
-    + bench_must_hold.markdown(r)
-  )
+  return _latest_run_block("must_hold", "Latest run judged", bench_must_hold.markdown)
 
 
 def render_rotation_ablation() -> str:

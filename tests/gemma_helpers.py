@@ -212,6 +212,31 @@ def next_token_loss_of(model):
   return loss
 
 
+def deep_gemma3_config(layers: int):
+  """The tiny Gemma 3 config with `layers` layers, sliding and full attention alternating."""
+  cfg = hf_config("gemma3")
+  cfg.num_hidden_layers = layers
+  cfg.layer_types = ["sliding_attention", "full_attention"] * (layers // 2)
+  return cfg
+
+
+def random_like(tree, rng: np.random.Generator, scale: float):
+  """Normal values times `scale` in the shapes and dtypes of `tree` (arrays or shape structs):
+  random frozen weights without compiling an init, or non-zero adapters (`R = I` or `B = 0`
+  would hide mistakes)."""
+  return jax.tree_util.tree_map(
+    lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype), tree
+  )
+
+
+def adapter_loss_of(module):
+  """`loss(trainable, frozen, tokens)`: `next_token_loss_of(module)` on the merged trees."""
+  from oftjax import params as P
+
+  loss = next_token_loss_of(module)
+  return lambda trainable, frozen, tokens: loss(P.merge_params(frozen, trainable), tokens)
+
+
 def decode_stepwise(model, params, decode_method, cache, tokens, mask, prefill: int = 6):
   """Logits of a left-padded batch from one full forward and from a key/value cache: a
   prefill of `prefill` tokens, then one `decode_method` step per token.

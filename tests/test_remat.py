@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import oftjax
-from oftjax import params as P
 from oftjax.models import gemma, remat
 from oftjax.train import config as job_config
 
@@ -20,10 +19,7 @@ POLICY_OF = {
 
 
 def _deep_gemma3(policy, layers=6):
-  cfg = H.hf_config("gemma3")
-  cfg.num_hidden_layers = layers
-  cfg.layer_types = ["sliding_attention", "full_attention"] * (layers // 2)
-  return gemma.from_hf_config(cfg, remat=policy)
+  return gemma.from_hf_config(H.deep_gemma3_config(layers), remat=policy)
 
 
 def _checkpoint_policies(jaxpr) -> list:
@@ -75,23 +71,13 @@ def test_remat_keeps_the_oft_loss_and_gradients_and_lowers_temp_memory():
   acfg = oftjax.AdapterConfig(method="oft", targets=r".*(q_proj|down_proj)", block_size=16)
   rng = np.random.default_rng(1)
   shapes = jax.eval_shape(lambda: gemma.init_params(_deep_gemma3("none", 4), jax.random.key(0)))
-  frozen = jax.tree_util.tree_map(  # random weights, norms included, without compiling an init
-    lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype), shapes
-  )
+  frozen = H.random_like(shapes, rng, 0.2)  # norms included
   temp, results, trainable = {}, {}, None
   for policy in ("none", "dots_no_batch", "full"):
     adapted = oftjax.adapt(_deep_gemma3(policy, 4), acfg, tokens[:, :8])
-    if trainable is None:  # non-zero rotations: R = I would hide mistakes
-      trainable = jax.tree_util.tree_map(
-        lambda x: jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype),
-        adapted.init(jax.random.key(2)),
-      )
-
-    def loss(trainable, frozen, tokens, module=adapted.module):
-      logits = module.apply({"params": P.merge_params(frozen, trainable)}, tokens)
-      logp = jax.nn.log_softmax(logits[:, :-1])
-      return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
-
+    if trainable is None:  # non-zero rotations
+      trainable = H.random_like(adapted.init(jax.random.key(2)), rng, 0.05)
+    loss = H.adapter_loss_of(adapted.module)
     compiled = jax.jit(jax.value_and_grad(loss)).lower(trainable, frozen, tokens).compile()
     temp[policy] = compiled.memory_analysis().temp_size_in_bytes
     results[policy] = compiled(trainable, frozen, tokens)

@@ -8,16 +8,8 @@ import numpy as np
 import pytest
 
 import oftjax
-from oftjax import params as P
 from oftjax.models import gemma
 from oftjax.train import config as job_config
-
-
-def _deep_gemma3(layers=4):
-  cfg = H.hf_config("gemma3")
-  cfg.num_hidden_layers = layers
-  cfg.layer_types = ["sliding_attention", "full_attention"] * (layers // 2)
-  return cfg
 
 
 def _with_unroll(model, unroll: bool):
@@ -26,7 +18,7 @@ def _with_unroll(model, unroll: bool):
 
 @pytest.mark.parametrize(
   "hf_config",
-  [_deep_gemma3(), G4.text_config("shared")],
+  [H.deep_gemma3_config(4), G4.text_config("shared")],
   ids=["gemma3", "gemma4"],
 )
 def test_unrolled_layers_keep_params_loss_and_oft_gradients(hf_config):
@@ -36,26 +28,16 @@ def test_unrolled_layers_keep_params_loss_and_oft_gradients(hf_config):
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 24)))
   rng = np.random.default_rng(1)
   shapes = jax.eval_shape(lambda: gemma.init_params(model, jax.random.key(0)))
-  frozen = jax.tree_util.tree_map(
-    lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype), shapes
-  )
+  frozen = H.random_like(shapes, rng, 0.2)
   acfg = oftjax.AdapterConfig(method="oft", targets=r".*(q_proj|down_proj)", block_size=8)
   results, trainable = {}, None
   for unroll in (False, True):
     adapted = oftjax.adapt(_with_unroll(model, unroll), acfg, tokens[:, :8])
     own = jax.eval_shape(lambda a=adapted: gemma.init_params(a.module.wrapped, jax.random.key(0)))
     assert jax.tree_util.tree_structure(own) == jax.tree_util.tree_structure(shapes)
-    if trainable is None:
-      trainable = jax.tree_util.tree_map(
-        lambda x: jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype),
-        adapted.init(jax.random.key(2)),
-      )
-
-    def loss(trainable, frozen, tokens, module=adapted.module):
-      logits = module.apply({"params": P.merge_params(frozen, trainable)}, tokens)
-      logp = jax.nn.log_softmax(logits[:, :-1])
-      return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
-
+    if trainable is None:  # non-zero rotations
+      trainable = H.random_like(adapted.init(jax.random.key(2)), rng, 0.05)
+    loss = H.adapter_loss_of(adapted.module)
     compiled = jax.jit(jax.value_and_grad(loss)).lower(trainable, frozen, tokens).compile()
     assert (" while(" in compiled.as_text()) is not unroll, unroll
     results[unroll] = compiled(trainable, frozen, tokens)
@@ -79,3 +61,21 @@ SMALL, LARGE = job_config.UNROLL_MAX_BYTES, job_config.UNROLL_MAX_BYTES + 1
 def test_the_job_unrolls_small_decoders_on_cpu_by_default(flag, backend, weight_bytes, expected):
   c = job_config.RunConfig(unroll_layers=flag)
   assert job_config.unrolls_layers(c, backend, weight_bytes) is expected
+
+
+def test_the_bound_the_docs_state_is_the_code_s():
+  """README, the design doc and `--help` quote `UNROLL_MAX_BYTES` as written there."""
+  import dataclasses
+  import pathlib
+
+  quoted = f"{job_config.UNROLL_MAX_BYTES >> 30} GiB"
+  assert job_config.UNROLL_MAX_BYTES == (job_config.UNROLL_MAX_BYTES >> 30) << 30
+  root = pathlib.Path(__file__).resolve().parents[1]
+  help_text = next(
+    f.metadata["help"]
+    for f in dataclasses.fields(job_config.RunConfig)
+    if f.name == "unroll_layers"
+  )
+  docs = [(root / name).read_text() for name in ("README.md", "BENCHMARKS.md", "docs/DESIGN.md")]
+  for text in [help_text, *docs]:
+    assert f"at most {quoted}" in text
